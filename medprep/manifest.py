@@ -1,0 +1,67 @@
+"""Step manifests: the small JSON file each rule writes last and the next rule reads.
+
+A step manifest names the sample, the step, the files the step produced that are worth
+publishing (``artifacts``: the name inside the published sample folder and the local
+path) and a ``summary`` of what the step found. Because the manifest is written last and
+atomically, its presence means the step finished.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from medprep import __version__, atomic
+
+MANIFEST_FORMAT = 1
+
+
+def artifact(name: str, path: str | os.PathLike) -> dict[str, str]:
+    """One publishable file: ``name`` inside the published folder, ``path`` on local disk."""
+    if name.startswith("/") or ".." in Path(name).parts:
+        raise ValueError(f"artifact name must be a relative path inside the sample folder: {name}")
+    return {"name": name, "path": os.fspath(path)}
+
+
+def write_step_manifest(
+    path: str | os.PathLike,
+    *,
+    sample: str,
+    modality: str,
+    step: str,
+    artifacts: list[dict[str, str]] | None = None,
+    summary: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "medprep": __version__,
+        "sample": sample,
+        "modality": modality,
+        "step": step,
+        **extra,
+        "artifacts": artifacts or [],
+        "summary": summary or {},
+    }
+    missing = [a["path"] for a in manifest["artifacts"] if not Path(a["path"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"step {step} of sample {sample} lists missing artifacts: {missing}")
+    atomic.write_json(path, manifest)
+    return manifest
+
+
+def read_step_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    manifest = atomic.read_json(path)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not a medprep step manifest of format {MANIFEST_FORMAT}")
+    return manifest
+
+
+def collect_artifacts(manifests: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """All artifacts of several step manifests, in order; a later name replaces an earlier one."""
+    by_name: dict[str, dict[str, str]] = {}
+    for manifest in manifests:
+        for item in manifest["artifacts"]:
+            by_name[item["name"]] = item
+    return list(by_name.values())

@@ -1,0 +1,108 @@
+"""Run a rule script: log to the rule's log file, turn bad input into one clear line.
+
+Every script under ``scripts/`` ends with ``run_step(snakemake, main)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medprep import atomic
+from medprep.errors import InputError
+from medprep.redact import RedactingFilter, redact
+
+log = logging.getLogger("medprep")
+
+FAILURES_DIR = Path("logs") / "failures"
+EXIT_INPUT_ERROR = 1
+EXIT_INTERNAL_ERROR = 2
+
+
+def failure_record_path(sample: str, step: str) -> Path:
+    return FAILURES_DIR / f"{sample}.{step}.json"
+
+
+def configure_logging(log_path: str | os.PathLike | None, level: int = logging.INFO) -> None:
+    """Send all log records to ``log_path`` (the rule's log file), credentials redacted."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+
+
+def _step_identity(smk: Any) -> tuple[str, str, str]:
+    wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
+    sample = wildcards.get("sample", "-")
+    rule = smk.rule
+    modality = wildcards.get("modality") or (rule.rsplit("_", 1)[1] if "_" in rule else "-")
+    step = rule.split("_", 1)[0]
+    return sample, modality, step
+
+
+def run_step(smk: Any, main: Callable[[Any], None]) -> None:
+    """Call ``main(smk)`` with logging set up; exit non-zero with one clear line on failure."""
+    log_path = smk.log[0] if len(smk.log) else None
+    configure_logging(log_path)
+    sample, modality, step = _step_identity(smk)
+    record = failure_record_path(sample, step)
+    record.unlink(missing_ok=True)
+    started = time.monotonic()
+    log.info("%s %s: %s sample %s with %d thread(s)", step, modality, smk.rule, sample, smk.threads)
+    try:
+        main(smk)
+    except InputError as error:
+        error.with_context(sample=sample)
+        _fail(record, sample, modality, step, error.path, error.cause, str(error), log_path)
+        sys.exit(EXIT_INPUT_ERROR)
+    except Exception as error:  # noqa: BLE001 - every failure must end as one clear line
+        log.error("traceback:\n%s", redact(traceback.format_exc()))
+        cause = f"unexpected {type(error).__name__}: {error}"
+        line = f"sample {sample}: {step} failed: {cause}"
+        _fail(record, sample, modality, step, None, cause, line, log_path)
+        sys.exit(EXIT_INTERNAL_ERROR)
+    log.info("%s finished in %.1f s", step, time.monotonic() - started)
+
+
+def _fail(
+    record: Path,
+    sample: str,
+    modality: str,
+    step: str,
+    path: str | None,
+    cause: str,
+    line: str,
+    log_path: str | None,
+) -> None:
+    line = redact(line)
+    log.error("%s", line)
+    where = f" (log: {log_path})" if log_path else ""
+    print(f"medprep error: {line}{where}", file=sys.stderr)
+    atomic.write_json(
+        record,
+        {
+            "sample": sample,
+            "modality": modality,
+            "step": step,
+            "file": redact(path) if path else None,
+            "cause": redact(cause),
+            "message": line,
+            "log": log_path,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
