@@ -1,0 +1,28 @@
+"""Rule `upload`: publish a sample's artifacts, data first and manifest.json last."""
+
+from medprep import __version__, atomic, manifest, storage
+from medprep.redact import redact
+from medprep.step import run_step
+
+
+def main(smk):
+    steps = [manifest.read_step_manifest(path) for path in smk.input.manifests]
+    published = {
+        "sample": smk.wildcards.sample,
+        "modality": smk.wildcards.modality,
+        "medprep": __version__,
+        "steps": {step["step"]: step["summary"] for step in steps},
+    }
+    receipt = storage.publish(
+        manifest.collect_artifacts(steps),
+        smk.params.destination,
+        manifest=published,
+        threads=smk.threads,
+        settings=smk.params.storage,
+    )
+    receipt["destination"] = redact(receipt["destination"])
+    receipt["manifest"] = redact(receipt["manifest"])
+    atomic.write_json(smk.output.receipt, {"sample": smk.wildcards.sample, **receipt})
+
+
+run_step(snakemake, main)
