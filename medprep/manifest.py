@@ -46,7 +46,9 @@ def write_step_manifest(
     }
     missing = [a["path"] for a in manifest["artifacts"] if not Path(a["path"]).is_file()]
     if missing:
-        raise FileNotFoundError(f"step {step} of sample {sample} lists missing artifacts: {missing}")
+        raise FileNotFoundError(
+            f"step {step} of sample {sample} lists missing artifacts: {missing}"
+        )
     atomic.write_json(path, manifest)
     return manifest
 

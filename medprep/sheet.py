@@ -113,4 +113,6 @@ def _check_modality_columns(record: dict[str, Any], where: str) -> None:
     if record["modality"] == "ct" and "mpp" in record:
         raise SampleSheetError(f"{where}, column 'mpp': mpp applies to wsi samples only")
     if record["modality"] == "wsi" and "series_uid" in record:
-        raise SampleSheetError(f"{where}, column 'series_uid': series_uid applies to ct samples only")
+        raise SampleSheetError(
+            f"{where}, column 'series_uid': series_uid applies to ct samples only"
+        )

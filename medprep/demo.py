@@ -1,0 +1,105 @@
+"""The built-in demo dataset: runs offline, needs nothing but this checkout.
+
+- ``ct/phantom-chest-01``: a synthetic chest CT written as real DICOM slices
+- ``ct/real-dcmqi-3slice``: a short real CT series (from ``tests/data/ct``)
+- ``wsi/synthetic-01.tiff``: a synthetic pyramidal slide with real H&E texture
+- ``wsi/CMU-1-Small-Region.svs``: a small real Aperio slide (from ``tests/data/wsi``)
+
+Usage: ``python -m medprep.demo [FOLDER]`` (default ``demo``); does nothing if the
+folder already holds a complete demo (its ``samples.tsv`` is written last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from medprep import atomic
+
+TEST_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+REAL_CT_SERIES = TEST_DATA / "ct" / "dcmqi-ct-3slice"
+REAL_SLIDE = TEST_DATA / "wsi" / "CMU-1-Small-Region.svs"
+
+SAMPLES_HEADER = "sample\tmodality\turi\n"
+
+README = """\
+# medprep demo dataset
+
+Built by `python -m medprep.demo` (or by the workflow on its first run). Delete this
+folder to rebuild it.
+
+| sample | what | licence |
+|---|---|---|
+| phantom-chest-01 | synthetic chest CT phantom (body, lungs, vessels, trachea, spine, table, padded field of view) written as DICOM by `medprep.ct.phantom` | generated, no patient data |
+| real-dcmqi-3slice | 3 real CT slices (GE), from QIICR dcmqi `data/segmentations/ct-3slice` | BSD-3-Clause |
+| synthetic-01 | synthetic pyramidal TIFF slide, H&E texture cut from CMU-1-Small-Region, written by `medprep.wsi.synthetic` | derived from CC0 data |
+| CMU-1-Small-Region | real Aperio SVS slide, OpenSlide test data (Carnegie Mellon) | CC0 |
+
+See `tests/data/*/README.md` in the medprep checkout for full provenance.
+"""
+
+
+def build(
+    folder: str | Path,
+    *,
+    phantom_shape: tuple[int, int, int] = (256, 256, 96),
+    slide_size: int = 8192,
+) -> Path:
+    """Build the demo dataset into ``folder`` unless it is already complete."""
+    from medprep.ct.phantom import write_chest_phantom
+    from medprep.wsi.synthetic import write_synthetic_slide
+
+    folder = Path(folder)
+    if (folder / "samples.tsv").exists():
+        return folder
+    for required in (REAL_CT_SERIES, REAL_SLIDE):
+        if not required.exists():
+            raise FileNotFoundError(f"demo source data missing: {required} (incomplete checkout?)")
+    with atomic.staged_dir(folder) as tmp:
+        rows, cols, slices = phantom_shape
+        write_chest_phantom(
+            tmp / "ct" / "phantom-chest-01",
+            rows=rows,
+            cols=cols,
+            slices=slices,
+            pixel_mm=1.4,
+            slice_mm=2.5,
+            seed=1,
+        )
+        shutil.copytree(REAL_CT_SERIES, tmp / "ct" / "real-dcmqi-3slice")
+        (tmp / "wsi").mkdir()
+        write_synthetic_slide(
+            tmp / "wsi" / "synthetic-01.tiff",
+            slide_size,
+            slide_size,
+            texture_slide=REAL_SLIDE,
+            mpp=0.5,
+            seed=1,
+        )
+        shutil.copyfile(REAL_SLIDE, tmp / "wsi" / REAL_SLIDE.name)
+        (tmp / "README.md").write_text(README)
+        rows_tsv = [
+            ("phantom-chest-01", "ct", f"{folder}/ct/phantom-chest-01"),
+            ("real-dcmqi-3slice", "ct", f"{folder}/ct/real-dcmqi-3slice"),
+            ("synthetic-01", "wsi", f"{folder}/wsi/synthetic-01.tiff"),
+            ("CMU-1-Small-Region", "wsi", f"{folder}/wsi/{REAL_SLIDE.name}"),
+        ]
+        (tmp / "samples.tsv").write_text(
+            SAMPLES_HEADER + "".join("\t".join(r) + "\n" for r in rows_tsv)
+        )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the medprep demo dataset.")
+    parser.add_argument("folder", nargs="?", default="demo")
+    args = parser.parse_args(argv)
+    built = build(args.folder)
+    print(f"demo dataset ready in {built}/ (sample sheet: {built}/samples.tsv)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

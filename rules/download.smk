@@ -1,0 +1,23 @@
+rule download:
+    output:
+        manifest="results/{modality}/{sample}/download.json",
+    log:
+        "logs/download/{modality}/{sample}.log",
+    benchmark:
+        "logs/benchmarks/download/{modality}/{sample}.tsv"
+    retries: 1
+    conda:
+        "../envs/storage.yaml"
+    threads: 4
+    resources:
+        mem_mb=mem_download,
+        runtime="1h",
+    params:
+        uri=sample_uri,
+        target_dir=subpath(output.manifest, strip_suffix=".json"),
+        storage=config["storage"],
+        # Changes when the sample's input changes (names, sizes, mtimes or ETags):
+        # the rerun trigger for the whole chain of this sample, and only this sample.
+        fingerprint=source_fingerprint,
+    script:
+        "../scripts/download.py"

@@ -1,0 +1,55 @@
+rule preprocess_wsi:
+    input:
+        manifest="results/wsi/{sample}/download.json",
+    output:
+        mask="results/wsi/{sample}/preprocess/mask.png",
+        thumbnail="results/wsi/{sample}/preprocess/thumbnail.png",
+        summary="results/wsi/{sample}/preprocess/summary.json",
+        manifest="results/wsi/{sample}/preprocess.json",
+    log:
+        "logs/preprocess_wsi/{sample}.log",
+    benchmark:
+        "logs/benchmarks/preprocess_wsi/{sample}.tsv"
+    retries: 2
+    conda:
+        "../envs/wsi.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_from_download("preprocess_wsi"),
+        runtime="30m",
+    params:
+        resolution=config["wsi"]["resolution"],
+        tissue=config["wsi"]["tissue"],
+        mpp_override=sample_mpp,
+        engine=mw.code_fingerprint("wsi"),
+    script:
+        "../scripts/preprocess_wsi.py"
+
+
+rule preprocess_ct:
+    input:
+        manifest="results/ct/{sample}/download.json",
+    output:
+        volume="results/ct/{sample}/preprocess/volume.nii.gz",
+        mask="results/ct/{sample}/preprocess/lung_mask.nii.gz",
+        metadata="results/ct/{sample}/preprocess/metadata.json",
+        qc="results/ct/{sample}/preprocess/qc.png",
+        manifest="results/ct/{sample}/preprocess.json",
+    log:
+        "logs/preprocess_ct/{sample}.log",
+    benchmark:
+        "logs/benchmarks/preprocess_ct/{sample}.tsv"
+    retries: 2
+    conda:
+        "../envs/ct.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_from_download("preprocess_ct"),
+        runtime="30m",
+    params:
+        settings=mw.settings_without(config["ct"], "patches", "slices_png"),
+        series_uid=sample_series_uid,
+        include_identifiers=config["include_identifiers"],
+        engine=mw.code_fingerprint("ct"),
+    script:
+        "../scripts/preprocess_ct.py"

@@ -1,0 +1,51 @@
+rule tile_wsi:
+    input:
+        download="results/wsi/{sample}/download.json",
+        preprocess="results/wsi/{sample}/preprocess.json",
+    output:
+        table="results/wsi/{sample}/tile/tiles.parquet",
+        overlay="results/wsi/{sample}/tile/overlay.png",
+        summary="results/wsi/{sample}/tile/summary.json",
+        manifest="results/wsi/{sample}/tile.json",
+    log:
+        "logs/tile_wsi/{sample}.log",
+    benchmark:
+        "logs/benchmarks/tile_wsi/{sample}.tsv"
+    retries: 2
+    conda:
+        "../envs/wsi.yaml"
+    threads: 4
+    resources:
+        mem_mb=mem_tile_wsi,
+        runtime="2h",
+    params:
+        tile=config["wsi"]["tile"],
+        engine=mw.code_fingerprint("wsi"),
+    script:
+        "../scripts/tile_wsi.py"
+
+
+rule tile_ct:
+    input:
+        preprocess="results/ct/{sample}/preprocess.json",
+    output:
+        patches="results/ct/{sample}/tile/patches.npy",
+        table="results/ct/{sample}/tile/patches.parquet",
+        summary="results/ct/{sample}/tile/summary.json",
+        manifest="results/ct/{sample}/tile.json",
+    log:
+        "logs/tile_ct/{sample}.log",
+    benchmark:
+        "logs/benchmarks/tile_ct/{sample}.tsv"
+    retries: 2
+    conda:
+        "../envs/ct.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_tile_ct,
+        runtime="30m",
+    params:
+        settings=mw.settings_only(config["ct"], "patches", "slices_png", "normalise"),
+        engine=mw.code_fingerprint("ct"),
+    script:
+        "../scripts/tile_ct.py"

@@ -1,0 +1,118 @@
+"""The workflow end to end on tiny real data: outputs, and reruns of only what is stale."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SAMPLES
+from workflow_support import copy_workdir, run_snakemake, tree_digest, write_config
+
+pytestmark = pytest.mark.slow
+
+ALL_SAMPLES = {sample for sample, _, _ in TINY_SAMPLES}
+MODALITY = {sample: modality for sample, modality, _ in TINY_SAMPLES}
+
+
+def chain(sample: str) -> set[tuple[str, str]]:
+    modality = MODALITY[sample]
+    return {
+        (r, sample) for r in ("download", f"preprocess_{modality}", f"tile_{modality}", "upload")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_data) -> tuple[Path, object]:
+    """A working directory after one complete run, and that run."""
+    from workflow_support import write_samples
+
+    workdir = tmp_path_factory.mktemp("finished")
+    shutil.copytree(tiny_data, workdir / "data")
+    write_samples(workdir, TINY_SAMPLES)
+    write_config(workdir)
+    return workdir, run_snakemake(workdir)
+
+
+@pytest.fixture
+def rerun_dir(finished, tmp_path) -> Path:
+    return copy_workdir(finished[0], tmp_path / "copy")
+
+
+def test_first_run_runs_every_chain_and_publishes_every_sample(finished):
+    workdir, run = finished
+    assert run.ran() == set().union(*(chain(s) for s in ALL_SAMPLES))
+    for sample, modality, _ in TINY_SAMPLES:
+        folder = workdir / "published" / modality / sample
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["sample"] == sample and manifest["modality"] == modality
+        assert set(manifest["steps"]) == {"preprocess", "tile"}
+        published = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert published == {f["name"] for f in manifest["files"]} | {"manifest.json"}
+        digests = tree_digest(folder)
+        for entry in manifest["files"]:
+            assert digests[entry["name"]] == entry["sha256"], entry["name"]
+        receipt = json.loads((workdir / "results" / modality / sample / "upload.json").read_text())
+        assert {f["name"] for f in receipt["files"]} == {f["name"] for f in manifest["files"]}
+
+
+def test_published_samples_carry_their_data(finished):
+    workdir, _ = finished
+    ct = workdir / "published" / "ct" / "phantom-chest-01"
+    assert (ct / "preprocess" / "volume.nii.gz").stat().st_size > 0
+    assert (ct / "preprocess" / "lung_mask.nii.gz").stat().st_size > 0
+    ct_steps = json.loads((ct / "manifest.json").read_text())["steps"]
+    assert ct_steps["tile"]["patches"] > 0
+    wsi = workdir / "published" / "wsi" / "CMU-1-Small-Region"
+    wsi_steps = json.loads((wsi / "manifest.json").read_text())["steps"]
+    assert wsi_steps["tile"]["tiles"] > 0
+    assert wsi_steps["preprocess"]["mpp_source"] == "metadata"
+    assert any(p.suffix == ".tar" for p in (wsi / "tiles" / "pixels").iterdir())
+
+
+def test_second_run_does_nothing(rerun_dir):
+    run = run_snakemake(rerun_dir)
+    assert run.ran() == set()
+    assert "Nothing to be done" in run.stderr
+
+
+def test_changed_input_content_reruns_only_that_sample(rerun_dir):
+    import pydicom
+
+    series = sorted((rerun_dir / "data" / "ct" / "phantom-chest-01").iterdir())
+    dataset = pydicom.dcmread(series[len(series) // 2])
+    pixels = dataset.pixel_array.copy()
+    pixels[0, 0] += 1
+    dataset.PixelData = pixels.tobytes()
+    dataset.save_as(series[len(series) // 2])
+
+    run = run_snakemake(rerun_dir)
+    assert run.ran() == chain("phantom-chest-01")
+
+
+def test_changed_tile_parameter_reruns_only_tile_and_upload_of_that_modality(rerun_dir):
+    write_config(rerun_dir, wsi={"tile": {"size": 96, "shard_max_tiles": 50}})
+    run = run_snakemake(rerun_dir)
+    wsi_samples = {s for s in ALL_SAMPLES if MODALITY[s] == "wsi"}
+    assert run.ran() == {(rule, s) for s in wsi_samples for rule in ("tile_wsi", "upload")}
+    tiles = json.loads((rerun_dir / "results" / "wsi" / "synthetic-01" / "tile.json").read_text())
+    assert tiles["summary"]["tiles"] > 0
+
+
+def test_cores_1_and_2_give_identical_outputs(finished, tmp_path, tiny_data):
+    one = tmp_path / "one"
+    shutil.copytree(tiny_data, one / "data")
+    shutil.copy(finished[0] / "samples.tsv", one)
+    shutil.copy(finished[0] / "config.yaml", one)
+    run_snakemake(one, cores=1)
+    assert tree_digest(one / "published") == tree_digest(finished[0] / "published")
+
+
+def test_config_overrides_from_the_command_line(workdir):
+    (workdir / "other.tsv").write_text(
+        "sample\tmodality\turi\nCMU-1-Small-Region\twsi\tdata/wsi/CMU-1-Small-Region.svs\n"
+    )
+    run = run_snakemake(workdir, "--config", "samples=other.tsv", "destination=elsewhere")
+    assert run.ran() == chain("CMU-1-Small-Region")
+    assert (workdir / "elsewhere" / "wsi" / "CMU-1-Small-Region" / "manifest.json").exists()
