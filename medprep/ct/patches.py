@@ -1,0 +1,70 @@
+"""3D patch grid over the lungs, lung fractions, extraction with air padding (plain arrays)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def patch_voxels(
+    size_mm: float, stride_mm: float, spacing: Sequence[float]
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Patch size and stride in voxels per axis (z, y, x), at least 1."""
+    size = tuple(max(1, round(size_mm / s)) for s in spacing)
+    stride = tuple(max(1, round(stride_mm / s)) for s in spacing)
+    return size, stride
+
+
+def _axis_starts(lo: int, hi: int, extent: int, size: int, stride: int) -> np.ndarray:
+    """Starts of patches covering [lo, hi) on an axis of ``extent`` voxels, centred on it,
+    shifted to stay inside the axis when the grid fits (else centred on the axis)."""
+    length = hi - lo
+    count = 1 if length <= size else math.ceil((length - size) / stride) + 1
+    span = (count - 1) * stride + size
+    first = lo - (span - length) // 2
+    first = min(max(first, 0), extent - span) if span <= extent else (extent - span) // 2
+    return first + np.arange(count) * stride
+
+
+def candidate_starts(
+    box: Sequence[slice], shape: Sequence[int], size: Sequence[int], stride: Sequence[int]
+) -> np.ndarray:
+    """(n, 3) start voxels (z, y, x) of a regular grid of patches covering the box."""
+    axes = [
+        _axis_starts(b.start, b.stop, n, p, s)
+        for b, n, p, s in zip(box, shape, size, stride, strict=True)
+    ]
+    return np.array(list(itertools.product(*axes)), dtype=np.int64).reshape(-1, 3)
+
+
+def _clipped(start: np.ndarray, size: Sequence[int], shape: Sequence[int]):
+    src = tuple(slice(max(a, 0), min(a + p, n)) for a, p, n in zip(start, size, shape, strict=True))
+    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start, strict=True))
+    return src, dst
+
+
+def lung_fractions(mask: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Fraction of each patch's voxels inside the mask (outside the volume counts as not)."""
+    total = float(np.prod(size))
+    out = np.empty(len(starts))
+    for i, start in enumerate(starts):
+        src, _ = _clipped(start, size, mask.shape)
+        out[i] = np.count_nonzero(mask[src]) / total
+    return out
+
+
+def is_padded(start: np.ndarray, size: Sequence[int], shape: Sequence[int]) -> bool:
+    return bool(np.any(start < 0) or np.any(start + np.asarray(size) > np.asarray(shape)))
+
+
+def extract(
+    volume: np.ndarray, start: np.ndarray, size: Sequence[int], fill: float, out: np.ndarray
+) -> None:
+    """Copy the patch at ``start`` into ``out`` (shape ``size``), ``fill`` outside the volume."""
+    src, dst = _clipped(start, size, volume.shape)
+    if is_padded(start, size, volume.shape):
+        out[...] = fill
+    out[dst] = volume[src]

@@ -1,0 +1,197 @@
+"""tile_ct: 3D patches of the preprocessed volume, a coordinate table, optional PNG slices.
+
+Patches of ``patches.size_mm`` on a grid with ``patches.stride_mm`` covering the lungs'
+bounding box are kept when at least ``min_lung_fraction`` of their voxels are lung. All kept
+patches go into one ``patches.npy`` (n, z, y, x): normalised values (float32, as in the
+reference) or HU (int16), per ``patches.values``. Parts of a patch beyond the volume are air.
+The table gives each patch's row in the array, its voxel box and its centre in patient
+coordinates (DICOM LPS, mm). A preprocess status other than ``ok`` (``no_lungs``) gives zero
+patches with that status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medprep import atomic
+from medprep.ct import hu, nifti, patches
+from medprep.ct.settings import ct_settings
+from medprep.manifest import artifact
+from medprep.parallel import thread_map
+
+log = logging.getLogger("medprep.ct")
+
+TABLE_COLUMNS = {
+    "patch": "int64",
+    "z0": "int64",
+    "y0": "int64",
+    "x0": "int64",
+    "z1": "int64",
+    "y1": "int64",
+    "x1": "int64",
+    "center_lps_x_mm": "float64",
+    "center_lps_y_mm": "float64",
+    "center_lps_z_mm": "float64",
+    "lung_fraction": "float64",
+    "padded": "bool",
+}
+
+
+def _artifact_path(manifest: dict[str, Any], name: str) -> str:
+    for item in manifest.get("artifacts", []):
+        if item["name"] == name:
+            return item["path"]
+    raise ValueError(f"preprocess manifest of {manifest.get('sample')} lists no {name}")
+
+
+def _write_table(path: str | os.PathLike, rows: dict[str, list]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({c: pd.Series(rows[c], dtype=t) for c, t in TABLE_COLUMNS.items()})
+    with atomic.atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False, engine="pyarrow")
+
+
+def _centre_lps(affine_ras: np.ndarray, start: np.ndarray, size) -> np.ndarray:
+    centre_zyx = start + (np.asarray(size) - 1) / 2.0
+    ijk = np.array([centre_zyx[2], centre_zyx[1], centre_zyx[0], 1.0])
+    return (nifti.LPS_TO_RAS @ affine_ras @ ijk)[:3]
+
+
+def _write_slices(folder, volume, spacing_z, window, every_mm, threads) -> list[str]:
+    from PIL import Image
+
+    step = max(1, round(every_mm / spacing_z))
+    indices = list(range(0, volume.shape[0], step))
+    low, high = window
+
+    def write(z: int) -> str:
+        scaled = (volume[z].astype(np.float32) - low) * (255.0 / (high - low))
+        name = f"slice_{z:04d}.png"
+        Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8)).save(folder / name, format="PNG")
+        return name
+
+    return list(thread_map(write, indices, threads))
+
+
+def tile(
+    preprocess_manifest: dict[str, Any],
+    settings: dict[str, Any] | None = None,
+    *,
+    patches_path: str | os.PathLike,
+    table_path: str | os.PathLike,
+    summary_path: str | os.PathLike,
+    slices_dir: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Write patches, table, summary (and PNG slices); return (artifacts, summary)."""
+    cfg = ct_settings(settings)
+    pcfg = cfg["patches"]
+    norm = cfg["normalise"]
+    pre = preprocess_manifest.get("summary", {})
+    status = pre.get("status", "ok")
+    spacing = [float(s) for s in pre["spacing_out"]]
+    size, stride = patches.patch_voxels(pcfg["size_mm"], pcfg["stride_mm"], spacing)
+    as_hu = pcfg["values"] == "hu"
+    dtype = np.int16 if as_hu else np.float32
+    fill = hu.AIR_HU if as_hu else float(hu.normalise(np.array([hu.AIR_HU]), **norm)[0])
+    warnings: list[str] = []
+    rows: dict[str, list] = {c: [] for c in TABLE_COLUMNS}
+    candidates = 0
+    slice_names: list[str] = []
+
+    if status != "ok":
+        warnings.append(f"preprocess status {status}: no patches")
+        _save_array(patches_path, np.zeros((0, *size), dtype=dtype))
+    else:
+        volume, affine = nifti.read_nifti(
+            _artifact_path(preprocess_manifest, "preprocess/volume.nii.gz")
+        )
+        mask, _ = nifti.read_nifti(
+            _artifact_path(preprocess_manifest, "preprocess/lung_mask.nii.gz")
+        )
+        from medprep.ct.lung import bounding_box
+
+        box = bounding_box(mask.astype(bool, copy=False))
+        starts = (
+            patches.candidate_starts(box, volume.shape, size, stride)
+            if box is not None
+            else np.zeros((0, 3), dtype=np.int64)
+        )
+        candidates = len(starts)
+        fractions = patches.lung_fractions(mask, starts, size)
+        keep = np.flatnonzero((fractions >= pcfg["min_lung_fraction"]) & (fractions > 0))
+        if candidates and not keep.size:
+            warnings.append(
+                f"no patch reaches min_lung_fraction {pcfg['min_lung_fraction']} "
+                f"({candidates} candidates)"
+            )
+        with atomic.atomic_path(patches_path) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(keep), *size))
+            buffer = np.empty(size, dtype=np.int16)
+            for row, i in enumerate(keep):
+                start = starts[i]
+                patches.extract(volume, start, size, hu.AIR_HU, buffer)
+                array[row] = buffer if as_hu else hu.normalise(buffer, **norm)
+                centre = _centre_lps(affine, start, size)
+                for column, value in zip(
+                    ("patch", "z0", "y0", "x0", "z1", "y1", "x1"),
+                    (row, *start.tolist(), *(start + np.asarray(size)).tolist()),
+                    strict=True,
+                ):
+                    rows[column].append(int(value))
+                rows["center_lps_x_mm"].append(round(float(centre[0]), 3))
+                rows["center_lps_y_mm"].append(round(float(centre[1]), 3))
+                rows["center_lps_z_mm"].append(round(float(centre[2]), 3))
+                rows["lung_fraction"].append(round(float(fractions[i]), 4))
+                rows["padded"].append(patches.is_padded(start, size, volume.shape))
+            array.flush()
+            del array
+        if cfg["slices_png"]["enabled"] and slices_dir is not None:
+            with atomic.staged_dir(slices_dir) as tmp_dir:
+                slice_names = _write_slices(
+                    tmp_dir,
+                    volume,
+                    spacing[0],
+                    cfg["slices_png"]["window"],
+                    cfg["slices_png"]["every_mm"],
+                    threads,
+                )
+    if not slice_names and slices_dir is not None and Path(slices_dir).is_dir():
+        shutil.rmtree(slices_dir)  # slices of an earlier run with other settings
+    _write_table(table_path, rows)
+    summary = {
+        "status": status,
+        "warnings": warnings,
+        "patches": len(rows["patch"]),
+        "candidates": candidates,
+        "patch_shape": list(size),
+        "stride_voxels": list(stride),
+        "spacing": spacing,
+        "values": pcfg["values"],
+        "dtype": np.dtype(dtype).name,
+        "fill_value": fill,
+        "normalise": norm,
+        "min_lung_fraction": pcfg["min_lung_fraction"],
+        "slices_png": len(slice_names),
+    }
+    atomic.write_json(summary_path, summary)
+    artifacts = [
+        artifact("patches/patches.npy", patches_path),
+        artifact("patches/patches.parquet", table_path),
+        artifact("patches/summary.json", summary_path),
+    ]
+    artifacts += [artifact(f"patches/slices/{n}", Path(slices_dir) / n) for n in slice_names]
+    log.info("%d of %d candidate patches kept (status %s)", summary["patches"], candidates, status)
+    return artifacts, summary
+
+
+def _save_array(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic.atomic_path(path) as tmp:
+        np.save(tmp, array)

@@ -1,0 +1,287 @@
+"""Preprocess one slide: resolution, the level to tile from, tissue mask and thumbnail.
+
+The mask is computed on a low-resolution image at ``wsi.tissue.mask_mpp`` microns per
+pixel, built from the coarsest pyramid level that is at least that fine, read in chunks
+of bounded size and reduced by area averaging, so memory follows the mask's size (set by
+the slide's physical size), never the size of a pyramid level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medprep.errors import InputError
+from medprep.parallel import run_parallel
+from medprep.wsi import resolution as res
+from medprep.wsi.settings import ResolutionSettings, TissueSettings
+from medprep.wsi.slide import SlideInfo, inspect_slide
+from medprep.wsi.tissue import TissueResult, detect_tissue
+from medprep.wsi.workers import ChunkTask, close_worker, init_worker, read_chunk, worker_died
+
+log = logging.getLogger(__name__)
+
+# A mask (and thumbnail) larger than this is refused: 2**26 pixels is 65 x 65 mm at 8 um/px,
+# more than the scan area of any glass slide. A header claiming more is damaged or hostile.
+MAX_MASK_PIXELS = 2**26
+# Largest region side (pixels at the level read) of one read; bounds worker memory.
+MAX_READ_SIDE = 4096
+# Below this many chunks the mask is read in this process (a pool costs more to start).
+MIN_CHUNKS_FOR_POOL = 8
+
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+
+# Relative amount by which the target may be finer than level 0 before it is worth a warning.
+UPSAMPLING_WARNING = 0.01
+
+
+@dataclass(frozen=True)
+class MaskGeometry:
+    """How mask pixels map to level 0: pixel (i, j) covers [j*dx, (j+1)*dx) x [i*dy, (i+1)*dy)."""
+
+    width: int
+    height: int
+    downsample_x: float
+    downsample_y: float
+    level: int  # pyramid level the mask was computed from
+
+    @classmethod
+    def for_slide(cls, info: SlideInfo, mpp: res.Mpp, mask_mpp: float) -> MaskGeometry:
+        dx = mask_mpp / mpp.x
+        dy = mask_mpp / mpp.y
+        width = max(1, math.ceil(info.dimensions[0] / dx - 1e-9))
+        height = max(1, math.ceil(info.dimensions[1] / dy - 1e-9))
+        if width * height > MAX_MASK_PIXELS:
+            raise InputError(
+                f"slide is {info.dimensions[0]} x {info.dimensions[1]} pixels at "
+                f"{mpp.x:.4g} um/px ({info.dimensions[0] * mpp.x / 1000:.0f} x "
+                f"{info.dimensions[1] * mpp.y / 1000:.0f} mm), too large for a tissue mask at "
+                f"{mask_mpp} um/px ({width} x {height} > {MAX_MASK_PIXELS} pixels); "
+                "the header is probably damaged (or raise wsi.tissue.mask_mpp)",
+                path=info.path,
+            )
+        level = res.choose_level(info.level_downsamples, min(dx, dy))
+        return cls(width, height, dx, dy, level)
+
+
+@dataclass
+class PreprocessResult:
+    mask: np.ndarray  # bool, mask resolution
+    thumbnail: np.ndarray  # uint8 RGB, same size as the mask
+    summary: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def chunk_tasks(
+    info: SlideInfo, geometry: MaskGeometry, max_read_side: int = MAX_READ_SIDE
+) -> list[ChunkTask]:
+    """Tasks that together produce the whole mask-resolution image, each read bounded.
+
+    Output pixel ``i`` covers level-0 ``[i*d, (i+1)*d)``, i.e. ``[i*r, (i+1)*r)`` at the
+    level read (``r`` = level pixels per output pixel); each task reads the whole level
+    pixels around its piece and resizes the exact fractional box.
+    """
+    level = geometry.level
+    ds = info.level_downsamples[level]
+    ratio_x = geometry.downsample_x / ds
+    ratio_y = geometry.downsample_y / ds
+    step_x = max(1, int((max_read_side - 2) / ratio_x))
+    step_y = max(1, int((max_read_side - 2) / ratio_y))
+    tasks = []
+    for oy in range(0, geometry.height, step_y):
+        oy1 = min(oy + step_y, geometry.height)
+        for ox in range(0, geometry.width, step_x):
+            ox1 = min(ox + step_x, geometry.width)
+            a_x, b_x = ox * ratio_x, ox1 * ratio_x
+            a_y, b_y = oy * ratio_y, oy1 * ratio_y
+            left, top = math.floor(a_x), math.floor(a_y)
+            right, bottom = max(math.ceil(b_x), left + 1), max(math.ceil(b_y), top + 1)
+            tasks.append(
+                ChunkTask(
+                    index=len(tasks),
+                    level=level,
+                    read_x=round(left * ds),
+                    read_y=round(top * ds),
+                    read_width=right - left,
+                    read_height=bottom - top,
+                    box=(a_x - left, a_y - top, b_x - left, b_y - top),
+                    out_x=ox,
+                    out_y=oy,
+                    out_width=ox1 - ox,
+                    out_height=oy1 - oy,
+                )
+            )
+    return tasks
+
+
+def read_low_resolution(
+    info: SlideInfo,
+    geometry: MaskGeometry,
+    workers: int = 1,
+    max_read_side: int = MAX_READ_SIDE,
+) -> np.ndarray:
+    """The whole slide as an RGBA image at mask resolution (alpha 0 = not scanned)."""
+    tasks = chunk_tasks(info, geometry, max_read_side)
+    image = np.zeros((geometry.height, geometry.width, 4), dtype=np.uint8)
+    pool_workers = workers if len(tasks) >= MIN_CHUNKS_FOR_POOL else 1
+    try:
+        for index, chunk in run_parallel(
+            read_chunk, tasks, pool_workers, init_worker, (info.path,)
+        ):
+            if isinstance(chunk, str):
+                raise InputError(chunk, path=info.path)
+            task = tasks[index]
+            image[
+                task.out_y : task.out_y + task.out_height, task.out_x : task.out_x + task.out_width
+            ] = chunk
+    except BrokenProcessPool:
+        raise worker_died(info.path) from None
+    finally:
+        close_worker()
+    return image
+
+
+def composite(rgba: np.ndarray, background: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Split a low-resolution RGBA image into RGB on ``background`` and a scanned mask."""
+    from medprep.wsi.slide import rgba_to_rgb
+
+    scanned = rgba[..., 3] >= 128
+    return rgba_to_rgb(rgba, background), scanned
+
+
+def background_for(info: SlideInfo, tissue_mode: str) -> tuple[int, int, int]:
+    """Colour of unscanned areas: the format's own if it has one, else by stain type."""
+    if info.background is not None:
+        return info.background
+    return BLACK if tissue_mode == "fluorescence" else WHITE
+
+
+def preprocess_slide(
+    path: str | os.PathLike,
+    resolution: ResolutionSettings | None = None,
+    tissue: TissueSettings | None = None,
+    *,
+    mpp_override: float | None = None,
+    workers: int = 1,
+) -> PreprocessResult:
+    """Resolution, level choice, tissue mask and thumbnail of the slide at ``path``."""
+    resolution = resolution or ResolutionSettings()
+    tissue = tissue or TissueSettings()
+    info = inspect_slide(path)
+    try:
+        mpp, warnings = res.resolve_mpp(
+            (info.mpp_x, info.mpp_y), mpp_override, resolution.mpp_fallback
+        )
+        target = res.target_resolution(resolution, mpp, info.level_downsamples)
+    except InputError as error:
+        raise error.with_context(path=info.path) from None
+    plan = res.plan_read(info.level_downsamples, mpp, target.mpp, resolution.tolerance)
+    if plan.scale_x < 1 - UPSAMPLING_WARNING or plan.scale_y < 1 - UPSAMPLING_WARNING:
+        warnings.append(
+            f"target {target.mpp:.4g} um/px is finer than the slide's {mpp.x:.4g} um/px: "
+            "tiles are upsampled"
+        )
+    tile_mpp_x = plan.scale_x * mpp.x
+    tile_mpp_y = plan.scale_y * mpp.y
+
+    geometry = MaskGeometry.for_slide(info, mpp, tissue.mask_mpp)
+    log.info(
+        "slide %s: %s, %d x %d, %d level(s), mpp %.4g (%s); mask %d x %d from level %d",
+        info.path,
+        info.vendor,
+        *info.dimensions,
+        info.level_count,
+        mpp.x,
+        mpp.source,
+        geometry.width,
+        geometry.height,
+        geometry.level,
+    )
+    rgba = read_low_resolution(info, geometry, workers)
+    scanned = rgba[..., 3] >= 128
+    # mode detection and thresholds look only at scanned pixels, so the colour used for
+    # unscanned ones here does not matter; the thumbnail is recomposited below
+    rgb, _ = composite(rgba, WHITE)
+    result: TissueResult = detect_tissue(rgb, tissue, tissue.mask_mpp, scanned)
+    background = background_for(info, result.mode)
+    thumbnail, _ = composite(rgba, background)
+    del rgba, rgb
+
+    mask_pixel_mm2 = (geometry.downsample_x * mpp.x) * (geometry.downsample_y * mpp.y) / 1e6
+    tissue_area_mm2 = float(result.mask.sum()) * mask_pixel_mm2
+    status = "ok"
+    if not result.mask.any():
+        status = "no_tissue"
+        warnings.append(
+            f"no tissue found ({result.mode}, threshold {result.threshold:.1f}); "
+            "check wsi.tissue.mode and wsi.tissue.threshold"
+        )
+    summary: dict[str, Any] = {
+        "status": status,
+        "warnings": warnings,
+        "vendor": info.vendor,
+        "dimensions": list(info.dimensions),
+        "levels": info.levels(),
+        "objective_power": info.objective_power,
+        "mpp": round(mpp.mean, 6),
+        "mpp_x": mpp.x,
+        "mpp_y": mpp.y,
+        "mpp_source": mpp.source,
+        "metadata_mpp": [info.mpp_x, info.mpp_y] if info.mpp_x is not None else None,
+        "target_mpp": target.mpp,
+        "target_mode": target.mode,
+        "target_requested": target.requested,
+        "level": plan.level,
+        "level_downsample": plan.level_downsample,
+        "scale": [plan.scale_x, plan.scale_y],
+        "resample": plan.resample,
+        "tile_mpp": [tile_mpp_x, tile_mpp_y],
+        "tissue_mode": result.mode,
+        "tissue_mode_detected": result.mode_detected,
+        "tissue_area_mm2": round(tissue_area_mm2, 4),
+        "tissue_fraction": round(result.tissue_fraction, 6),
+        "background": list(background),
+        "mask": {
+            "mpp": tissue.mask_mpp,
+            "level": geometry.level,
+            "width": geometry.width,
+            "height": geometry.height,
+            "downsample": [geometry.downsample_x, geometry.downsample_y],
+        },
+        "thresholds": {
+            "threshold": result.threshold,
+            "otsu_threshold": result.otsu_threshold,
+            "fixed_threshold": tissue.threshold,
+            "min_threshold": tissue.min_threshold,
+            "closing_um": tissue.closing_um,
+            "min_object_um2": tissue.min_object_um2,
+            "fill_holes": tissue.fill_holes,
+        },
+    }
+    return PreprocessResult(result.mask, thumbnail, summary, warnings)
+
+
+# Keys of the preprocess summary that go into the step manifest (ARCHITECTURE.md).
+MANIFEST_SUMMARY_KEYS = (
+    "status",
+    "warnings",
+    "mpp",
+    "mpp_source",
+    "target_mpp",
+    "level",
+    "tissue_area_mm2",
+    "tissue_mode",
+    "dimensions",
+    "vendor",
+)
+
+
+def manifest_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: summary[key] for key in MANIFEST_SUMMARY_KEYS}

@@ -1,0 +1,460 @@
+"""Thin OpenSlide I/O: open a slide with clear errors, describe it, read regions.
+
+Everything that can go wrong with a slide file becomes an ``InputError`` naming the file
+and the cause in one line. Reads go through ``SlideReader``, which reopens the OpenSlide
+handle after an error (a handle is unusable once OpenSlide reported one) and retries once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medprep.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Refuse slides claiming more level-0 pixels than any scanner produces (a 75 x 50 mm scan
+# area at 0.12 um/px is 2.6e11 pixels): a corrupt or hostile header must not make us plan
+# reads, grids or masks proportional to its claims.
+MAX_LEVEL0_PIXELS = 2**38
+MAX_SIDE = 2**21
+
+# The order in which the files of a multi-file slide are tried: index files first.
+_INDEX_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svs", ".ndpi", ".scn", ".bif", ".svslide")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x28\xb5\x2f\xfd", "a zstd archive"),
+)
+
+
+def describe_unreadable(path: str | os.PathLike) -> str:
+    """A one-line guess at why OpenSlide cannot open ``path``, from its first bytes."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if size == 0:
+        return "empty file (0 bytes)"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f"{what}, not a whole-slide image"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _describe_tiff(path, size)
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "a DICOM file that is not a whole-slide image (or lacks the rest of its series)"
+    return "not a whole-slide image format OpenSlide recognises"
+
+
+# bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., LONG8, IFD8)
+_TIFF_TYPE_SIZES = {
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 1,
+    7: 1,
+    8: 2,
+    9: 4,
+    10: 8,
+    11: 4,
+    12: 8,
+    13: 4,
+    16: 8,
+    17: 8,
+    18: 8,
+}
+_TIFF_DATA_TAGS = (
+    (273, 279),
+    (324, 325),
+)  # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
+
+
+def _describe_tiff(path: Path, size: int) -> str:
+    """Walk a TIFF's directory chain to tell a truncated file from one that is not a slide."""
+    try:
+        problem = _tiff_truncation(path, size)
+    except (OSError, ValueError):
+        problem = None
+    if problem:
+        return f"truncated or damaged TIFF: {problem}"
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            tiled = any(page.is_tiled for page in tiff.pages)
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        tiled = True
+    if not tiled:
+        return "a plain TIFF image that is not tiled (whole-slide images are tiled pyramids)"
+    return (
+        "a TIFF file OpenSlide does not read as a slide (damaged, or a plain image "
+        "that is not tiled)"
+    )
+
+
+def _tiff_truncation(path: Path, size: int) -> str | None:
+    with open(path, "rb") as f:
+        header = f.read(16)
+        order = "<" if header[:2] == b"II" else ">"
+        bigtiff = header[2:4] in (b"+\x00", b"\x00+")
+        offset_size = 8 if bigtiff else 4
+        count_size, entry_size = (8, 20) if bigtiff else (2, 12)
+        offset = int.from_bytes(
+            header[8:16] if bigtiff else header[4:8], "little" if order == "<" else "big"
+        )
+        for index in range(4096):
+            if offset == 0:
+                return None
+            if offset + count_size > size:
+                return f"directory {index} is at byte {offset} but the file has {size} bytes"
+            f.seek(offset)
+            count = int.from_bytes(f.read(count_size), "little" if order == "<" else "big")
+            end = offset + count_size + count * entry_size + offset_size
+            if end > size:
+                return f"directory {index} ends at byte {end} but the file has {size} bytes"
+            entries = f.read(count * entry_size)
+            data_end = _tiff_data_end(f, entries, order, bigtiff, entry_size)
+            if data_end > size:
+                return (
+                    f"the image data of directory {index} ends at byte {data_end} "
+                    f"but the file has {size} bytes"
+                )
+            offset = int.from_bytes(f.read(offset_size), "little" if order == "<" else "big")
+    return None
+
+
+def _tiff_data_end(f, entries: bytes, order: str, bigtiff: bool, entry_size: int) -> int:
+    """The end of the data of one directory: out-of-line tag values, strips and tiles."""
+    values: dict[int, np.ndarray] = {}
+    inline = 8 if bigtiff else 4
+    byteorder = "little" if order == "<" else "big"
+    end = 0
+    for i in range(0, len(entries), entry_size):
+        entry = entries[i : i + entry_size]
+        tag = int.from_bytes(entry[0:2], byteorder)
+        kind = int.from_bytes(entry[2:4], byteorder)
+        item = _TIFF_TYPE_SIZES.get(kind)
+        if item is None:
+            continue
+        count = int.from_bytes(entry[4 : 4 + (8 if bigtiff else 4)], byteorder)
+        field = entry[(12 if bigtiff else 8) :]
+        if count * item > inline:
+            end = max(end, int.from_bytes(field[:inline], byteorder) + count * item)
+        if tag not in (273, 279, 324, 325) or item not in (2, 4, 8) or kind not in (3, 4, 16):
+            continue
+        dtype = np.dtype(f"{order}u{item}")
+        if count * item <= inline:
+            raw = field[: count * item]
+        else:
+            position = f.tell()
+            f.seek(int.from_bytes(field[:inline], byteorder))
+            raw = f.read(count * item)
+            f.seek(position)
+            if len(raw) < count * item:
+                return 1 << 62  # the offset table itself lies past the end
+        values[tag] = np.frombuffer(raw, dtype=dtype).astype(np.int64)
+    for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
+        if offsets_tag in values and counts_tag in values:
+            offsets, counts = values[offsets_tag], values[counts_tag]
+            n = min(len(offsets), len(counts))
+            if n:
+                used = counts[:n] > 0
+                if used.any():
+                    end = max(end, int((offsets[:n] + counts[:n])[used].max()))
+    return end
+
+
+def _openslide():
+    import openslide
+
+    return openslide
+
+
+def open_slide(path: str | os.PathLike):
+    """An ``openslide.OpenSlide`` for ``path``, or ``InputError`` with the cause."""
+    openslide = _openslide()
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", path=str(path))
+    if path.is_dir():
+        raise InputError("is a folder, not a slide file", path=str(path))
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes)", path=str(path))
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError as error:
+        raise InputError(f"cannot read slide: {error}", path=str(path)) from None
+    if vendor is None:
+        raise InputError(describe_unreadable(path), path=str(path))
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as error:
+        detail = str(error) or type(error).__name__
+        if isinstance(error, openslide.OpenSlideUnsupportedFormatError):
+            detail = describe_unreadable(path)
+        raise InputError(f"cannot open {vendor} slide: {detail}", path=str(path)) from None
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What the engine needs to know about a slide, read once from its metadata."""
+
+    path: str
+    vendor: str
+    dimensions: tuple[int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float | None
+    mpp_y: float | None
+    objective_power: float | None
+    background: tuple[int, int, int] | None  # openslide.background-color, if the format has one
+    tile_size: tuple[int, int] | None = None  # native tile size of level 0, if known
+    properties: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def levels(self) -> list[dict[str, float]]:
+        return [
+            {"width": w, "height": h, "downsample": round(d, 6)}
+            for (w, h), d in zip(self.level_dimensions, self.level_downsamples, strict=True)
+        ]
+
+
+def _float_property(properties, name: str) -> float | None:
+    value = properties.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def describe_slide(handle, path: str | os.PathLike) -> SlideInfo:
+    """Read a slide's geometry and resolution metadata; refuse implausible dimensions."""
+    properties = handle.properties
+    width, height = (int(v) for v in handle.dimensions)
+    check_dimensions(width, height, path)
+    background = None
+    colour = properties.get("openslide.background-color")
+    if colour and len(colour) == 6:
+        try:
+            background = tuple(int(colour[i : i + 2], 16) for i in (0, 2, 4))
+        except ValueError:
+            background = None
+    tile_w = properties.get("openslide.level[0].tile-width")
+    tile_h = properties.get("openslide.level[0].tile-height")
+    # Only a few non-identifying properties are kept; vendor properties can carry names,
+    # dates and scanner user IDs.
+    kept = {
+        k: properties[k]
+        for k in (
+            "openslide.vendor",
+            "openslide.mpp-x",
+            "openslide.mpp-y",
+            "openslide.objective-power",
+        )
+        if k in properties
+    }
+    return SlideInfo(
+        path=os.fspath(path),
+        vendor=properties.get("openslide.vendor", "unknown"),
+        dimensions=(width, height),
+        level_dimensions=tuple((int(w), int(h)) for w, h in handle.level_dimensions),
+        level_downsamples=tuple(float(d) for d in handle.level_downsamples),
+        mpp_x=_float_property(properties, "openslide.mpp-x"),
+        mpp_y=_float_property(properties, "openslide.mpp-y"),
+        objective_power=_float_property(properties, "openslide.objective-power"),
+        background=background,  # type: ignore[arg-type]
+        tile_size=(int(tile_w), int(tile_h)) if tile_w and tile_h else None,
+        properties=kept,
+    )
+
+
+def check_dimensions(width: int, height: int, path: str | os.PathLike | None = None) -> None:
+    """Refuse a slide whose header claims impossible dimensions (a decompression bomb)."""
+    where = {"path": os.fspath(path)} if path is not None else {}
+    if width <= 0 or height <= 0:
+        raise InputError(f"slide claims empty dimensions {width} x {height}", **where)
+    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_LEVEL0_PIXELS:
+        raise InputError(
+            f"slide claims {width} x {height} pixels at level 0 ({width * height:.3g} pixels), "
+            f"more than any scanner produces (limit {MAX_LEVEL0_PIXELS:.3g} pixels, "
+            f"{MAX_SIDE} per side); refusing to read it",
+            **where,
+        )
+
+
+def inspect_slide(path: str | os.PathLike) -> SlideInfo:
+    """Open ``path``, describe it and close it again."""
+    handle = open_slide(path)
+    try:
+        return describe_slide(handle, path)
+    finally:
+        handle.close()
+
+
+class RegionReadError(Exception):
+    """A region of a slide could not be read; the message names level and coordinates."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+class SlideReader:
+    """One OpenSlide handle, reopened after an error. Not shareable across processes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._handle = open_slide(self.path)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _reopen(self) -> None:
+        self.close()
+        self._handle = open_slide(self.path)
+
+    def read_rgba(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """``read_region`` as an H x W x 4 uint8 array; (x, y) at level 0, size at ``level``.
+
+        On an OpenSlide error the handle is reopened and the read retried once; a second
+        failure raises ``RegionReadError`` naming the region.
+        """
+        openslide = _openslide()
+        last: Exception | None = None
+        for attempt in (1, 2):
+            try:
+                if self._handle is None:
+                    self._reopen()
+                return read_region_array(self._handle, level, x, y, width, height)
+            except (openslide.OpenSlideError, InputError) as error:
+                last = error
+                log.warning("read of %s failed (attempt %d): %s", self.path, attempt, error)
+                try:
+                    self._reopen()
+                except InputError as reopen_error:
+                    last = reopen_error
+                    break
+        raise RegionReadError(
+            f"cannot read level {level} region at level-0 x={x}, y={y}, "
+            f"size {width} x {height}: {last}"
+        )
+
+
+def read_region_array(handle, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """``handle.read_region`` into a numpy RGBA array (not premultiplied), without a copy.
+
+    openslide-python builds a PIL image over its buffer and ``np.asarray`` of a PIL image
+    copies it through an encoder, which costs a noticeable share of a read; so the
+    buffer is a numpy array handed to OpenSlide directly, with openslide-python's own
+    conversion. Falls back to the public API if those internals are not there.
+    """
+    from ctypes import POINTER, c_uint32
+
+    from openslide import lowlevel
+
+    read = getattr(lowlevel, "_read_region", None)
+    convert = getattr(getattr(lowlevel, "_convert", None), "argb2rgba", None)
+    if read is None or convert is None or width <= 0 or height <= 0:
+        return np.asarray(
+            handle.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        )
+    buffer = np.empty(int(width) * int(height), dtype=np.uint32)
+    read(
+        handle._osr,
+        buffer.ctypes.data_as(POINTER(c_uint32)),
+        int(x),
+        int(y),
+        int(level),
+        int(width),
+        int(height),
+    )
+    convert(buffer)
+    return buffer.view(np.uint8).reshape(int(height), int(width), 4)
+
+
+def make_opaque(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Composite transparent pixels (where the slide has no data) onto ``background``,
+    in place; alpha becomes 255. Fully opaque input (the usual case) is left untouched."""
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return rgba
+    rgba[..., :3] = rgba_to_rgb(rgba, background)
+    rgba[..., 3] = 255
+    return rgba
+
+
+def rgba_to_rgb(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Composite an RGBA array (OpenSlide's output, not premultiplied) onto ``background``.
+
+    Fully opaque input (the usual case) is only sliced; transparent pixels are where the
+    slide has no scanned data.
+    """
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    bg = np.asarray(background, dtype=np.float32)
+    out = rgba[..., :3].astype(np.float32) * a + bg * (1.0 - a)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def pick_slide_file(paths: Iterable[str | os.PathLike]) -> Path:
+    """The file OpenSlide should open among a sample's files.
+
+    One file: that file (errors about it come from ``open_slide``). Several (a DICOM-WSI
+    folder, MIRAX ``.mrxs`` + data folder, Hamamatsu ``.vms``): index files first, then
+    TIFFs, then the rest, each in name order; the first one OpenSlide recognises.
+    """
+    files = [Path(p) for p in paths]
+    if not files:
+        raise InputError("the sample has no files")
+    if len(files) == 1:
+        return files[0]
+
+    def rank(path: Path) -> tuple[int, str]:
+        suffix = path.suffix.lower()
+        if suffix in _INDEX_SUFFIXES:
+            group = 0
+        elif suffix in _TIFF_SUFFIXES:
+            group = 1
+        elif suffix == ".dcm":
+            group = 2
+        else:
+            group = 3
+        return group, path.as_posix()
+
+    openslide = _openslide()
+    for path in sorted(files, key=rank):
+        if path.suffix.lower() == ".dat":  # MIRAX data files are never the entry point
+            continue
+        try:
+            if path.stat().st_size > 0 and openslide.OpenSlide.detect_format(str(path)):
+                return path
+        except (OSError, openslide.OpenSlideError):
+            continue
+    raise InputError(
+        f"none of the sample's {len(files)} files is a slide OpenSlide can open "
+        f"(first: {sorted(files)[0].name})",
+        path=str(files[0].parent),
+    )

@@ -1,0 +1,179 @@
+"""The two WSI steps as the rule scripts run them: manifests in, outputs and manifest out.
+
+``scripts/preprocess_wsi.py`` and ``scripts/tile_wsi.py`` only unpack the ``snakemake``
+object and call these, so the steps can be run and tested without Snakemake. Every file
+is written under a temporary name and renamed when complete; the step manifest is last.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medprep import atomic, manifest
+from medprep.errors import InputError
+from medprep.wsi.settings import ResolutionSettings, TileSettings, TissueSettings
+from medprep.wsi.slide import pick_slide_file
+
+# The engines (scipy, pyarrow, ...) are imported inside the steps: pool workers started
+# with "spawn" import the rule script, and should not pay for what they do not use.
+
+PREPROCESS_ARTIFACTS = {
+    "mask": "preprocess/mask.png",
+    "thumbnail": "preprocess/thumbnail.png",
+    "summary": "preprocess/summary.json",
+}
+TILE_ARTIFACTS = {
+    "table": "tiles/tiles.parquet",
+    "overlay": "tiles/overlay.png",
+    "summary": "tiles/summary.json",
+}
+PIXELS_ARTIFACT_PREFIX = "tiles/pixels"
+PIXELS_FOLDER = "pixels"
+TILE_SUMMARY_KEYS = ("status", "warnings", "tiles", "candidates", "rejected", "read_calls")
+
+
+def slide_from_download(download_manifest: str | os.PathLike) -> Path:
+    """The slide file of a sample, from its download manifest."""
+    files = [entry["path"] for entry in atomic.read_json(download_manifest)["files"]]
+    return pick_slide_file(files)
+
+
+def sample_sheet_mpp(value: Any) -> float | None:
+    """The sample sheet's ``mpp`` cell as a float, or None when empty (None, "", NaN)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a PNG quickly (zlib level 1: QC pictures, not archives)."""
+    from PIL import Image
+
+    with atomic.atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def run_preprocess(
+    download_manifest: str | os.PathLike,
+    *,
+    mask_path: str | os.PathLike,
+    thumbnail_path: str | os.PathLike,
+    summary_path: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    sample: str,
+    resolution: dict[str, Any] | None = None,
+    tissue: dict[str, Any] | None = None,
+    mpp_override: float | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    from medprep.wsi.preprocess import manifest_summary, preprocess_slide
+
+    mpp_override = sample_sheet_mpp(mpp_override)
+    slide = slide_from_download(download_manifest)
+    result = preprocess_slide(
+        slide,
+        ResolutionSettings.from_config(resolution),
+        TissueSettings.from_config(tissue),
+        mpp_override=mpp_override,
+        workers=threads,
+    )
+    write_png(mask_path, (result.mask.astype(np.uint8) * 255))
+    write_png(thumbnail_path, result.thumbnail)
+    atomic.write_json(summary_path, result.summary)
+    return manifest.write_step_manifest(
+        manifest_path,
+        sample=sample,
+        modality="wsi",
+        step="preprocess",
+        slide=os.fspath(slide),
+        artifacts=[
+            manifest.artifact(PREPROCESS_ARTIFACTS["mask"], mask_path),
+            manifest.artifact(PREPROCESS_ARTIFACTS["thumbnail"], thumbnail_path),
+            manifest.artifact(PREPROCESS_ARTIFACTS["summary"], summary_path),
+        ],
+        summary=manifest_summary(result.summary),
+    )
+
+
+def _artifact_path(step_manifest: dict[str, Any], name: str) -> str:
+    for item in step_manifest["artifacts"]:
+        if item["name"] == name:
+            return item["path"]
+    raise ValueError(f"step manifest of {step_manifest.get('step')} has no artifact {name}")
+
+
+def run_tile(
+    download_manifest: str | os.PathLike,
+    preprocess_manifest: str | os.PathLike,
+    *,
+    table_path: str | os.PathLike,
+    overlay_path: str | os.PathLike,
+    summary_path: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    sample: str,
+    tile: dict[str, Any] | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    from medprep.wsi import writers
+    from medprep.wsi.tiler import SlidePlan, draw_overlay, tile_slide
+
+    settings = TileSettings.from_config(tile)
+    slide = slide_from_download(download_manifest)
+    previous = manifest.read_step_manifest(preprocess_manifest)
+    summary = atomic.read_json(_artifact_path(previous, PREPROCESS_ARTIFACTS["summary"]))
+    plan = SlidePlan.from_summary(slide, summary)
+    mask = read_png(_artifact_path(previous, PREPROCESS_ARTIFACTS["mask"])) > 127
+    if mask.shape != (summary["mask"]["height"], summary["mask"]["width"]):
+        raise InputError(
+            f"tissue mask is {mask.shape[1]} x {mask.shape[0]}, the preprocess summary says "
+            f"{summary['mask']['width']} x {summary['mask']['height']}: rerun preprocess",
+            path=_artifact_path(previous, PREPROCESS_ARTIFACTS["mask"]),
+        )
+    thumbnail = read_png(_artifact_path(previous, PREPROCESS_ARTIFACTS["thumbnail"]))
+
+    pixels_dir = Path(table_path).parent / PIXELS_FOLDER
+    with atomic.staged_dir(pixels_dir) as staging:
+        result = tile_slide(
+            plan, mask, settings, sample=sample, pixels_dir=staging, workers=threads
+        )
+    writers.write_table(result.table, table_path)
+    overlay = draw_overlay(
+        thumbnail,
+        result.kept_boxes,
+        result.rejected_boxes,
+        plan.mask_downsample_x,
+        plan.mask_downsample_y,
+    )
+    write_png(overlay_path, overlay)
+    atomic.write_json(summary_path, result.summary)
+    artifacts = [
+        manifest.artifact(TILE_ARTIFACTS["table"], table_path),
+        manifest.artifact(TILE_ARTIFACTS["overlay"], overlay_path),
+        manifest.artifact(TILE_ARTIFACTS["summary"], summary_path),
+    ]
+    artifacts += [
+        manifest.artifact(f"{PIXELS_ARTIFACT_PREFIX}/{name}", pixels_dir / name)
+        for name in result.pixel_files
+    ]
+    return manifest.write_step_manifest(
+        manifest_path,
+        sample=sample,
+        modality="wsi",
+        step="tile",
+        slide=os.fspath(slide),
+        artifacts=artifacts,
+        summary={key: result.summary[key] for key in TILE_SUMMARY_KEYS},
+    )

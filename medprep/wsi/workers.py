@@ -1,0 +1,214 @@
+"""What runs inside pool workers: one slide handle per worker, opened by the initializer.
+
+OpenSlide handles cannot be pickled and are costly to open, so each worker opens the
+slide once in ``init_worker`` (run by ``medprep.parallel`` under fork or spawn; with one
+worker it runs in the calling process). Tasks and results are small picklable dataclasses;
+a failed read comes back as a result carrying the error, so the caller decides whether
+the sample fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medprep.wsi import qc
+from medprep.wsi.settings import FilterSettings
+from medprep.wsi.slide import RegionReadError, SlideReader, make_opaque
+from medprep.wsi.writers import encode_tile
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """Everything a worker needs to turn a block read into scored, encoded tiles."""
+
+    slide_path: str
+    level: int
+    level_downsample: float
+    resample: bool
+    size: int
+    width_l0: float  # level-0 extent of a tile
+    height_l0: float
+    image_format: str | None  # None = score only (coordinates container)
+    quality: int
+    tissue_mode: str
+    tissue_threshold: float
+    background: tuple[int, int, int]
+    filters: FilterSettings = field(default_factory=FilterSettings)
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    index: int
+    read_x: int  # level-0 origin of the region read
+    read_y: int
+    read_width: int  # size at ``TileJob.level``
+    read_height: int
+    xs: tuple[int, ...]  # level-0 origins of the block's tiles
+    ys: tuple[int, ...]
+
+
+@dataclass
+class BlockResult:
+    index: int
+    scores: list[tuple[float, ...]]
+    reasons: list[str | None]
+    encoded: list[bytes | None]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """A piece of a downsampled whole-slide image: read a region, resize it exactly."""
+
+    index: int
+    level: int
+    read_x: int  # level-0 origin
+    read_y: int
+    read_width: int  # at ``level``
+    read_height: int
+    box: tuple[float, float, float, float]  # source box inside the region read
+    out_x: int  # where the piece goes in the output image
+    out_y: int
+    out_width: int
+    out_height: int
+
+
+@dataclass
+class _WorkerState:
+    reader: SlideReader
+    job: TileJob | None
+
+
+_STATE: _WorkerState | None = None
+
+# PIL's bicubic resampling widens its support when reducing, so downsampling is antialiased.
+RESAMPLE_FILTER = "BICUBIC"
+
+
+def worker_died(slide_path: str):
+    """The error for a pool whose worker process died mid-read."""
+    from medprep.errors import InputError
+
+    return InputError(
+        "a worker process died while reading the slide (out of memory, or the slide "
+        "decoder crashed on damaged data)",
+        path=slide_path,
+    )
+
+
+def init_worker(slide_path: str, job: TileJob | None = None) -> None:
+    global _STATE
+    close_worker()
+    _STATE = _WorkerState(SlideReader(slide_path), job)
+
+
+def close_worker() -> None:
+    global _STATE
+    if _STATE is not None:
+        _STATE.reader.close()
+        _STATE = None
+
+
+def _state() -> _WorkerState:
+    if _STATE is None:
+        raise RuntimeError("worker not initialised: call init_worker first")
+    return _STATE
+
+
+def _tile_origin(
+    job: TileJob, task: BlockTask, x: int, y: int, shape: tuple[int, ...]
+) -> tuple[int, int]:
+    """Where a tile starts in the block's pixels when no resampling is needed."""
+    ds = job.level_downsample
+    height, width = shape[:2]
+    ix = min(max(round((x - task.read_x) / ds), 0), width - job.size)
+    iy = min(max(round((y - task.read_y) / ds), 0), height - job.size)
+    return ix, iy
+
+
+def _resample_tile(image, job: TileJob, task: BlockTask, x: int, y: int) -> np.ndarray:
+    """The tile resized from the block image over its exact (fractional) footprint."""
+    from PIL import Image
+
+    ds = job.level_downsample
+    left = (x - task.read_x) / ds
+    top = (y - task.read_y) / ds
+    width, height = image.size
+    box = (
+        max(left, 0.0),
+        max(top, 0.0),
+        min(left + job.width_l0 / ds, width),
+        min(top + job.height_l0 / ds, height),
+    )
+    resample = getattr(Image.Resampling, RESAMPLE_FILTER)
+    return np.asarray(image.resize((job.size, job.size), resample, box=box))
+
+
+def _as_image(rgba: np.ndarray):
+    """A PIL RGBA image sharing ``rgba``'s memory (C-contiguous H x W x 4 uint8)."""
+    from PIL import Image
+
+    height, width = rgba.shape[:2]
+    return Image.frombuffer("RGBA", (width, height), rgba, "raw", "RGBA", 0, 1)
+
+
+def read_block(task: BlockTask) -> BlockResult:
+    """Read a block's region once, then cut, score and encode each of its tiles.
+
+    Tiles stay RGBA views of the block (opaque after compositing): the scores use the
+    first three channels and the JPEG encoder skips the fourth, so no RGB copy is made.
+    """
+    state = _state()
+    job = state.job
+    if job is None:
+        raise RuntimeError("worker has no tile job")
+    try:
+        rgba = state.reader.read_rgba(
+            job.level, task.read_x, task.read_y, task.read_width, task.read_height
+        )
+    except RegionReadError as error:
+        return BlockResult(task.index, [], [], [], error=str(error))
+    rgba = make_opaque(rgba, job.background)
+    image = _as_image(rgba)
+    gray = None if job.resample else np.asarray(image.convert("L"))
+    scores: list[tuple[float, ...]] = []
+    reasons: list[str | None] = []
+    encoded: list[bytes | None] = []
+    for x, y in zip(task.xs, task.ys, strict=True):
+        if job.resample:
+            tile = _resample_tile(image, job, task, x, y)
+            tile_gray = None
+        else:
+            ix, iy = _tile_origin(job, task, x, y, rgba.shape)
+            tile = rgba[iy : iy + job.size, ix : ix + job.size]
+            tile_gray = gray[iy : iy + job.size, ix : ix + job.size]  # type: ignore[index]
+        tile_scores = qc.tile_scores(tile, job.tissue_mode, job.tissue_threshold, tile_gray)
+        reason = qc.rejection_reason(tile_scores, job.filters)
+        scores.append(tile_scores.as_tuple())
+        reasons.append(reason)
+        if reason is None and job.image_format is not None:
+            encoded.append(encode_tile(tile, job.image_format, job.quality))
+        else:
+            encoded.append(None)
+    return BlockResult(task.index, scores, reasons, encoded)
+
+
+def read_chunk(task: ChunkTask) -> tuple[int, np.ndarray | str]:
+    """A resized RGBA piece (H x W x 4 uint8) of the slide, or the read error message."""
+    from PIL import Image
+
+    state = _state()
+    try:
+        rgba = state.reader.read_rgba(
+            task.level, task.read_x, task.read_y, task.read_width, task.read_height
+        )
+    except RegionReadError as error:
+        return task.index, str(error)
+    # PIL resizes RGBA premultiplied, so unscanned (transparent) pixels do not darken
+    # their neighbours; the box filter averages areas, the right thing for a reduction.
+    resized = _as_image(rgba).resize(
+        (task.out_width, task.out_height), Image.Resampling.BOX, box=task.box
+    )
+    return task.index, np.asarray(resized)

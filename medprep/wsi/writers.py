@@ -1,0 +1,238 @@
+"""Tile encoders, pixel containers (tar shards, a folder of files, none) and the tile table.
+
+Containers write into a folder the caller owns (a ``medprep.atomic.staged_dir``), one tile
+at a time, in the order given: their output depends only on that order and the bytes.
+Tar shards are deterministic (fixed mtime, owner and mode) and WebDataset-style: each tile
+is one member ``<key>.<ext>`` whose key has no dots.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+EXTENSIONS = {"jpeg": "jpg", "png": "png"}
+PNG_LEVEL = 3  # zlib effort; PNG is lossless at every level
+
+
+def encode_tile(pixels: np.ndarray, image_format: str, quality: int = 90) -> bytes:
+    """Encode an H x W x 3 (RGB) or H x W x 4 (RGB + ignored 4th byte) uint8 tile as
+    JPEG (libjpeg-turbo, YCbCr 4:2:0) or PNG (RGB). Rows may be strided (a view of a
+    larger image); the 4-byte form saves a copy, with the same bytes as its RGB."""
+    import imagecodecs
+
+    if image_format == "jpeg":
+        if pixels.shape[-1] == 4:
+            return bytes(
+                imagecodecs.jpeg8_encode(
+                    pixels,
+                    level=int(quality),
+                    subsampling="420",
+                    colorspace=imagecodecs.JPEG8.CS.EXT_RGBX,
+                    outcolorspace=imagecodecs.JPEG8.CS.YCbCr,
+                )
+            )
+        return bytes(imagecodecs.jpeg8_encode(pixels, level=int(quality), subsampling="420"))
+    if image_format == "png":
+        rgb = np.ascontiguousarray(pixels[..., :3])
+        return bytes(imagecodecs.png_encode(rgb, level=PNG_LEVEL))
+    raise ValueError(f"unknown tile format {image_format!r}")
+
+
+def tile_key(sample: str, x: int, y: int) -> str:
+    """A tile's file/member stem: sample and level-0 origin, no dots (WebDataset keys)."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", sample)
+    return f"{safe}_x{x:07d}_y{y:07d}"
+
+
+class PixelContainer:
+    """Where encoded tiles go. ``add`` returns (file relative to the tile folder, member)."""
+
+    files: list[str]
+
+    def add(self, key: str, data: bytes, extension: str) -> tuple[str | None, str | None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class CoordinatesOnly(PixelContainer):
+    """No pixels: the table holds coordinates for loaders that read the slide directly."""
+
+    def __init__(self) -> None:
+        self.files = []
+
+    def add(self, key: str, data: bytes, extension: str) -> tuple[str | None, str | None]:
+        return None, None
+
+
+class FolderContainer(PixelContainer):
+    """One image file per tile, ``<folder>/<key>.<ext>``."""
+
+    def __init__(self, folder: str | os.PathLike, relative_to: str = "pixels") -> None:
+        self.folder = Path(folder)
+        self.relative_to = relative_to
+        self.files = []
+
+    def add(self, key: str, data: bytes, extension: str) -> tuple[str | None, str | None]:
+        name = f"{key}.{extension}"
+        (self.folder / name).write_bytes(data)
+        self.files.append(name)
+        return f"{self.relative_to}/{name}", None
+
+
+TAR_BLOCK = 512
+TAR_END = 2 * TAR_BLOCK  # two zero blocks end an archive
+TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to whole records
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header for a regular file: mode 0644, owner 0/0, no names, mtime 0.
+
+    The same fields as ``tarfile`` writes for such a member, built directly because the
+    tiler adds thousands of members per second.
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    header = bytearray(TAR_BLOCK)
+    header[0 : len(encoded)] = encoded
+    header[100:108] = b"0000644\x00"  # mode
+    header[108:116] = b"0000000\x00"  # uid
+    header[116:124] = b"0000000\x00"  # gid
+    header[124:136] = b"%011o\x00" % size
+    header[136:148] = b"00000000000\x00"  # mtime
+    header[148:156] = b" " * 8  # checksum field counts as spaces while summing
+    header[156:157] = b"0"  # regular file
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header)
+
+
+class TarShardContainer(PixelContainer):
+    """Tar shards ``shard-000000.tar``, ... of at most ``max_members`` tiles each."""
+
+    def __init__(
+        self, folder: str | os.PathLike, max_members: int, relative_to: str = "pixels"
+    ) -> None:
+        if max_members < 1:
+            raise ValueError("max_members must be at least 1")
+        self.folder = Path(folder)
+        self.max_members = max_members
+        self.relative_to = relative_to
+        self.files = []
+        self._file: io.BufferedWriter | None = None
+        self._members = 0
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"shard-{len(self.files):06d}.tar"
+        # kept open across add() calls and closed in close()
+        self._file = open(self.folder / name, "wb")  # noqa: SIM115
+        self.files.append(name)
+        self._members = 0
+
+    def add(self, key: str, data: bytes, extension: str) -> tuple[str | None, str | None]:
+        if self._file is None or self._members >= self.max_members:
+            self._open_next()
+        assert self._file is not None
+        member = f"{key}.{extension}"
+        self._file.write(ustar_header(member, len(data)))
+        self._file.write(data)
+        padding = -len(data) % TAR_BLOCK
+        if padding:
+            self._file.write(bytes(padding))
+        self._members += 1
+        return f"{self.relative_to}/{self.files[-1]}", member
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.write(bytes(TAR_END))
+            self._file.write(bytes(-self._file.tell() % TAR_RECORD))
+            self._file.close()
+            self._file = None
+
+
+def make_container(
+    container: str, folder: str | os.PathLike | None, shard_max_tiles: int
+) -> PixelContainer:
+    if container == "coords":
+        return CoordinatesOnly()
+    if folder is None:
+        raise ValueError(f"container {container!r} needs a folder")
+    if container == "folder":
+        return FolderContainer(folder)
+    if container == "tar":
+        return TarShardContainer(folder, shard_max_tiles)
+    raise ValueError(f"unknown container {container!r}")
+
+
+TABLE_COLUMNS: dict[str, str] = {
+    "tile_id": "int64",
+    "sample": "string",
+    "x": "int64",  # level-0 origin
+    "y": "int64",
+    "width_l0": "float64",  # level-0 extent
+    "height_l0": "float64",
+    "level": "int32",  # pyramid level read
+    "target_mpp": "float64",  # the resolution asked for
+    "mpp": "float64",  # the resolution of the tile pixels (= target_mpp unless snapped)
+    "size": "int32",  # output pixels per side
+    "mask_coverage": "float64",
+    "tissue_fraction": "float64",
+    "background_fraction": "float64",
+    "white_fraction": "float64",
+    "black_fraction": "float64",
+    "blur": "float64",
+    "file": "string",  # relative to the folder of the table; null for coords
+    "member": "string",  # tar member; null unless tar
+}
+
+
+def _arrow_schema():
+    import pyarrow as pa
+
+    types = {
+        "int64": pa.int64(),
+        "int32": pa.int32(),
+        "float64": pa.float64(),
+        "string": pa.string(),
+    }
+    return pa.schema([(name, types[kind]) for name, kind in TABLE_COLUMNS.items()])
+
+
+def write_table(columns: dict[str, list], path: str | os.PathLike) -> None:
+    """Write the tile table (Parquet, or CSV if ``path`` ends in .csv) atomically."""
+    import pyarrow as pa
+
+    from medprep.atomic import atomic_path
+
+    missing = set(TABLE_COLUMNS) - set(columns)
+    if missing:
+        raise ValueError(f"tile table lacks columns {sorted(missing)}")
+    table = pa.table({name: columns[name] for name in TABLE_COLUMNS}, schema=_arrow_schema())
+    with atomic_path(path) as tmp:
+        if str(path).endswith(".csv"):
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, tmp)
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, tmp, compression="zstd")
+
+
+def read_table(path: str | os.PathLike):
+    """The tile table as a pandas DataFrame."""
+    if str(path).endswith(".csv"):
+        import pandas as pd
+
+        return pd.read_csv(path)
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pandas()

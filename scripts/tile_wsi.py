@@ -1,0 +1,23 @@
+"""Rule `tile_wsi`: tiles of one slide where it has tissue, with QC scores and a table."""
+
+from medprep.step import run_step
+from medprep.wsi.steps import run_tile
+
+
+def main(smk):
+    run_tile(
+        smk.input.download,
+        smk.input.preprocess,
+        table_path=smk.output.table,
+        overlay_path=smk.output.overlay,
+        summary_path=smk.output.summary,
+        manifest_path=smk.output.manifest,
+        sample=smk.wildcards.sample,
+        tile=smk.params.tile,
+        threads=smk.threads,
+    )
+
+
+# spawned pool workers re-run this file without `snakemake` defined: see run_step
+if __name__ == "__main__":
+    run_step(snakemake, main)

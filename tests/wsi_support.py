@@ -1,0 +1,161 @@
+"""Helpers for the whole-slide tests: fixture paths, small synthetic slides, step runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medprep import atomic
+from medprep.wsi import steps
+from medprep.wsi.synthetic import write_pyramidal_tiff, write_synthetic_slide
+
+DATA = Path(__file__).resolve().parent / "data" / "wsi"
+CMU = DATA / "CMU-1-Small-Region.svs"  # Aperio, 0.499 um/px, H&E
+TCGA_NO_MPP = DATA / "TCGA-CR-7395-01A-01-TS1-crop.svs"  # Aperio, no resolution metadata
+DAPI = DATA / "test3-DAPI-2-387.ndpi"  # Hamamatsu, 0.228 um/px, fluorescence
+TINY = DATA / "openslide-tiny"
+
+
+def small_synthetic_slide(
+    path: Path, width: int = 2048, height: int = 1536, **options: Any
+) -> Path:
+    """A small pyramidal JPEG slide with real CMU tissue texture (fast to write)."""
+    options.setdefault("downsamples", (1, 4))
+    write_synthetic_slide(path, width, height, texture_slide=CMU, **options)
+    return path
+
+
+def write_stripes_slide(
+    path: Path,
+    width: int,
+    height: int,
+    *,
+    mpp: float,
+    period_x: float,
+    period_y: float,
+    downsamples: tuple[int, ...] = (1, 4),
+) -> Path:
+    """A slide of sine stripes with known periods in level-0 pixels, at every level.
+
+    Red follows x, blue follows y, so each direction can be measured on its own.
+    """
+
+    def render(d: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        xs = (x + np.arange(w) + 0.5) * d  # level-0 centres of this level's pixels
+        ys = (y + np.arange(h) + 0.5) * d
+        red = 128 + 100 * np.sin(2 * math.pi * xs / period_x)
+        blue = 128 + 100 * np.sin(2 * math.pi * ys / period_y)
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        out[..., 0] = np.round(red)[None, :]
+        out[..., 1] = 60
+        out[..., 2] = np.round(blue)[:, None]
+        return out
+
+    write_pyramidal_tiff(path, width, height, render, mpp=mpp, quality=98, downsamples=downsamples)
+    return path
+
+
+def measured_period(profile: np.ndarray) -> float:
+    """Mean distance in pixels between rising zero crossings of a centred 1-D signal."""
+    signal = profile - profile.mean()
+    crossings = []
+    for i in range(len(signal) - 1):
+        a, b = signal[i], signal[i + 1]
+        if a < 0 <= b:
+            crossings.append(i + a / (a - b))
+    if len(crossings) < 3:
+        raise AssertionError("too few periods in the tile to measure")
+    return (crossings[-1] - crossings[0]) / (len(crossings) - 1)
+
+
+def write_download(folder: Path, *slides: Path) -> Path:
+    """A download manifest listing local files, as `scripts/download.py` writes it."""
+    path = folder / "download.json"
+    atomic.write_json(
+        path,
+        {
+            "format": 1,
+            "sample": folder.name,
+            "modality": "wsi",
+            "step": "download",
+            "files": [{"path": str(p), "key": p.name, "bytes": p.stat().st_size} for p in slides],
+            "artifacts": [],
+            "summary": {},
+        },
+    )
+    return path
+
+
+def outputs(folder: Path) -> dict[str, Path]:
+    """The output paths of both steps under results-like ``folder`` (one sample)."""
+    return {
+        "mask": folder / "preprocess" / "mask.png",
+        "thumbnail": folder / "preprocess" / "thumbnail.png",
+        "preprocess_summary": folder / "preprocess" / "summary.json",
+        "preprocess_manifest": folder / "preprocess.json",
+        "table": folder / "tile" / "tiles.parquet",
+        "overlay": folder / "tile" / "overlay.png",
+        "tile_summary": folder / "tile" / "summary.json",
+        "tile_manifest": folder / "tile.json",
+        "pixels": folder / "tile" / "pixels",
+    }
+
+
+def preprocess(
+    folder: Path,
+    slide: Path | list[Path],
+    *,
+    threads: int = 1,
+    mpp_override: float | None = None,
+    resolution: dict | None = None,
+    tissue: dict | None = None,
+) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    slides = slide if isinstance(slide, list) else [slide]
+    download = write_download(folder, *slides)
+    out = outputs(folder)
+    return steps.run_preprocess(
+        download,
+        mask_path=out["mask"],
+        thumbnail_path=out["thumbnail"],
+        summary_path=out["preprocess_summary"],
+        manifest_path=out["preprocess_manifest"],
+        sample=folder.name,
+        resolution=resolution,
+        tissue=tissue,
+        mpp_override=mpp_override,
+        threads=threads,
+    )
+
+
+def tile(
+    folder: Path, *, threads: int = 1, sample: str | None = None, **tile_settings: Any
+) -> dict[str, Any]:
+    out = outputs(folder)
+    return steps.run_tile(
+        folder / "download.json",
+        out["preprocess_manifest"],
+        table_path=out["table"],
+        overlay_path=out["overlay"],
+        summary_path=out["tile_summary"],
+        manifest_path=out["tile_manifest"],
+        sample=sample or folder.name,
+        tile=tile_settings,
+        threads=threads,
+    )
+
+
+def finished_looking(folder: Path) -> list[str]:
+    """Files under ``folder`` that a reader could take for results (no temporaries)."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.name == "download.json" or path.is_dir():
+            continue
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            found.append(f"temporary left behind: {path}")
+            continue
+        found.append(str(path.relative_to(folder)))
+    return found
