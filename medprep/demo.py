@@ -45,9 +45,15 @@ def build(
     folder: str | Path,
     *,
     phantom_shape: tuple[int, int, int] = (256, 256, 96),
+    phantom_spacing_mm: tuple[float, float] = (1.4, 2.5),
     slide_size: int = 8192,
 ) -> Path:
-    """Build the demo dataset into ``folder`` unless it is already complete."""
+    """Build the demo dataset into ``folder`` unless it is already complete.
+
+    ``phantom_shape`` is (rows, columns, slices) and ``phantom_spacing_mm`` (pixel, slice)
+    of the synthetic CT; ``slide_size`` the edge of the synthetic slide in pixels. Tests
+    build a smaller dataset with the same code.
+    """
     from medprep.ct.phantom import write_chest_phantom
     from medprep.wsi.synthetic import write_synthetic_slide
 
@@ -64,8 +70,8 @@ def build(
             rows=rows,
             cols=cols,
             slices=slices,
-            pixel_mm=1.4,
-            slice_mm=2.5,
+            pixel_mm=phantom_spacing_mm[0],
+            slice_mm=phantom_spacing_mm[1],
             seed=1,
         )
         shutil.copytree(REAL_CT_SERIES, tmp / "ct" / "real-dcmqi-3slice")

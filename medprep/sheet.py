@@ -43,9 +43,9 @@ def read_sample_sheet(path: str | os.PathLike, schema_path: str | os.PathLike) -
     validator = jsonschema.Draft202012Validator(schema)
     records = []
     first_line_of: dict[str, int] = {}
-    for index, row in table.iterrows():
+    for index, raw in enumerate(table.to_dict(orient="records")):
         line = lines[index] if index < len(lines) else index + 2
-        record = _clean_record(row.to_dict(), path, line)
+        record = _clean_record(raw, path, line)
         where = f"sample sheet {path} line {line}"
         if record.get("sample"):
             where += f" (sample '{record['sample']}')"

@@ -56,7 +56,12 @@ def _step_identity(smk: Any) -> tuple[str, str, str]:
 
 
 def run_step(smk: Any, main: Callable[[Any], None]) -> None:
-    """Call ``main(smk)`` with logging set up; exit non-zero with one clear line on failure."""
+    """Call ``main(smk)`` with logging set up; exit non-zero with one clear line on failure.
+
+    Call it under ``if __name__ == "__main__":``. Pool workers started with "spawn"
+    re-run the rule script from its original path, without Snakemake's preamble that
+    defines ``snakemake``; the guard keeps them from running the step.
+    """
     log_path = smk.log[0] if len(smk.log) else None
     configure_logging(log_path)
     sample, modality, step = _step_identity(smk)

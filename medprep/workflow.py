@@ -51,6 +51,18 @@ def load_samples(config: dict[str, Any], schema: str | os.PathLike) -> pd.DataFr
     return read_sample_sheet(config["samples"], schema)
 
 
+def sample_records(samples: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Each sample's row as a plain dict (empty cells as None), by sample name.
+
+    Input functions run once per job; a dict lookup costs microseconds where
+    ``DataFrame.loc`` costs tens, which adds up over tens of thousands of jobs.
+    """
+    return {
+        str(name): {column: optional_value(value) for column, value in row.items()}
+        for name, row in zip(samples.index, samples.to_dict(orient="records"), strict=True)
+    }
+
+
 def optional_value(value: Any) -> Any:
     """``None`` for empty cells (NaN/None), the value otherwise, as a plain Python type."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -95,30 +107,51 @@ def code_fingerprint(engine: str) -> str:
 
 MB = 1024 * 1024
 
+# A job on a cluster runs inside two Snakemake processes (the batch script's and the job
+# step's, 180-190 MB each, measured on SLURM), and the job's memory limit counts them.
+CLUSTER_JOB_OVERHEAD_MB = 400
 
-def mem_mb(step: str, *, threads: int = 1, attempt: int = 1, **inputs: Any) -> int:
+# A transfer process: Python, medprep.storage and boto3 with an S3 client (50 MB measured).
+TRANSFER_BASE_MB = 100
+# Per transfer thread: downloads stream 1 MB chunks; an S3 upload holds one part
+# (storage.part_size_mb, at most the object's size) plus boto3's copy of it while sending.
+STREAM_BUFFER_MB = 8
+
+
+def mem_mb(
+    step: str, *, threads: int = 1, attempt: int = 1, on_cluster: bool = False, **inputs: Any
+) -> int:
     """Memory to reserve for one job of ``step``, in MB, scaled by the retry attempt.
 
     The formulas live next to the code whose memory they describe; each is checked
-    against the peak RSS that the benchmarks measure.
+    against the peak RSS that the benchmarks measure. ``on_cluster``: the job runs on a
+    cluster (remote executor), inside Snakemake processes of its own.
     """
     estimate = _ESTIMATORS[step](threads=threads, **inputs)
+    if on_cluster:
+        estimate += CLUSTER_JOB_OVERHEAD_MB
     return int(math.ceil(estimate * attempt))
 
 
-def _transfer_mb(threads: int) -> float:
-    # Interpreter and boto3 (~150 MB), plus one buffered part (8 MB) per transfer thread.
-    return 200 + 16 * threads
+def _download_mb(*, threads: int) -> float:
+    return TRANSFER_BASE_MB + STREAM_BUFFER_MB * threads
+
+
+def _upload_mb(*, destination: str, part_size_mb: float, threads: int) -> float:
+    per_thread = 2 * part_size_mb if storage.is_s3(destination) else STREAM_BUFFER_MB
+    return TRANSFER_BASE_MB + per_thread * threads
 
 
 def _download_bytes(download_manifest: str | os.PathLike) -> int:
     return int(atomic.read_json(download_manifest).get("total_bytes", 0))
 
 
-def _preprocess_ct_mb(*, download_manifest: str, threads: int) -> float:
+def _preprocess_ct_mb(*, download_manifest: str, spacing_out: list[float], threads: int) -> float:
     from medprep.ct import memory
 
-    return memory.preprocess_ct_mb(_download_bytes(download_manifest), threads=threads)
+    return memory.preprocess_ct_mb(
+        _download_bytes(download_manifest), threads=threads, spacing_out=spacing_out
+    )
 
 
 def _tile_ct_mb(*, preprocess_manifest: str, threads: int) -> float:
@@ -127,25 +160,55 @@ def _tile_ct_mb(*, preprocess_manifest: str, threads: int) -> float:
     return memory.tile_ct_mb(atomic.read_json(preprocess_manifest), threads=threads)
 
 
-def _preprocess_wsi_mb(*, download_manifest: str, threads: int) -> float:
+def _preprocess_wsi_mb(*, download_manifest: str, mask_mpp: float, threads: int) -> float:
     from medprep.wsi import memory
 
-    return memory.preprocess_wsi_mb(_download_bytes(download_manifest))
+    dimensions, mpp = _slide_geometry(download_manifest)
+    return memory.estimate_preprocess_mem_mb(dimensions, mpp, mask_mpp=mask_mpp, workers=threads)
 
 
-def _tile_wsi_mb(*, tile_settings: dict[str, Any], threads: int) -> float:
+def _slide_geometry(download_manifest: str) -> tuple[tuple[int, int] | None, float | None]:
+    """Level-0 size and mpp from the slide's header; (None, None) if it cannot be read.
+
+    An unreadable slide is reported by the job itself; for its memory the standard-slide
+    bound applies.
+    """
+    from medprep.errors import InputError
+    from medprep.wsi.slide import inspect_slide
+    from medprep.wsi.steps import slide_from_download
+
+    try:
+        info = inspect_slide(slide_from_download(download_manifest))
+    except (InputError, ValueError):
+        return None, None
+    return info.dimensions, info.mpp_x
+
+
+def _tile_wsi_mb(*, preprocess_manifest: str, tile_settings: dict[str, Any], threads: int) -> float:
     from medprep.wsi import memory
 
-    return memory.tile_wsi_mb(
-        workers=threads,
-        tile_size=tile_settings["size"],
-        block_tiles=tile_settings["block_tiles"],
+    summary = atomic.read_json(preprocess_manifest).get("summary", {})
+    return memory.estimate_tile_mem_mb(
+        threads,
+        tile_settings["size"],
+        tile_settings["block_tiles"],
+        image_format=None if tile_settings["container"] == "coords" else tile_settings["format"],
+        tiles=_expected_tiles(summary, tile_settings),
     )
 
 
+def _expected_tiles(summary: dict[str, Any], tile_settings: dict[str, Any]) -> int | None:
+    """Tiles on the slide's tissue at the tile grid's step (None if not known)."""
+    area_mm2, target_mpp = summary.get("tissue_area_mm2"), summary.get("target_mpp")
+    if area_mm2 is None or not target_mpp:
+        return None
+    step_mm = (tile_settings.get("stride") or tile_settings["size"]) * target_mpp / 1000
+    return math.ceil(area_mm2 / step_mm**2)
+
+
 _ESTIMATORS = {
-    "download": lambda threads: _transfer_mb(threads),
-    "upload": lambda threads: _transfer_mb(threads),
+    "download": _download_mb,
+    "upload": _upload_mb,
     "preprocess_ct": _preprocess_ct_mb,
     "tile_ct": _tile_ct_mb,
     "preprocess_wsi": _preprocess_wsi_mb,

@@ -22,6 +22,8 @@ samples = mw.load_samples(
     config,
     schema=workflow.source_path("../schemas/samples.schema.yaml"),
 )
+# The rows as plain dicts for the input functions (fast at thousands of samples).
+sample_table = mw.sample_records(samples)
 
 
 wildcard_constraints:
@@ -33,11 +35,11 @@ wildcard_constraints:
 
 
 def sample_row(wildcards):
-    return samples.loc[wildcards.sample]
+    return sample_table[wildcards.sample]
 
 
 def sample_uri(wildcards):
-    return samples.loc[wildcards.sample, "uri"]
+    return sample_table[wildcards.sample]["uri"]
 
 
 def source_fingerprint(wildcards):
@@ -45,25 +47,25 @@ def source_fingerprint(wildcards):
 
 
 def sample_mpp(wildcards):
-    return mw.optional_value(samples.loc[wildcards.sample, "mpp"])
+    return sample_table[wildcards.sample]["mpp"]
 
 
 def sample_series_uid(wildcards):
-    return mw.optional_value(samples.loc[wildcards.sample, "series_uid"])
+    return sample_table[wildcards.sample]["series_uid"]
 
 
 def step_manifest(step):
     """The step manifest of `step` for the sample and modality of the job's wildcards."""
 
     def path(wildcards):
-        modality = samples.loc[wildcards.sample, "modality"]
+        modality = sample_table[wildcards.sample]["modality"]
         return f"results/{modality}/{wildcards.sample}/{step}.json"
 
     return path
 
 
 def upload_inputs(wildcards):
-    modality = samples.loc[wildcards.sample, "modality"]
+    modality = sample_table[wildcards.sample]["modality"]
     return [
         f"results/{modality}/{wildcards.sample}/preprocess.json",
         f"results/{modality}/{wildcards.sample}/tile.json",
@@ -84,36 +86,89 @@ def get_final_outputs():
 ##### resources (mem_mb from input sizes; see medprep/workflow.py for the formulas) #####
 
 
+def job_mem_mb(step, threads, attempt, **inputs):
+    """mem_mb of one job; on a cluster it includes the Snakemake processes running it."""
+    return mw.mem_mb(
+        step,
+        threads=threads,
+        attempt=attempt,
+        on_cluster=workflow.non_local_exec,
+        **inputs,
+    )
+
+
 def mem_download(wildcards, threads, attempt):
-    return mw.mem_mb("download", threads=threads, attempt=attempt)
+    return job_mem_mb("download", threads, attempt)
 
 
-def mem_from_download(step):
-    def mem(wildcards, input, threads, attempt):
-        return mw.mem_mb(
-            step, download_manifest=input.manifest, threads=threads, attempt=attempt
-        )
+def mem_preprocess_ct(wildcards, input, threads, attempt):
+    return job_mem_mb(
+        "preprocess_ct",
+        threads,
+        attempt,
+        download_manifest=input.manifest,
+        spacing_out=config["ct"]["spacing"],
+    )
 
-    return mem
+
+def mem_preprocess_wsi(wildcards, input, threads, attempt):
+    return job_mem_mb(
+        "preprocess_wsi",
+        threads,
+        attempt,
+        download_manifest=input.manifest,
+        mask_mpp=config["wsi"]["tissue"]["mask_mpp"],
+    )
 
 
 def mem_tile_wsi(wildcards, input, threads, attempt):
-    return mw.mem_mb(
+    return job_mem_mb(
         "tile_wsi",
+        threads,
+        attempt,
+        preprocess_manifest=input.preprocess,
         tile_settings=config["wsi"]["tile"],
-        threads=threads,
-        attempt=attempt,
     )
 
 
 def mem_tile_ct(wildcards, input, threads, attempt):
-    return mw.mem_mb(
-        "tile_ct",
-        preprocess_manifest=input.preprocess,
-        threads=threads,
-        attempt=attempt,
-    )
+    return job_mem_mb("tile_ct", threads, attempt, preprocess_manifest=input.preprocess)
 
 
 def mem_upload(wildcards, threads, attempt):
-    return mw.mem_mb("upload", threads=threads, attempt=attempt)
+    return job_mem_mb(
+        "upload",
+        threads,
+        attempt,
+        destination=config["destination"],
+        part_size_mb=config["storage"]["part_size_mb"],
+    )
+
+
+##### bundling small jobs on a cluster (config: group_size) #####
+
+
+def batch_group(step):
+    """The group bundling `group_size` jobs of `step` per cluster job (None: no bundling)."""
+    if config["group_size"] <= 1:
+        return None
+    name = f"{step}_batch"
+
+    def group(wildcards):
+        bundle_size(name)
+        return name
+
+    return group
+
+
+def bundle_size(group):
+    # Snakemake takes group sizes (components) only from its command line, and replaces
+    # its group settings after parsing the Snakefile. Group functions run while the DAG is
+    # built, before groups are formed: the size is set then, unless given on the command
+    # line (--group-components).
+    settings = workflow.group_settings
+    if group not in settings.group_components:
+        settings.group_components = {
+            **settings.group_components,
+            group: config["group_size"],
+        }

@@ -11,11 +11,13 @@ rule preprocess_wsi:
     benchmark:
         "logs/benchmarks/preprocess_wsi/{sample}.tsv"
     retries: 2
+    group:
+        batch_group("preprocess_wsi")
     conda:
         "../envs/wsi.yaml"
     threads: 1
     resources:
-        mem_mb=mem_from_download("preprocess_wsi"),
+        mem_mb=mem_preprocess_wsi,
         runtime="30m",
     params:
         resolution=config["wsi"]["resolution"],
@@ -40,11 +42,13 @@ rule preprocess_ct:
     benchmark:
         "logs/benchmarks/preprocess_ct/{sample}.tsv"
     retries: 2
+    group:
+        batch_group("preprocess_ct")
     conda:
         "../envs/ct.yaml"
     threads: 2
     resources:
-        mem_mb=mem_from_download("preprocess_ct"),
+        mem_mb=mem_preprocess_ct,
         runtime="30m",
     params:
         settings=mw.settings_without(config["ct"], "patches", "slices_png"),

@@ -1,14 +1,30 @@
 """Rule `download`: make a sample's input available locally and describe it."""
 
+import logging
+
 from medprep import manifest, storage
 from medprep.redact import redact
 from medprep.step import run_step
 
+log = logging.getLogger("medprep.download")
+
+
+def storage_settings(smk) -> dict:
+    """The config's `storage` section (connection settings are not a rerun trigger)."""
+    settings = smk.config.get("storage") if hasattr(smk, "config") else None
+    return dict(settings or getattr(smk.params, "storage", None) or {})
+
 
 def main(smk):
     files = storage.fetch(
-        smk.params.uri, smk.params.target_dir, threads=smk.threads, settings=smk.params.storage
+        smk.params.uri, smk.params.target_dir, threads=smk.threads, settings=storage_settings(smk)
     )
+    fingerprint = storage.files_fingerprint(files)
+    expected = getattr(smk.params, "fingerprint", None)
+    if expected is not None and expected != fingerprint:
+        # The input changed between DAG build and now: what was downloaded is recorded,
+        # and the next run sees a new fingerprint and reruns this sample once more.
+        log.warning("input changed since the workflow started; recorded what was downloaded")
     total = sum(f.bytes for f in files)
     manifest.write_step_manifest(
         smk.output.manifest,
@@ -16,11 +32,13 @@ def main(smk):
         modality=smk.wildcards.modality,
         step="download",
         source=redact(smk.params.uri),
-        fingerprint=smk.params.fingerprint,
+        fingerprint=fingerprint,
         files=[f.to_dict() for f in files],
         total_bytes=total,
         summary={"status": "ok", "warnings": [], "files": len(files), "bytes": total},
     )
 
 
-run_step(snakemake, main)
+# spawned pool workers re-run this file without `snakemake` defined: see run_step
+if __name__ == "__main__":
+    run_step(snakemake, main)

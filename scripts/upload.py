@@ -5,6 +5,12 @@ from medprep.redact import redact
 from medprep.step import run_step
 
 
+def storage_settings(smk) -> dict:
+    """The config's `storage` section (connection settings are not a rerun trigger)."""
+    settings = smk.config.get("storage") if hasattr(smk, "config") else None
+    return dict(settings or getattr(smk.params, "storage", None) or {})
+
+
 def main(smk):
     steps = [manifest.read_step_manifest(path) for path in smk.input.manifests]
     published = {
@@ -18,11 +24,13 @@ def main(smk):
         smk.params.destination,
         manifest=published,
         threads=smk.threads,
-        settings=smk.params.storage,
+        settings=storage_settings(smk),
     )
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])
     atomic.write_json(smk.output.receipt, {"sample": smk.wildcards.sample, **receipt})
 
 
-run_step(snakemake, main)
+# spawned pool workers re-run this file without `snakemake` defined: see run_step
+if __name__ == "__main__":
+    run_step(snakemake, main)

@@ -6,7 +6,6 @@ import re
 
 import pytest
 import yaml
-
 from workflow_support import REPO
 
 ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))

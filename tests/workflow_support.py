@@ -93,7 +93,8 @@ def run_snakemake(
         env={**os.environ, **(env or {})},
         cwd=workdir,
     )
-    run = Run(process.returncode, process.stdout, process.stderr, parse_jobs(process.stderr))
+    jobs = parse_jobs(process.stderr) or parse_jobs(process.stdout)  # dry-runs print to stdout
+    run = Run(process.returncode, process.stdout, process.stderr, jobs)
     if check and process.returncode != 0:
         raise AssertionError(
             f"snakemake {' '.join(args)} failed ({process.returncode}):\n{process.stderr[-6000:]}"
