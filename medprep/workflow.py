@@ -51,6 +51,40 @@ def load_samples(config: dict[str, Any], schema: str | os.PathLike) -> pd.DataFr
     return read_sample_sheet(config["samples"], schema)
 
 
+DISCOVERED_CACHE = Path(".snakemake") / "medprep" / "discovered.json"
+
+
+def with_discovered(samples: pd.DataFrame, config: dict[str, Any], *, main_process: bool) -> pd.DataFrame:
+    """The sample sheet plus the samples found under ``storage.discover`` prefixes.
+
+    The main Snakemake process lists each prefix (one paginated listing, which also
+    serves the fingerprints) and writes what it found to ``DISCOVERED_CACHE``; jobs
+    (which re-parse the Snakefile, on a cluster too) read that file instead of listing.
+    """
+    entries = config["storage"].get("discover") or []
+    if not entries:
+        return samples
+    if main_process:
+        found = [
+            s
+            for entry in entries
+            for s in storage.discover(entry["uri"], entry["modality"], config["storage"])
+        ]
+        atomic.write_json(DISCOVERED_CACHE, found)
+    else:
+        found = atomic.read_json(DISCOVERED_CACHE)
+    clashes = sorted({s["sample"] for s in found} & set(samples.index))
+    if clashes:
+        raise ValueError(f"discovered samples also in the sample sheet: {clashes[:10]}")
+    rows = pd.DataFrame.from_records(
+        [{"sample": s["sample"], "modality": s["modality"], "uri": s["uri"]} for s in found],
+        columns=["sample", "modality", "uri"],
+    )
+    rows["mpp"] = None
+    rows["series_uid"] = None
+    return pd.concat([samples, rows.set_index("sample", drop=False)])
+
+
 def sample_records(samples: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Each sample's row as a plain dict (empty cells as None), by sample name.
 

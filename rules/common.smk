@@ -22,8 +22,11 @@ samples = mw.load_samples(
     config,
     schema=workflow.source_path("../schemas/samples.schema.yaml"),
 )
+samples = mw.with_discovered(samples, config, main_process=workflow.is_main_process)
 # The rows as plain dicts for the input functions (fast at thousands of samples).
 sample_table = mw.sample_records(samples)
+# No I/O: fingerprints of S3 samples then come from one listing per parent prefix.
+mw.storage.expect_sources([row["uri"] for row in sample_table.values()], config["storage"])
 
 
 wildcard_constraints:

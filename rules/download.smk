@@ -14,10 +14,11 @@ rule download:
     resources:
         mem_mb=mem_download,
         runtime="1h",
+    # Connection settings (config["storage"]) are read by the script, not passed as
+    # params: changing an endpoint or a profile must not rerun every sample.
     params:
         uri=sample_uri,
         target_dir=subpath(output.manifest, strip_suffix=".json"),
-        storage=config["storage"],
         # Changes when the sample's input changes (names, sizes, mtimes or ETags):
         # the rerun trigger for the whole chain of this sample, and only this sample.
         fingerprint=source_fingerprint,

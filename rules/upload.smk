@@ -18,6 +18,5 @@ rule upload:
         runtime="1h",
     params:
         destination=publish_destination,
-        storage=config["storage"],
     script:
         "../scripts/upload.py"

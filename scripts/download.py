@@ -9,19 +9,12 @@ from medprep.step import run_step
 log = logging.getLogger("medprep.download")
 
 
-def storage_settings(smk) -> dict:
-    """The config's `storage` section (connection settings are not a rerun trigger)."""
-    settings = smk.config.get("storage") if hasattr(smk, "config") else None
-    return dict(settings or getattr(smk.params, "storage", None) or {})
-
-
 def main(smk):
     files = storage.fetch(
-        smk.params.uri, smk.params.target_dir, threads=smk.threads, settings=storage_settings(smk)
+        smk.params.uri, smk.params.target_dir, threads=smk.threads, settings=smk.config["storage"]
     )
     fingerprint = storage.files_fingerprint(files)
-    expected = getattr(smk.params, "fingerprint", None)
-    if expected is not None and expected != fingerprint:
+    if fingerprint != smk.params.fingerprint:
         # The input changed between DAG build and now: what was downloaded is recorded,
         # and the next run sees a new fingerprint and reruns this sample once more.
         log.warning("input changed since the workflow started; recorded what was downloaded")

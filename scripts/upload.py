@@ -5,12 +5,6 @@ from medprep.redact import redact
 from medprep.step import run_step
 
 
-def storage_settings(smk) -> dict:
-    """The config's `storage` section (connection settings are not a rerun trigger)."""
-    settings = smk.config.get("storage") if hasattr(smk, "config") else None
-    return dict(settings or getattr(smk.params, "storage", None) or {})
-
-
 def main(smk):
     steps = [manifest.read_step_manifest(path) for path in smk.input.manifests]
     published = {
@@ -24,7 +18,7 @@ def main(smk):
         smk.params.destination,
         manifest=published,
         threads=smk.threads,
-        settings=storage_settings(smk),
+        settings=smk.config["storage"],
     )
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])

@@ -11,17 +11,33 @@ Four operations, each dispatched on the URI's scheme:
 - ``publish(artifacts, destination)``: copy a sample's results, data first and
   ``manifest.json`` last, skipping files already there with the same checksum.
 - ``discover(prefix, modality)``: list samples under a prefix.
+
+For thousands of S3 samples, fingerprints at DAG build are served from cached listings:
+``expect_sources(uris)`` (no I/O) lets the S3 backend list each common parent prefix
+once, ``prime_listing(prefix)`` lists one prefix explicitly, and ``discover`` caches the
+listing it makes. Local paths need none of this (the calls are no-ops for them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 S3_SCHEME = "s3://"
 PUBLISHED_MANIFEST = "manifest.json"
+
+# file names in an input folder or prefix that are never image data
+IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
+
+# single-file slide formats: one object or file = one slide for discovery
+SLIDE_SUFFIXES = (
+    ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif",
+)  # fmt: skip
+
+SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def is_s3(uri: str) -> bool:
@@ -38,6 +54,7 @@ class SourceFile:
     etag: str | None = None
     last_modified: str | None = None
     mtime_ns: int | None = None
+    verified: str | None = None  # check made after download: sha256, md5, multipart-md5, size
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -60,6 +77,53 @@ def fingerprint_of(entries: list[tuple]) -> str:
     return digest.hexdigest()[:32]
 
 
+def files_fingerprint(files: list[SourceFile]) -> str:
+    """The ``source_fingerprint`` of exactly these files (as returned by ``fetch``)."""
+    return fingerprint_of(
+        [(f.key, f.bytes, f.etag if f.etag is not None else f.mtime_ns) for f in files]
+    )
+
+
+def check_relative_key(key: str) -> str:
+    """Return ``key`` if it is a plain relative path; ValueError if it could leave its folder."""
+    if not key or key.startswith("/") or "\x00" in key:
+        raise ValueError("empty, absolute or containing NUL")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError("has an empty, '.' or '..' path component")
+    return key
+
+
+def is_hidden(relative: str) -> bool:
+    """Hidden files and folders (dot names) and OS clutter are not sample data."""
+    parts = relative.split("/")
+    return parts[-1] in IGNORED_NAMES or any(
+        p.startswith(".") and p not in (".", "..") for p in parts
+    )
+
+
+def slide_stem(name: str) -> str | None:
+    """``A1.svs`` -> ``A1``; None if ``name`` is not a single-file slide."""
+    lowered = name.lower()
+    for suffix in SLIDE_SUFFIXES:
+        if lowered.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def safe_sample_name(raw: str, where: str = "") -> str:
+    """A sample name from a folder, prefix or file name: characters outside
+    ``[A-Za-z0-9._-]`` become ``_``, leading non-alphanumerics go, at most 128 characters.
+    """
+    from medprep.errors import InputError
+
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128]
+    if not SAMPLE_NAME.match(name):
+        raise InputError(f"cannot make a sample name from {raw!r}", path=where or None)
+    return name
+
+
 def _backend(uri: str):
     if is_s3(uri):
         from medprep.storage import s3
@@ -75,7 +139,11 @@ def source_fingerprint(uri: str, settings: dict[str, Any] | None = None) -> str:
 
 
 def fetch(
-    uri: str, target_dir: str | os.PathLike, *, threads: int = 1, settings: dict[str, Any] | None = None
+    uri: str,
+    target_dir: str | os.PathLike,
+    *,
+    threads: int = 1,
+    settings: dict[str, Any] | None = None,
 ) -> list[SourceFile]:
     return _backend(uri).fetch(uri, target_dir, threads=threads, settings=settings or {})
 
@@ -98,8 +166,53 @@ def publish(
     )
 
 
-def discover(prefix: str, modality: str, settings: dict[str, Any] | None = None) -> list[dict[str, str]]:
+def discover(
+    prefix: str, modality: str, settings: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
+    """Samples under ``prefix``: dicts of ``sample``, ``modality``, ``uri``, ``fingerprint``.
+
+    ct: one sample per sub-folder/sub-prefix; wsi: one per slide file/object directly
+    under ``prefix``. Names are made safe (see ``safe_sample_name``); two sources that
+    would get the same name are refused.
+    """
     return _backend(prefix).discover(prefix, modality, settings or {})
+
+
+def prime_listing(
+    prefix: str, settings: dict[str, Any] | None = None, max_requests: int | None = None
+) -> bool:
+    """List S3 ``prefix`` once (paginated) so fingerprints of URIs under it need no request.
+
+    Returns False (caching nothing) if the listing needs more than ``max_requests``
+    requests. A no-op for local paths.
+    """
+    if not is_s3(prefix):
+        return True
+    from medprep.storage import s3
+
+    return s3.prime_listing(prefix, settings or {}, max_requests)
+
+
+def expect_sources(uris: list[str], settings: dict[str, Any] | None = None) -> None:
+    """Announce the sample URIs fingerprints will be asked for (no I/O; cheap at parse time).
+
+    The S3 backend then lists each parent prefix holding two or more of them once, at
+    the second fingerprint asked for under it, unless that listing would take more
+    requests than listing the samples one by one.
+    """
+    remote = [u for u in uris if is_s3(u)]
+    if remote:
+        from medprep.storage import s3
+
+        s3.expect_sources(remote, settings or {})
+
+
+def clear_caches() -> None:
+    """Forget cached listings and clients (tests; long-lived processes)."""
+    from medprep.storage import s3_connect, s3_listing
+
+    s3_listing.CACHE.clear()
+    s3_connect.clear_caches()
 
 
 def join(base: str, *parts: str) -> str:

@@ -11,12 +11,17 @@ from typing import Any
 from medprep import atomic
 from medprep.errors import InputError
 from medprep.parallel import thread_map
-from medprep.storage import PUBLISHED_MANIFEST, SourceFile, fingerprint_of, sha256_file
+from medprep.storage import (
+    IGNORED_NAMES,
+    PUBLISHED_MANIFEST,
+    SourceFile,
+    fingerprint_of,
+    safe_sample_name,
+    sha256_file,
+    slide_stem,
+)
 
 log = logging.getLogger(__name__)
-
-# file names in an input folder that are never image data
-IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
 
 
 def _list_files(root: Path) -> list[os.DirEntry]:
@@ -52,7 +57,9 @@ def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:
     return "missing"
 
 
-def fetch(uri: str, target_dir: str | os.PathLike, *, threads: int, settings: dict[str, Any]) -> list[SourceFile]:
+def fetch(
+    uri: str, target_dir: str | os.PathLike, *, threads: int, settings: dict[str, Any]
+) -> list[SourceFile]:
     """Describe a local file or folder; local inputs are read in place, not copied."""
     path = Path(uri)
     if path.is_file():
@@ -112,10 +119,19 @@ def publish(
     for stale in sorted(previous - {f["name"] for f in files}):
         (target / stale).unlink(missing_ok=True)
         log.info("removed %s, no longer part of the sample", stale)
-    published = {**manifest, "files": [{k: f[k] for k in ("name", "bytes", "sha256")} for f in files]}
+    published = {
+        **manifest,
+        "files": [{k: f[k] for k in ("name", "bytes", "sha256")} for f in files],
+    }
     atomic.write_json(manifest_path, published)
     copied = sum(f["action"] == "copied" for f in files)
-    log.info("published %d files to %s (%d copied, %d unchanged)", len(files), target, copied, len(files) - copied)
+    log.info(
+        "published %d files to %s (%d copied, %d unchanged)",
+        len(files),
+        target,
+        copied,
+        len(files) - copied,
+    )
     return {"destination": str(target), "manifest": str(manifest_path), "files": files}
 
 
@@ -124,12 +140,31 @@ def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[
     root = Path(prefix)
     if not root.is_dir():
         raise InputError("discovery folder does not exist", path=str(root))
-    samples = []
+    if modality not in ("ct", "wsi"):
+        raise ValueError(f"unknown modality {modality!r}")
+    uri_of: dict[str, str] = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
             continue
         if modality == "ct" and entry.is_dir():
-            samples.append({"sample": entry.name, "modality": "ct", "uri": entry.path})
-        elif modality == "wsi" and entry.is_file():
-            samples.append({"sample": Path(entry.name).stem, "modality": "wsi", "uri": entry.path})
-    return samples
+            raw = entry.name
+        elif modality == "wsi" and entry.is_file() and slide_stem(entry.name):
+            raw = slide_stem(entry.name)
+        else:
+            continue
+        name = safe_sample_name(raw, where=entry.path)
+        if name in uri_of:
+            raise InputError(
+                f"two samples would be named {name}: {uri_of[name]} and {entry.path}",
+                path=str(root),
+            )
+        uri_of[name] = entry.path
+    return [
+        {
+            "sample": name,
+            "modality": modality,
+            "uri": uri,
+            "fingerprint": source_fingerprint(uri, settings),
+        }
+        for name, uri in sorted(uri_of.items())
+    ]

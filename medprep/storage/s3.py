@@ -1,0 +1,575 @@
+"""S3 and S3-compatible object stores as sources and destinations.
+
+A sample URI is either one object (``s3://bucket/wsi/slide.svs``) or a prefix holding
+the sample's objects (``s3://bucket/ct/S1/``; ``s3://bucket/ct/S1`` also works when no
+object has that exact key). Keys are relative to that prefix locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from medprep import atomic
+from medprep.errors import InputError
+from medprep.parallel import thread_map
+from medprep.redact import redact
+from medprep.storage import (
+    PUBLISHED_MANIFEST,
+    SourceFile,
+    check_relative_key,
+    fingerprint_of,
+    is_hidden,
+    safe_sample_name,
+    slide_stem,
+)
+from medprep.storage import s3_transfer as transfer
+from medprep.storage.s3_connect import (
+    S3Location,
+    client,
+    describe_error,
+    error_code,
+    max_attempts,
+    parse_uri,
+    part_size,
+    with_retries,
+)
+from medprep.storage.s3_listing import CACHE, RemoteObject, list_objects, objects_for_uri
+from medprep.storage.s3_listing import prime_listing as _prime_listing
+
+log = logging.getLogger(__name__)
+
+# Written last into the download folder: what each local file was downloaded from, so
+# a rerun downloads only the objects that changed.
+DOWNLOAD_STATE = ".medprep-download.json"
+MISSING = "missing"
+
+
+class StorageUnavailable(RuntimeError):
+    """The store could not be reached or refused the request (not a property of one sample)."""
+
+
+def _folder(key: str) -> str:
+    return key if not key or key.endswith("/") else key + "/"
+
+
+def relative_entries(
+    location: S3Location, objects: list[RemoteObject]
+) -> list[tuple[str, RemoteObject]]:
+    """(key relative to the sample URI, object): a single object keeps its base name."""
+    if len(objects) == 1 and objects[0].key == location.key:
+        return [(location.key.rsplit("/", 1)[-1], objects[0])]
+    folder = _folder(location.key)
+    return [(obj.key[len(folder) :], obj) for obj in objects]
+
+
+def _visible(entries: list[tuple[str, RemoteObject]]) -> list[tuple[str, RemoteObject]]:
+    return [(rel, obj) for rel, obj in entries if not is_hidden(rel)]
+
+
+def _fingerprint(entries: list[tuple[str, RemoteObject]]) -> str:
+    if not entries:
+        return MISSING
+    return fingerprint_of([(rel, obj.size, obj.etag) for rel, obj in entries])
+
+
+def _list_or_explain(
+    settings: dict[str, Any], uri: str, *, use_cache: bool
+) -> list[RemoteObject] | None:
+    """Objects of ``uri``; None if its bucket does not exist; StorageUnavailable otherwise."""
+    parse_uri(uri)  # a malformed URI is a ValueError, not an unavailable store
+    try:
+        return with_retries(
+            lambda: objects_for_uri(settings, uri, use_cache=use_cache),
+            f"list {redact(uri)}",
+            max_attempts(settings),
+        )
+    except Exception as error:
+        if error_code(error) == "NoSuchBucket":
+            return None
+        raise StorageUnavailable(f"cannot list {redact(uri)}: {describe_error(error)}") from None
+
+
+# ---------------------------------------------------------------- fingerprint and priming
+
+
+def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:
+    """Digest of the sample's keys, sizes and ETags; ``missing`` when nothing is there.
+
+    Served from the listing cache when a primed listing covers ``uri``. An unreachable
+    store raises (rather than returning a value that would rerun every sample).
+    """
+    objects = _list_or_explain(settings, uri, use_cache=True)
+    if not objects:
+        return MISSING
+    return _fingerprint(_visible(relative_entries(parse_uri(uri), objects)))
+
+
+def prime_listing(prefix: str, settings: dict[str, Any], max_requests: int | None = None) -> bool:
+    return with_retries(
+        lambda: _prime_listing(settings, prefix, max_requests),
+        f"list {redact(prefix)}",
+        max_attempts(settings),
+    )
+
+
+def expect_sources(uris: list[str], settings: dict[str, Any]) -> None:
+    CACHE.expect(settings, uris)
+
+
+# ---------------------------------------------------------------- download
+
+
+def _check_keys(uri: str, entries: list[tuple[str, RemoteObject]], target: Path) -> None:
+    """Refuse keys that would land outside ``target`` or clash with a folder."""
+    rels = set()
+    for rel, obj in entries:
+        try:
+            check_relative_key(rel)
+        except ValueError as error:
+            raise InputError(
+                f"refusing object key {obj.key!r}: {error}", path=redact(uri)
+            ) from None
+        destination = (target / rel).resolve()
+        if not destination.is_relative_to(target.resolve()):
+            raise InputError(
+                f"refusing object key {obj.key!r}: it leaves the download folder", path=redact(uri)
+            )
+        rels.add(rel)
+    for rel in rels:
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in rels:
+                raise InputError(
+                    f"object key {rel!r} is under another object's key; cannot make both local files",
+                    path=redact(uri),
+                )
+
+
+def _read_state(target: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return atomic.read_json(target / DOWNLOAD_STATE).get("objects", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _still_valid(state: dict[str, Any] | None, obj: RemoteObject, path: Path) -> bool:
+    """The local file was downloaded from this very object and has not been touched since."""
+    if not state or state.get("etag") != obj.etag or state.get("bytes") != obj.size:
+        return False
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return stat.st_size == obj.size and stat.st_mtime_ns == state.get("mtime_ns")
+
+
+def _remove_unlisted(target: Path, keep: set[Path]) -> int:
+    """Delete files under ``target`` that are not ``keep`` (removed objects, temporaries)."""
+    removed = 0
+    for folder, dirs, files in os.walk(target, topdown=False):
+        for name in files:
+            path = Path(folder) / name
+            if path not in keep and name != DOWNLOAD_STATE:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for name in dirs:
+            with contextlib.suppress(OSError):  # not empty
+                (Path(folder) / name).rmdir()
+    return removed
+
+
+def fetch(
+    uri: str, target_dir: str | os.PathLike, *, threads: int, settings: dict[str, Any]
+) -> list[SourceFile]:
+    """Download the sample's objects into ``target_dir``, verified, each written then renamed.
+
+    Objects already downloaded from the same ETag are kept; local files of objects no
+    longer listed are removed.
+    """
+    location = parse_uri(uri)
+    objects = _list_or_explain(settings, uri, use_cache=False)
+    if objects is None:
+        raise InputError("bucket does not exist", path=redact(uri))
+    target = Path(target_dir).absolute()
+    entries = relative_entries(location, objects)
+    _check_keys(uri, entries, target)
+    entries = _visible(entries)
+    if not entries:
+        raise InputError("no objects at this location", path=redact(uri))
+    target.mkdir(parents=True, exist_ok=True)
+    state = _read_state(target)
+    started = time.monotonic()
+    s3 = client(settings, pool_size=threads + 4)
+    keep, todo = [], []
+    for rel, obj in entries:
+        final = target / rel
+        (keep if _still_valid(state.get(rel), obj, final) else todo).append((rel, obj))
+    checks = {rel: state[rel].get("verified", "size") for rel, _ in keep}
+    checks.update(_download_all(s3, location.bucket, target, todo, threads, settings))
+    _remove_unlisted(target, {target / rel for rel, _ in entries})
+    files = [_source_file(target / rel, rel, obj, checks[rel]) for rel, obj in entries]
+    _write_state(target, files)
+    elapsed = max(time.monotonic() - started, 1e-6)
+    fetched = sum(obj.size for _, obj in todo)
+    log.info(
+        "%s: %d objects, %d downloaded (%.1f MB in %.1f s, %.1f MB/s), %d unchanged kept; checks: %s",
+        redact(uri),
+        len(entries),
+        len(todo),
+        fetched / 1e6,
+        elapsed,
+        fetched / 1e6 / elapsed,
+        len(keep),
+        _count(checks.values()),
+    )
+    return files
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _download_all(
+    s3: Any,
+    bucket: str,
+    target: Path,
+    todo: list[tuple[str, RemoteObject]],
+    threads: int,
+    settings: dict[str, Any],
+) -> dict[str, str]:
+    """Many small objects in parallel, then each large one in parallel ranges."""
+    part = part_size(settings)
+    attempts = max_attempts(settings)
+    items = {rel: _download_item(bucket, obj, target / rel) for rel, obj in todo}
+    small = [rel for rel, obj in todo if obj.size <= part]
+    large = [rel for rel, obj in todo if obj.size > part]
+    checks = {}
+    try:
+        results = thread_map(
+            lambda rel: transfer.download_small(s3, items[rel], attempts), small, threads
+        )
+        checks.update(zip(small, results, strict=True))
+        for rel in large:
+            checks[rel] = transfer.download_large(s3, items[rel], part, threads, attempts)
+    except transfer.RemoteChanged as changed:
+        raise InputError(
+            f"object {changed} changed on the server during the download; run the workflow again",
+            path=f"s3://{bucket}/{changed}",
+        ) from None
+    return checks
+
+
+def _download_item(bucket: str, obj: RemoteObject, final: Path) -> transfer.Download:
+    # the naming of medprep.atomic: hidden, so half-written files never look like data
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return transfer.Download(bucket=bucket, obj=obj, final=final, tmp=tmp)
+
+
+def _source_file(path: Path, rel: str, obj: RemoteObject, check: str) -> SourceFile:
+    return SourceFile(
+        path=str(path),
+        key=rel,
+        bytes=obj.size,
+        etag=obj.etag,
+        last_modified=obj.last_modified,
+        verified=check,
+    )
+
+
+def _write_state(target: Path, files: list[SourceFile]) -> None:
+    objects = {
+        f.key: {
+            "etag": f.etag,
+            "bytes": f.bytes,
+            "mtime_ns": Path(f.path).stat().st_mtime_ns,
+            "verified": f.verified,
+        }
+        for f in files
+    }
+    atomic.write_json(target / DOWNLOAD_STATE, {"objects": objects})
+
+
+# ---------------------------------------------------------------- upload
+
+
+def _check_artifact_names(artifacts: list[dict[str, str]]) -> None:
+    names = set()
+    for item in artifacts:
+        name = item["name"]
+        check_relative_key(name)
+        if name == PUBLISHED_MANIFEST:
+            raise ValueError(f"artifact name {name} is reserved for the published manifest")
+        if name in names:
+            raise ValueError(f"two artifacts are named {name}")
+        names.add(name)
+
+
+def _unchanged(
+    s3: Any, bucket: str, prefix: str, local: transfer.LocalFile, remote: RemoteObject | None
+) -> bool:
+    """The remote object already holds this content (same ETag, or same SHA-256 metadata)."""
+    if remote is None or remote.size != local.size:
+        return False
+    if remote.etag == local.expected_etag:
+        return True
+    head = s3.head_object(Bucket=bucket, Key=prefix + local.name)
+    metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+    return metadata.get(transfer.SHA256_METADATA) == local.sha256
+
+
+def _abort_unfinished(s3: Any, bucket: str, prefix: str) -> None:
+    """Abort multipart uploads a killed run left under ``prefix`` (they cost storage)."""
+    try:
+        listing = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    except Exception as error:  # noqa: BLE001 - not every S3-compatible store lists them
+        log.info("could not list unfinished uploads: %s", type(error).__name__)
+        return
+    for upload in listing.get("Uploads", []):
+        transfer.abort_multipart(s3, bucket, upload["Key"], upload["UploadId"])
+        log.info("aborted an unfinished upload of %s", upload["Key"])
+
+
+def _upload_files(
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    files: list[transfer.LocalFile],
+    threads: int,
+    settings: dict[str, Any],
+) -> dict[str, str]:
+    """Upload ``files`` (small ones with one PUT, large ones in parts), all in one pool."""
+    part = part_size(settings)
+    attempts = max_attempts(settings)
+    uploads = [
+        transfer.start_multipart(s3, bucket, prefix + f.name, f, part, attempts)
+        for f in files
+        if f.multipart
+    ]
+    etags: dict[str, str] = {}
+
+    def run(task: tuple) -> None:
+        if task[0] == "put":
+            local = task[1]
+            etags[local.name] = transfer.put_small(s3, bucket, prefix + local.name, local, attempts)
+        else:
+            transfer.upload_part(s3, task[1], task[2], attempts)
+
+    tasks = [("put", f) for f in files if not f.multipart]
+    tasks += [
+        ("part", upload, n) for upload in uploads for n in range(1, len(upload.local.part_md5s) + 1)
+    ]
+    try:
+        for _ in thread_map(run, tasks, threads):
+            pass
+        for upload in uploads:
+            etags[upload.local.name] = transfer.complete_multipart(s3, upload, attempts)
+    except BaseException:
+        for upload in uploads:
+            if upload.local.name not in etags:
+                transfer.abort_multipart(s3, bucket, upload.key, upload.upload_id)
+        raise
+    return etags
+
+
+def _unchanged_names(
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    files: list[transfer.LocalFile],
+    remote: dict[str, RemoteObject],
+    threads: int,
+    attempts: int,
+) -> set[str]:
+    def check(local: transfer.LocalFile) -> bool:
+        return with_retries(
+            lambda: _unchanged(s3, bucket, prefix, local, remote.get(local.name)),
+            f"check {local.name}",
+            attempts,
+        )
+
+    same = thread_map(check, files, threads)
+    return {local.name for local, unchanged in zip(files, same, strict=True) if unchanged}
+
+
+def _delete(s3: Any, bucket: str, keys: list[str], threads: int, attempts: int) -> None:
+    def delete(key: str) -> None:
+        with_retries(lambda: s3.delete_object(Bucket=bucket, Key=key), f"delete {key}", attempts)
+
+    for _ in thread_map(delete, keys, threads):
+        pass
+
+
+def _manifest_body(manifest: dict[str, Any], files: list[transfer.LocalFile]) -> bytes:
+    listed = [{"name": f.name, "bytes": f.size, "sha256": f.sha256} for f in files]
+    return (json.dumps({**manifest, "files": listed}, indent=2, default=str) + "\n").encode("utf-8")
+
+
+def publish(
+    artifacts: list[dict[str, str]],
+    destination: str,
+    *,
+    manifest: dict[str, Any],
+    threads: int,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Publish under ``destination``/: data first, ``manifest.json`` last.
+
+    If any data object is to change, the old manifest is deleted first, so the sample
+    does not look complete until the new manifest lands. Files whose remote object has
+    the same content are skipped; objects no longer part of the sample are deleted.
+    """
+    location = parse_uri(destination)
+    bucket, prefix = location.bucket, _folder(location.key)
+    _check_artifact_names(artifacts)
+    attempts = max_attempts(settings)
+    s3 = client(settings, pool_size=threads + 4)
+    started = time.monotonic()
+    part = part_size(settings)
+    files = list(
+        thread_map(
+            lambda a: transfer.describe_local(a["name"], a["path"], part), artifacts, threads
+        )
+    )
+    listed = (
+        with_retries(lambda: list_objects(settings, bucket, prefix), "list destination", attempts)
+        or []
+    )
+    remote = {obj.key[len(prefix) :]: obj for obj in listed}
+    unchanged = _unchanged_names(s3, bucket, prefix, files, remote, threads, attempts)
+    changed = [f for f in files if f.name not in unchanged]
+    stale = sorted(set(remote) - {f.name for f in files} - {PUBLISHED_MANIFEST})
+    old_manifest = remote.get(PUBLISHED_MANIFEST)
+    if (changed or stale) and old_manifest is not None:
+        # from here on the sample does not look complete until the new manifest lands
+        _delete(s3, bucket, [prefix + PUBLISHED_MANIFEST], 1, attempts)
+        old_manifest = None
+    if changed:
+        _abort_unfinished(s3, bucket, prefix)
+    etags = _upload_files(s3, bucket, prefix, changed, threads, settings)
+    _delete(s3, bucket, [prefix + name for name in stale], threads, attempts)
+    body = _manifest_body(manifest, files)
+    manifest_action = "skipped"
+    if old_manifest is None or old_manifest.etag != hashlib.md5(body).hexdigest():
+        sha = hashlib.sha256(body).hexdigest()
+        key = prefix + PUBLISHED_MANIFEST
+        transfer.put_bytes(s3, bucket, key, body, sha, attempts, ContentType="application/json")
+        manifest_action = "uploaded"
+    _log_published(destination, files, changed, unchanged, stale, manifest_action, started)
+    return {
+        "destination": f"s3://{bucket}/{prefix}",
+        "manifest": f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
+        "files": [_receipt_entry(f, etags, remote, unchanged) for f in files],
+        "removed": stale,
+        "manifest_action": manifest_action,
+    }
+
+
+def _receipt_entry(
+    local: transfer.LocalFile,
+    etags: dict[str, str],
+    remote: dict[str, RemoteObject],
+    unchanged: set[str],
+) -> dict[str, Any]:
+    etag = etags.get(local.name) or (remote[local.name].etag if local.name in remote else None)
+    action = "skipped" if local.name in unchanged else "uploaded"
+    return {
+        "name": local.name,
+        "bytes": local.size,
+        "sha256": local.sha256,
+        "etag": etag,
+        "action": action,
+    }
+
+
+def _log_published(destination, files, changed, unchanged, stale, manifest_action, started) -> None:
+    sent = sum(f.size for f in changed)
+    elapsed = max(time.monotonic() - started, 1e-6)
+    log.info(
+        "published %d files to %s: %d uploaded (%.1f MB, %.1f MB/s), %d unchanged, %d removed; manifest %s",
+        len(files),
+        redact(destination),
+        len(changed),
+        sent / 1e6,
+        sent / 1e6 / elapsed,
+        len(unchanged),
+        len(stale),
+        manifest_action,
+    )
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[str, str]]:
+    """Samples under ``prefix`` from one paginated listing, which is cached for fingerprints.
+
+    ct: one sample per sub-prefix (``prefix/S1/...``); wsi: one per slide object directly
+    under ``prefix``. Each result carries the sample's fingerprint too.
+    """
+    location = parse_uri(prefix)
+    folder = _folder(location.key)
+    objects = _list_or_explain(settings, f"s3://{location.bucket}/{folder}", use_cache=False)
+    if objects is None:
+        raise InputError("bucket does not exist", path=redact(prefix))
+    CACHE.store(settings, location.bucket, folder, objects)
+    by_sample: dict[str, list[RemoteObject]] = {}
+    uri_of: dict[str, str] = {}
+    for obj in objects:
+        rel = obj.key[len(folder) :]
+        if modality == "ct":
+            head, slash, _ = rel.partition("/")
+            if not slash or not head or is_hidden(head):
+                continue
+            if head in {".", ".."}:
+                log.warning(
+                    "skipped object key %r: not a sub-prefix a sample can be named after", obj.key
+                )
+                continue
+            raw, uri = head, f"s3://{location.bucket}/{folder}{head}/"
+        elif modality == "wsi":
+            stem = slide_stem(rel) if "/" not in rel and not is_hidden(rel) else None
+            if stem is None:
+                continue
+            raw, uri = stem, f"s3://{location.bucket}/{obj.key}"
+        else:
+            raise ValueError(f"unknown modality {modality!r}")
+        name = safe_sample_name(raw, where=redact(uri))
+        if name in uri_of and uri_of[name] != uri:
+            raise InputError(
+                f"two samples would be named {name}: {redact(uri_of[name])} and {redact(uri)}",
+                path=redact(prefix),
+            )
+        uri_of[name] = uri
+        by_sample.setdefault(name, []).append(obj)
+    samples = []
+    for name in sorted(uri_of):
+        uri = uri_of[name]
+        entries = _visible(relative_entries(parse_uri(uri), by_sample[name]))
+        if entries:
+            samples.append(
+                {
+                    "sample": name,
+                    "modality": modality,
+                    "uri": uri,
+                    "fingerprint": _fingerprint(entries),
+                }
+            )
+    log.info(
+        "discovered %d %s samples under %s (%d objects listed)",
+        len(samples),
+        modality,
+        redact(prefix),
+        len(objects),
+    )
+    return samples
