@@ -54,7 +54,9 @@ def load_samples(config: dict[str, Any], schema: str | os.PathLike) -> pd.DataFr
 DISCOVERED_CACHE = Path(".snakemake") / "medprep" / "discovered.json"
 
 
-def with_discovered(samples: pd.DataFrame, config: dict[str, Any], *, main_process: bool) -> pd.DataFrame:
+def with_discovered(
+    samples: pd.DataFrame, config: dict[str, Any], *, main_process: bool
+) -> pd.DataFrame:
     """The sample sheet plus the samples found under ``storage.discover`` prefixes.
 
     The main Snakemake process lists each prefix (one paginated listing, which also

@@ -26,7 +26,9 @@ samples = mw.with_discovered(samples, config, main_process=workflow.is_main_proc
 # The rows as plain dicts for the input functions (fast at thousands of samples).
 sample_table = mw.sample_records(samples)
 # No I/O: fingerprints of S3 samples then come from one listing per parent prefix.
-mw.storage.expect_sources([row["uri"] for row in sample_table.values()], config["storage"])
+mw.storage.expect_sources(
+    [row["uri"] for row in sample_table.values()], config["storage"]
+)
 
 
 wildcard_constraints:
@@ -146,32 +148,3 @@ def mem_upload(wildcards, threads, attempt):
         destination=config["destination"],
         part_size_mb=config["storage"]["part_size_mb"],
     )
-
-
-##### bundling small jobs on a cluster (config: group_size) #####
-
-
-def batch_group(step):
-    """The group bundling `group_size` jobs of `step` per cluster job (None: no bundling)."""
-    if config["group_size"] <= 1:
-        return None
-    name = f"{step}_batch"
-
-    def group(wildcards):
-        bundle_size(name)
-        return name
-
-    return group
-
-
-def bundle_size(group):
-    # Snakemake takes group sizes (components) only from its command line, and replaces
-    # its group settings after parsing the Snakefile. Group functions run while the DAG is
-    # built, before groups are formed: the size is set then, unless given on the command
-    # line (--group-components).
-    settings = workflow.group_settings
-    if group not in settings.group_components:
-        settings.group_components = {
-            **settings.group_components,
-            group: config["group_size"],
-        }

@@ -6,8 +6,6 @@ rule download:
     benchmark:
         "logs/benchmarks/download/{modality}/{sample}.tsv"
     retries: 1
-    group:
-        batch_group("download")
     conda:
         "../envs/storage.yaml"
     threads: 4

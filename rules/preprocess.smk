@@ -11,8 +11,6 @@ rule preprocess_wsi:
     benchmark:
         "logs/benchmarks/preprocess_wsi/{sample}.tsv"
     retries: 2
-    group:
-        batch_group("preprocess_wsi")
     conda:
         "../envs/wsi.yaml"
     threads: 1
@@ -42,8 +40,6 @@ rule preprocess_ct:
     benchmark:
         "logs/benchmarks/preprocess_ct/{sample}.tsv"
     retries: 2
-    group:
-        batch_group("preprocess_ct")
     conda:
         "../envs/ct.yaml"
     threads: 2

@@ -12,8 +12,6 @@ rule tile_wsi:
     benchmark:
         "logs/benchmarks/tile_wsi/{sample}.tsv"
     retries: 2
-    group:
-        batch_group("tile_wsi")
     conda:
         "../envs/wsi.yaml"
     threads: 4
@@ -40,8 +38,6 @@ rule tile_ct:
     benchmark:
         "logs/benchmarks/tile_ct/{sample}.tsv"
     retries: 2
-    group:
-        batch_group("tile_ct")
     conda:
         "../envs/ct.yaml"
     threads: 1

@@ -8,8 +8,6 @@ rule upload:
     benchmark:
         "logs/benchmarks/upload/{modality}/{sample}.tsv"
     retries: 1
-    group:
-        batch_group("upload")
     conda:
         "../envs/storage.yaml"
     threads: 4

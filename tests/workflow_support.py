@@ -29,7 +29,7 @@ FAST_SETTINGS: dict[str, Any] = {
     },
 }
 
-_JOB_HEADER = re.compile(r"^(?:local)?rule (?P<rule>\w+):\s*$")
+_JOB_HEADER = re.compile(r"^\s*(?:local)?rule (?P<rule>\w+):\s*$")
 _WILDCARDS = re.compile(r"^\s+wildcards: (?P<wildcards>.*)$")
 
 

@@ -1,0 +1,149 @@
+"""The workflow on a real one-node SLURM cluster, through profiles/slurm.
+
+One run of the tiny dataset: every job must run as a SLURM job asking for the rule's
+threads and memory, the outputs must equal a local run's, and a job that SLURM kills
+for exceeding its memory must be resubmitted with more and succeed. Skips (with the
+reason) where SLURM cannot be started: not root, slurm-wlm/munge missing, daemons fail.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SAMPLES
+from slurm_support import (
+    JobEvent,
+    SlurmCluster,
+    SlurmUnavailable,
+    job_events,
+    own_lines,
+    start_cluster,
+    stop_cluster,
+)
+from workflow_support import REPO, Run, run_snakemake, tree_digest, write_config, write_samples
+
+from medprep.workflow import CLUSTER_JOB_OVERHEAD_MB
+
+pytestmark = pytest.mark.slow
+
+PROFILE = REPO / "profiles" / "slurm"
+CHAIN_JOBS = {
+    (rule, sample)
+    for sample, modality, _ in TINY_SAMPLES
+    for rule in ("download", f"preprocess_{modality}", f"tile_{modality}", "upload")
+}
+# tile_ct's first attempt gets 100 MB, less than the Snakemake process running the job
+# step holds (about 180 MB) for the whole step, so SLURM's memory enforcement kills it;
+# the second attempt gets 800 MB, enough.
+KILLED_RULE = "tile_ct"
+MEM_BY_ATTEMPT = "100*attempt**3"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> SlurmCluster:
+    try:
+        cluster = start_cluster()
+    except SlurmUnavailable as reason:
+        pytest.skip(str(reason))
+    yield cluster
+    stop_cluster(cluster)
+
+
+def tiny_workdir(tmp_path_factory, tiny_data, name: str) -> Path:
+    workdir = tmp_path_factory.mktemp(name)
+    shutil.copytree(tiny_data, workdir / "data")
+    write_samples(workdir, TINY_SAMPLES)
+    write_config(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, tmp_path_factory, tiny_data) -> tuple[Path, Run]:
+    workdir = tiny_workdir(tmp_path_factory, tiny_data, "slurm")
+    run = run_snakemake(
+        workdir,
+        "--profile",
+        str(PROFILE),
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--set-resources",
+        f"{KILLED_RULE}:mem_mb={MEM_BY_ATTEMPT}",
+        cores=min(cluster.cpus, 2),
+        env=cluster.env,
+    )
+    (workdir / "snakemake.log").write_text(run.stderr)  # to read when a test fails
+    return workdir, run
+
+
+@pytest.fixture(scope="module")
+def submissions(slurm_run, cluster) -> list[tuple[JobEvent, dict[str, str]]]:
+    """Each SLURM submission: what Snakemake printed about the job, and SLURM's record."""
+    events = job_events(slurm_run[1].stderr)
+    submitted = []
+    for index, event in enumerate(events):
+        if event.kind == "submit":
+            job = next(
+                e for e in reversed(events[:index]) if e.kind == "start" and e.jobid == event.jobid
+            )
+            submitted.append((job, cluster.job(event.slurm_jobid)))
+    return submitted
+
+
+def test_every_job_ran_as_a_slurm_job_on_the_node(submissions, slurm_run, cluster):
+    assert {(job.rule, job.wildcards["sample"]) for job, _ in submissions} == CHAIN_JOBS
+    for job, record in submissions:
+        assert record["NodeList"] == cluster.node
+        assert record["Comment"].startswith(f"rule_{job.rule}_wildcards_")
+        assert record["WorkDir"] == str(slurm_run[0])
+    # Only the run-wide rules (all, cohort) ran in the Snakemake process itself.
+    ran_here = {
+        match["rule"]
+        for line in own_lines(slurm_run[1].stderr)
+        if (match := re.match(r"^localrule (?P<rule>\w+):", line))
+    }
+    assert "all" in ran_here
+    assert not ran_here & {rule for rule, _ in CHAIN_JOBS}
+
+
+def test_slurm_jobs_ask_for_the_rules_threads_and_memory(submissions):
+    for job, record in submissions:
+        assert int(record["CPUs/Task"]) == job.threads, (job.rule, record)
+        assert f"mem={job.mem_mb}M" in record["TRES"].split(","), (job.rule, job.mem_mb, record)
+
+
+def test_jobs_of_rules_without_overrides_reserve_the_cluster_overhead(submissions):
+    for job, _ in submissions:
+        if job.rule != KILLED_RULE:
+            assert job.mem_mb > CLUSTER_JOB_OVERHEAD_MB, (job.rule, job.mem_mb)
+
+
+def test_a_job_killed_for_memory_is_resubmitted_with_more_and_succeeds(submissions):
+    killed = [(job, record) for job, record in submissions if job.rule == KILLED_RULE]
+    assert {job.wildcards["sample"] for job, _ in killed} == {
+        s for r, s in CHAIN_JOBS if r == KILLED_RULE
+    }
+    for sample in {job.wildcards["sample"] for job, _ in killed}:
+        attempts = [(job, record) for job, record in killed if job.wildcards["sample"] == sample]
+        assert len(attempts) >= 2, f"{sample}: submitted once"
+        (first, first_record), (last, last_record) = attempts[0], attempts[-1]
+        assert first_record["JobState"] == "FAILED"
+        assert "exceeded memory limit" in Path(first_record["StdOut"]).read_text()
+        assert last_record["JobState"] == "COMPLETED"
+        assert last.mem_mb > first.mem_mb
+
+
+def test_every_final_attempt_completed(submissions):
+    final = {}
+    for job, record in submissions:
+        final[(job.rule, job.wildcards["sample"])] = record["JobState"]
+    assert set(final.values()) == {"COMPLETED"}
+
+
+def test_outputs_equal_a_local_run(slurm_run, tmp_path_factory, tiny_data):
+    local = tiny_workdir(tmp_path_factory, tiny_data, "local")
+    run_snakemake(local)
+    published = tree_digest(slurm_run[0] / "published")
+    assert published and published == tree_digest(local / "published")
