@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medprep-installed
 CORES ?= all
 SNAKEMAKE_ARGS ?=
+REPORT ?= results/report.html
 
 .PHONY: setup demo run test lint format report lock bench clean
 
@@ -21,9 +22,20 @@ $(STAMP): envs/requirements.txt pyproject.toml
 demo: setup
 	$(BIN)/python -m medprep.demo demo
 
+# Runs the workflow, then (also after failed samples) builds the report and prints the
+# cohort summary; exits with the workflow's status. A sheet that does not parse fails the
+# report too, so no summary of an earlier run is shown then.
 run: demo
-	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
-	$(BIN)/python -m medprep.cohort --results results --config config.yaml
+	@status=0; \
+	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS) || status=$$?; \
+	mkdir -p logs; \
+	echo "building the report: $(REPORT) (log: logs/report.log)"; \
+	if $(BIN)/snakemake --report $(REPORT) $(SNAKEMAKE_ARGS) >logs/report.log 2>&1; then \
+		$(BIN)/python -m medprep.cohort --table results/cohort/cohort.csv --report $(REPORT); \
+	else \
+		echo "medprep: no report (see logs/report.log)"; \
+	fi; \
+	exit $$status
 
 test: setup
 	$(BIN)/pytest
@@ -40,7 +52,7 @@ format: setup
 	$(BIN)/snakefmt .
 
 report: setup
-	$(BIN)/snakemake --report report.html
+	$(BIN)/snakemake --report $(REPORT) $(SNAKEMAKE_ARGS)
 
 # Re-resolve envs/requirements.in into the full lock envs/requirements.txt.
 lock:
@@ -55,6 +67,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_wsi.py
 	$(BIN)/python benchmarks/bench_ct.py
 	$(BIN)/python benchmarks/bench_storage.py
+	$(BIN)/python benchmarks/bench_dag.py
 
 clean:
 	rm -rf results logs .snakemake report.html

@@ -1,6 +1,7 @@
 # medprep: preprocessing of lung CT series and whole-slide images for deep learning.
 #
 #   download -> preprocess_{ct,wsi} -> tile_{ct,wsi} -> upload   (one chain per sample)
+#   -> cohort (table and plot of all samples; `snakemake --report report.html`)
 #
 # Run: snakemake --cores all   (see README.md; cluster: --profile profiles/slurm)
 
@@ -13,9 +14,20 @@ include: "rules/download.smk"
 include: "rules/preprocess.smk"
 include: "rules/tile.smk"
 include: "rules/upload.smk"
+include: "rules/report.smk"
+
+
+# `snakemake --report report.html`: this text, the QC pictures and the cohort table
+report: "report/workflow.rst"
 
 
 rule all:
     default_target: True
     input:
         get_final_outputs(),
+        rules.cohort.output,
+
+
+# With failed samples the `cohort` rule cannot run: write the table with their causes here.
+onerror:
+    medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS)

@@ -1,8 +1,10 @@
 """The cohort table: one row per sample with its status, key numbers and failure cause.
 
 Built from the step manifests under ``results/`` and the failure records under
-``logs/failures/``, so it can be made after a run that failed for some samples.
-``python -m medprep.cohort`` prints the short text summary that ``make run`` ends with.
+``logs/failures/``, so it can be made after a run that failed for some samples: the
+``cohort`` rule writes it after a complete run, the Snakefile's ``onerror`` handler after a
+run with failures (``write_cohort`` in both cases). ``python -m medprep.cohort`` prints the
+short text summary that ``make run`` ends with.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import csv
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +42,25 @@ COLUMNS = [
     "runtime_s",
     "published",
 ]
+FAILED = "failed"
+# A table written after a failed run is dated back to this time (2000-01-01), so that
+# Snakemake sees every finished sample as newer and the next run rebuilds it.
+STALE_MTIME = 946_684_800
+# `make run` lists every sample of a cohort up to this size, else only the problems.
+LIST_ALL_UP_TO = 20
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return atomic.read_json(path)
     except (FileNotFoundError, ValueError):
+        return None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
         return None
 
 
@@ -62,18 +79,60 @@ def _runtime_seconds(sample: str, modality: str, logs: Path) -> float | None:
     return round(total, 2) if found else None
 
 
+def latest_failure(sample: str, logs: Path) -> tuple[dict[str, Any], float] | None:
+    """The newest failure record of ``sample`` and its time, if any.
+
+    A step removes its own record when it starts again, but a record of another step can
+    outlive a later run that failed elsewhere: the newest one is the current cause.
+    """
+    found = []
+    for step in STEPS:
+        path = logs / FAILURES_DIR.name / f"{sample}.{step}.json"
+        record = _read_json(path)
+        mtime = _mtime(path)
+        if record is not None and mtime is not None:
+            found.append((mtime, record))
+    if not found:
+        return None
+    mtime, record = max(found, key=lambda item: item[0])
+    return record, mtime
+
+
 def sample_row(sample: str, modality: str, results: Path, logs: Path) -> dict[str, Any]:
     """The cohort row of one sample from whatever its steps left behind."""
     folder = results / modality / sample
-    manifests = {step: _read_manifest(folder / f"{step}.json") for step in STEPS}
+    manifests = {step: _read_json(folder / f"{step}.json") for step in STEPS}
     row: dict[str, Any] = {column: None for column in COLUMNS}
     row.update(sample=sample, modality=modality)
+
+    failure = latest_failure(sample, logs)
+    uploaded = _mtime(folder / "upload.json")
+    # A failure newer than the last upload is the current state of the sample (a receipt
+    # is then from an earlier run that succeeded).
+    if failure is not None and (uploaded is None or failure[1] >= uploaded):
+        record = failure[0]
+        row.update(status=FAILED, failed_step=record.get("step"), cause=record.get("message"))
+        if row["failed_step"] in STEPS:
+            # manifests of the failed step and after are from an earlier run: not shown
+            for step in STEPS[STEPS.index(row["failed_step"]) :]:
+                manifests[step] = None
+    elif manifests["upload"] is not None:
+        row["published"] = manifests["upload"].get("destination")
+    _add_numbers(row, manifests)
+    if row["status"] is None:
+        if manifests["upload"] is not None:
+            row["status"] = _outcome(*(m.get("summary", {}) for m in manifests.values() if m))
+        else:
+            done = [step for step in STEPS if manifests[step] is not None]
+            row["status"] = f"incomplete (after {done[-1]})" if done else "not run"
+    row["runtime_s"] = _runtime_seconds(sample, modality, logs)
+    return row
+
+
+def _add_numbers(row: dict[str, Any], manifests: dict[str, dict[str, Any] | None]) -> None:
     preprocess = (manifests["preprocess"] or {}).get("summary", {})
     tile = (manifests["tile"] or {}).get("summary", {})
-    warnings = [
-        w for m in manifests.values() if m for w in m.get("summary", {}).get("warnings", [])
-    ]
-    if modality == "wsi":
+    if row["modality"] == "wsi":
         row["kept"] = tile.get("tiles")
         row["tissue_area_mm2"] = preprocess.get("tissue_area_mm2")
         row["resolution"] = preprocess.get("mpp")
@@ -84,28 +143,50 @@ def sample_row(sample: str, modality: str, results: Path, logs: Path) -> dict[st
         spacing = preprocess.get("spacing_in")
         row["resolution"] = "x".join(f"{s:g}" for s in spacing) if spacing else None
         row["resolution_source"] = "dicom" if spacing else None
+    warnings = [
+        w for m in manifests.values() if m for w in m.get("summary", {}).get("warnings", [])
+    ]
     row["warnings"] = "; ".join(warnings) or None
-    row["runtime_s"] = _runtime_seconds(sample, modality, logs)
 
-    failure = next(
-        (
-            record
-            for step in STEPS
-            if (record := _read_manifest(logs / FAILURES_DIR.name / f"{sample}.{step}.json"))
-        ),
-        None,
-    )
-    if manifests["upload"] is not None:
-        row["status"] = _outcome(preprocess, tile)
-        row["published"] = manifests["upload"].get("destination")
-    elif failure is not None:
-        row["status"] = "failed"
-        row["failed_step"] = failure.get("step")
-        row["cause"] = failure.get("message")
-    else:
-        done = [step for step in STEPS if manifests[step] is not None]
-        row["status"] = f"incomplete (after {done[-1]})" if done else "not run"
-    return row
+
+@dataclass(frozen=True)
+class QcPicture:
+    """Where a modality's QC picture is, and how the report shows it."""
+
+    pattern: str  # with {sample}
+    category: str
+    caption: Any  # as given to Snakemake's report()
+
+
+def qc_pictures(
+    samples: list[tuple[str, str]], pictures: dict[str, QcPicture], report: Callable[..., Any]
+) -> list[Any]:
+    """Every sample's QC picture for the ``cohort`` rule's input, marked with Snakemake's
+    ``report()`` (passed in) when the picture exists.
+
+    Marked only when it exists: ``snakemake --report`` stops at a marked file that is
+    missing, and a failed sample has no picture; the pictures are marked here rather than
+    in the rules that draw them for that reason. A report builds its DAG anew, after the
+    run, so it registers every picture that the run drew.
+    """
+    inputs = []
+    for sample, modality in samples:
+        picture = pictures[modality]
+        path = picture.pattern.format(sample=sample)
+        if os.path.exists(path):
+            path = report(
+                path,
+                caption=picture.caption,
+                category=picture.category,
+                labels={"sample": sample},
+            )
+        inputs.append(path)
+    return inputs
+
+
+def mem_mb(samples: int, attempt: int = 1) -> int:
+    """Memory of the ``cohort`` job: Python, numpy and Pillow, plus the rows."""
+    return (200 + samples // 500) * attempt
 
 
 def _outcome(*summaries: dict[str, Any]) -> str:
@@ -125,6 +206,11 @@ def cohort_table(
     return [sample_row(s, m, Path(results), Path(logs)) for s, m in samples]
 
 
+def status_counts(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(status, count), most frequent first; ties in order of first appearance."""
+    return Counter(row["status"] for row in rows).most_common()
+
+
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -132,23 +218,95 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
         writer.writerows(rows)
 
 
-def text_summary(rows: list[dict[str, Any]]) -> str:
-    counts = Counter(row["status"] for row in rows)
+def write_cohort(
+    samples: list[tuple[str, str]],
+    *,
+    table: str | os.PathLike,
+    html: str | os.PathLike,
+    plot: str | os.PathLike,
+    results: str | os.PathLike = "results",
+    logs: str | os.PathLike = "logs",
+) -> list[dict[str, Any]]:
+    """Write the cohort table as CSV and HTML and the cohort plot; return the rows."""
+    from medprep import cohort_html, cohort_plot
+
+    rows = cohort_table(samples, results, logs)
+    write_csv(rows, table)
+    cohort_html.write_html(rows, html)
+    cohort_plot.write_plot(rows, plot)
+    return rows
+
+
+def write_after_failure(samples: list[tuple[str, str]], outputs: dict[str, str]) -> None:
+    """The cohort table of a run with failed samples (the Snakefile's ``onerror``).
+
+    The ``cohort`` rule does not run when a sample failed (its inputs are missing): this
+    writes its outputs (``table``, ``html``, ``plot``), listing the failures and their
+    causes, and dates them back so that the next run rebuilds them with the rule.
+    """
+    try:
+        write_cohort(samples, **outputs)
+        date_back(list(outputs.values()))
+    except Exception as error:  # noqa: BLE001 - must not hide the run's own error
+        print(f"medprep: could not write the cohort table: {error}", file=sys.stderr)
+        return
+    print(
+        f"medprep: some samples failed; cohort table with their causes: {outputs['html']}",
+        file=sys.stderr,
+    )
+
+
+def date_back(paths: list[str | os.PathLike]) -> None:
+    """Make ``paths`` older than any sample's outputs, so that Snakemake rebuilds them.
+
+    For the table written by the ``onerror`` handler: it has no Snakemake metadata, and
+    without this a later run whose samples are all already finished (say, after the
+    failed sample was removed from the sheet) would keep it as it is.
+    """
+    for path in paths:
+        os.utime(path, (STALE_MTIME, STALE_MTIME))
+
+
+def text_summary(
+    rows: list[dict[str, Any]],
+    *,
+    table: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+) -> str:
+    """Counts by status, the samples (all of a small cohort, else only the problems), and
+    where the table and the report are."""
     lines = [
-        f"{len(rows)} samples: " + ", ".join(f"{n} {status}" for status, n in counts.most_common())
+        f"{len(rows)} samples: " + ", ".join(f"{n} {status}" for status, n in status_counts(rows))
     ]
-    for row in rows:
-        kept = (
-            ""
-            if row["kept"] is None
-            else f"{row['kept']} {'tiles' if row['modality'] == 'wsi' else 'patches'}"
+    listed = rows if len(rows) <= LIST_ALL_UP_TO else [r for r in rows if r["status"] != "ok"]
+    for row in listed[:LIST_ALL_UP_TO]:
+        lines.append(
+            f"  {row['sample']:<24} {row['modality']:<4} {row['status']:<12} {_detail(row)}"
         )
-        detail = row["cause"] or kept
-        lines.append(f"  {row['sample']:<24} {row['modality']:<4} {row['status']:<12} {detail}")
+    if len(listed) > LIST_ALL_UP_TO:
+        lines.append(f"  ... and {len(listed) - LIST_ALL_UP_TO} more (see the cohort table)")
     published = sorted({str(Path(r["published"]).parent.parent) for r in rows if r["published"]})
     if published:
         lines.append("published to: " + ", ".join(published))
+    if table is not None:
+        lines.append(f"cohort table: {table}")
+    if report is not None:
+        lines.append(f"report: {report}")
     return "\n".join(lines)
+
+
+def _detail(row: dict[str, Any]) -> str:
+    if row["cause"]:
+        return f"{row['failed_step']}: {row['cause']}"
+    if row["kept"] is None:
+        return ""
+    return f"{row['kept']} {'tiles' if row['modality'] == 'wsi' else 'patches'}"
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a cohort table written by ``write_csv`` (empty cells as None)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _samples_from_config(config_path: str) -> list[tuple[str, str]]:
@@ -165,15 +323,33 @@ def _samples_from_config(config_path: str) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print the cohort summary of a medprep run.")
+    parser.add_argument(
+        "--table",
+        default="results/cohort/cohort.csv",
+        help="the cohort table the workflow wrote (read when it exists)",
+    )
+    parser.add_argument("--report", help="the report of the run, named if it exists")
     parser.add_argument("--results", default="results")
     parser.add_argument("--logs", default="logs")
-    parser.add_argument("--config", default="config.yaml")
-    parser.add_argument("--csv", help="also write the cohort table to this CSV file")
+    parser.add_argument(
+        "--config", default="config.yaml", help="without a table: the samples of this config"
+    )
     args = parser.parse_args(argv)
-    rows = cohort_table(_samples_from_config(args.config), args.results, args.logs)
-    if args.csv:
-        write_csv(rows, args.csv)
-    print(text_summary(rows))
+    table = Path(args.table)
+    if table.is_file():
+        rows = read_csv(table)
+        shown = table.with_suffix(".html") if table.with_suffix(".html").is_file() else table
+    else:
+        rows = cohort_table(_samples_from_config(args.config), args.results, args.logs)
+        shown = None
+    report = Path(args.report) if args.report else None
+    print(
+        text_summary(
+            rows,
+            table=shown.resolve() if shown is not None else None,
+            report=report.resolve() if report is not None and report.is_file() else None,
+        )
+    )
     print(f"results: {Path(args.results).resolve()}/{{ct,wsi}}/<sample>/")
     return 0
 

@@ -68,8 +68,10 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     record = failure_record_path(sample, step)
     record.unlink(missing_ok=True)
     started = time.monotonic()
-    log.info("%s %s: %s sample %s with %d thread(s)", step, modality, smk.rule, sample, smk.threads)
+    subject = f"sample {sample}" if sample != "-" else "all samples"
+    log.info("%s %s: %s %s with %d thread(s)", step, modality, smk.rule, subject, smk.threads)
     try:
+        remove_leftovers(_output_paths(smk))
         main(smk)
     except InputError as error:
         error.with_context(sample=sample)
@@ -82,6 +84,27 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
         _fail(record, sample, modality, step, None, cause, line, log_path)
         sys.exit(EXIT_INTERNAL_ERROR)
     log.info("%s finished in %.1f s", step, time.monotonic() - started)
+
+
+def _output_paths(smk: Any) -> list[str]:
+    outputs = getattr(smk, "output", ())
+    if isinstance(outputs, (list, tuple)):  # Snakemake's Namedlist is a list
+        return [str(path) for path in outputs]
+    return [str(path) for _, path in outputs.items()]
+
+
+def remove_leftovers(outputs: list[str]) -> int:
+    """Delete temporaries that a killed earlier attempt of this job left next to its outputs.
+
+    Snakemake reruns the outputs of a killed job but does not know the temporary files
+    and folders (``.name.tmp-*``, possibly gigabytes of tiles) our writers had started.
+    Only this job writes in its output folders while it runs.
+    """
+    folders = sorted({Path(path).parent for path in outputs})
+    removed = sum(atomic.remove_stale_temporaries(folder) for folder in folders)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted earlier run", removed)
+    return removed
 
 
 def _fail(

@@ -100,3 +100,28 @@ def edited_copy(src: Path, dst: Path, **changes) -> None:
 
 def truncated_copy(src: Path, dst: Path, keep_bytes: int) -> None:
     dst.write_bytes(src.read_bytes()[:keep_bytes])
+
+
+def mixed_series_folder(folder: Path) -> tuple[Path, str]:
+    """A folder of two CT series of the same scan (3 and 2 slices), a localizer of the
+    second, a text file and an empty .dcm; returns the folder and the smaller series' UID."""
+    folder.mkdir(parents=True)
+    for path in dicom_files(CT_3SLICE):
+        edited_copy(path, folder / f"a-{path.name}")
+    other_uid = pydicom.uid.generate_uid(entropy_srcs=["other"])
+    for path in dicom_files(CT_3SLICE)[:2]:
+        edited_copy(
+            path,
+            folder / f"b-{path.name}",
+            SeriesInstanceUID=other_uid,
+            SOPInstanceUID=pydicom.uid.generate_uid(entropy_srcs=["other", path.name]),
+        )
+    edited_copy(
+        dicom_files(CT_3SLICE)[0],
+        folder / "scout.dcm",
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        SeriesInstanceUID=other_uid,
+    )
+    (folder / "README.txt").write_text("not a DICOM file\n")
+    (folder / "empty.dcm").write_bytes(b"")
+    return folder, other_uid

@@ -15,6 +15,7 @@ from ct_support import (
     copy_folder,
     dicom_files,
     edited_copy,
+    mixed_series_folder,
     truncated_copy,
     without_preamble,
 )
@@ -204,26 +205,7 @@ def test_file_cut_before_its_series_uid_is_skipped_with_a_warning(tmp_path):
 
 
 def test_mixed_folder_picks_the_largest_series_and_records_the_rest(tmp_path):
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    for path in dicom_files(CT_3SLICE):
-        edited_copy(path, folder / f"a-{path.name}")
-    other_uid = pydicom.uid.generate_uid(entropy_srcs=["other"])
-    for path in dicom_files(CT_3SLICE)[:2]:
-        edited_copy(
-            path,
-            folder / f"b-{path.name}",
-            SeriesInstanceUID=other_uid,
-            SOPInstanceUID=pydicom.uid.generate_uid(),
-        )
-    edited_copy(
-        dicom_files(CT_3SLICE)[0],
-        folder / "scout.dcm",
-        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-        SeriesInstanceUID=other_uid,
-    )
-    (folder / "README.txt").write_text("not a DICOM file\n")
-    (folder / "empty.dcm").write_bytes(b"")
+    folder, other_uid = mixed_series_folder(tmp_path / "mixed")
     paths = files(folder) + [str(folder / "README.txt")]
     loaded = pp.load_series(paths)
     assert loaded.info["chosen"]["slices"] == 3

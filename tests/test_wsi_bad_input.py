@@ -7,36 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from wsi_support import CMU, TCGA_NO_MPP, finished_looking, preprocess
+from wsi_support import (
+    TCGA_NO_MPP,
+    enormous_dimensions,
+    finished_looking,
+    png_renamed,
+    preprocess,
+    random_bytes,
+    truncated_slide,
+    zero_bytes,
+)
 
 from medprep.errors import InputError
 from medprep.wsi.synthetic import write_pyramidal_tiff
-
-
-def zero_bytes(folder: Path) -> Path:
-    path = folder / "empty.svs"
-    path.write_bytes(b"")
-    return path
-
-
-def truncated_slide(folder: Path) -> Path:
-    path = folder / "truncated.svs"
-    data = CMU.read_bytes()
-    path.write_bytes(data[: len(data) * 2 // 3])
-    return path
-
-
-def random_bytes(folder: Path) -> Path:
-    path = folder / "random.svs"
-    path.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
-    return path
-
-
-def png_renamed(folder: Path) -> Path:
-    path = folder / "picture.svs"
-    Image.new("RGB", (64, 64), (200, 100, 150)).save(path, format="PNG")
-    return path
 
 
 def plain_tiff(folder: Path) -> Path:
@@ -44,28 +27,6 @@ def plain_tiff(folder: Path) -> Path:
 
     path = folder / "plain.tif"
     tifffile.imwrite(path, np.zeros((300, 400, 3), np.uint8), photometric="rgb")
-    return path
-
-
-def enormous_dimensions(folder: Path) -> Path:
-    """A valid tiled TIFF claiming 2,000,000 x 2,000,000 pixels, with no tile stored."""
-    import tifffile
-
-    path = folder / "bomb.tiff"
-    side, tile = 2_000_000, 8192
-    tiles = (-(-side // tile)) ** 2
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(
-            (b"" for _ in range(tiles)),
-            shape=(side, side, 3),
-            dtype=np.uint8,
-            tile=(tile, tile),
-            compression="jpeg",
-            photometric="rgb",
-            metadata=None,
-            resolution=(1e4 / 0.5, 1e4 / 0.5),
-            resolutionunit="CENTIMETER",
-        )
     return path
 
 

@@ -159,3 +159,55 @@ def finished_looking(folder: Path) -> list[str]:
             continue
         found.append(str(path.relative_to(folder)))
     return found
+
+
+# ---- bad slides, for the engine's (test_wsi_bad_input) and the workflow's (test_bad_input) tests
+
+
+def zero_bytes(folder: Path) -> Path:
+    path = folder / "empty.svs"
+    path.write_bytes(b"")
+    return path
+
+
+def truncated_slide(folder: Path) -> Path:
+    path = folder / "truncated.svs"
+    data = CMU.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path
+
+
+def random_bytes(folder: Path) -> Path:
+    path = folder / "random.svs"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    return path
+
+
+def png_renamed(folder: Path) -> Path:
+    from PIL import Image
+
+    path = folder / "picture.svs"
+    Image.new("RGB", (64, 64), (200, 100, 150)).save(path, format="PNG")
+    return path
+
+
+def enormous_dimensions(folder: Path) -> Path:
+    """A valid tiled TIFF claiming 2,000,000 x 2,000,000 pixels, with no tile stored."""
+    import tifffile
+
+    path = folder / "bomb.tiff"
+    side, tile = 2_000_000, 8192
+    tiles = (-(-side // tile)) ** 2
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(
+            (b"" for _ in range(tiles)),
+            shape=(side, side, 3),
+            dtype=np.uint8,
+            tile=(tile, tile),
+            compression="jpeg",
+            photometric="rgb",
+            metadata=None,
+            resolution=(1e4 / 0.5, 1e4 / 0.5),
+            resolutionunit="CENTIMETER",
+        )
+    return path

@@ -1,0 +1,73 @@
+from medprep import cohort as medprep_cohort
+
+COHORT_OUTPUTS = {
+    "table": "results/cohort/cohort.csv",
+    "html": "results/cohort/cohort.html",
+    "plot": "results/cohort/cohort.png",
+}
+# The QC picture of each modality: its path, its report category and its caption (the
+# caption resolved here, as Snakemake does for report() in a rule's own input or output).
+QC_PICTURES = {
+    "wsi": medprep_cohort.QcPicture(
+        "results/wsi/{sample}/tile/overlay.png",
+        "Slides",
+        workflow.current_basedir.join("../report/slide_overlay.rst"),
+    ),
+    "ct": medprep_cohort.QcPicture(
+        "results/ct/{sample}/preprocess/qc.png",
+        "CT scans",
+        workflow.current_basedir.join("../report/ct_qc.rst"),
+    ),
+}
+# (sample, modality) of every sample, in sheet order
+COHORT_SAMPLES = [(row.sample, row.modality) for row in samples.itertuples(index=False)]
+
+
+# One small job over all samples: run it where Snakemake runs, not as a cluster job.
+localrules:
+    cohort,
+
+
+rule cohort:
+    input:
+        receipts=get_final_outputs(),
+        # each sample's QC picture, registered for the report when it exists (see
+        # medprep.cohort.qc_pictures)
+        pictures=lambda wildcards: medprep_cohort.qc_pictures(
+            COHORT_SAMPLES, QC_PICTURES, report
+        ),
+    output:
+        table=report(
+            COHORT_OUTPUTS["table"],
+            caption="../report/cohort_table.rst",
+            category="Cohort",
+            labels={"view": "cohort table (CSV)"},
+        ),
+        html=report(
+            COHORT_OUTPUTS["html"],
+            caption="../report/cohort_table.rst",
+            category="Cohort",
+            labels={"view": "cohort table"},
+        ),
+        plot=report(
+            COHORT_OUTPUTS["plot"],
+            caption="../report/cohort_plot.rst",
+            category="Cohort",
+            labels={"view": "cohort plot"},
+        ),
+    log:
+        "logs/cohort/cohort.log",
+    benchmark:
+        "logs/benchmarks/cohort/cohort.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: medprep_cohort.mem_mb(
+            len(COHORT_SAMPLES), attempt
+        ),
+        runtime="10m",
+    params:
+        samples=COHORT_SAMPLES,
+    script:
+        "../scripts/cohort.py"

@@ -1,0 +1,24 @@
+"""Rule `cohort`: the cohort table (CSV and HTML) and the cohort plot of every sample."""
+
+import logging
+
+from medprep import cohort
+from medprep.step import run_step
+
+log = logging.getLogger("medprep.cohort")
+
+
+def main(smk):
+    rows = cohort.write_cohort(
+        [tuple(pair) for pair in smk.params.samples],
+        table=smk.output.table,
+        html=smk.output.html,
+        plot=smk.output.plot,
+    )
+    for line in cohort.text_summary(rows).splitlines():
+        log.info("%s", line)
+
+
+# spawned pool workers re-run this file without `snakemake` defined: see run_step
+if __name__ == "__main__":
+    run_step(snakemake, main)
