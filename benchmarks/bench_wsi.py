@@ -132,6 +132,69 @@ def run_read_only(slide: Path, table: Path, workers: int) -> dict:
     return {"seconds": time.perf_counter() - started, "tiles": reads, "reads": reads}
 
 
+def run_read_cost(slide: Path, table: Path, samples: int = 400) -> dict:
+    """Where one process's time per tile goes: reading a tile alone, reading it as part of
+    an 8 x 8 block, and the work the tiler adds per tile (encode, grey image, QC, tar).
+    Milliseconds per 256 px tile; reads on a fresh handle, the file in the page cache."""
+    import numpy as np
+    import openslide
+    import pyarrow.parquet as pq
+
+    from medprep.wsi import qc, writers
+
+    slide.read_bytes()  # page cache, so neither read pass pays for the disk
+    columns = pq.read_table(table, columns=["x", "y"]).to_pydict()
+    kept = list(zip(columns["x"], columns["y"], strict=True))
+    picked = kept[:: max(1, len(kept) // samples)][:samples]
+    block = 8 * TILE
+    origins = sorted({(x // block * block, y // block * block) for x, y in picked})[:12]
+
+    def per_tile_ms(started: float, tiles: int) -> float:
+        return (time.perf_counter() - started) * 1000 / tiles
+
+    handle = openslide.OpenSlide(str(slide))
+    started = time.perf_counter()
+    for x, y in picked:
+        handle.read_region((x, y), 0, (TILE, TILE))
+    tile_read = per_tile_ms(started, len(picked))
+    handle = openslide.OpenSlide(str(slide))
+    started = time.perf_counter()
+    for x, y in origins:
+        handle.read_region((x, y), 0, (block, block))
+    block_read = per_tile_ms(started, len(origins) * 64)
+
+    tiles = [np.asarray(handle.read_region((x, y), 0, (TILE, TILE))) for x, y in picked[:200]]
+    started = time.perf_counter()
+    encoded = [writers.encode_tile(t, "jpeg", QUALITY) for t in tiles]
+    encode = per_tile_ms(started, len(tiles))
+    started = time.perf_counter()
+    grays = [qc.gray_levels(t) for t in tiles]
+    gray = per_tile_ms(started, len(tiles))
+    started = time.perf_counter()
+    for t, g in zip(tiles, grays, strict=True):
+        qc.tile_scores(t, "brightfield", 20.0, g)
+    scores = per_tile_ms(started, len(tiles))
+    started = time.perf_counter()
+    shard = bytearray()
+    for i, data in enumerate(encoded):
+        shard += writers.ustar_header(f"t{i}.jpg", len(data)) + data
+        shard += bytes(-len(data) % 512)
+    tar = per_tile_ms(started, len(tiles))
+    return {
+        "seconds": 0.0,
+        "tiles": len(picked),
+        "reads": len(picked) + len(origins),
+        "ms_per_tile": {
+            "read alone": tile_read,
+            "read in 8 x 8 blocks": block_read,
+            "JPEG encode": encode,
+            "grey image": gray,
+            "QC scores": scores,
+            "tar member": tar,
+        },
+    }
+
+
 def run_preprocess(slide: Path, out: Path, workers: int) -> dict:
     from medprep import atomic
     from medprep.wsi import steps
@@ -196,6 +259,8 @@ def child(args: argparse.Namespace) -> None:
         result = run_baseline(slide, out)
     elif args.variant == "read_only":
         result = run_read_only(slide, Path(args.table), args.workers)
+    elif args.variant == "read_cost":
+        result = run_read_cost(slide, Path(args.table))
     elif args.variant == "preprocess":
         result = run_preprocess(slide, out, args.workers)
     else:
@@ -407,6 +472,10 @@ def main() -> None:
     print(f"  peak memory of medprep:                        {peak:6.0f} MB (target < 1500)")
     print(f"  read calls: {tile_n['reads']} for {tile_n['candidates']} candidate tiles")
 
+    cost = measure("read_cost", slide, runs / "read-cost", 1, table)["ms_per_tile"]
+    print(
+        "  one process, ms per 256 px tile: " + ", ".join(f"{k} {v:.2f}" for k, v in cost.items())
+    )
     print(f"  available parallelism after the runs: {available_parallelism(n):.2f}x")
     print(
         f"  seconds of every round (best counts): read-only {read_only['all_seconds']}, "

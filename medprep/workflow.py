@@ -126,15 +126,15 @@ def settings_only(settings: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: settings[k] for k in keys if k in settings}
 
 
-def code_fingerprint(engine: str) -> str:
+def code_fingerprint(engine: str, package_dir: Path = PACKAGE_DIR) -> str:
     """A digest of the engine's source code (``medprep/<engine>/**/*.py``).
 
     Passed as a rule parameter so that changing the engine reruns the rules that use it,
     as Snakemake already does for changes to the rule scripts themselves.
     """
     digest = hashlib.sha256()
-    for path in sorted((PACKAGE_DIR / engine).rglob("*.py")):
-        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+    for path in sorted((package_dir / engine).rglob("*.py")):
+        digest.update(path.relative_to(package_dir).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

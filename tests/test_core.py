@@ -264,3 +264,30 @@ def test_run_step_success_clears_old_failure_record(tmp_path):
     assert (tmp_path / "logs" / "failures" / "S7.tile.json").exists()
     subprocess.run([sys.executable, str(script), str(log), "ok"], cwd=tmp_path, check=True)
     assert not (tmp_path / "logs" / "failures" / "S7.tile.json").exists()
+
+
+##### workflow helpers #####
+
+
+def test_code_fingerprint_follows_the_engine_code_only(tmp_path):
+    from medprep.workflow import code_fingerprint
+
+    (tmp_path / "wsi" / "sub").mkdir(parents=True)
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "wsi" / "tiler.py").write_text("x = 1\n")
+    (tmp_path / "wsi" / "sub" / "qc.py").write_text("y = 2\n")
+    (tmp_path / "ct" / "lung.py").write_text("z = 3\n")
+    before = code_fingerprint("wsi", tmp_path)
+    (tmp_path / "ct" / "lung.py").write_text("z = 4\n")
+    (tmp_path / "wsi" / "notes.txt").write_text("not code")
+    assert code_fingerprint("wsi", tmp_path) == before
+    (tmp_path / "wsi" / "sub" / "qc.py").write_text("y = 3\n")
+    assert code_fingerprint("wsi", tmp_path) != before
+
+
+def test_settings_split_gives_each_rule_only_its_part():
+    from medprep.workflow import settings_only, settings_without
+
+    ct = {"spacing": [1, 1, 1], "patches": {"size_mm": 64}, "normalise": {"mean": 0.25}}
+    assert settings_without(ct, "patches") == {"spacing": [1, 1, 1], "normalise": {"mean": 0.25}}
+    assert settings_only(ct, "patches", "slices_png") == {"patches": {"size_mm": 64}}

@@ -116,3 +116,33 @@ def test_config_overrides_from_the_command_line(workdir):
     run = run_snakemake(workdir, "--config", "samples=other.tsv", "destination=elsewhere")
     assert run.ran() == chain("CMU-1-Small-Region")
     assert (workdir / "elsewhere" / "wsi" / "CMU-1-Small-Region" / "manifest.json").exists()
+
+
+def test_connection_settings_rerun_nothing(rerun_dir):
+    write_config(rerun_dir, storage={"max_attempts": 2, "endpoint_url": "http://127.0.0.1:9"})
+    run = run_snakemake(rerun_dir, "--dry-run")
+    assert run.ran() == set()
+
+
+def job_block(output: str, rule: str) -> str:
+    """The first job block of ``rule`` in Snakemake's printed plan."""
+    start = output.index(f"rule {rule}:")
+    end = output.find("\n\n", start)
+    return output[start : end if end > 0 else None]
+
+
+def test_threads_and_memory_are_set_per_rule_from_the_command_line(workdir):
+    default = run_snakemake(workdir, "--dry-run").stdout
+    assert "threads:" not in job_block(default, "preprocess_wsi")  # one thread: not printed
+    assert "mem_mb=4000" not in job_block(default, "tile_wsi")
+    run = run_snakemake(
+        workdir,
+        "--dry-run",
+        "--set-threads",
+        "preprocess_wsi=2",
+        "--set-resources",
+        "tile_wsi:mem_mb=4000",
+    )
+    assert "threads: 2" in job_block(run.stdout, "preprocess_wsi")
+    assert "mem_mb=4000" in job_block(run.stdout, "tile_wsi")
+    assert "mem_mb=4000" not in job_block(run.stdout, "tile_ct")
