@@ -48,6 +48,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def write_png(path: str | os.PathLike, image: Any, compress_level: int = 6) -> None:
+    """Write a PNG from a uint8 array (H x W, H x W x 3 or 4) or a PIL image.
+
+    ``compress_level`` is zlib's (1 = fast, for large pictures that are not archives).
+    """
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=compress_level)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -312,12 +312,12 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 def _samples_from_config(config_path: str) -> list[tuple[str, str]]:
     import yaml
 
+    from medprep.schema import SAMPLES_SCHEMA
     from medprep.sheet import read_sample_sheet
 
     with open(config_path, encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    schema = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
-    sheet = read_sample_sheet(config["samples"], schema)
+    sheet = read_sample_sheet(config["samples"], SAMPLES_SCHEMA)
     return list(zip(sheet["sample"], sheet["modality"], strict=True))
 
 

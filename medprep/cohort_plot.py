@@ -214,6 +214,4 @@ def render_plot(rows: list[dict[str, Any]]) -> Image.Image:
 
 
 def write_plot(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
-    image = render_plot(rows)
-    with atomic.atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    atomic.write_png(path, render_plot(rows))

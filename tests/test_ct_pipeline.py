@@ -23,6 +23,7 @@ from ct_support import CT_3SLICE, dicom_files, edited_copy
 from medprep.ct import hu, nifti, phantom, settings, tile
 from medprep.ct import preprocess as pp
 from medprep.manifest import read_step_manifest, write_step_manifest
+from medprep.schema import config_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(rows=64, cols=64, slices=40, pixel_mm=6.0, slice_mm=8.0)
@@ -263,17 +264,10 @@ def test_no_identifiers_in_outputs_or_logs_unless_asked(chest, tmp_path, caplog)
     assert metadata["series"]["series_uid"] == str(ds.SeriesInstanceUID)
 
 
-def test_schema_config_and_code_defaults_agree():
-    schema = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())["properties"]["ct"]
-
-    def defaults(node):
-        if node.get("type") == "object" and "properties" in node:
-            return {k: defaults(v) for k, v in node["properties"].items()}
-        return node["default"]
-
-    assert defaults(schema) == settings.DEFAULTS
+def test_shipped_config_ct_section_is_the_schema_defaults():
     config = yaml.safe_load((REPO / "config.yaml").read_text())["ct"]
-    assert config == settings.DEFAULTS
+    assert config == settings.DEFAULTS == config_defaults("ct")
+    assert settings.ct_settings(None) == settings.DEFAULTS
 
 
 # ---------- the rule scripts, with a stand-in for Snakemake's `snakemake` object ----------

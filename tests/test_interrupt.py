@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 from workflow_support import (
-    REPO,
-    SNAKEMAKE,
     run_snakemake,
+    snakemake_command,
     tree_digest,
     write_config,
     write_samples,
@@ -83,17 +82,7 @@ def tiles_being_written(workdir: Path) -> bool:
 
 def run_and_kill_while_tiling(workdir: Path) -> None:
     """Start the workflow in its own process group; SIGKILL the group in mid-tiling."""
-    command = [
-        SNAKEMAKE,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-    ]
+    command = snakemake_command(workdir)
     with open(workdir / "killed-run.log", "wb") as log:
         process = subprocess.Popen(
             command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

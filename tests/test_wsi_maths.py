@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from medprep.errors import InputError
+from medprep.schema import config_defaults
 from medprep.wsi import grid, memory, qc, resolution, tissue, writers
 from medprep.wsi.settings import FilterSettings, ResolutionSettings, TileSettings, TissueSettings
 
@@ -99,16 +100,8 @@ def test_target_precedence_level_then_magnification_then_mpp():
 # --- settings ---------------------------------------------------------------------------
 
 
-def _schema_defaults(node: dict) -> dict:
-    return {
-        key: (_schema_defaults(value) if value.get("type") == "object" else value.get("default"))
-        for key, value in node["properties"].items()
-    }
-
-
 def test_settings_defaults_match_the_config_schema():
-    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
-    wsi = _schema_defaults(schema["properties"]["wsi"])
+    wsi = config_defaults("wsi")
     assert ResolutionSettings.from_config(None) == ResolutionSettings.from_config(wsi["resolution"])
     assert TissueSettings.from_config(None) == TissueSettings.from_config(wsi["tissue"])
     assert TileSettings.from_config(None) == TileSettings.from_config(wsi["tile"])

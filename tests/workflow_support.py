@@ -65,15 +65,9 @@ def parse_jobs(log: str) -> list[tuple[str, dict[str, str]]]:
     return jobs
 
 
-def run_snakemake(
-    workdir: Path,
-    *args: str,
-    cores: int = 2,
-    check: bool = True,
-    env: dict[str, str] | None = None,
-    timeout: float = 900,
-) -> Run:
-    command = [
+def snakemake_command(workdir: Path, *args: str, cores: int = 2) -> list[str]:
+    """The `snakemake` command line of a run of this workflow in ``workdir``."""
+    return [
         SNAKEMAKE,
         "--snakefile",
         str(REPO / "Snakefile"),
@@ -85,8 +79,18 @@ def run_snakemake(
         str(cores),
         *args,
     ]
+
+
+def run_snakemake(
+    workdir: Path,
+    *args: str,
+    cores: int = 2,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> Run:
     process = subprocess.run(
-        command,
+        snakemake_command(workdir, *args, cores=cores),
         capture_output=True,
         text=True,
         timeout=timeout,

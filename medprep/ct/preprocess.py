@@ -440,7 +440,7 @@ def write_outputs(
 
     nifti.write_nifti(volume, result.hu, result.affine_ras, threads)
     nifti.write_nifti(mask, result.mask, result.affine_ras, threads)
-    qc_picture.write_png(qc, qc_picture.qc_image(result.hu, result.mask, result.spacing_out))
+    atomic.write_png(qc, qc_picture.qc_image(result.hu, result.mask, result.spacing_out))
     artifacts = [
         artifact("preprocess/volume.nii.gz", volume),
         artifact("preprocess/lung_mask.nii.gz", mask),

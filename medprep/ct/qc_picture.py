@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from scipy import ndimage
-
-from medprep import atomic
 
 OUTLINE_RGB = (255, 64, 32)
 PANEL_PX = 256
@@ -68,10 +64,3 @@ def qc_image(
         _panel(hu[::-1, :, x], mask[::-1, :, x], (sz, sy), window),
     ]
     return np.concatenate(panels, axis=1)
-
-
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic.atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", optimize=False)

@@ -1,28 +1,13 @@
-"""The ``ct:`` config section with its defaults (the same as in schemas/config.schema.yaml)."""
+"""The ``ct:`` config section with its defaults (those of schemas/config.schema.yaml)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-DEFAULTS: dict[str, Any] = {
-    "spacing": [1.0, 1.0, 1.0],
-    "interpolation_order": 1,
-    "gantry_tilt": "correct",
-    "lung": {
-        "threshold_hu": -320,
-        "dilation_mm": 0,
-        "min_volume_ml": 500,
-        "max_volume_ml": 8000,
-        "no_lungs_below_ml": 100,
-        "second_lung_fraction": 0.2,
-    },
-    "normalise": {"min_hu": -1000, "max_hu": 400, "mean": 0.25},
-    "crop": {"enabled": False, "margin_mm": 10},
-    "outputs": {"npy": False},
-    "patches": {"size_mm": 64, "stride_mm": 32, "min_lung_fraction": 0.1, "values": "normalised"},
-    "slices_png": {"enabled": False, "window": [-1000, 400], "every_mm": 1},
-}
+from medprep.schema import config_defaults
+
+DEFAULTS: dict[str, Any] = config_defaults("ct")
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -51,14 +51,6 @@ def sample_sheet_mpp(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write a PNG quickly (zlib level 1: QC pictures, not archives)."""
-    from PIL import Image
-
-    with atomic.atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-
-
 def read_png(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image
 
@@ -90,8 +82,8 @@ def run_preprocess(
         mpp_override=mpp_override,
         workers=threads,
     )
-    write_png(mask_path, (result.mask.astype(np.uint8) * 255))
-    write_png(thumbnail_path, result.thumbnail)
+    atomic.write_png(mask_path, result.mask.astype(np.uint8) * 255, compress_level=1)
+    atomic.write_png(thumbnail_path, result.thumbnail, compress_level=1)
     atomic.write_json(summary_path, result.summary)
     return manifest.write_step_manifest(
         manifest_path,
@@ -157,7 +149,7 @@ def run_tile(
         plan.mask_downsample_x,
         plan.mask_downsample_y,
     )
-    write_png(overlay_path, overlay)
+    atomic.write_png(overlay_path, overlay, compress_level=1)
     atomic.write_json(summary_path, result.summary)
     artifacts = [
         manifest.artifact(TILE_ARTIFACTS["table"], table_path),
