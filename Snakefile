@@ -28,6 +28,11 @@ rule all:
         rules.cohort.output,
 
 
+# The cohort summary (counts by status, one line per sample or per problem) ends every run.
+onsuccess:
+    medprep_cohort.print_summary(COHORT_OUTPUTS)
+
+
 # With failed samples the `cohort` rule cannot run: write the table with their causes here.
 onerror:
     medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS)

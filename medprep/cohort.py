@@ -13,13 +13,13 @@ import argparse
 import csv
 import os
 import sys
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medprep import atomic
+from medprep.statuses import FAILED, status_counts
 from medprep.step import FAILURES_DIR
 
 STEPS = ("download", "preprocess", "tile", "upload")
@@ -42,7 +42,6 @@ COLUMNS = [
     "runtime_s",
     "published",
 ]
-FAILED = "failed"
 # A table written after a failed run is dated back to this time (2000-01-01), so that
 # Snakemake sees every finished sample as newer and the next run rebuilds it.
 STALE_MTIME = 946_684_800
@@ -206,11 +205,6 @@ def cohort_table(
     return [sample_row(s, m, Path(results), Path(logs)) for s, m in samples]
 
 
-def status_counts(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """(status, count), most frequent first; ties in order of first appearance."""
-    return Counter(row["status"] for row in rows).most_common()
-
-
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -228,6 +222,7 @@ def write_cohort(
     logs: str | os.PathLike = "logs",
 ) -> list[dict[str, Any]]:
     """Write the cohort table as CSV and HTML and the cohort plot; return the rows."""
+    # imported here: numpy and Pillow are not needed where the Snakefile is parsed
     from medprep import cohort_html, cohort_plot
 
     rows = cohort_table(samples, results, logs)
@@ -250,10 +245,26 @@ def write_after_failure(samples: list[tuple[str, str]], outputs: dict[str, str])
     except Exception as error:  # noqa: BLE001 - must not hide the run's own error
         print(f"medprep: could not write the cohort table: {error}", file=sys.stderr)
         return
+    print_summary(outputs)
     print(
         f"medprep: some samples failed; cohort table with their causes: {outputs['html']}",
         file=sys.stderr,
     )
+
+
+def print_summary(outputs: dict[str, str]) -> None:
+    """Print the cohort summary at the end of a run (the Snakefile's ``onsuccess`` and
+    ``onerror``): counts by status and one line per sample (or per problem)."""
+    table = Path(outputs["table"])
+    if not table.is_file():  # a run with other targets than the cohort
+        return
+    try:
+        rows = read_csv(table)
+    except (OSError, ValueError, csv.Error) as error:
+        print(f"medprep: could not read the cohort table {table}: {error}", file=sys.stderr)
+        return
+    html = Path(outputs["html"])
+    print(text_summary(rows, table=(html if html.is_file() else table).resolve()), flush=True)
 
 
 def date_back(paths: list[str | os.PathLike]) -> None:

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from medprep import atomic
-from medprep.cohort import FAILED, status_counts
+from medprep.statuses import FAILED, status_counts
 
 # (column, heading) of the full table, in order
 HEADINGS = [

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from medprep import atomic
-from medprep.cohort import FAILED, status_counts
+from medprep.statuses import FAILED, status_counts
 
 
 @dataclass(frozen=True)

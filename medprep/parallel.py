@@ -13,7 +13,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -145,7 +145,3 @@ def thread_map(
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from bounded_map(pool, function, items, max_in_flight or 4 * workers)
-
-
-def describe_pool(workers: int) -> dict[str, Any]:
-    return {"workers": workers, "start_method": start_method() if workers > 1 else "inline"}

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -228,16 +229,9 @@ def fetch(
         elapsed,
         fetched / 1e6 / elapsed,
         len(keep),
-        _count(checks.values()),
+        dict(Counter(checks.values())),
     )
     return files
-
-
-def _count(values: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
 
 
 def _download_all(
