@@ -118,6 +118,15 @@ def test_config_overrides_from_the_command_line(workdir):
     assert (workdir / "elsewhere" / "wsi" / "CMU-1-Small-Region" / "manifest.json").exists()
 
 
+def test_nested_settings_from_an_overrides_file(rerun_dir):
+    """As the README shows: `--configfile my-overrides.yaml` for nested settings; it is
+    merged over config.yaml, so only the keys it names change."""
+    (rerun_dir / "my-overrides.yaml").write_text("wsi:\n  tile:\n    size: 96\n")
+    run = run_snakemake(rerun_dir, "--configfile", "my-overrides.yaml", "--dry-run")
+    wsi_samples = {s for s in ALL_SAMPLES if MODALITY[s] == "wsi"}
+    assert run.ran() == {(rule, s) for s in wsi_samples for rule in ("tile_wsi", "upload")}
+
+
 def test_connection_settings_rerun_nothing(rerun_dir):
     write_config(rerun_dir, storage={"max_attempts": 2, "endpoint_url": "http://127.0.0.1:9"})
     run = run_snakemake(rerun_dir, "--dry-run")
