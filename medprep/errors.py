@@ -29,3 +29,39 @@ class InputError(Exception):
             parts.append(f"file {self.path}")
         parts.append(self.cause)
         return ": ".join(parts)
+
+
+# A sample's problem met while Snakemake builds the DAG (an input or fingerprint function)
+# must not stop every sample: the function returns this marker instead of raising, and the
+# sample's `download` job turns it back into the error, so that sample alone fails.
+DEFERRED_PREFIX = "medprep-deferred-error:"
+
+
+def defer(error: BaseException, *, path: str | None = None) -> str:
+    """A parameter value that carries ``error`` to the sample's download job (see ``undefer``).
+
+    An ``InputError`` keeps its file and cause; any other exception becomes a cause naming
+    its type, so a bug in a fingerprint function fails its sample with one line too.
+    """
+    import json
+
+    from medprep.redact import redact
+
+    if isinstance(error, InputError):
+        cause, where = error.cause, error.path or path
+    else:
+        cause, where = f"unexpected {type(error).__name__}: {error}", path
+    payload = {"cause": redact(cause), "path": redact(where) if where else None}
+    return DEFERRED_PREFIX + json.dumps(payload, sort_keys=True)
+
+
+def undefer(value: object) -> InputError | None:
+    """The ``InputError`` that ``defer`` encoded in ``value``, or None for any other value."""
+    import json
+
+    if not isinstance(value, str) or not value.startswith(DEFERRED_PREFIX):
+        return None
+    payload = json.loads(value[len(DEFERRED_PREFIX) :])
+    return InputError(
+        f"{payload['cause']} (found when the run started)", path=payload["path"]
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from medprep import atomic, storage
+from medprep import atomic, errors, storage
 from medprep.sheet import read_sample_sheet
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,31 @@ def optional_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def source_fingerprint(uri: str, storage_settings: dict[str, Any]) -> str:
-    return storage.source_fingerprint(uri, storage_settings)
+def source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str = "") -> str:
+    """The sample's input fingerprint (a parameter of its ``download`` job).
+
+    Called by Snakemake for every sample while it builds the DAG, where an exception would
+    stop the whole run. Any error (a symbolic link loop in one folder, an unreadable
+    prefix, a bug) becomes a marker instead (``errors.defer``): that sample's download
+    fails with the error's one line, and every other sample runs.
+    """
+    try:
+        return storage.source_fingerprint(uri, storage_settings)
+    except Exception as error:  # noqa: BLE001 - one sample's problem, reported by its job
+        marker = errors.defer(error, path=uri)
+        log.warning("sample %s: %s (its download will fail)", sample, errors.undefer(marker))
+        return marker
 
 
 def join_uri(base: str, *parts: str) -> str:
     return storage.join(base, *parts)
+
+
+def start_run() -> str:
+    """A new run identity for the failure records (``medprep.step.start_run``)."""
+    from medprep import step
+
+    return step.start_run()
 
 
 ##### parameters #####
