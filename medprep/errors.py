@@ -7,14 +7,25 @@ class InputError(Exception):
     """Bad or unusable input. ``str()`` is the one line shown to the user.
 
     ``sample`` and ``path`` may be filled in later by the caller that knows them
-    (engines often know the file but not the sample name).
+    (engines often know the file but not the sample name). Bad input is deterministic:
+    Snakemake's retries do not redo it, unless ``retryable``.
     """
 
-    def __init__(self, cause: str, *, path: str | None = None, sample: str | None = None):
+    def __init__(
+        self,
+        cause: str,
+        *,
+        path: str | None = None,
+        sample: str | None = None,
+        retryable: bool = False,
+    ):
         super().__init__(cause)
         self.cause = cause
         self.path = path
         self.sample = sample
+        # True when trying again may succeed (the source changed while it was read);
+        # otherwise a retry of the job in the same run fails at once (medprep.step)
+        self.retryable = retryable
 
     def with_context(self, *, sample: str | None = None, path: str | None = None) -> InputError:
         self.sample = self.sample or sample
@@ -55,13 +66,14 @@ def defer(error: BaseException, *, path: str | None = None) -> str:
     return DEFERRED_PREFIX + json.dumps(payload, sort_keys=True)
 
 
-def undefer(value: object) -> InputError | None:
-    """The ``InputError`` that ``defer`` encoded in ``value``, or None for any other value."""
+def undefer(value: object, note: str = " (found when the run started)") -> InputError | None:
+    """The ``InputError`` that ``defer`` encoded in ``value``, or None for any other value.
+
+    ``note`` is added to the cause: the download job reports what the main process found.
+    """
     import json
 
     if not isinstance(value, str) or not value.startswith(DEFERRED_PREFIX):
         return None
     payload = json.loads(value[len(DEFERRED_PREFIX) :])
-    return InputError(
-        f"{payload['cause']} (found when the run started)", path=payload["path"]
-    )
+    return InputError(f"{payload['cause']}{note}", path=payload["path"])

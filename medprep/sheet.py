@@ -76,7 +76,9 @@ def read_sample_sheet(path: str | os.PathLike, schema_path: str | os.PathLike) -
     return sheet.set_index("sample", drop=False)
 
 
-def _read_rows(path: Path, required: list[str]) -> tuple[int, list[str], list[tuple[int, list[str]]]]:
+def _read_rows(
+    path: Path, required: list[str]
+) -> tuple[int, list[str], list[tuple[int, list[str]]]]:
     """The header's line number and cells, and (line number, cells) of every data row.
 
     Cells are split on tabs (a field in double quotes may hold a tab, as in pandas and
@@ -144,11 +146,11 @@ def _clean_record(raw: dict[str, Any], where: str) -> dict[str, Any]:
             try:
                 number = float(value)
             except ValueError:
-                raise SampleSheetError(f"{where}, column '{key}': '{value}' is not a number") from None
-            if not math.isfinite(number):
                 raise SampleSheetError(
-                    f"{where}, column '{key}': '{value}' is not a finite number"
-                )
+                    f"{where}, column '{key}': '{value}' is not a number"
+                ) from None
+            if not math.isfinite(number):
+                raise SampleSheetError(f"{where}, column '{key}': '{value}' is not a finite number")
             value = number
         record[key] = value
     return record

@@ -82,15 +82,37 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
         main(smk)
     except InputError as error:
         error.with_context(sample=sample)
-        _fail(record, sample, modality, step, error.path, error.cause, str(error), log_path,
-              kind="input", attempt=attempt)  # fmt: skip
+        # bad input fails a retry the same way: recorded so that a retry does not redo it
+        kind = "transient" if error.retryable else "input"
+        _fail(
+            record,
+            sample,
+            modality,
+            step,
+            error.path,
+            error.cause,
+            str(error),
+            log_path,
+            kind=kind,
+            attempt=attempt,
+        )
         sys.exit(EXIT_INPUT_ERROR)
     except Exception as error:  # noqa: BLE001 - every failure must end as one clear line
         log.error("traceback:\n%s", redact(traceback.format_exc()))
         cause = f"unexpected {type(error).__name__}: {error}"
         line = f"sample {sample}: {step} failed: {cause}"
-        _fail(record, sample, modality, step, None, cause, line, log_path,
-              kind="internal", attempt=attempt)  # fmt: skip
+        _fail(
+            record,
+            sample,
+            modality,
+            step,
+            None,
+            cause,
+            line,
+            log_path,
+            kind="internal",
+            attempt=attempt,
+        )
         sys.exit(EXIT_INTERNAL_ERROR)
     log.info("%s finished in %.1f s", step, time.monotonic() - started)
 
@@ -209,7 +231,9 @@ def _fail(
     atomic.write_json(
         record,
         {
-            "kind": kind,  # input: bad input, not retried within the run (see repeated_input_error)
+            # input: bad input, not retried within this run (see repeated_input_error);
+            # transient or internal: a retry may succeed
+            "kind": kind,
             **attempt,
             "sample": sample,
             "modality": modality,

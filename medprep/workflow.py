@@ -118,7 +118,8 @@ def source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str =
         return storage.source_fingerprint(uri, storage_settings)
     except Exception as error:  # noqa: BLE001 - one sample's problem, reported by its job
         marker = errors.defer(error, path=uri)
-        log.warning("sample %s: %s (its download will fail)", sample, errors.undefer(marker))
+        found = errors.undefer(marker, note="")
+        log.warning("medprep: sample %s: %s (its download will fail)", sample, found)
         return marker
 
 

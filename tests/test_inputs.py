@@ -50,7 +50,11 @@ def test_a_linked_sample_folder_and_file_links_anywhere_are_listed(tmp_path):
     linked.parent.mkdir()
     linked.symlink_to(folder)  # the sheet's uri may itself be a link
     files = local.fetch(str(linked), "unused", threads=1, settings={})
-    assert [(f.key, f.bytes) for f in files] == [("01.dcm", 10), ("03.dcm", 30), ("series/02.dcm", 20)]
+    assert [(f.key, f.bytes) for f in files] == [
+        ("01.dcm", 10),
+        ("03.dcm", 30),
+        ("series/02.dcm", 20),
+    ]
     assert files[1].path == str(outside)
 
 
@@ -214,8 +218,14 @@ HEADER = "sample\tmodality\turi\tmpp\n"
             HEADER + "A\twsi\ta.svs\t\t0.5\n",
             "line 2 (sample 'A'), column 5: 5 fields but the header (line 1) has 4 columns",
         ),
-        (HEADER + "A\twsi\ta.svs\tnan\n", "line 2 (sample 'A'), column 'mpp': 'nan' is not a finite"),
-        (HEADER + "A\twsi\ta.svs\tinf\n", "line 2 (sample 'A'), column 'mpp': 'inf' is not a finite"),
+        (
+            HEADER + "A\twsi\ta.svs\tnan\n",
+            "line 2 (sample 'A'), column 'mpp': 'nan' is not a finite",
+        ),
+        (
+            HEADER + "A\twsi\ta.svs\tinf\n",
+            "line 2 (sample 'A'), column 'mpp': 'inf' is not a finite",
+        ),
         (HEADER + "A\twsi\ta.svs\t-Infinity\n", "column 'mpp': '-Infinity' is not a finite"),
         (
             HEADER + "case-00000000000000000000\twsi\ta.svs\t\n",
@@ -297,6 +307,9 @@ RUNNER = textwrap.dedent(
             raise InputError("no pixel data", path="ct/S7/02.dcm")
         if mode == "memory":
             raise MemoryError()
+        if mode == "changed":
+            raise InputError("object changed during the download", path="s3://b/k",
+                             retryable=True)
 
     run_step(smk, main)
     """
@@ -361,9 +374,13 @@ def test_a_new_run_or_changed_inputs_try_again(runner):
     assert times_worked(runner) == 3
 
 
-def test_failures_a_retry_can_fix_are_retried(runner):
-    first, second = attempt(runner, "memory"), attempt(runner, "memory")
-    assert first.returncode == second.returncode == 2
+@pytest.mark.parametrize(
+    ("mode", "code", "kind"), [("memory", 2, "internal"), ("changed", 1, "transient")]
+)
+def test_failures_a_retry_can_fix_are_retried(runner, mode, code, kind):
+    first, second = attempt(runner, mode), attempt(runner, mode)
+    assert first.returncode == second.returncode == code
     assert times_worked(runner) == 2
+    assert "not retried" not in second.stderr
     record = json.loads((runner / "logs" / "failures" / "S7.preprocess.json").read_text())
-    assert record["kind"] == "internal" and re.fullmatch("[0-9a-f]{32}", record["inputs"])
+    assert record["kind"] == kind and re.fullmatch("[0-9a-f]{32}", record["inputs"])

@@ -130,8 +130,12 @@ def fetch(
         return [SourceFile(str(path.resolve()), path.name, info.st_size, mtime_ns=info.st_mtime_ns)]
     if path.is_dir():
         files = [
-            SourceFile(str(Path(full).resolve()), os.path.relpath(full, path), info.st_size,
-                       mtime_ns=info.st_mtime_ns)
+            SourceFile(
+                str(Path(full).resolve()),
+                os.path.relpath(full, path),
+                info.st_size,
+                mtime_ns=info.st_mtime_ns,
+            )
             for full, info in _list_files(path)
         ]
         if not files:
