@@ -183,7 +183,14 @@ def mem_mb(
     against the peak RSS that the benchmarks measure. ``on_cluster``: the job runs on a
     cluster (remote executor), inside Snakemake processes of its own.
     """
-    estimate = _ESTIMATORS[step](threads=threads, **inputs)
+    try:
+        estimate = _ESTIMATORS[step](threads=threads, **inputs)
+    except Exception as error:  # noqa: BLE001 - Snakemake would stop every job, not this one
+        # The job itself reports what is wrong with its inputs; here, an exception would
+        # end the whole run. Estimate as for inputs that cannot be read.
+        log.warning("%s: memory estimate failed (%s); the bound for unknown inputs", step, error)
+        unknown = {k: (None if k in _MANIFEST_INPUTS else v) for k, v in inputs.items()}
+        estimate = _ESTIMATORS[step](threads=threads, **unknown)
     if on_cluster:
         estimate += CLUSTER_JOB_OVERHEAD_MB
     return int(math.ceil(estimate * attempt))
@@ -198,8 +205,24 @@ def _upload_mb(*, destination: str, part_size_mb: float, threads: int) -> float:
     return TRANSFER_BASE_MB + per_thread * threads
 
 
-def _download_bytes(download_manifest: str | os.PathLike) -> int:
-    return int(atomic.read_json(download_manifest).get("total_bytes", 0))
+# inputs of the estimators that are files read when the job is scheduled
+_MANIFEST_INPUTS = ("download_manifest", "preprocess_manifest")
+
+
+def _read_manifest(path: str | os.PathLike | None) -> dict[str, Any]:
+    """A step manifest for a memory estimate; {} (unknown) if there is none or it is unreadable."""
+    if path is None:
+        return {}
+    try:
+        manifest = atomic.read_json(path)
+    except (OSError, ValueError) as error:
+        log.warning("memory estimate: cannot read %s (%s); assuming unknown inputs", path, error)
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _download_bytes(download_manifest: str | os.PathLike | None) -> int:
+    return int(_read_manifest(download_manifest).get("total_bytes", 0))
 
 
 def _preprocess_ct_mb(*, download_manifest: str, spacing_out: list[float], threads: int) -> float:
@@ -213,7 +236,7 @@ def _preprocess_ct_mb(*, download_manifest: str, spacing_out: list[float], threa
 def _tile_ct_mb(*, preprocess_manifest: str, threads: int) -> float:
     from medprep.ct import memory
 
-    return memory.tile_ct_mb(atomic.read_json(preprocess_manifest), threads=threads)
+    return memory.tile_ct_mb(_read_manifest(preprocess_manifest), threads=threads)
 
 
 def _preprocess_wsi_mb(*, download_manifest: str, mask_mpp: float, threads: int) -> float:
@@ -233,9 +256,11 @@ def _slide_geometry(download_manifest: str) -> tuple[tuple[int, int] | None, flo
     from medprep.wsi.slide import inspect_slide
     from medprep.wsi.steps import slide_from_download
 
+    if download_manifest is None:
+        return None, None
     try:
         info = inspect_slide(slide_from_download(download_manifest))
-    except (InputError, ValueError):
+    except (InputError, ValueError, OSError):
         return None, None
     return info.dimensions, info.mpp_x
 
@@ -243,7 +268,7 @@ def _slide_geometry(download_manifest: str) -> tuple[tuple[int, int] | None, flo
 def _tile_wsi_mb(*, preprocess_manifest: str, tile_settings: dict[str, Any], threads: int) -> float:
     from medprep.wsi import memory
 
-    summary = atomic.read_json(preprocess_manifest).get("summary", {})
+    summary = _read_manifest(preprocess_manifest).get("summary", {})
     return memory.estimate_tile_mem_mb(
         threads,
         tile_settings["size"],

@@ -384,3 +384,43 @@ def test_failures_a_retry_can_fix_are_retried(runner, mode, code, kind):
     assert "not retried" not in second.stderr
     record = json.loads((runner / "logs" / "failures" / "S7.preprocess.json").read_text())
     assert record["kind"] == kind and re.fullmatch("[0-9a-f]{32}", record["inputs"])
+
+
+##### resource functions: an error there would stop every job of the run
+
+
+EXTRA = {
+    "preprocess_ct": {"spacing_out": [1.0, 1.0, 1.0]},
+    "tile_ct": {},
+    "preprocess_wsi": {"mask_mpp": 8.0},
+    "tile_wsi": {
+        "tile_settings": {"size": 256, "block_tiles": 8, "container": "tar", "format": "jpeg"}
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("step", "key", "content"),
+    [
+        ("preprocess_ct", "download_manifest", "{not json"),
+        ("preprocess_ct", "download_manifest", '{"total_bytes": "many"}'),
+        ("tile_ct", "preprocess_manifest", '{"summary": {"shape_out": ["x", 1, 1]}}'),
+        (
+            "tile_wsi",
+            "preprocess_manifest",
+            '{"summary": {"tissue_area_mm2": "a", "target_mpp": 1}}',
+        ),
+        ("preprocess_wsi", "download_manifest", '{"files": 3}'),
+        ("preprocess_wsi", "download_manifest", "[]"),
+    ],
+)
+def test_a_memory_estimate_falls_back_instead_of_stopping_the_run(tmp_path, step, key, content):
+    from medprep.workflow import mem_mb
+
+    manifest = tmp_path / "step.json"
+    manifest.write_text(content)
+    unknown = mem_mb(step, threads=2, **{key: None}, **EXTRA[step])
+    assert mem_mb(step, threads=2, **{key: str(manifest)}, **EXTRA[step]) == unknown > 0
+    assert (
+        mem_mb(step, threads=2, attempt=2, **{key: str(manifest)}, **EXTRA[step]) >= 2 * unknown - 1
+    )
