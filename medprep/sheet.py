@@ -49,13 +49,18 @@ def read_sample_sheet(path: str | os.PathLike, schema_path: str | os.PathLike) -
         if sample:
             where += f" (sample '{sample}')"
         if len(cells) > len(header):
-            extra = len(cells) - len(header)
+            # the values are not shown: free text could hold identifiers
             raise SampleSheetError(
                 f"{where}, column {len(header) + 1}: {len(cells)} fields but the header "
-                f"(line {header_line}) has {len(header)} columns; {extra} extra "
-                f"tab-separated field(s): {cells[len(header) :]!r}"
+                f"(line {header_line}) has {len(header)} columns (a stray tab?)"
             )
-        record = _clean_record(dict(zip(header, cells, strict=False)), where)
+        for index, (name, value) in enumerate(zip(header, cells, strict=False), start=1):
+            if not name and value.strip():
+                raise SampleSheetError(
+                    f"{where}, column {index}: a value in a column without a name in the header"
+                )
+        named = {name: value for name, value in zip(header, cells, strict=False) if name}
+        record = _clean_record(named, where)
         for error in sorted(validator.iter_errors(record), key=lambda e: list(e.path)):
             column = error.path[0] if error.path else _missing_property(error)
             raise SampleSheetError(f"{where}, column '{column}': {_message(error)}")
@@ -138,10 +143,6 @@ def _clean_record(raw: dict[str, Any], where: str) -> dict[str, Any]:
         value = value.strip() if isinstance(value, str) else value
         if value == "" or value is None:
             continue
-        if not key:
-            raise SampleSheetError(
-                f"{where}: a value ({value!r}) in a column without a name in the header"
-            )
         if key in NUMERIC_COLUMNS:
             try:
                 number = float(value)

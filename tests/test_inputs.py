@@ -238,7 +238,10 @@ HEADER = "sample\tmodality\turi\tmpp\n"
         ),
         (b"sample\tmodality\turi\nA\twsi\tcaf\xe9.svs\n", "line 2, column 3: not UTF-8 text"),
         ("sample\tmodality\tsample\turi\n", "line 1, column 3: column 'sample' appears twice"),
-        ("sample\tmodality\turi\t\nA\twsi\ta.svs\tx\n", "line 2 (sample 'A'): a value ('x')"),
+        (
+            "sample\tmodality\turi\t\nA\twsi\ta.svs\tx\n",
+            "line 2 (sample 'A'), column 4: a value in a column without a name",
+        ),
     ],
     ids=[
         "zero-bytes",
