@@ -110,13 +110,22 @@ def source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str =
     """The sample's input fingerprint (a parameter of its ``download`` job).
 
     Called by Snakemake for every sample while it builds the DAG, where an exception would
-    stop the whole run. Any error (a symbolic link loop in one folder, an unreadable
-    prefix, a bug) becomes a marker instead (``errors.defer``): that sample's download
+    stop the whole run. An error of the sample (a symbolic link loop in its folder, a
+    hostile key, a bug) becomes a marker instead (``errors.defer``): that sample's download
     fails with the error's one line, and every other sample runs.
+
+    An object store that cannot be reached at all still stops the run: that is no
+    property of one sample, and a marker would change the fingerprint of every finished
+    sample, so their downloads would rerun, fail and take their outputs with them.
     """
     try:
         return storage.source_fingerprint(uri, storage_settings)
     except Exception as error:  # noqa: BLE001 - one sample's problem, reported by its job
+        if storage.is_s3(uri):
+            from medprep.storage.s3 import StorageUnavailable
+
+            if isinstance(error, StorageUnavailable):
+                raise
         marker = errors.defer(error, path=uri)
         found = errors.undefer(marker, note="")
         log.warning("medprep: sample %s: %s (its download will fail)", sample, found)

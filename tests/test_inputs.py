@@ -427,3 +427,15 @@ def test_a_memory_estimate_falls_back_instead_of_stopping_the_run(tmp_path, step
     assert (
         mem_mb(step, threads=2, attempt=2, **{key: str(manifest)}, **EXTRA[step]) >= 2 * unknown - 1
     )
+
+
+def test_an_unreachable_store_still_stops_the_run(monkeypatch):
+    """Not one sample's problem; a marker would rerun (and fail) every finished sample."""
+    from medprep.storage.s3 import StorageUnavailable
+
+    def unreachable(uri, settings):
+        raise StorageUnavailable("cannot list s3://bucket/ct/1/: EndpointConnectionError")
+
+    monkeypatch.setattr(storage, "source_fingerprint", unreachable)
+    with pytest.raises(StorageUnavailable):
+        source_fingerprint("s3://bucket/ct/1/", {}, sample="S")
