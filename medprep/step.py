@@ -5,11 +5,13 @@ Every script under ``scripts/`` ends with ``run_step(snakemake, main)``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,11 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     configure_logging(log_path)
     sample, modality, step = _step_identity(smk)
     record = failure_record_path(sample, step)
+    attempt = attempt_identity(smk)
+    if (repeated := repeated_input_error(record, attempt)) is not None:
+        # Snakemake retries every failure (`retries:`); bad input fails the same way again
+        _print_line(f"{repeated} (input error, not retried)", log_path)
+        sys.exit(EXIT_INPUT_ERROR)
     record.unlink(missing_ok=True)
     started = time.monotonic()
     subject = f"sample {sample}" if sample != "-" else "all samples"
@@ -75,15 +82,114 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
         main(smk)
     except InputError as error:
         error.with_context(sample=sample)
-        _fail(record, sample, modality, step, error.path, error.cause, str(error), log_path)
+        # bad input fails a retry the same way: recorded so that a retry does not redo it
+        kind = "transient" if error.retryable else "input"
+        _fail(
+            record,
+            sample,
+            modality,
+            step,
+            error.path,
+            error.cause,
+            str(error),
+            log_path,
+            kind=kind,
+            attempt=attempt,
+        )
         sys.exit(EXIT_INPUT_ERROR)
     except Exception as error:  # noqa: BLE001 - every failure must end as one clear line
         log.error("traceback:\n%s", redact(traceback.format_exc()))
         cause = f"unexpected {type(error).__name__}: {error}"
         line = f"sample {sample}: {step} failed: {cause}"
-        _fail(record, sample, modality, step, None, cause, line, log_path)
+        _fail(
+            record,
+            sample,
+            modality,
+            step,
+            None,
+            cause,
+            line,
+            log_path,
+            kind="internal",
+            attempt=attempt,
+        )
         sys.exit(EXIT_INTERNAL_ERROR)
     log.info("%s finished in %.1f s", step, time.monotonic() - started)
+
+
+def _print_line(line: str, log_path: str | None) -> None:
+    log.error("%s", line)
+    where = f" (log: {log_path})" if log_path else ""
+    print(f"medprep error: {line}{where}", file=sys.stderr)
+
+
+##### bad input costs one attempt #####
+
+# Written by the main Snakemake process when it parses the workflow (`start_run`), read by
+# every job of that run (locally or on a cluster node sharing the working directory).
+RUN_ID_PATH = Path(".snakemake") / "medprep" / "run-id"
+
+
+def start_run(path: Path = RUN_ID_PATH) -> str:
+    """Give this workflow run a new identity; failure records remember it."""
+    run_id = uuid.uuid4().hex
+    atomic.write_json(path, {"run": run_id})
+    return run_id
+
+
+def current_run(path: Path = RUN_ID_PATH) -> str | None:
+    try:
+        return str(atomic.read_json(path)["run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def attempt_identity(smk: Any) -> dict[str, str | None]:
+    """What makes two attempts of a job the same: the run, and the job's inputs and params.
+
+    Inputs count by path, size and modification time (cheap: no reading).
+    """
+    digest = hashlib.sha256(str(getattr(smk, "rule", "")).encode())
+    for path in sorted(str(p) for p in _named_values(getattr(smk, "input", ()))):
+        try:
+            info = os.stat(path)
+            digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    params = getattr(smk, "params", ())
+    items = params.items() if hasattr(params, "items") else enumerate(params)
+    for name, value in sorted((str(k), repr(v)) for k, v in items):
+        digest.update(f"{name}={value}\n".encode())
+    return {"run": current_run(), "inputs": digest.hexdigest()[:32]}
+
+
+def repeated_input_error(record: Path, attempt: dict[str, str | None]) -> str | None:
+    """The one line of an input error that an earlier attempt of this job met, if any.
+
+    A retry (Snakemake's ``retries:``, given for memory, killed jobs and transient storage
+    errors) of a job that failed on bad input would fail the same way: same run, same
+    inputs and parameters. Such a retry ends at once with the earlier line. A new run
+    (e.g. after the input was fixed, or a library installed) always tries again.
+    """
+    if attempt.get("run") is None:
+        return None
+    try:
+        previous = atomic.read_json(record)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict) or previous.get("kind") != "input":
+        return None
+    if all(previous.get(key) == attempt[key] for key in ("run", "inputs")):
+        return str(previous.get("message"))
+    return None
+
+
+def _named_values(values: Any) -> list[Any]:
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    if hasattr(values, "items"):
+        return [v for _, v in values.items()]
+    return []
 
 
 def _output_paths(smk: Any) -> list[str]:
@@ -116,14 +222,19 @@ def _fail(
     cause: str,
     line: str,
     log_path: str | None,
+    *,
+    kind: str,
+    attempt: dict[str, str | None],
 ) -> None:
     line = redact(line)
-    log.error("%s", line)
-    where = f" (log: {log_path})" if log_path else ""
-    print(f"medprep error: {line}{where}", file=sys.stderr)
+    _print_line(line, log_path)
     atomic.write_json(
         record,
         {
+            # input: bad input, not retried within this run (see repeated_input_error);
+            # transient or internal: a retry may succeed
+            "kind": kind,
+            **attempt,
             "sample": sample,
             "modality": modality,
             "step": step,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from medprep import atomic, storage
+from medprep import atomic, errors, storage
 from medprep.sheet import read_sample_sheet
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,41 @@ def optional_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def source_fingerprint(uri: str, storage_settings: dict[str, Any]) -> str:
-    return storage.source_fingerprint(uri, storage_settings)
+def source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str = "") -> str:
+    """The sample's input fingerprint (a parameter of its ``download`` job).
+
+    Called by Snakemake for every sample while it builds the DAG, where an exception would
+    stop the whole run. An error of the sample (a symbolic link loop in its folder, a
+    hostile key, a bug) becomes a marker instead (``errors.defer``): that sample's download
+    fails with the error's one line, and every other sample runs.
+
+    An object store that cannot be reached at all still stops the run: that is no
+    property of one sample, and a marker would change the fingerprint of every finished
+    sample, so their downloads would rerun, fail and take their outputs with them.
+    """
+    try:
+        return storage.source_fingerprint(uri, storage_settings)
+    except Exception as error:  # noqa: BLE001 - one sample's problem, reported by its job
+        if storage.is_s3(uri):
+            from medprep.storage.s3 import StorageUnavailable
+
+            if isinstance(error, StorageUnavailable):
+                raise
+        marker = errors.defer(error, path=uri)
+        found = errors.undefer(marker, note="")
+        log.warning("medprep: sample %s: %s (its download will fail)", sample, found)
+        return marker
 
 
 def join_uri(base: str, *parts: str) -> str:
     return storage.join(base, *parts)
+
+
+def start_run() -> str:
+    """A new run identity for the failure records (``medprep.step.start_run``)."""
+    from medprep import step
+
+    return step.start_run()
 
 
 ##### parameters #####
@@ -163,7 +192,14 @@ def mem_mb(
     against the peak RSS that the benchmarks measure. ``on_cluster``: the job runs on a
     cluster (remote executor), inside Snakemake processes of its own.
     """
-    estimate = _ESTIMATORS[step](threads=threads, **inputs)
+    try:
+        estimate = _ESTIMATORS[step](threads=threads, **inputs)
+    except Exception as error:  # noqa: BLE001 - Snakemake would stop every job, not this one
+        # The job itself reports what is wrong with its inputs; here, an exception would
+        # end the whole run. Estimate as for inputs that cannot be read.
+        log.warning("%s: memory estimate failed (%s); the bound for unknown inputs", step, error)
+        unknown = {k: (None if k in _MANIFEST_INPUTS else v) for k, v in inputs.items()}
+        estimate = _ESTIMATORS[step](threads=threads, **unknown)
     if on_cluster:
         estimate += CLUSTER_JOB_OVERHEAD_MB
     return int(math.ceil(estimate * attempt))
@@ -178,8 +214,24 @@ def _upload_mb(*, destination: str, part_size_mb: float, threads: int) -> float:
     return TRANSFER_BASE_MB + per_thread * threads
 
 
-def _download_bytes(download_manifest: str | os.PathLike) -> int:
-    return int(atomic.read_json(download_manifest).get("total_bytes", 0))
+# inputs of the estimators that are files read when the job is scheduled
+_MANIFEST_INPUTS = ("download_manifest", "preprocess_manifest")
+
+
+def _read_manifest(path: str | os.PathLike | None) -> dict[str, Any]:
+    """A step manifest for a memory estimate; {} (unknown) if there is none or it is unreadable."""
+    if path is None:
+        return {}
+    try:
+        manifest = atomic.read_json(path)
+    except (OSError, ValueError) as error:
+        log.warning("memory estimate: cannot read %s (%s); assuming unknown inputs", path, error)
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _download_bytes(download_manifest: str | os.PathLike | None) -> int:
+    return int(_read_manifest(download_manifest).get("total_bytes", 0))
 
 
 def _preprocess_ct_mb(*, download_manifest: str, spacing_out: list[float], threads: int) -> float:
@@ -193,7 +245,7 @@ def _preprocess_ct_mb(*, download_manifest: str, spacing_out: list[float], threa
 def _tile_ct_mb(*, preprocess_manifest: str, threads: int) -> float:
     from medprep.ct import memory
 
-    return memory.tile_ct_mb(atomic.read_json(preprocess_manifest), threads=threads)
+    return memory.tile_ct_mb(_read_manifest(preprocess_manifest), threads=threads)
 
 
 def _preprocess_wsi_mb(*, download_manifest: str, mask_mpp: float, threads: int) -> float:
@@ -213,9 +265,11 @@ def _slide_geometry(download_manifest: str) -> tuple[tuple[int, int] | None, flo
     from medprep.wsi.slide import inspect_slide
     from medprep.wsi.steps import slide_from_download
 
+    if download_manifest is None:
+        return None, None
     try:
         info = inspect_slide(slide_from_download(download_manifest))
-    except (InputError, ValueError):
+    except (InputError, ValueError, OSError):
         return None, None
     return info.dimensions, info.mpp_x
 
@@ -223,7 +277,7 @@ def _slide_geometry(download_manifest: str) -> tuple[tuple[int, int] | None, flo
 def _tile_wsi_mb(*, preprocess_manifest: str, tile_settings: dict[str, Any], threads: int) -> float:
     from medprep.wsi import memory
 
-    summary = atomic.read_json(preprocess_manifest).get("summary", {})
+    summary = _read_manifest(preprocess_manifest).get("summary", {})
     return memory.estimate_tile_mem_mb(
         threads,
         tile_settings["size"],

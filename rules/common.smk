@@ -18,6 +18,11 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 mw.build_demo_if_requested(config)
 
+# A new identity for this run: a retry of a job that failed on bad input in this run
+# fails at once (medprep.step), a new run tries again.
+if workflow.is_main_process:
+    mw.start_run()
+
 samples = mw.load_samples(
     config,
     schema=workflow.source_path("../schemas/samples.schema.yaml"),
@@ -48,7 +53,10 @@ def sample_uri(wildcards):
 
 
 def source_fingerprint(wildcards):
-    return mw.source_fingerprint(sample_uri(wildcards), config["storage"])
+    # never raises: an error becomes a marker that fails this sample's download alone
+    return mw.source_fingerprint(
+        sample_uri(wildcards), config["storage"], sample=wildcards.sample
+    )
 
 
 def sample_mpp(wildcards):
@@ -70,10 +78,9 @@ def step_manifest(step):
 
 
 def upload_inputs(wildcards):
-    modality = sample_table[wildcards.sample]["modality"]
     return [
-        f"results/{modality}/{wildcards.sample}/preprocess.json",
-        f"results/{modality}/{wildcards.sample}/tile.json",
+        f"results/{wildcards.modality}/{wildcards.sample}/preprocess.json",
+        f"results/{wildcards.modality}/{wildcards.sample}/tile.json",
     ]
 
 

@@ -3,6 +3,7 @@
 import logging
 
 from medprep import manifest, storage
+from medprep.errors import undefer
 from medprep.redact import redact
 from medprep.step import run_step
 
@@ -10,6 +11,10 @@ log = logging.getLogger("medprep.download")
 
 
 def main(smk):
+    # an error met while the DAG was built (e.g. a symbolic link loop in the folder)
+    deferred = undefer(smk.params.fingerprint)
+    if deferred is not None:
+        raise deferred
     files = storage.fetch(
         smk.params.uri, smk.params.target_dir, threads=smk.threads, settings=smk.config["storage"]
     )

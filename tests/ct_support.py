@@ -9,6 +9,7 @@ All of them decode through pydicom's pylibjpeg plugins in the code under test.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -125,3 +126,11 @@ def mixed_series_folder(folder: Path) -> tuple[Path, str]:
     (folder / "README.txt").write_text("not a DICOM file\n")
     (folder / "empty.dcm").write_bytes(b"")
     return folder, other_uid
+
+
+def linked_copy(src: Path, dst: Path, link_target: str) -> Path:
+    """A copy of the series in ``src`` plus a folder link ``dst/link -> link_target``
+    (``.`` makes a loop, ``/etc`` leaves the sample's folder)."""
+    copy_folder(src, dst)
+    os.symlink(link_target, dst / "link")
+    return dst

@@ -24,6 +24,7 @@ from ct_support import (
     copy_folder,
     dicom_files,
     edited_copy,
+    linked_copy,
     mixed_series_folder,
     truncated_copy,
 )
@@ -105,6 +106,11 @@ def missing(folder: Path) -> Path:
     return folder / "scan-that-is-not-there.svs"
 
 
+def ct_linked(target: str):
+    """The good series plus a folder link to ``target`` (``.``: a loop; ``/etc``: outside)."""
+    return lambda folder: linked_copy(CT_3SLICE, folder, target)
+
+
 @dataclass(frozen=True)
 class Case:
     modality: str
@@ -141,6 +147,12 @@ CASES = {
     "duplicate-slices": Case("ct", duplicate_slices, "ok", cause="duplicate"),
     "head-ct": Case("ct", head_ct, "no_lungs", cause="no lungs found"),
     "missing-file": Case("wsi", missing, "failed", "download", "does not exist"),
+    "ct-symlink-loop": Case(
+        "ct", ct_linked("."), "failed", "download", "symbolic link loop: leads back to"
+    ),
+    "ct-symlink-to-etc": Case(
+        "ct", ct_linked("/etc"), "failed", "download", "symbolic link to /etc, a folder outside"
+    ),
 }
 GOOD = {
     "good-slide": Case("wsi", slide_copy(CMU), "ok"),
@@ -174,10 +186,15 @@ def matrix(tmp_path_factory) -> MatrixRun:
     return MatrixRun(workdir, run.returncode, run.stderr, uris, cohort)
 
 
-def job_log(workdir: Path, name: str, case: Case) -> Path:
+def job_log_name(name: str, case: Case) -> str:
+    """The failing job's log, relative to the working directory (as Snakemake names it)."""
     if case.step in ("download", "upload"):  # rules shared by both modalities
-        return workdir / "logs" / case.step / case.modality / f"{name}.log"
-    return workdir / "logs" / f"{case.step}_{case.modality}" / f"{name}.log"
+        return f"logs/{case.step}/{case.modality}/{name}.log"
+    return f"logs/{case.step}_{case.modality}/{name}.log"
+
+
+def job_log(workdir: Path, name: str, case: Case) -> Path:
+    return workdir / job_log_name(name, case)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -242,6 +259,33 @@ def test_bad_input_fails_its_sample_with_one_clear_line(matrix, name):
     row = matrix.cohort[name]
     assert row["failed_step"] == case.step
     assert case.cause in row["cause"] and f"sample {name}" in row["cause"]
+
+
+@pytest.mark.parametrize("name", FAILING)
+def test_bad_input_costs_one_attempt(matrix, name):
+    # every rule has `retries:`; a retry after bad input fails at once with the same line
+    case = CASES[name]
+    log = job_log(matrix.workdir, name, case).read_text()  # the last attempt's log
+    assert "(input error, not retried)" in log and "thread(s)" not in log, log
+    lines = [
+        line
+        for line in matrix.stderr.splitlines()
+        if line.startswith(f"medprep error: sample {name}: ")
+        and line.endswith(f"(log: {job_log_name(name, case)})")
+    ]
+    worked = [line for line in lines if "(input error, not retried)" not in line]
+    assert len(worked) == 1 and len(lines) > 1, lines  # one attempt did the work
+
+
+def test_no_log_of_the_run_holds_a_traceback(matrix):
+    logs = [p for p in (matrix.workdir / "logs").rglob("*.log") if "Traceback" in p.read_text()]
+    assert logs == []
+
+
+def test_no_listing_left_the_sample_folder(matrix):
+    manifests = (matrix.workdir / "results").rglob("download.json")
+    paths = [f["path"] for m in manifests for f in json.loads(m.read_text())["files"]]
+    assert paths and not [p for p in paths if p.startswith("/etc/")]
 
 
 @pytest.mark.parametrize("name", FAILING)

@@ -51,7 +51,7 @@ def test_missing_optional_columns_are_added_empty(tmp_path):
             "../evil\tct\tx\n",
             "line 2 (sample '../evil'), column 'sample': '../evil' does not match",
         ),
-        ("A\twsi\tx\tabc\n", "line 2, column 'mpp': 'abc' is not a number"),
+        ("A\twsi\tx\tabc\n", "line 2 (sample 'A'), column 'mpp': 'abc' is not a number"),
         (
             "A\twsi\tx\t-1\n",
             "line 2 (sample 'A'), column 'mpp': -1.0 is less than or equal to the minimum of 0",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
 from medprep import atomic
-from medprep.errors import InputError
+from medprep.errors import InputError, defer
 from medprep.parallel import thread_map
 from medprep.storage import (
     IGNORED_NAMES,
@@ -24,35 +26,96 @@ from medprep.storage import (
 log = logging.getLogger(__name__)
 
 
-def _list_files(root: Path) -> list[os.DirEntry]:
-    """Regular files under ``root``, recursively, hidden ones (and hidden folders) skipped."""
-    found = []
-    stack = [root]
+def _list_files(root: Path) -> list[tuple[str, os.stat_result]]:
+    """Regular files under folder ``root``, recursively, as (path, stat), sorted by path.
+
+    Hidden files and folders are skipped. Symbolic links are followed, with limits that
+    keep the listing inside the sample: a link to a folder outside ``root`` is refused,
+    and so is a folder reached twice (a link loop, or a link or mount to a folder listed
+    already; folders are told apart by device and inode). A link to a file may point
+    anywhere (data stores such as git-annex keep files behind links). A broken link, an
+    unreadable folder or an entry that is neither a file nor a folder (device, socket,
+    pipe) is refused too. Every refusal is an ``InputError`` naming the entry.
+    """
+    top = os.path.realpath(root)
+    root_stat = os.stat(root)
+    listed = {(root_stat.st_dev, root_stat.st_ino): str(root)}
+    found: list[tuple[str, os.stat_result]] = []
+    stack: list[tuple[str, tuple[tuple[int, int], ...]]] = [
+        (str(root), ((root_stat.st_dev, root_stat.st_ino),))
+    ]
     while stack:
-        folder = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
-                    continue
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=True):
-                    found.append(entry)
-    return sorted(found, key=lambda e: e.path)
+        folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as error:
+            raise InputError(f"cannot list folder: {error.strerror}", path=folder) from None
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
+                continue
+            info = _stat_entry(entry)
+            if stat.S_ISREG(info.st_mode):
+                found.append((entry.path, info))
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                raise InputError(
+                    "not a regular file or folder (a device, socket or pipe); refused",
+                    path=entry.path,
+                )
+            identity = (info.st_dev, info.st_ino)
+            target = os.path.realpath(entry.path)
+            if entry.is_symlink() and os.path.commonpath([top, target]) != top:
+                raise InputError(
+                    f"symbolic link to {target}, a folder outside the sample's folder "
+                    f"{top}; refused",
+                    path=entry.path,
+                )
+            if identity in ancestors:
+                raise InputError(
+                    f"symbolic link loop: leads back to {target}, a folder that contains it",
+                    path=entry.path,
+                )
+            if identity in listed:
+                raise InputError(
+                    f"the same folder as {listed[identity]} (a link or a mount): its files "
+                    "would be listed twice",
+                    path=entry.path,
+                )
+            listed[identity] = entry.path
+            stack.append((entry.path, (*ancestors, identity)))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _stat_entry(entry: os.DirEntry) -> os.stat_result:
+    """The entry's stat, links followed; an ``InputError`` for broken links and loops."""
+    try:
+        return entry.stat(follow_symlinks=True)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            cause = "symbolic link loop (too many levels of links)"
+        elif entry.is_symlink() and error.errno == errno.ENOENT:
+            cause = f"broken symbolic link (to {os.readlink(entry.path)}, which does not exist)"
+        else:
+            cause = f"cannot be read: {error.strerror}"
+        raise InputError(cause, path=entry.path) from None
+
+
+def _file_entries(folder: Path) -> list[tuple[str, int, int]]:
+    """(path relative to ``folder``, size, mtime_ns) of the files ``_list_files`` finds."""
+    return [
+        (os.path.relpath(path, folder), info.st_size, info.st_mtime_ns)
+        for path, info in _list_files(folder)
+    ]
 
 
 def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:
     path = Path(uri)
     if path.is_file():
-        stat = path.stat()
-        return fingerprint_of([(path.name, stat.st_size, stat.st_mtime_ns)])
+        info = path.stat()
+        return fingerprint_of([(path.name, info.st_size, info.st_mtime_ns)])
     if path.is_dir():
-        return fingerprint_of(
-            [
-                (os.path.relpath(e.path, path), e.stat().st_size, e.stat().st_mtime_ns)
-                for e in _list_files(path)
-            ]
-        )
+        return fingerprint_of(_file_entries(path))
     # A missing input is reported by `download` for this sample alone, not at DAG build.
     return "missing"
 
@@ -63,17 +126,17 @@ def fetch(
     """Describe a local file or folder; local inputs are read in place, not copied."""
     path = Path(uri)
     if path.is_file():
-        stat = path.stat()
-        return [SourceFile(str(path.resolve()), path.name, stat.st_size, mtime_ns=stat.st_mtime_ns)]
+        info = path.stat()
+        return [SourceFile(str(path.resolve()), path.name, info.st_size, mtime_ns=info.st_mtime_ns)]
     if path.is_dir():
         files = [
             SourceFile(
-                str(Path(e.path).resolve()),
-                os.path.relpath(e.path, path),
-                e.stat().st_size,
-                mtime_ns=e.stat().st_mtime_ns,
+                str(Path(full).resolve()),
+                os.path.relpath(full, path),
+                info.st_size,
+                mtime_ns=info.st_mtime_ns,
             )
-            for e in _list_files(path)
+            for full, info in _list_files(path)
         ]
         if not files:
             raise InputError("folder is empty", path=str(path))
@@ -164,7 +227,15 @@ def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[
             "sample": name,
             "modality": modality,
             "uri": uri,
-            "fingerprint": source_fingerprint(uri, settings),
+            "fingerprint": _fingerprint_or_deferred(uri, settings),
         }
         for name, uri in sorted(uri_of.items())
     ]
+
+
+def _fingerprint_or_deferred(uri: str, settings: dict[str, Any]) -> str:
+    """One bad folder must not stop the discovery of the others: its download reports it."""
+    try:
+        return source_fingerprint(uri, settings)
+    except InputError as error:
+        return defer(error, path=uri)

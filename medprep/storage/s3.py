@@ -260,6 +260,7 @@ def _download_all(
         raise InputError(
             f"object {changed} changed on the server during the download; run the workflow again",
             path=f"s3://{bucket}/{changed}",
+            retryable=True,
         ) from None
     return checks
 
