@@ -175,9 +175,12 @@ def publish(
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
     sample = manifest.get("sample")
+    inside: dict[Path, bool] = {}  # by folder: thousands of tiles share a few
     for item in artifacts:
         final = target / item["name"]
-        if not _inside(root, final):
+        if final.parent not in inside:
+            inside[final.parent] = _inside(root, final)
+        if not inside[final.parent]:
             raise InputError(
                 f"refusing to publish {item['name']}: a link on its path leaves the sample folder",
                 path=str(target),
