@@ -33,6 +33,12 @@ onsuccess:
     medprep_cohort.print_summary(COHORT_OUTPUTS)
 
 
+# Before the first job: a destination that cannot be published to stops the run in one
+# line (a dry-run writes no probe).
+onstart:
+    mw.check_destination_or_exit(config)
+
+
 # With failed samples the `cohort` rule cannot run: write the table with their causes here.
 onerror:
     medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS)

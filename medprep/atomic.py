@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -108,17 +109,40 @@ def replace_dir(src: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete leftovers of killed writers (``.name.tmp-*``/``.name.old-*``) in ``folder``."""
+# The names the writers above give their temporaries: ``.name.tmp-<pid>-<hex>[.suffix]``
+# and ``.name.old-<pid>-<hex>`` (also those of medprep.storage.s3's downloads).
+_TEMPORARY_NAME = re.compile(r"^\..*\.(?:tmp|old)-\d+-[0-9a-f]+")
+
+
+def is_temporary_name(name: str) -> bool:
+    return bool(_TEMPORARY_NAME.match(name))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> int:
+    """Delete leftovers of killed writers (``.name.tmp-*``/``.name.old-*``) in ``folder``.
+
+    ``recursive``: in every sub-folder too (a published sample folder, where a killed copy
+    leaves its temporary next to the file it was writing, at any depth). Links are
+    removed as links and never followed.
+    """
     count = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for entry in folder.iterdir():
-        if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            count += 1
+    pending = [folder]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
+            if is_temporary_name(entry.name):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    Path(entry.path).unlink(missing_ok=True)
+                count += 1
+            elif recursive and entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
     return count

@@ -19,8 +19,14 @@ MANIFEST_FORMAT = 1
 
 def artifact(name: str, path: str | os.PathLike) -> dict[str, str]:
     """One publishable file: ``name`` inside the published folder, ``path`` on local disk."""
-    if name.startswith("/") or ".." in Path(name).parts:
-        raise ValueError(f"artifact name must be a relative path inside the sample folder: {name}")
+    from medprep.storage import check_relative_key
+
+    try:
+        check_relative_key(name)
+    except ValueError as error:
+        raise ValueError(
+            f"artifact name must be a relative path inside the sample folder: {name!r}: {error}"
+        ) from None
     return {"name": name, "path": os.fspath(path)}
 
 

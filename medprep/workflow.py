@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,44 @@ def start_run() -> str:
     from medprep import step
 
     return step.start_run()
+
+
+##### publishing #####
+
+
+def expect_published(samples: dict[str, dict[str, Any]], config: dict[str, Any]) -> None:
+    """Announce the published sample prefixes the check of ``upload`` lists (no I/O)."""
+    storage.expect_sources(
+        [
+            join_uri(config["destination"], row["modality"], name) + "/"
+            for name, row in samples.items()
+        ],
+        config["storage"],
+    )
+
+
+def published_generation(
+    config: dict[str, Any], modality: str, sample: str, *, main_process: bool
+) -> int:
+    """The ``upload`` parameter that changes when a published file went missing or changed."""
+    from medprep.storage import published
+
+    return published.generation(
+        join_uri(config["destination"], modality, sample),
+        published.state_path(modality, sample),
+        config["storage"],
+        sample=sample,
+        announce=main_process,
+    )
+
+
+def check_destination_or_exit(config: dict[str, Any]) -> None:
+    """Stop the run, before any job, if results cannot be published (for ``onstart``)."""
+    try:
+        storage.check_destination(config["destination"], config["storage"])
+    except storage.DestinationUnusable as error:
+        print(f"medprep error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 ##### parameters #####

@@ -34,6 +34,8 @@ sample_table = mw.sample_records(samples)
 mw.storage.expect_sources(
     [row["uri"] for row in sample_table.values()], config["storage"]
 )
+# ... and those of the published samples, for the check of `upload` (see below).
+mw.expect_published(sample_table, config)
 
 
 wildcard_constraints:
@@ -86,6 +88,16 @@ def upload_inputs(wildcards):
 
 def publish_destination(wildcards):
     return mw.join_uri(config["destination"], wildcards.modality, wildcards.sample)
+
+
+def published_generation(wildcards):
+    """Changes when a published file of the sample went missing or changed: rerun upload."""
+    return mw.published_generation(
+        config,
+        wildcards.modality,
+        wildcards.sample,
+        main_process=workflow.is_main_process,
+    )
 
 
 def get_final_outputs():

@@ -16,5 +16,6 @@ rule upload:
         runtime="1h",
     params:
         destination=publish_destination,
+        published_generation=published_generation,
     script:
         "../scripts/upload.py"

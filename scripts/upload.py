@@ -1,8 +1,11 @@
 """Rule `upload`: publish a sample's artifacts, data first and manifest.json last."""
 
+import sys
+
 from medprep import __version__, atomic, manifest, storage
 from medprep.redact import redact
 from medprep.step import run_step
+from medprep.storage import published as published_check
 
 
 def main(smk):
@@ -19,6 +22,16 @@ def main(smk):
         manifest=published,
         threads=smk.threads,
         settings=smk.config["storage"],
+    )
+    for line in receipt.get("refused", []):
+        print(f"medprep warning: {redact(line)}", file=sys.stderr)
+    # what the next run compares the destination with (medprep.storage.published)
+    published_check.record(
+        published_check.state_path(smk.wildcards.modality, smk.wildcards.sample),
+        smk.params.destination,
+        int(smk.params.published_generation),
+        receipt,
+        smk.config["storage"],
     )
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])

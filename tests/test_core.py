@@ -64,6 +64,25 @@ def test_remove_stale_temporaries_keeps_finished_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
+def test_remove_stale_temporaries_at_every_depth_without_following_links(tmp_path):
+    deep = tmp_path / "sample" / "tiles" / "pixels"
+    deep.mkdir(parents=True)
+    (deep / "000001.jpg").write_bytes(b"tile")
+    (deep / ".000002.tmp-77-0123abcd.jpg").write_bytes(b"half a tile")
+    (tmp_path / "sample" / ".pixels.tmp-77-0123abcd").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".x.tmp-1-ffffffff.json").write_text("not this sample's")
+    (tmp_path / "sample" / "tiles" / "elsewhere").symlink_to(outside)
+
+    assert atomic.remove_stale_temporaries(tmp_path / "sample") == 1  # top level only
+    assert atomic.remove_stale_temporaries(tmp_path / "sample", recursive=True) == 1
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert ".000002.tmp-77-0123abcd.jpg" not in " ".join(left)
+    assert "sample/tiles/pixels/000001.jpg" in left
+    assert (outside / ".x.tmp-1-ffffffff.json").exists(), "links are not followed"
+
+
 ##### worker pools #####
 
 

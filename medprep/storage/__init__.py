@@ -88,13 +88,48 @@ def files_fingerprint(files: list[SourceFile]) -> str:
 
 
 def check_relative_key(key: str) -> str:
-    """Return ``key`` if it is a plain relative path; ValueError if it could leave its folder."""
-    if not key or key.startswith("/") or "\x00" in key:
-        raise ValueError("empty, absolute or containing NUL")
+    """Return ``key`` if it is a plain relative path; ValueError if it could leave its folder.
+
+    The one check for every name that becomes a path or key under a sample's folder:
+    object keys of downloads, artifact names and the names an old published manifest
+    lists. Backslashes are refused too: a Windows reader (or an SMB share) takes them
+    for separators.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError("empty or not a string")
+    if key.startswith("/"):
+        raise ValueError("is an absolute path")
+    if "\x00" in key:
+        raise ValueError("contains a NUL character")
+    if "\\" in key:
+        raise ValueError("contains a backslash")
     parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError("has an empty, '.' or '..' path component")
     return key
+
+
+def check_artifact_names(artifacts: list[dict[str, str]]) -> None:
+    """Artifact names are plain relative keys, unique, and not the published manifest's."""
+    names = set()
+    for item in artifacts:
+        name = item["name"]
+        try:
+            check_relative_key(name)
+        except ValueError as error:
+            raise ValueError(f"artifact name {name!r} cannot be published: {error}") from None
+        if name == PUBLISHED_MANIFEST:
+            raise ValueError(f"artifact name {name} is reserved for the published manifest")
+        if name in names:
+            raise ValueError(f"two artifacts are named {name}")
+        names.add(name)
+
+
+def refusal(sample: str | None, where: str, cause: str) -> str:
+    """The one line that says what publishing refused to touch, and why."""
+    from medprep.errors import InputError
+
+    return str(InputError(cause, path=where, sample=sample))
 
 
 def is_hidden(relative: str) -> bool:
@@ -175,6 +210,27 @@ def publish(
     )
 
 
+class DestinationUnusable(RuntimeError):
+    """The destination cannot be published to (``str()`` is one line, no credentials)."""
+
+
+def check_destination(destination: str, settings: dict[str, Any] | None = None) -> None:
+    """Make sure results can be published under ``destination`` before any work starts.
+
+    Local: the folder is created and a probe file written and deleted in it. S3: a probe
+    object is written and deleted under the prefix (one PUT and one DELETE, which also
+    proves the bucket exists and the credentials work). Raises ``DestinationUnusable``.
+    """
+    _backend(destination).check_destination(destination, settings or {})
+
+
+def probe_name() -> str:
+    """A hidden, unique name for the write probe of ``check_destination``."""
+    import uuid
+
+    return f".medprep-write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def discover(
     prefix: str, modality: str, settings: dict[str, Any] | None = None
 ) -> list[dict[str, str]]:
@@ -218,10 +274,11 @@ def expect_sources(uris: list[str], settings: dict[str, Any] | None = None) -> N
 
 def clear_caches() -> None:
     """Forget cached listings and clients (tests; long-lived processes)."""
-    from medprep.storage import s3_connect, s3_listing
+    from medprep.storage import published, s3_connect, s3_listing
 
     s3_listing.CACHE.clear()
     s3_connect.clear_caches()
+    published.clear_cache()
 
 
 def join(base: str, *parts: str) -> str:

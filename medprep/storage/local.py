@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from medprep import atomic
@@ -16,8 +17,13 @@ from medprep.parallel import thread_map
 from medprep.storage import (
     IGNORED_NAMES,
     PUBLISHED_MANIFEST,
+    DestinationUnusable,
     SourceFile,
+    check_artifact_names,
+    check_relative_key,
     fingerprint_of,
+    probe_name,
+    refusal,
     safe_sample_name,
     sha256_file,
     slide_stem,
@@ -144,6 +150,71 @@ def fetch(
     raise InputError("does not exist", path=str(path))
 
 
+def _inside(root: Path, path: Path) -> bool:
+    """``path``'s folder, links resolved, is ``root`` or under it."""
+    try:
+        return path.parent.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop on the way
+        return False
+
+
+def _previous_names(
+    manifest_path: Path, sample: str | None, where: str
+) -> tuple[set[str], list[str]]:
+    """The names the old published manifest lists that are safe to act on, and refusals.
+
+    The old manifest is read from the destination, which others may write to: every
+    name is checked like an object key before publishing may remove it.
+    """
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        return set(), []
+    try:
+        entries = atomic.read_json(manifest_path).get("files", [])
+    except (ValueError, OSError, AttributeError) as error:
+        cause = f"unreadable ({type(error).__name__}); nothing it lists is removed"
+        return set(), [refusal(sample, where, cause)]
+    if not isinstance(entries, list):
+        return set(), [refusal(sample, where, "its 'files' is not a list; ignored")]
+    names, refused = set(), []
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        try:
+            check_relative_key(name)
+        except ValueError as error:
+            shown = repr(name if name is not None else entry)[:200]
+            refused.append(
+                refusal(sample, where, f"refusing to remove {shown}, listed in it: {error}")
+            )
+            continue
+        names.add(name)
+    return names, refused
+
+
+def _remove_stale(
+    root: Path, target: Path, name: str, sample: str | None, where: str
+) -> str | None:
+    """Remove published file ``name`` no longer part of the sample; a refusal line or None."""
+    path = target / name
+    if not _inside(root, path):
+        return refusal(
+            sample,
+            where,
+            f"refusing to remove {name!r}, listed in it: a link on its path leaves the sample folder",
+        )
+    if path.is_dir() and not path.is_symlink():
+        return refusal(sample, where, f"refusing to remove {name!r}, listed in it: it is a folder")
+    path.unlink(missing_ok=True)  # a link is removed as a link, never followed
+    log.info("removed %s, no longer part of the sample", name)
+    for parent in path.parents:  # folders the removal emptied
+        if parent == target or not parent.is_relative_to(target):
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    return None
+
+
 def publish(
     artifacts: list[dict[str, str]],
     destination: str,
@@ -152,25 +223,56 @@ def publish(
     threads: int,
     settings: dict[str, Any],
 ) -> dict[str, Any]:
+    """Copy ``artifacts`` into folder ``destination``, then write ``manifest.json``.
+
+    Nothing outside the folder is touched: artifact names and the names the old
+    manifest lists are checked like object keys, and a link on the way that leaves the
+    folder is refused. A bad name in the old manifest is not removed (one warning line
+    each, also in the receipt's ``refused``) and the sample is still published: the
+    entry is someone else's doing, refusing to act on it is the safe part, and failing
+    would let whoever can write to the destination block every republish. The new
+    manifest then no longer lists it.
+    """
+    check_artifact_names(artifacts)
     target = Path(destination)
     target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+    sample = manifest.get("sample")
+    inside: dict[Path, bool] = {}  # by folder: thousands of tiles share a few
+    for item in artifacts:
+        final = target / item["name"]
+        if final.parent not in inside:
+            inside[final.parent] = _inside(root, final)
+        if not inside[final.parent]:
+            raise InputError(
+                f"refusing to publish {item['name']}: a link on its path leaves the sample folder",
+                path=str(target),
+            )
+        if final.is_dir() and not final.is_symlink():
+            raise InputError(
+                f"cannot publish {item['name']}: a folder of that name is in the way",
+                path=str(target),
+            )
     manifest_path = target / PUBLISHED_MANIFEST
-    previous = set()
-    if manifest_path.exists():
-        try:
-            previous = {f["name"] for f in atomic.read_json(manifest_path).get("files", [])}
-        except (ValueError, OSError):
-            previous = set()
-        # from here on the sample does not look complete until the new manifest lands
-        manifest_path.unlink()
-    atomic.remove_stale_temporaries(target)
+    previous, refused = _previous_names(manifest_path, sample, str(manifest_path))
+    # from here on the sample does not look complete until the new manifest lands
+    manifest_path.unlink(missing_ok=True)
+    removed_temporaries = atomic.remove_stale_temporaries(target, recursive=True)
+    if removed_temporaries:
+        log.info("removed %d temporary file(s) of an interrupted publish", removed_temporaries)
 
     def copy_one(item: dict[str, str]) -> dict[str, Any]:
         source = Path(item["path"])
         final = target / item["name"]
         size = source.stat().st_size
         checksum = sha256_file(source)
-        if final.is_file() and final.stat().st_size == size and sha256_file(final) == checksum:
+        same = (
+            not final.is_symlink()
+            and final.is_file()
+            and final.stat().st_size == size
+            and sha256_file(final) == checksum
+        )
+        if same:
             action = "skipped"
         else:
             with atomic.atomic_path(final) as tmp:
@@ -179,9 +281,13 @@ def publish(
         return {"name": item["name"], "bytes": size, "sha256": checksum, "action": action}
 
     files = list(thread_map(copy_one, artifacts, threads))
-    for stale in sorted(previous - {f["name"] for f in files}):
-        (target / stale).unlink(missing_ok=True)
-        log.info("removed %s, no longer part of the sample", stale)
+    names = {f["name"] for f in files}
+    for stale in sorted(previous - names - {PUBLISHED_MANIFEST}):
+        line = _remove_stale(root, target, stale, sample, str(manifest_path))
+        if line:
+            refused.append(line)
+    for line in refused:
+        log.warning("%s", line)
     published = {
         **manifest,
         "files": [{k: f[k] for k in ("name", "bytes", "sha256")} for f in files],
@@ -195,7 +301,66 @@ def publish(
         copied,
         len(files) - copied,
     )
-    return {"destination": str(target), "manifest": str(manifest_path), "files": files}
+    return {
+        "destination": str(target),
+        "manifest": str(manifest_path),
+        "manifest_sha256": sha256_file(manifest_path),
+        "files": files,
+        "refused": refused,
+    }
+
+
+def published_state(
+    destination: str, names: list[str], settings: dict[str, Any], *, fresh: bool, checksum: bool
+) -> dict[str, dict[str, Any]]:
+    """Size and modification time (and SHA-256 with ``checksum``) of each regular file
+    ``name`` under ``destination``; names that are missing, not regular files or behind
+    a link leaving the folder are left out. One ``lstat`` per name.
+    """
+    target = Path(destination)
+    if not target.is_dir():
+        return {}
+    root = target.resolve()
+    inside: dict[Path, bool] = {}
+    found = {}
+    for name in names:
+        try:
+            check_relative_key(name)
+        except ValueError:
+            continue
+        path = target / name
+        if path.parent not in inside:
+            inside[path.parent] = _inside(root, path)
+        if not inside[path.parent]:
+            continue
+        try:
+            stat = path.lstat()
+        except OSError:
+            continue
+        if not S_ISREG(stat.st_mode):
+            continue
+        entry: dict[str, Any] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if checksum:
+            entry["sha256"] = sha256_file(path)
+        found[name] = entry
+    return found
+
+
+def check_destination(destination: str, settings: dict[str, Any]) -> None:
+    """Create folder ``destination`` and write and delete a probe file in it."""
+    target = Path(destination)
+    probe = target / probe_name()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with open(probe, "xb") as f:
+            f.write(b"medprep write check\n")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        failed = f" ({error.filename})" if error.filename else ""
+        raise DestinationUnusable(
+            f"destination {destination}: cannot publish there: {reason}{failed}"
+        ) from None
 
 
 def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[str, str]]:

@@ -24,10 +24,14 @@ from medprep.parallel import thread_map
 from medprep.redact import redact
 from medprep.storage import (
     PUBLISHED_MANIFEST,
+    DestinationUnusable,
     SourceFile,
+    check_artifact_names,
     check_relative_key,
     fingerprint_of,
     is_hidden,
+    probe_name,
+    refusal,
     safe_sample_name,
     slide_stem,
 )
@@ -298,18 +302,6 @@ def _write_state(target: Path, files: list[SourceFile]) -> None:
 # ---------------------------------------------------------------- upload
 
 
-def _check_artifact_names(artifacts: list[dict[str, str]]) -> None:
-    names = set()
-    for item in artifacts:
-        name = item["name"]
-        check_relative_key(name)
-        if name == PUBLISHED_MANIFEST:
-            raise ValueError(f"artifact name {name} is reserved for the published manifest")
-        if name in names:
-            raise ValueError(f"two artifacts are named {name}")
-        names.add(name)
-
-
 def _unchanged(
     s3: Any, bucket: str, prefix: str, local: transfer.LocalFile, remote: RemoteObject | None
 ) -> bool:
@@ -323,16 +315,29 @@ def _unchanged(
     return metadata.get(transfer.SHA256_METADATA) == local.sha256
 
 
-def _abort_unfinished(s3: Any, bucket: str, prefix: str) -> None:
-    """Abort multipart uploads a killed run left under ``prefix`` (they cost storage)."""
-    try:
-        listing = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-    except Exception as error:  # noqa: BLE001 - not every S3-compatible store lists them
-        log.info("could not list unfinished uploads: %s", type(error).__name__)
-        return
-    for upload in listing.get("Uploads", []):
-        transfer.abort_multipart(s3, bucket, upload["Key"], upload["UploadId"])
-        log.info("aborted an unfinished upload of %s", upload["Key"])
+def _abort_unfinished(s3: Any, bucket: str, prefix: str) -> int:
+    """Abort multipart uploads a killed run left under ``prefix``, at any depth.
+
+    They are the S3 publisher's only temporaries (it writes no temporary keys): parts
+    that cost storage and never show in a listing of objects.
+    """
+    aborted = 0
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        try:
+            listing = s3.list_multipart_uploads(**kwargs)
+        except Exception as error:  # noqa: BLE001 - not every S3-compatible store lists them
+            log.info("could not list unfinished uploads: %s", type(error).__name__)
+            return aborted
+        for upload in listing.get("Uploads", []):
+            if upload["Key"].startswith(prefix):
+                transfer.abort_multipart(s3, bucket, upload["Key"], upload["UploadId"])
+                log.info("aborted an unfinished upload of %s", upload["Key"])
+                aborted += 1
+        if not listing.get("IsTruncated"):
+            return aborted
+        kwargs["KeyMarker"] = listing.get("NextKeyMarker")
+        kwargs["UploadIdMarker"] = listing.get("NextUploadIdMarker")
 
 
 def _upload_files(
@@ -405,6 +410,40 @@ def _delete(s3: Any, bucket: str, keys: list[str], threads: int, attempts: int) 
         pass
 
 
+def _plain_key(key: str) -> bool:
+    try:
+        check_relative_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+def _published_entries(
+    listed: list[RemoteObject], prefix: str, sample: str | None, where: str
+) -> tuple[dict[str, RemoteObject], list[str]]:
+    """The objects under ``prefix`` by relative name, and refusals of hostile keys.
+
+    A listing only holds keys under the prefix, so nothing outside it can be named; but
+    a key such as ``prefix/../../x`` may be resolved elsewhere by a proxy or another
+    S3 implementation that normalises paths, so such keys are neither deleted nor
+    overwritten (a warning line each), like bad names in a local manifest.
+    """
+    remote, refused = {}, []
+    for obj in listed:
+        rel = obj.key[len(prefix) :]
+        if rel == "" or (rel.endswith("/") and _plain_key(rel[:-1])):
+            continue  # a "folder" marker another tool made: harmless, not ours
+        try:
+            check_relative_key(rel)
+        except ValueError as error:
+            refused.append(
+                refusal(sample, where, f"refusing to delete object {obj.key!r}: {error}")
+            )
+            continue
+        remote[rel] = obj
+    return remote, refused
+
+
 def _manifest_body(manifest: dict[str, Any], files: list[transfer.LocalFile]) -> bytes:
     listed = [{"name": f.name, "bytes": f.size, "sha256": f.sha256} for f in files]
     return (json.dumps({**manifest, "files": listed}, indent=2, default=str) + "\n").encode("utf-8")
@@ -426,7 +465,7 @@ def publish(
     """
     location = parse_uri(destination)
     bucket, prefix = location.bucket, _folder(location.key)
-    _check_artifact_names(artifacts)
+    check_artifact_names(artifacts)
     attempts = max_attempts(settings)
     s3 = client(settings, pool_size=threads + 4)
     started = time.monotonic()
@@ -440,7 +479,12 @@ def publish(
         with_retries(lambda: list_objects(settings, bucket, prefix), "list destination", attempts)
         or []
     )
-    remote = {obj.key[len(prefix) :]: obj for obj in listed}
+    # The old manifest is not read: the listing says what is there, and only under prefix.
+    remote, refused = _published_entries(
+        listed, prefix, manifest.get("sample"), redact(f"s3://{bucket}/{prefix}")
+    )
+    for line in refused:
+        log.warning("%s", line)
     unchanged = _unchanged_names(s3, bucket, prefix, files, remote, threads, attempts)
     changed = [f for f in files if f.name not in unchanged]
     stale = sorted(set(remote) - {f.name for f in files} - {PUBLISHED_MANIFEST})
@@ -449,14 +493,13 @@ def publish(
         # from here on the sample does not look complete until the new manifest lands
         _delete(s3, bucket, [prefix + PUBLISHED_MANIFEST], 1, attempts)
         old_manifest = None
-    if changed:
-        _abort_unfinished(s3, bucket, prefix)
+    _abort_unfinished(s3, bucket, prefix)
     etags = _upload_files(s3, bucket, prefix, changed, threads, settings)
     _delete(s3, bucket, [prefix + name for name in stale], threads, attempts)
     body = _manifest_body(manifest, files)
+    sha = hashlib.sha256(body).hexdigest()
     manifest_action = "skipped"
     if old_manifest is None or old_manifest.etag != hashlib.md5(body).hexdigest():
-        sha = hashlib.sha256(body).hexdigest()
         key = prefix + PUBLISHED_MANIFEST
         transfer.put_bytes(s3, bucket, key, body, sha, attempts, ContentType="application/json")
         manifest_action = "uploaded"
@@ -464,10 +507,83 @@ def publish(
     return {
         "destination": f"s3://{bucket}/{prefix}",
         "manifest": f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
+        "manifest_sha256": sha,
         "files": [_receipt_entry(f, etags, remote, unchanged) for f in files],
         "removed": stale,
+        "refused": refused,
         "manifest_action": manifest_action,
     }
+
+
+def published_state(
+    destination: str, names: list[str], settings: dict[str, Any], *, fresh: bool, checksum: bool
+) -> dict[str, dict[str, Any]]:
+    """Size and ETag of each object ``name`` under ``destination`` (missing ones left out).
+
+    One listing of the sample's prefix, served from the listing cache unless ``fresh``
+    (a common parent primed by ``expect_sources`` answers many samples). The ETag is the
+    store's own checksum of the content, so ``checksum`` asks for nothing more.
+    """
+    prefix_uri = _folder(destination)
+    objects = _list_or_explain(settings, prefix_uri, use_cache=not fresh)
+    if not objects:
+        return {}
+    folder = _folder(parse_uri(prefix_uri).key)
+    wanted = set(names)
+    return {
+        obj.key[len(folder) :]: {"bytes": obj.size, "etag": obj.etag}
+        for obj in objects
+        if obj.key[len(folder) :] in wanted
+    }
+
+
+def check_destination(destination: str, settings: dict[str, Any]) -> None:
+    """Write and delete a probe object under the destination prefix (two requests)."""
+    location = parse_uri(destination)
+    key = _folder(location.key) + probe_name()
+    try:
+        # two attempts at most: an unreachable store is reported in seconds
+        s3 = client({**settings, "max_attempts": min(max_attempts(settings), 2)})
+        s3.put_object(Bucket=location.bucket, Key=key, Body=b"medprep write check\n")
+        s3.delete_object(Bucket=location.bucket, Key=key)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line
+        raise DestinationUnusable(
+            f"destination {redact(destination)}: cannot publish there: "
+            + _explain_refusal(error, location.bucket, settings)
+        ) from None
+
+
+_CREDENTIAL_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+}
+
+
+def _explain_refusal(error: BaseException, bucket: str, settings: dict[str, Any]) -> str:
+    from botocore.exceptions import (
+        EndpointConnectionError,
+        NoCredentialsError,
+        ProfileNotFound,
+    )
+
+    code = error_code(error)
+    if code == "NoSuchBucket":
+        return f"bucket {bucket} does not exist"
+    if code in _CREDENTIAL_CODES:
+        return (
+            f"access denied ({code}); check the credentials, storage.profile and the bucket policy"
+        )
+    if isinstance(error, NoCredentialsError):
+        return "no credentials found (environment, shared credentials file, instance role or storage.profile)"
+    if isinstance(error, ProfileNotFound):
+        return f"profile {settings.get('profile')!r} not found in the AWS configuration"
+    if isinstance(error, EndpointConnectionError):
+        return f"cannot connect to {redact(str(settings.get('endpoint_url') or 'the S3 endpoint'))}"
+    return describe_error(error)
 
 
 def _receipt_entry(

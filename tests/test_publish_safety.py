@@ -1,0 +1,625 @@
+"""Publishing stays inside the sample's destination, whatever the destination holds.
+
+- a tampered published ``manifest.json`` (or a planted link or key) never makes a
+  republish delete or write anything outside the sample's folder or prefix;
+- what a killed publish left (temporaries, unfinished multipart uploads) is removed at
+  every depth of the sample's folder;
+- a rerun notices a published file that went missing or changed and republishes that
+  sample, and only it;
+- a destination that cannot be published to stops the run before any job, in one line.
+
+Local folders and a real S3-compatible server (moto_server process, tests/s3_support.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from s3_support import (
+    MotoServer,
+    create_bucket,
+    fake_credentials,
+    free_port,
+    isolated_aws_environment,
+    new_bucket_name,
+    raw_client,
+    use_test_credentials,
+)
+from test_storage_workflow import (
+    World,
+    assert_no_credentials_anywhere,
+    assert_published_complete,
+    chain,
+)
+from workflow_support import copy_workdir, run_snakemake, write_config, write_samples
+
+from medprep import atomic, storage
+from medprep.errors import InputError
+
+MB = 1024 * 1024
+CT = ("real-dcmqi-3slice", "ct", "data/ct/real-dcmqi-3slice")
+WSI = ("synthetic-01", "wsi", "data/wsi/synthetic-01.tiff")
+
+
+def make_artifacts(folder: Path, sizes: dict[str, int], seed: int = 0) -> list[dict[str, str]]:
+    rng = __import__("random").Random(seed)
+    artifacts = []
+    for name, size in sizes.items():
+        path = folder / name.replace("/", "__")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+        artifacts.append({"name": name, "path": str(path)})
+    return artifacts
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def temporaries(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if atomic.is_temporary_name(p.name)]
+
+
+def assert_local_complete(folder: Path, names: set[str] | None = None) -> dict:
+    """manifest.json lists exactly the other files of ``folder``, with their SHA-256."""
+    manifest = atomic.read_json(folder / "manifest.json")
+    on_disk = {
+        p.relative_to(folder).as_posix(): sha256(p.read_bytes())
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
+    assert {f["name"]: f["sha256"] for f in manifest["files"]} == on_disk
+    if names is not None:
+        assert set(on_disk) == names
+    assert temporaries(folder) == [], "nothing half-written may be left"
+    return manifest
+
+
+# ---------------------------------------------------------------- local: tampered manifest
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """Files a republish must never touch, next to the destination."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "victim.txt").write_text("keep me")
+    (tmp_path / "victim.txt").write_text("keep me too")
+    return folder
+
+
+def hostile_entries(tmp_path: Path) -> list[str]:
+    return [
+        "../../../victim.txt",  # -> tmp_path/victim.txt
+        "../../../outside/victim.txt",
+        str(tmp_path / "outside" / "victim.txt"),  # absolute
+        "a/../../../../victim.txt",
+        "..\\..\\..\\victim.txt",
+        "escape/victim.txt",  # through the link planted below
+        "",
+    ]
+
+
+def test_local_republish_removes_nothing_a_tampered_manifest_names_outside_the_folder(
+    tmp_path, outside, caplog
+):
+    sample = tmp_path / "pub" / "ct" / "S1"
+    first = make_artifacts(tmp_path / "v1", {"a.npy": 100, "tiles/old.png": 50, "b.json": 10})
+    storage.publish(first, str(sample), manifest={"sample": "S1"})
+    (sample / "escape").symlink_to(outside)  # a link planted in the published folder
+    tampered = atomic.read_json(sample / "manifest.json")
+    tampered["files"] += [{"name": name} for name in hostile_entries(tmp_path)]
+    tampered["files"] += [{"nom": "x"}, "not an entry"]
+    atomic.write_json(sample / "manifest.json", tampered)
+
+    second = [first[0], *make_artifacts(tmp_path / "v2", {"b.json": 12}, seed=2)]
+    with caplog.at_level(logging.WARNING):
+        receipt = storage.publish(second, str(sample), manifest={"sample": "S1"})
+
+    assert (outside / "victim.txt").read_text() == "keep me"
+    assert (tmp_path / "victim.txt").read_text() == "keep me too"
+    assert (sample / "escape").is_symlink(), "refused, so left as it was"
+    refused = receipt["refused"]
+    assert len(refused) == len(hostile_entries(tmp_path)) + 2
+    for line in refused:
+        assert line.startswith(f"sample S1: file {sample / 'manifest.json'}: refusing to remove ")
+        assert "\n" not in line
+    assert any("'../../../victim.txt'" in line and "'..'" in line for line in refused)
+    assert any(
+        "'escape/victim.txt'" in line and "leaves the sample folder" in line for line in refused
+    )
+    assert any("backslash" in line for line in refused)
+    assert any("absolute path" in line for line in refused)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == refused
+    # the sample is still published, its own stale file removed, the bad entries gone
+    assert not (sample / "tiles").exists(), "tiles/old.png removed, and the folder it emptied"
+    (sample / "escape").unlink()
+    manifest = assert_local_complete(sample, {"a.npy", "b.json"})
+    assert manifest["sample"] == "S1"
+
+
+def test_local_publish_refuses_to_write_through_a_link_leaving_the_folder(tmp_path, outside):
+    sample = tmp_path / "pub" / "wsi" / "S2"
+    sample.mkdir(parents=True)
+    (sample / "preprocess").symlink_to(outside)
+    artifacts = make_artifacts(tmp_path / "v1", {"preprocess/mask.png": 30, "x.json": 5})
+    before = sorted(p.name for p in outside.iterdir())
+
+    with pytest.raises(InputError, match="a link on its path leaves the sample folder") as error:
+        storage.publish(artifacts, str(sample), manifest={"sample": "S2"})
+
+    assert "preprocess/mask.png" in str(error.value) and str(sample) in str(error.value)
+    assert sorted(p.name for p in outside.iterdir()) == before
+    assert not (sample / "manifest.json").exists() and not (sample / "x.json").exists()
+
+
+def test_an_unreadable_old_manifest_removes_nothing_and_says_so(tmp_path):
+    sample = tmp_path / "pub" / "ct" / "S3"
+    first = make_artifacts(tmp_path / "v1", {"a.npy": 100, "old.bin": 10})
+    storage.publish(first, str(sample), manifest={"sample": "S3"})
+    (sample / "manifest.json").write_text('{"files": [{"name": "old.bin"}')  # cut short
+
+    receipt = storage.publish(first[:1], str(sample), manifest={"sample": "S3"})
+
+    assert len(receipt["refused"]) == 1 and "unreadable" in receipt["refused"][0]
+    assert (sample / "old.bin").exists(), "not removed on the word of an unreadable manifest"
+    assert [f["name"] for f in atomic.read_json(sample / "manifest.json")["files"]] == ["a.npy"]
+
+
+# ---------------------------------------------------------------- local: killed publish
+
+KILLED_LOCAL_PUBLISH = """
+import json, os, shutil, signal, sys
+from medprep import storage
+args = json.load(open(sys.argv[1]))
+copy = shutil.copyfile
+def copy_then_die(source, target, *rest, **options):
+    # the process is killed while it writes this file (as by kill -9 of the job)
+    if str(source).endswith(args["kill_at"]):
+        with open(source, "rb") as f, open(target, "wb") as out:
+            out.write(f.read(1000))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return copy(source, target, *rest, **options)
+shutil.copyfile = copy_then_die
+storage.publish(args["artifacts"], args["destination"], manifest={"v": 2}, threads=1)
+"""
+
+
+def test_a_killed_local_publish_leaves_no_temporary_at_any_depth_after_the_rerun(tmp_path):
+    sample = tmp_path / "pub" / "wsi" / "S1"
+    sizes = {f"tiles/pixels/{row:02d}/{n:04d}.jpg": 3000 for row in range(2) for n in range(3)}
+    sizes["tiles/tiles.parquet"] = 4000
+    v1 = make_artifacts(tmp_path / "v1", sizes)
+    storage.publish(v1, str(sample), manifest={"v": 1})
+    v2 = make_artifacts(tmp_path / "v2", sizes, seed=2)
+    arguments = tmp_path / "args.json"
+    kill_at = "tiles__pixels__01__0001.jpg"
+    arguments.write_text(
+        json.dumps({"artifacts": v2, "destination": str(sample), "kill_at": kill_at})
+    )
+
+    child = subprocess.run([sys.executable, "-c", KILLED_LOCAL_PUBLISH, str(arguments)])
+
+    assert child.returncode == -9
+    left = temporaries(sample)
+    assert [Path(p).parent.relative_to(sample).as_posix() for p in left] == ["tiles/pixels/01"]
+    assert not (sample / "manifest.json").exists(), "a half-published sample never looks complete"
+
+    receipt = storage.publish(v2, str(sample), manifest={"v": 2})
+
+    assert temporaries(sample) == []
+    manifest = assert_local_complete(sample, set(sizes))
+    assert manifest["v"] == 2
+    assert {f["sha256"] for f in manifest["files"]} == {
+        sha256(Path(a["path"]).read_bytes()) for a in v2
+    }
+    assert receipt["refused"] == []
+
+
+# ---------------------------------------------------------------- S3
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory):
+    with MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(tmp_path, monkeypatch):
+    yield use_test_credentials(tmp_path, monkeypatch)
+    storage.clear_caches()
+
+
+@pytest.fixture
+def bucket(moto_server, s3_env):
+    return create_bucket(moto_server, s3_env)
+
+
+@pytest.fixture
+def s3(moto_server, s3_env):
+    return raw_client(moto_server.url, s3_env)
+
+
+@pytest.fixture
+def settings(moto_server):
+    return {"endpoint_url": moto_server.url, "region": "us-east-1", "part_size_mb": 5}
+
+
+def keys(s3, bucket, prefix="") -> set[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def assert_s3_complete(s3, bucket, prefix) -> dict:
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
+    for entry in manifest["files"]:
+        data = s3.get_object(Bucket=bucket, Key=prefix + entry["name"])["Body"].read()
+        assert sha256(data) == entry["sha256"], entry["name"]
+    assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
+    return manifest
+
+
+def test_s3_republish_deletes_only_plain_keys_under_the_sample_prefix(
+    s3, bucket, settings, tmp_path
+):
+    prefix = "pub/ct/S1/"
+    destination = f"s3://{bucket}/{prefix}"
+    first = make_artifacts(tmp_path / "v1", {"a.npy": 100, "tiles/old.png": 50})
+    storage.publish(first, destination, manifest={"sample": "S1"}, threads=2, settings=settings)
+    victims = ["victim.txt", "pub/victim.txt", "pub/ct/victim.txt", "pub/ct/S10/keep.bin"]
+    for key in victims:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"keep me")
+    tampered = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
+    tampered["files"] += [{"name": "../../victim.txt"}, {"name": "/victim.txt"}]
+    s3.put_object(Bucket=bucket, Key=prefix + "manifest.json", Body=json.dumps(tampered).encode())
+    hostile = [prefix + "../../victim.txt", prefix + "a\\..\\..\\victim.txt", prefix + "x//y"]
+    for key in hostile:  # literal keys under the prefix that a normalising proxy would move
+        s3.put_object(Bucket=bucket, Key=key, Body=b"not ours to delete")
+
+    second = [first[0], *make_artifacts(tmp_path / "v2", {"b.json": 12}, seed=2)]
+    receipt = storage.publish(
+        second, destination, manifest={"sample": "S1"}, threads=2, settings=settings
+    )
+
+    assert {k for k in keys(s3, bucket) if not k.startswith(prefix)} == set(victims)
+    assert keys(s3, bucket, prefix) == {
+        prefix + "a.npy",
+        prefix + "b.json",
+        prefix + "manifest.json",
+        *hostile,
+    }
+    assert receipt["removed"] == ["tiles/old.png"]
+    assert len(receipt["refused"]) == len(hostile)
+    for line, key in zip(receipt["refused"], sorted(hostile), strict=True):
+        assert line.startswith(f"sample S1: file s3://{bucket}/{prefix}: refusing to delete ")
+        assert repr(key) in line
+    manifest = assert_s3_complete(s3, bucket, prefix)
+    assert sorted(f["name"] for f in manifest["files"]) == ["a.npy", "b.json"]
+
+
+KILLED_S3_PUBLISH = """
+import json, os, signal, sys
+from medprep import storage
+from medprep.storage import s3_transfer
+args = json.load(open(sys.argv[1]))
+upload_part = s3_transfer.upload_part
+def part_then_die(*arguments, **options):
+    upload_part(*arguments, **options)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed with a part uploaded, as by kill -9
+s3_transfer.upload_part = part_then_die
+storage.publish(args["artifacts"], args["destination"], manifest={"v": 2}, threads=1,
+                settings=args["settings"])
+"""
+
+
+def test_a_killed_s3_publish_leaves_no_unfinished_upload_at_any_depth_after_the_rerun(
+    s3, bucket, settings, s3_env, tmp_path
+):
+    prefix = "pub/wsi/S1/"
+    destination = f"s3://{bucket}/{prefix}"
+    sizes = {"tiles/pixels/deep/shard-000000.tar": 11 * MB, "tiles/tiles.parquet": 2000}
+    v2 = make_artifacts(tmp_path / "v2", sizes, seed=2)
+    arguments = tmp_path / "args.json"
+    arguments.write_text(
+        json.dumps({"artifacts": v2, "destination": destination, "settings": settings})
+    )
+
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_S3_PUBLISH, str(arguments)], env={**os.environ, **s3_env}
+    )
+
+    assert child.returncode == -9
+    unfinished = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    assert [u["Key"] for u in unfinished] == [prefix + "tiles/pixels/deep/shard-000000.tar"]
+    assert prefix + "manifest.json" not in keys(s3, bucket, prefix)
+
+    # the rerun publishes something else at first (a changed setting): still cleaned up
+    storage.publish(v2[1:], destination, manifest={"v": 2}, threads=2, settings=settings)
+    assert assert_s3_complete(s3, bucket, prefix)["v"] == 2
+    storage.publish(v2, destination, manifest={"v": 3}, threads=2, settings=settings)
+    manifest = assert_s3_complete(s3, bucket, prefix)
+    assert {f["sha256"] for f in manifest["files"]} == {
+        sha256(Path(a["path"]).read_bytes()) for a in v2
+    }
+
+
+def test_destination_checks_name_the_destination_and_the_cause(
+    s3, bucket, settings, s3_env, tmp_path
+):
+    storage.check_destination(f"s3://{bucket}/published", settings)
+    assert keys(s3, bucket) == set(), "the probe is deleted again"
+    missing = new_bucket_name()
+    with pytest.raises(storage.DestinationUnusable) as error:
+        storage.check_destination(f"s3://{missing}/published", settings)
+    assert str(error.value) == (
+        f"destination s3://{missing}/published: cannot publish there: "
+        f"bucket {missing} does not exist"
+    )
+    closed = {**settings, "endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    with pytest.raises(storage.DestinationUnusable, match="cannot connect to http://127.0.0.1"):
+        storage.check_destination(f"s3://{bucket}/published", closed)
+    for secret in s3_env.values():
+        assert secret not in str(error.value)
+
+    storage.check_destination(str(tmp_path / "new" / "folder"), {})
+    assert list((tmp_path / "new" / "folder").iterdir()) == [], "the probe is deleted again"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(storage.DestinationUnusable, match="Not a directory"):
+        storage.check_destination(str(tmp_path / "a-file" / "published"), {})
+
+
+# ---------------------------------------------------------------- workflow, local destination
+
+
+@pytest.fixture(scope="module")
+def published_once(tiny_data, tmp_path_factory) -> Path:
+    """A working directory where one CT scan and one slide have been published."""
+    workdir = tmp_path_factory.mktemp("published") / "w"
+    workdir.mkdir()
+    os.symlink(tiny_data, workdir / "data")
+    write_samples(workdir, [CT, WSI])
+    write_config(workdir)
+    run = run_snakemake(workdir)
+    assert run.ran() == chain(CT[0], "ct") | chain(WSI[0], "wsi")
+    return workdir
+
+
+@pytest.fixture
+def workdir(published_once, tmp_path) -> Path:
+    return copy_workdir(published_once, tmp_path / "copy")
+
+
+def published(workdir: Path, sample) -> Path:
+    return workdir / "published" / sample[1] / sample[0]
+
+
+def assert_receipt_matches(workdir: Path, sample) -> None:
+    receipt = atomic.read_json(workdir / "results" / sample[1] / sample[0] / "upload.json")
+    manifest = atomic.read_json(published(workdir, sample) / "manifest.json")
+    assert {f["name"]: f["sha256"] for f in receipt["files"]} == {
+        f["name"]: f["sha256"] for f in manifest["files"]
+    }
+
+
+pytest_slow = pytest.mark.slow
+
+
+@pytest_slow
+def test_a_deleted_or_overwritten_published_file_is_republished_for_its_sample_only(workdir):
+    ct_folder, wsi_folder = published(workdir, CT), published(workdir, WSI)
+    names = {
+        sample: {f["name"] for f in atomic.read_json(folder / "manifest.json")["files"]}
+        for sample, folder in ((CT, ct_folder), (WSI, wsi_folder))
+    }
+    (ct_folder / "preprocess" / "qc.png").unlink()
+
+    dry = run_snakemake(workdir, "--dry-run")
+    assert dry.ran() == {("upload", CT[0])}
+    assert not (ct_folder / "preprocess" / "qc.png").exists(), "a dry-run changes nothing"
+
+    rerun = run_snakemake(workdir)
+    assert rerun.ran() == {("upload", CT[0])}
+    assert (
+        f"medprep: sample {CT[0]}: file published/ct/{CT[0]}/preprocess/qc.png: missing"
+        in rerun.stderr
+    )
+    assert_local_complete(ct_folder, names[CT])
+    assert_receipt_matches(workdir, CT)
+    assert run_snakemake(workdir).ran() == set(), "repaired: nothing more to do"
+
+    # overwritten with other bytes of the same size
+    parquet = wsi_folder / "tiles" / "tiles.parquet"
+    parquet.write_bytes(bytes(len(parquet.read_bytes())))
+    assert run_snakemake(workdir).ran() == {("upload", WSI[0])}
+    assert_local_complete(wsi_folder, names[WSI])
+    assert_receipt_matches(workdir, WSI)
+    assert run_snakemake(workdir).ran() == set()
+    assert_local_complete(ct_folder, names[CT])
+
+
+@pytest_slow
+def test_checksum_verification_finds_a_change_that_sizes_and_times_hide(workdir):
+    folder = published(workdir, WSI)
+    summary = folder / "tiles" / "summary.json"
+    stat = summary.stat()
+    original = summary.read_bytes()
+    summary.write_bytes(original.replace(b"{", b" ", 1)[: len(original)])  # same size
+    os.utime(summary, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    assert run_snakemake(workdir).ran() == set(), "the default check compares sizes and times"
+    write_config(workdir, storage={"verify_published": "checksum"})
+    assert run_snakemake(workdir).ran() == {("upload", WSI[0])}
+    assert summary.read_bytes() == original
+    assert_local_complete(folder)
+    assert run_snakemake(workdir).ran() == set()
+
+
+@pytest_slow
+def test_a_tampered_manifest_is_republished_and_removes_nothing_outside(workdir):
+    victim = workdir.parent / "victim.txt"
+    victim.write_text("keep me")
+    folder = published(workdir, CT)
+    manifest = atomic.read_json(folder / "manifest.json")
+    manifest["files"].append({"name": "../../../../victim.txt"})
+    atomic.write_json(folder / "manifest.json", manifest)
+
+    rerun = run_snakemake(workdir)
+
+    assert rerun.ran() == {("upload", CT[0])}
+    assert victim.read_text() == "keep me"
+    warnings = [line for line in rerun.stderr.splitlines() if "medprep warning" in line]
+    assert warnings == [
+        f"medprep warning: sample {CT[0]}: file published/ct/{CT[0]}/manifest.json: "
+        "refusing to remove '../../../../victim.txt', listed in it: "
+        "has an empty, '.' or '..' path component"
+    ]
+    assert_local_complete(folder)
+    assert_local_complete(published(workdir, WSI))
+    assert run_snakemake(workdir).ran() == set()
+
+
+@pytest_slow
+def test_forcerun_upload_republishes_every_sample_skipping_identical_files(workdir):
+    before = {s: published(workdir, s).joinpath("manifest.json").read_bytes() for s in (CT, WSI)}
+    run = run_snakemake(workdir, "--forcerun", "upload")
+    assert run.ran() == {("upload", CT[0]), ("upload", WSI[0])}
+    for sample in (CT, WSI):
+        receipt = atomic.read_json(workdir / "results" / sample[1] / sample[0] / "upload.json")
+        assert {f["action"] for f in receipt["files"]} == {"skipped"}
+        assert published(workdir, sample).joinpath("manifest.json").read_bytes() == before[sample]
+    assert run_snakemake(workdir).ran() == set()
+
+
+# ---------------------------------------------------------------- destination checked first
+
+
+def assert_stopped_before_any_job(run, workdir: Path, destination: str, cause: str) -> None:
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("medprep error:")]
+    assert errors == [f"medprep error: destination {destination}: cannot publish there: {cause}"]
+    assert "Traceback" not in run.stderr and "unexpected" not in run.stderr
+    assert run.ran() == set()
+    assert not (workdir / "results").exists(), "no job may have run"
+    assert not list(workdir.glob("logs/**/*.log")) and not list(workdir.glob("logs/**/*.tsv"))
+
+
+@pytest.fixture
+def fresh_workdir(tiny_data, tmp_path) -> Path:
+    workdir = tmp_path / "fresh"
+    workdir.mkdir()
+    os.symlink(tiny_data, workdir / "data")
+    write_samples(workdir, [CT, WSI])
+    return workdir
+
+
+@pytest_slow
+def test_a_local_destination_that_cannot_be_created_stops_the_run_before_any_job(fresh_workdir):
+    (fresh_workdir / "a-file").write_text("in the way")
+    write_config(fresh_workdir, destination="a-file/published")
+
+    dry = run_snakemake(fresh_workdir, "--dry-run")
+    assert dry.returncode == 0 and dry.ran(), "a dry-run plans the jobs and writes no probe"
+
+    run = run_snakemake(fresh_workdir, check=False)
+    assert_stopped_before_any_job(
+        run, fresh_workdir, "a-file/published", "Not a directory (a-file/published)"
+    )
+    assert (fresh_workdir / "a-file").read_text() == "in the way"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest_slow
+def test_a_read_only_local_destination_stops_the_run_before_any_job(fresh_workdir):
+    (fresh_workdir / "published").mkdir(mode=0o555)
+    write_config(fresh_workdir, destination="published")
+    try:
+        run = run_snakemake(fresh_workdir, check=False)
+    finally:
+        (fresh_workdir / "published").chmod(0o755)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("medprep error:")]
+    assert errors and "Permission denied" in errors[0]
+    assert_stopped_before_any_job(run, fresh_workdir, "published", errors[0].split("there: ")[1])
+
+
+@pytest.fixture(scope="module")
+def aws_env(tmp_path_factory) -> dict[str, str]:
+    return isolated_aws_environment(tmp_path_factory.mktemp("aws"), fake_credentials())
+
+
+@pytest_slow
+def test_a_missing_bucket_stops_the_run_before_any_job(fresh_workdir, moto_server, aws_env):
+    missing = new_bucket_name()
+    write_config(
+        fresh_workdir,
+        destination=f"s3://{missing}/published",
+        storage={"endpoint_url": moto_server.url, "region": "us-east-1"},
+    )
+    run = run_snakemake(fresh_workdir, check=False, env=aws_env)
+    assert_stopped_before_any_job(
+        run, fresh_workdir, f"s3://{missing}/published", f"bucket {missing} does not exist"
+    )
+    for secret in (aws_env["AWS_ACCESS_KEY_ID"], aws_env["AWS_SECRET_ACCESS_KEY"]):
+        assert secret not in run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------- workflow, S3 destination
+
+
+@pytest.fixture
+def world(moto_server, aws_env, tiny_data, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    world = World(moto_server, aws_env, tiny_data, workdir)
+    yield world
+    world.proxy.stop()
+
+
+@pytest_slow
+def test_s3_published_objects_missing_changed_or_tampered_are_republished(world):
+    samples = [(CT[0], "ct", "ct/real-dcmqi-3slice"), (WSI[0], "wsi", "wsi/synthetic-01.tiff")]
+    for _, _, relative in samples:
+        world.upload(relative)
+    world.configure(samples)
+    assert world.run().ran() == chain(CT[0], "ct") | chain(WSI[0], "wsi")
+    s3, bucket = world.s3, world.bucket
+    ct_prefix, wsi_prefix = f"published/ct/{CT[0]}/", f"published/wsi/{WSI[0]}/"
+
+    s3.delete_object(Bucket=bucket, Key=wsi_prefix + "tiles/overlay.png")
+    assert world.run().ran() == {("upload", WSI[0])}
+    assert_published_complete(world, samples)
+
+    # one object overwritten (same size, another ETag), the manifest tampered with and a
+    # hostile key planted: one republish of that sample
+    key = ct_prefix + "patches/summary.json"
+    size = len(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    s3.put_object(Bucket=bucket, Key=key, Body=b" " * size)
+    s3.put_object(Bucket=bucket, Key="victim.txt", Body=b"keep me")
+    manifest = json.loads(
+        s3.get_object(Bucket=bucket, Key=ct_prefix + "manifest.json")["Body"].read()
+    )
+    manifest["files"].append({"name": "../../../victim.txt"})
+    s3.put_object(
+        Bucket=bucket, Key=ct_prefix + "manifest.json", Body=json.dumps(manifest).encode()
+    )
+    s3.put_object(Bucket=bucket, Key=ct_prefix + "../../victim.txt", Body=b"planted")
+    rerun = world.run()
+    assert rerun.ran() == {("upload", CT[0])}
+    assert s3.get_object(Bucket=bucket, Key="victim.txt")["Body"].read() == b"keep me"
+    assert f"refusing to delete object '{ct_prefix}../../victim.txt'" in rerun.stderr
+    manifest = json.loads(
+        s3.get_object(Bucket=bucket, Key=ct_prefix + "manifest.json")["Body"].read()
+    )
+    assert "../../../victim.txt" not in {f["name"] for f in manifest["files"]}
+    s3.delete_object(Bucket=bucket, Key=ct_prefix + "../../victim.txt")
+    assert_published_complete(world, samples)
+    assert world.run().ran() == set()
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert_no_credentials_anywhere(world)
