@@ -112,6 +112,7 @@ def preprocess(
     mpp_override: float | None = None,
     resolution: dict | None = None,
     tissue: dict | None = None,
+    limits: dict | None = None,
 ) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     slides = slide if isinstance(slide, list) else [slide]
@@ -128,6 +129,7 @@ def preprocess(
         tissue=tissue,
         mpp_override=mpp_override,
         threads=threads,
+        limits=limits,
     )
 
 

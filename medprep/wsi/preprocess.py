@@ -19,6 +19,7 @@ import numpy as np
 
 from medprep.errors import InputError
 from medprep.parallel import run_parallel
+from medprep.wsi import guard
 from medprep.wsi import resolution as res
 from medprep.wsi.settings import ResolutionSettings, TissueSettings
 from medprep.wsi.slide import SlideInfo, inspect_slide
@@ -170,11 +171,16 @@ def preprocess_slide(
     *,
     mpp_override: float | None = None,
     workers: int = 1,
+    limits: guard.Limits | None = None,
 ) -> PreprocessResult:
     """Resolution, level choice, tissue mask and thumbnail of the slide at ``path``."""
     resolution = resolution or ResolutionSettings()
     tissue = tissue or TissueSettings()
+    limits = limits or guard.Limits()
+    if os.path.isfile(path):
+        guard.check_tiff(path, limits)  # before OpenSlide plans anything on the claims
     info = inspect_slide(path)
+    guard.check_pixels(*info.dimensions, limits, info.path)
     try:
         mpp, warnings = res.resolve_mpp(
             (info.mpp_x, info.mpp_y), mpp_override, resolution.mpp_fallback
@@ -183,15 +189,21 @@ def preprocess_slide(
     except InputError as error:
         raise error.with_context(path=info.path) from None
     plan = res.plan_read(info.level_downsamples, mpp, target.mpp, resolution.tolerance)
-    if plan.scale_x < 1 - UPSAMPLING_WARNING or plan.scale_y < 1 - UPSAMPLING_WARNING:
+    # a damaged header (a physical size no glass slide has) is the first thing to report
+    geometry = MaskGeometry.for_slide(info, mpp, tissue.mask_mpp)
+    try:
+        res.check_upsampling(plan, mpp, target.mpp, resolution.max_upsample)
+    except InputError as error:
+        raise error.with_context(path=info.path) from None
+    if plan.resample and res.upsampling_factor(plan) > 1 + UPSAMPLING_WARNING:
         warnings.append(
             f"target {target.mpp:.4g} um/px is finer than the slide's {mpp.x:.4g} um/px: "
-            "tiles are upsampled"
+            f"tiles are upsampled {res.upsampling_factor(plan):.3g}x "
+            "(allowed by wsi.resolution.max_upsample)"
         )
     tile_mpp_x = plan.scale_x * mpp.x
     tile_mpp_y = plan.scale_y * mpp.y
 
-    geometry = MaskGeometry.for_slide(info, mpp, tissue.mask_mpp)
     log.info(
         "slide %s: %s, %d x %d, %d level(s), mpp %.4g (%s); mask %d x %d from level %d",
         info.path,
@@ -243,6 +255,8 @@ def preprocess_slide(
         "scale": [plan.scale_x, plan.scale_y],
         "resample": plan.resample,
         "tile_mpp": [tile_mpp_x, tile_mpp_y],
+        "achieved_mpp": round((tile_mpp_x + tile_mpp_y) / 2, 6),
+        "upsample": round(res.upsampling_factor(plan), 6),
         "tissue_mode": result.mode,
         "tissue_mode_detected": result.mode_detected,
         "tissue_area_mm2": round(tissue_area_mm2, 4),
@@ -275,6 +289,7 @@ MANIFEST_SUMMARY_KEYS = (
     "mpp",
     "mpp_source",
     "target_mpp",
+    "achieved_mpp",
     "level",
     "tissue_area_mm2",
     "tissue_mode",

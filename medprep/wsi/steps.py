@@ -70,7 +70,9 @@ def run_preprocess(
     tissue: dict[str, Any] | None = None,
     mpp_override: float | None = None,
     threads: int = 1,
+    limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    from medprep.wsi.guard import Limits
     from medprep.wsi.preprocess import manifest_summary, preprocess_slide
 
     mpp_override = sample_sheet_mpp(mpp_override)
@@ -81,6 +83,7 @@ def run_preprocess(
         TissueSettings.from_config(tissue),
         mpp_override=mpp_override,
         workers=threads,
+        limits=Limits.from_config(limits),
     )
     atomic.write_png(mask_path, result.mask.astype(np.uint8) * 255, compress_level=1)
     atomic.write_png(thumbnail_path, result.thumbnail, compress_level=1)
