@@ -184,3 +184,71 @@ def test_pixel_budget_is_configurable(tmp_path):
 )
 def test_real_slides_pass_the_bomb_checks(name):
     guard.check_tiff(DATA / name, guard.Limits())
+
+
+# --- vendor cases -----------------------------------------------------------------------
+
+
+def qpi_description(image_type: str, name: str | None) -> str:
+    fields = f"<Name>{name}</Name>" if name else ""
+    return (
+        '<?xml version="1.0" encoding="utf-16"?>\n<PerkinElmer-QPI-ImageDescription>\n'
+        f"<DescriptionVersion>2</DescriptionVersion><ImageType>{image_type}</ImageType>"
+        f"<SlideID>PATIENT-NAME-HERE</SlideID>{fields}</PerkinElmer-QPI-ImageDescription>"
+    )
+
+
+def write_qptiff(path: Path) -> Path:
+    """A small Vectra-style QPTIFF: 3 greyscale channel pages, then an RGB thumbnail."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    with tifffile.TiffWriter(path) as tif:
+        for name in ("DAPI", "FITC", "Cy3"):
+            tif.write(
+                rng.integers(0, 255, (480, 640), dtype=np.uint8),
+                description=qpi_description("FullResolution", name),
+                metadata=None,
+            )
+        tif.write(
+            np.zeros((120, 160, 3), np.uint8),
+            photometric="rgb",
+            description=qpi_description("Thumbnail", None),
+            metadata=None,
+        )
+    return path
+
+
+def dicom_without_image_type(path: Path) -> Path:
+    import pydicom
+
+    dataset = pydicom.dcmread(DATA / "openslide-tiny" / "boxes_0.dcm")
+    del dataset.ImageType
+    dataset.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (
+            write_qptiff,
+            "a multiplex immunofluorescence QPTIFF (Akoya/PerkinElmer Vectra) with 3 greyscale "
+            "channel(s) (DAPI, FITC, Cy3) of 640 x 480 pixels",
+        ),
+        (
+            dicom_without_image_type,
+            "a DICOM whole-slide image of 16 x 16 pixels that has no ImageType",
+        ),
+    ],
+)
+def test_vendor_files_openslide_cannot_tile_are_named_with_what_to_do(tmp_path, make, expected):
+    slide = make(tmp_path / ("slide.qptiff" if make is write_qptiff else "slide.dcm"))
+    folder = tmp_path / "results" / "S"
+    with pytest.raises(InputError) as caught:
+        preprocess(folder, slide)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"file {slide}: {expected}")
+    assert ("give that file instead" in message) or ("set ImageType" in message)
+    assert "PATIENT" not in message
+    assert finished_looking(folder) == []

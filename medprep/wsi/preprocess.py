@@ -19,7 +19,7 @@ import numpy as np
 
 from medprep.errors import InputError
 from medprep.parallel import run_parallel
-from medprep.wsi import guard
+from medprep.wsi import guard, vendors
 from medprep.wsi import resolution as res
 from medprep.wsi.settings import ResolutionSettings, TissueSettings
 from medprep.wsi.slide import SlideInfo, inspect_slide
@@ -179,6 +179,7 @@ def preprocess_slide(
     limits = limits or guard.Limits()
     if os.path.isfile(path):
         guard.check_tiff(path, limits)  # before OpenSlide plans anything on the claims
+        vendors.check_supported(path)
     info = inspect_slide(path)
     guard.check_pixels(*info.dimensions, limits, info.path)
     try:
