@@ -19,11 +19,12 @@ import numpy as np
 
 from medprep.errors import InputError
 from medprep.parallel import run_parallel
-from medprep.wsi import guard, vendors
+from medprep.wsi import guard, qc, vendors
 from medprep.wsi import resolution as res
+from medprep.wsi.artifacts import autocontrast
 from medprep.wsi.settings import ResolutionSettings, TissueSettings
 from medprep.wsi.slide import SlideInfo, inspect_slide
-from medprep.wsi.tissue import TissueResult, detect_tissue
+from medprep.wsi.tissue import TissueResult, detect_tissue, max_channel
 from medprep.wsi.workers import ChunkTask, close_worker, init_worker, read_chunk, worker_died
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,13 @@ def preprocess_slide(
     result: TissueResult = detect_tissue(rgb, tissue, tissue.mask_mpp, scanned)
     background = background_for(info, result.mode)
     thumbnail, _ = composite(rgba, background)
+    dark = None
+    if result.mode == "fluorescence":
+        glass = scanned & ~result.mask
+        glass_brightness = float(np.median(max_channel(rgb[glass]))) if glass.any() else None
+        dark = qc.dark_level(glass_brightness, result.threshold)
+        # nearly black otherwise: stretched so tissue and mask can be judged by eye
+        thumbnail = autocontrast(thumbnail, scanned)
     del rgba, rgb
 
     mask_pixel_mm2 = (geometry.downsample_x * mpp.x) * (geometry.downsample_y * mpp.y) / 1e6
@@ -278,7 +286,9 @@ def preprocess_slide(
             "closing_um": tissue.closing_um,
             "min_object_um2": tissue.min_object_um2,
             "fill_holes": tissue.fill_holes,
+            "dark_level": dark,
         },
+        "thumbnail_autocontrast": result.mode == "fluorescence",
     }
     return PreprocessResult(result.mask, thumbnail, summary, warnings)
 

@@ -1,19 +1,31 @@
 """Per-tile quality scores and the optional filters on them.
 
-Scores, all from the tile's own pixels (a tile's scores can be recomputed from its image):
+Scores, all from the tile's own pixels (a tile's scores can be recomputed from its image),
+defined per stain type (``tissue_mode`` of the slide):
 
-- ``tissue_fraction``: pixels whose tissue score (saturation for brightfield, brightness
-  for fluorescence) is above the slide's tissue threshold from preprocessing.
-- ``background_fraction``: white (every channel >= ``WHITE_LEVEL``) or black (every
-  channel <= ``BLACK_LEVEL``) pixels; also reported apart as ``white_fraction`` and
-  ``black_fraction``.
-- ``blur``: variance of the 4-neighbour Laplacian of the grey image over the tile's
-  interior; low = out of focus or featureless.
+===================== ============================================ ==========================================
+score                 brightfield (H&E, IHC)                       fluorescence (dark background)
+===================== ============================================ ==========================================
+signal image          grey (luma): every channel carries stain     brightest channel: where any dye shines
+``white_fraction``    every channel >= ``WHITE_LEVEL`` (glass)     the same (over-exposed; not background)
+``black_fraction``    every channel <= ``BLACK_LEVEL``             signal <= the slide's ``dark_level`` (glass)
+``background_fraction`` white + black                              black (no signal above the glass)
+``tissue_fraction``   saturation above the slide's tissue          signal above ``dark_level`` (1 - black)
+                      threshold
+``blur``              variance of the 4-neighbour Laplacian of the signal image (raw; depends on contrast)
+``sharpness``         ``blur`` / (mean squared gradient + 1): contrast-free, comparable across slides and
+                      stains; in focus 0.7-2, Gaussian blur of 1 px halves it, of 2 px divides it by 6
+===================== ============================================ ==========================================
+
+``dark_level`` comes from preprocessing: twice the median brightness of the slide's
+scanned non-tissue area (at least that + 4), so "dark" means "as dark as this slide's glass"
+whatever the camera's offset. Per-pixel thresholds at the tissue-mask threshold would call
+the unstained space between DAPI nuclei background (87% of a tissue tile).
 
 The fractions are estimated on a regular grid of pixels (every 4th pixel in each
 direction for tiles of 256 pixels or more, 4096 samples; denser for smaller tiles), which
 moves them by far less than any useful filter threshold and keeps the scores cheap next
-to reading and encoding. The blur score uses every pixel.
+to reading and encoding. The blur scores use every pixel.
 """
 
 from __future__ import annotations
@@ -30,9 +42,16 @@ BLACK_LEVEL = 30
 
 # Rejection reasons in the order they are checked; a tile failing several counts once,
 # under the first.
-REJECT_REASONS = ("max_background", "min_tissue_fraction", "min_blur")
+REJECT_REASONS = ("max_background", "min_tissue_fraction", "min_blur", "min_sharpness")
 
-SCORE_NAMES = ("tissue_fraction", "background_fraction", "white_fraction", "black_fraction", "blur")
+SCORE_NAMES = (
+    "tissue_fraction",
+    "background_fraction",
+    "white_fraction",
+    "black_fraction",
+    "blur",
+    "sharpness",
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,7 @@ class TileScores:
     white_fraction: float
     black_fraction: float
     blur: float
+    sharpness: float = 0.0
 
     def as_tuple(self) -> tuple[float, ...]:
         return (
@@ -50,6 +70,7 @@ class TileScores:
             self.white_fraction,
             self.black_fraction,
             self.blur,
+            self.sharpness,
         )
 
 
@@ -67,6 +88,42 @@ def laplacian_variance(gray: np.ndarray) -> float:
     n = flat.size
     mean = float(flat.sum(dtype=np.float64)) / n
     return max(float(np.dot(flat, flat)) / n - mean * mean, 0.0)
+
+
+def gradient_energy(gray: np.ndarray) -> float:
+    """Mean squared forward difference along x plus along y (over the Laplacian's interior)."""
+    if gray.shape[0] < 3 or gray.shape[1] < 3:
+        return 0.0
+    g = gray.astype(np.int16)
+    dx = np.subtract(g[1:-1, 2:], g[1:-1, 1:-1]).astype(np.float32).ravel()
+    dy = np.subtract(g[2:, 1:-1], g[1:-1, 1:-1]).astype(np.float32).ravel()
+    return (float(np.dot(dx, dx)) + float(np.dot(dy, dy))) / dx.size
+
+
+def sharpness(blur: float, gray: np.ndarray) -> float:
+    """``blur`` normalised by the tile's gradient energy: second over first derivatives.
+
+    Scaling the contrast scales both alike, so the score does not depend on stain
+    intensity or exposure; it falls as the point spread grows (about 1 / sigma^2)."""
+    return blur / (gradient_energy(gray) + 1.0)
+
+
+def signal_image(rgb: np.ndarray, tissue_mode: str) -> np.ndarray:
+    """The 2-D image the blur scores use: luma (brightfield) or the brightest channel."""
+    if tissue_mode == "fluorescence":
+        return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    return gray_levels(rgb)
+
+
+def dark_level(background_brightness: float | None, tissue_threshold: float) -> float:
+    """Fluorescence: signal at or below which a pixel is as dark as the slide's glass.
+
+    ``background_brightness`` is the median brightest channel of the scanned non-tissue
+    area (None when the slide has none)."""
+    if background_brightness is None:
+        return float(min(BLACK_LEVEL, tissue_threshold))
+    level = max(2.0 * background_brightness, background_brightness + 4.0)
+    return float(min(level, tissue_threshold))
 
 
 def gray_levels(pixels: np.ndarray) -> np.ndarray:
@@ -95,12 +152,17 @@ def sampling_step(size: int) -> int:
 
 
 def tile_scores(
-    rgb: np.ndarray, tissue_mode: str, tissue_threshold: float, gray: np.ndarray | None = None
+    rgb: np.ndarray,
+    tissue_mode: str,
+    tissue_threshold: float,
+    gray: np.ndarray | None = None,
+    dark: float | None = None,
 ) -> TileScores:
     """QC scores of one H x W x 3 (or x 4, the 4th channel ignored) uint8 tile.
 
     ``gray`` is the tile's ``gray_levels`` if the caller already has them (a view into
-    the grey image of a whole block, say); computed here otherwise.
+    the grey image of a whole block, say; brightfield only); computed here otherwise.
+    ``dark`` is the slide's fluorescence ``dark_level`` (default ``BLACK_LEVEL``).
     """
     step = sampling_step(min(rgb.shape[0], rgb.shape[1]))
     sample = rgb[::step, ::step]
@@ -108,13 +170,25 @@ def tile_scores(
     low = np.minimum(np.minimum(sample[..., 0], sample[..., 1]), sample[..., 2])
     n = high.size
     white = np.count_nonzero(low >= WHITE_LEVEL) / n
-    black = np.count_nonzero(high <= BLACK_LEVEL) / n
     if tissue_mode == "fluorescence":
-        tissue = np.count_nonzero(high > tissue_threshold) / n
+        black = np.count_nonzero(high <= (BLACK_LEVEL if dark is None else dark)) / n
+        tissue = 1.0 - black
+        background = black
+        signal = signal_image(rgb, tissue_mode)
     else:
+        black = np.count_nonzero(high <= BLACK_LEVEL) / n
         tissue = np.count_nonzero(_saturated(tissue_threshold)[high, low]) / n
-    blur = laplacian_variance(gray_levels(rgb) if gray is None else gray)
-    return TileScores(float(tissue), float(white + black), float(white), float(black), blur)
+        background = white + black
+        signal = gray_levels(rgb) if gray is None else gray
+    blur = laplacian_variance(signal)
+    return TileScores(
+        float(tissue),
+        float(background),
+        float(white),
+        float(black),
+        blur,
+        sharpness(blur, signal),
+    )
 
 
 def rejection_reason(scores: TileScores, filters: FilterSettings) -> str | None:
@@ -128,4 +202,6 @@ def rejection_reason(scores: TileScores, filters: FilterSettings) -> str | None:
         return "min_tissue_fraction"
     if filters.min_blur is not None and scores.blur < filters.min_blur:
         return "min_blur"
+    if filters.min_sharpness is not None and scores.sharpness < filters.min_sharpness:
+        return "min_sharpness"
     return None

@@ -100,6 +100,10 @@ class FilterSettings:
     max_background: float | None = None
     min_blur: float | None = None
     min_tissue_fraction: float | None = None
+    min_sharpness: float | None = None
+    max_pen_fraction: float | None = None
+    max_fold_fraction: float | None = None
+    max_gap_fraction: float | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> FilterSettings:
