@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from wsi_support import (
     CMU,
+    CPTAC_DICOM,
     DATA,
     finished_looking,
+    hollow_slide,
     outputs,
     preprocess,
     small_synthetic_slide,
@@ -21,8 +23,6 @@ from medprep.errors import InputError
 from medprep.wsi import guard, resolution
 from medprep.wsi.settings import ResolutionSettings
 from medprep.wsi.writers import read_table
-
-CPTAC_DICOM = next((DATA / "cptac-brca-dicom-level").glob("*.dcm"))  # 15.82 um/px, 1 level
 
 # --- resolution policy ------------------------------------------------------------------
 
@@ -127,26 +127,6 @@ def test_native_level_and_real_mpp_recorded_per_slide_and_per_tile(tmp_path):
 # --- decompression bombs ----------------------------------------------------------------
 
 
-def write_bomb(path: Path, tile_bytes: bytes, side: int = 200_000, tile_side: int = 1024) -> Path:
-    """A tiled TIFF claiming ``side`` x ``side`` RGB pixels, every tile ``tile_bytes``."""
-    import tifffile
-
-    count = (-(-side // tile_side)) ** 2
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(
-            (tile_bytes for _ in range(count)),
-            shape=(side, side, 3),
-            dtype=np.uint8,
-            tile=(tile_side, tile_side),
-            compression="jpeg",
-            photometric="rgb",
-            metadata=None,
-            resolution=(1e4 / 0.25, 1e4 / 0.25),
-            resolutionunit="CENTIMETER",
-        )
-    return path
-
-
 @pytest.mark.parametrize(
     ("tile_bytes", "cause"),
     [
@@ -155,7 +135,7 @@ def write_bomb(path: Path, tile_bytes: bytes, side: int = 200_000, tile_side: in
     ],
 )
 def test_slide_claiming_pixels_it_does_not_store_fails_in_seconds(tmp_path, tile_bytes, cause):
-    slide = write_bomb(tmp_path / "bomb.svs", tile_bytes)
+    slide = hollow_slide(tmp_path, tile_bytes)
     assert slide.stat().st_size < 500_000
     folder = tmp_path / "results" / "S"
     with pytest.raises(InputError) as caught:
@@ -252,3 +232,19 @@ def test_vendor_files_openslide_cannot_tile_are_named_with_what_to_do(tmp_path, 
     assert ("give that file instead" in message) or ("set ImageType" in message)
     assert "PATIENT" not in message
     assert finished_looking(folder) == []
+
+
+def test_new_settings_defaults_match_the_schema_and_the_shipped_config():
+    import yaml
+
+    from medprep.schema import config_defaults
+
+    wsi = config_defaults("wsi")
+    assert guard.Limits.from_config(None) == guard.Limits.from_config(wsi["limits"])
+    assert wsi["resolution"]["tolerance"] == DEFAULT_TOLERANCE == 0.025
+    assert wsi["resolution"]["max_upsample"] == ResolutionSettings().max_upsample == 1.0
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "config.yaml").read_text())["wsi"]
+    assert guard.Limits.from_config(shipped["limits"]) == guard.Limits()
+    assert ResolutionSettings.from_config(shipped["resolution"]) == ResolutionSettings()
+    with pytest.raises(ValueError, match="unknown key"):
+        guard.Limits.from_config({"max_pixel": 1})

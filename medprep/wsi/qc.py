@@ -1,21 +1,25 @@
 """Per-tile quality scores and the optional filters on them.
 
 Scores, all from the tile's own pixels (a tile's scores can be recomputed from its image),
-defined per stain type (``tissue_mode`` of the slide):
+defined per stain type (``tissue_mode`` of the slide). Brightfield (H&E, IHC):
 
-===================== ============================================ ==========================================
-score                 brightfield (H&E, IHC)                       fluorescence (dark background)
-===================== ============================================ ==========================================
-signal image          grey (luma): every channel carries stain     brightest channel: where any dye shines
-``white_fraction``    every channel >= ``WHITE_LEVEL`` (glass)     the same (over-exposed; not background)
-``black_fraction``    every channel <= ``BLACK_LEVEL``             signal <= the slide's ``dark_level`` (glass)
-``background_fraction`` white + black                              black (no signal above the glass)
-``tissue_fraction``   saturation above the slide's tissue          signal above ``dark_level`` (1 - black)
-                      threshold
-``blur``              variance of the 4-neighbour Laplacian of the signal image (raw; depends on contrast)
-``sharpness``         ``blur`` / (mean squared gradient + 1): contrast-free, comparable across slides and
-                      stains; in focus 0.7-2, Gaussian blur of 1 px halves it, of 2 px divides it by 6
-===================== ============================================ ==========================================
+- ``white_fraction``: every channel >= ``WHITE_LEVEL`` (glass); ``black_fraction``: every
+  channel <= ``BLACK_LEVEL``; ``background_fraction``: white + black;
+- ``tissue_fraction``: HSV saturation above the slide's tissue threshold;
+- signal image for the blur scores: grey (luma), as every channel carries stain.
+
+Fluorescence (tissue bright on a dark background):
+
+- ``black_fraction`` = ``background_fraction``: brightest channel <= the slide's
+  ``dark_level`` (as dark as its glass); ``white_fraction`` as above (over-exposure, not
+  background); ``tissue_fraction``: 1 - black (signal above the glass);
+- signal image: the brightest channel, where any dye shines (luma would weigh DAPI's
+  blue by 0.114).
+
+Both: ``blur`` is the variance of the 4-neighbour Laplacian of the signal image (raw: it
+scales with contrast squared); ``sharpness`` is ``blur`` / (gradient energy + 1), free of
+contrast and exposure and so comparable across slides and stains: in-focus tiles score
+0.7-2, a 1-pixel Gaussian blur halves it, a 2-pixel one divides it by about 6.
 
 ``dark_level`` comes from preprocessing: twice the median brightness of the slide's
 scanned non-tissue area (at least that + 4), so "dark" means "as dark as this slide's glass"
