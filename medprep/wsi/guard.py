@@ -18,7 +18,10 @@ empty area at ordinary JPEG ratios.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,19 @@ class Limits:
         from medprep.wsi.settings import _from_mapping
 
         return _from_mapping(cls, config, "wsi.limits")
+
+
+@contextlib.contextmanager
+def quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's own log while peeking at a directory: a damaged file is reported
+    once, by whoever refuses it, not also as tifffile ERROR lines."""
+    logger = logging.getLogger("tifffile")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def is_tiff(path: str | os.PathLike) -> bool:
@@ -160,7 +176,8 @@ def check_tiff(path: str | os.PathLike, limits: Limits) -> None:
     if not is_tiff(path):
         return
     try:
-        levels, samples = read_levels(path)
+        with quiet_tifffile():
+            levels, samples = read_levels(path)
     except Exception:  # noqa: BLE001 - unreadable directories are OpenSlide's to report
         return
     size = path.stat().st_size

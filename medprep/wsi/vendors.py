@@ -103,7 +103,10 @@ def check_supported(path: str | os.PathLike) -> None:
         magic = f.read(4)
     problem = None
     if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        problem = qptiff_problem(path)
+        from medprep.wsi.guard import quiet_tifffile
+
+        with quiet_tifffile():
+            problem = qptiff_problem(path)
     else:
         problem = dicom_problem(path)
     if problem:
