@@ -20,6 +20,7 @@ INKS = {
     "blue": (0.15, 0.30, 0.85),
     "green": (0.20, 0.65, 0.30),
     "black": (0.16, 0.16, 0.19),
+    "red": (0.95, 0.12, 0.14),
 }
 STROKE_WIDTH = 120  # level-0 pixels: 60 um at 0.499 um/px, 7.5 mask pixels
 
@@ -32,11 +33,12 @@ def cmu_pixels() -> np.ndarray:
 
 
 def stroke_masks(width: int, height: int, scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Three strokes across the tissue of CMU, in level-0 pixels divided by ``scale``."""
+    """Four strokes across the tissue of CMU, in level-0 pixels divided by ``scale``."""
     lines = {
         "blue": [(100, 700), (1200, 900), (2100, 650)],
         "green": [(900, 1300), (1050, 2000), (1000, 2900)],
         "black": [(300, 2700), (1500, 1700)],
+        "red": [(1250, 2350), (2100, 2550)],
     }
     masks = {}
     for name, points in lines.items():
@@ -170,7 +172,7 @@ def test_clean_he_slides_raise_no_pen_flags():
 
 
 def write_inked_cmu(path: Path) -> dict[str, np.ndarray]:
-    """CMU with blue, green and black marker strokes, as a tiled JPEG pyramid (Aperio-style)."""
+    """CMU with blue, green, black and red marker strokes, as a tiled JPEG pyramid (Aperio-style)."""
     pixels = cmu_pixels()
     height, width = pixels.shape[:2]
     strokes = stroke_masks(width, height)
