@@ -20,6 +20,7 @@ rule preprocess_wsi:
     params:
         resolution=config["wsi"]["resolution"],
         tissue=config["wsi"]["tissue"],
+        limits=config["wsi"]["limits"],
         mpp_override=sample_mpp,
         engine=mw.code_fingerprint("wsi"),
     script:

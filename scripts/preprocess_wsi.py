@@ -16,6 +16,7 @@ def main(smk):
         tissue=smk.params.tissue,
         mpp_override=smk.params.mpp_override,
         threads=smk.threads,
+        limits=smk.params.limits,
     )
 
 

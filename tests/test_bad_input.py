@@ -31,8 +31,10 @@ from ct_support import (
 from workflow_support import run_snakemake, write_config
 from wsi_support import (
     CMU,
+    CPTAC_DICOM,
     TCGA_NO_MPP,
     enormous_dimensions,
+    hollow_slide,
     png_renamed,
     random_bytes,
     truncated_slide,
@@ -132,6 +134,12 @@ CASES = {
     ),
     "decompression-bomb": Case(
         "wsi", in_folder(enormous_dimensions), "failed", "preprocess", "refusing to read it"
+    ),
+    "hollow-slide": Case(
+        "wsi", in_folder(hollow_slide), "failed", "preprocess", "holds no image data"
+    ),
+    "slide-coarser-than-target": Case(
+        "wsi", slide_copy(CPTAC_DICOM), "failed", "preprocess", "finer than the slide's finest"
     ),
     "slide-without-mpp": Case(
         "wsi", slide_copy(TCGA_NO_MPP), "failed", "preprocess", "no resolution (microns per pixel)"

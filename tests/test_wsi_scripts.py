@@ -30,6 +30,7 @@ rule preprocess_wsi:
     params:
         resolution={{"mpp": 1.0}},
         tissue={{"mask_mpp": 8.0}},
+        limits={{"max_pixels": 1e9}},
         mpp_override=None,
     threads: 2
     log: "logs/preprocess_wsi/{{sample}}.log"

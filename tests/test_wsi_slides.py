@@ -120,8 +120,10 @@ def test_fluorescence_slide_is_detected_and_masked_sensibly():
     result = preprocess_slide(DAPI)
     assert result.summary["tissue_mode"] == "fluorescence"
     assert 0.1 < result.mask.mean() < 0.95
-    # the thumbnail keeps the dark background of fluorescence
-    assert np.median(result.thumbnail) < 60
+    # the thumbnail keeps the dark background of fluorescence, and is auto-contrasted so
+    # the tissue is visible (its median was 29 of 255 before)
+    assert np.median(result.thumbnail[~result.mask]) < 60
+    assert np.median(result.thumbnail[result.mask]) > 70
 
 
 @pytest.mark.parametrize("method", ["spawn", "fork"])

@@ -17,6 +17,8 @@ CMU = DATA / "CMU-1-Small-Region.svs"  # Aperio, 0.499 um/px, H&E
 TCGA_NO_MPP = DATA / "TCGA-CR-7395-01A-01-TS1-crop.svs"  # Aperio, no resolution metadata
 DAPI = DATA / "test3-DAPI-2-387.ndpi"  # Hamamatsu, 0.228 um/px, fluorescence
 TINY = DATA / "openslide-tiny"
+# one level of a real DICOM-WSI, 15.82 um/px: coarser than any usual target
+CPTAC_DICOM = DATA / "cptac-brca-dicom-level" / "911f6cbd-a1ad-4e95-bdf5-4e4ea52d9977.dcm"
 
 
 def small_synthetic_slide(
@@ -112,6 +114,7 @@ def preprocess(
     mpp_override: float | None = None,
     resolution: dict | None = None,
     tissue: dict | None = None,
+    limits: dict | None = None,
 ) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     slides = slide if isinstance(slide, list) else [slide]
@@ -128,6 +131,7 @@ def preprocess(
         tissue=tissue,
         mpp_override=mpp_override,
         threads=threads,
+        limits=limits,
     )
 
 
@@ -208,6 +212,29 @@ def enormous_dimensions(folder: Path) -> Path:
             photometric="rgb",
             metadata=None,
             resolution=(1e4 / 0.5, 1e4 / 0.5),
+            resolutionunit="CENTIMETER",
+        )
+    return path
+
+
+def hollow_slide(folder: Path, tile_bytes: bytes = b"", side: int = 200_000) -> Path:
+    """A 300 KB tiled TIFF claiming ``side`` x ``side`` RGB pixels at 0.25 um/px, every
+    tile ``tile_bytes`` (none by default): within the dimension limits, but no data."""
+    import tifffile
+
+    path = folder / "hollow.svs"
+    tile_side = 1024
+    count = (-(-side // tile_side)) ** 2
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(
+            (tile_bytes for _ in range(count)),
+            shape=(side, side, 3),
+            dtype=np.uint8,
+            tile=(tile_side, tile_side),
+            compression="jpeg",
+            photometric="rgb",
+            metadata=None,
+            resolution=(1e4 / 0.25, 1e4 / 0.25),
             resolutionunit="CENTIMETER",
         )
     return path

@@ -19,10 +19,12 @@ import numpy as np
 
 from medprep.errors import InputError
 from medprep.parallel import run_parallel
+from medprep.wsi import guard, qc, vendors
 from medprep.wsi import resolution as res
+from medprep.wsi.artifacts import autocontrast
 from medprep.wsi.settings import ResolutionSettings, TissueSettings
 from medprep.wsi.slide import SlideInfo, inspect_slide
-from medprep.wsi.tissue import TissueResult, detect_tissue
+from medprep.wsi.tissue import TissueResult, detect_tissue, max_channel
 from medprep.wsi.workers import ChunkTask, close_worker, init_worker, read_chunk, worker_died
 
 log = logging.getLogger(__name__)
@@ -170,11 +172,17 @@ def preprocess_slide(
     *,
     mpp_override: float | None = None,
     workers: int = 1,
+    limits: guard.Limits | None = None,
 ) -> PreprocessResult:
     """Resolution, level choice, tissue mask and thumbnail of the slide at ``path``."""
     resolution = resolution or ResolutionSettings()
     tissue = tissue or TissueSettings()
+    limits = limits or guard.Limits()
+    if os.path.isfile(path):
+        guard.check_tiff(path, limits)  # before OpenSlide plans anything on the claims
+        vendors.check_supported(path)
     info = inspect_slide(path)
+    guard.check_pixels(*info.dimensions, limits, info.path)
     try:
         mpp, warnings = res.resolve_mpp(
             (info.mpp_x, info.mpp_y), mpp_override, resolution.mpp_fallback
@@ -183,15 +191,21 @@ def preprocess_slide(
     except InputError as error:
         raise error.with_context(path=info.path) from None
     plan = res.plan_read(info.level_downsamples, mpp, target.mpp, resolution.tolerance)
-    if plan.scale_x < 1 - UPSAMPLING_WARNING or plan.scale_y < 1 - UPSAMPLING_WARNING:
+    # a damaged header (a physical size no glass slide has) is the first thing to report
+    geometry = MaskGeometry.for_slide(info, mpp, tissue.mask_mpp)
+    try:
+        res.check_upsampling(plan, mpp, target.mpp, resolution.max_upsample)
+    except InputError as error:
+        raise error.with_context(path=info.path) from None
+    if plan.resample and res.upsampling_factor(plan) > 1 + UPSAMPLING_WARNING:
         warnings.append(
             f"target {target.mpp:.4g} um/px is finer than the slide's {mpp.x:.4g} um/px: "
-            "tiles are upsampled"
+            f"tiles are upsampled {res.upsampling_factor(plan):.3g}x "
+            "(allowed by wsi.resolution.max_upsample)"
         )
     tile_mpp_x = plan.scale_x * mpp.x
     tile_mpp_y = plan.scale_y * mpp.y
 
-    geometry = MaskGeometry.for_slide(info, mpp, tissue.mask_mpp)
     log.info(
         "slide %s: %s, %d x %d, %d level(s), mpp %.4g (%s); mask %d x %d from level %d",
         info.path,
@@ -212,6 +226,13 @@ def preprocess_slide(
     result: TissueResult = detect_tissue(rgb, tissue, tissue.mask_mpp, scanned)
     background = background_for(info, result.mode)
     thumbnail, _ = composite(rgba, background)
+    dark = None
+    if result.mode == "fluorescence":
+        glass = scanned & ~result.mask
+        glass_brightness = float(np.median(max_channel(rgb[glass]))) if glass.any() else None
+        dark = qc.dark_level(glass_brightness, result.threshold)
+        # nearly black otherwise: stretched so tissue and mask can be judged by eye
+        thumbnail = autocontrast(thumbnail, scanned)
     del rgba, rgb
 
     mask_pixel_mm2 = (geometry.downsample_x * mpp.x) * (geometry.downsample_y * mpp.y) / 1e6
@@ -243,6 +264,8 @@ def preprocess_slide(
         "scale": [plan.scale_x, plan.scale_y],
         "resample": plan.resample,
         "tile_mpp": [tile_mpp_x, tile_mpp_y],
+        "achieved_mpp": round((tile_mpp_x + tile_mpp_y) / 2, 6),
+        "upsample": round(res.upsampling_factor(plan), 6),
         "tissue_mode": result.mode,
         "tissue_mode_detected": result.mode_detected,
         "tissue_area_mm2": round(tissue_area_mm2, 4),
@@ -263,7 +286,9 @@ def preprocess_slide(
             "closing_um": tissue.closing_um,
             "min_object_um2": tissue.min_object_um2,
             "fill_holes": tissue.fill_holes,
+            "dark_level": dark,
         },
+        "thumbnail_autocontrast": result.mode == "fluorescence",
     }
     return PreprocessResult(result.mask, thumbnail, summary, warnings)
 
@@ -275,6 +300,7 @@ MANIFEST_SUMMARY_KEYS = (
     "mpp",
     "mpp_source",
     "target_mpp",
+    "achieved_mpp",
     "level",
     "tissue_area_mm2",
     "tissue_mode",

@@ -180,3 +180,27 @@ def plan_read(
     if exact or (tolerance > 0 and near):
         return ReadPlan(level, downsample, downsample, downsample, resample=False)
     return ReadPlan(level, downsample, scale_x, scale_y, resample=True)
+
+
+def upsampling_factor(plan: ReadPlan) -> float:
+    """How much level-0 pixels are enlarged by ``plan`` (1.0 = not at all)."""
+    return max(1.0, 1.0 / min(plan.scale_x, plan.scale_y))
+
+
+def check_upsampling(plan: ReadPlan, mpp: Mpp, target_mpp: float, max_upsample: float) -> None:
+    """Refuse a plan that would enlarge level-0 pixels by more than ``max_upsample``.
+
+    A level used as it is (within the tolerance) is never upsampled. Raises ``InputError``
+    (the caller adds the path) naming the finest resolution, the target and the options.
+    """
+    factor = upsampling_factor(plan)
+    if not plan.resample or factor <= max_upsample * (1 + 1e-9):
+        return
+    finest = max(mpp.x, mpp.y)
+    raise InputError(
+        f"target {target_mpp:.4g} um/px is finer than the slide's finest level "
+        f"({finest:.4g} um/px, mpp from {mpp.source}): tiles would be upsampled "
+        f"{factor:.3g}x, above wsi.resolution.max_upsample = {max_upsample:g}; use a coarser "
+        f"target (wsi.resolution.mpp >= {finest:.4g}), set the sample sheet's `mpp` if the "
+        "slide's resolution metadata is wrong, or raise wsi.resolution.max_upsample"
+    )

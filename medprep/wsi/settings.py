@@ -38,7 +38,12 @@ class ResolutionSettings:
     mpp_fallback: float | None = None
     # A pyramid level whose resolution is within this relative difference of the target
     # is used as it is, without resampling (0 = always resample to the exact target).
-    tolerance: float = 0.0
+    # 2.5% takes Aperio's 0.2527/0.5027 um/px (0.5-1.1% off 0.25/0.5) natively and still
+    # resamples 0.2425 (3%) and Hamamatsu's 0.2270/0.4540 (9%); see resolution.py.
+    tolerance: float = 0.025
+    # Largest upsampling factor (level-0 pixels enlarged by at most this much) before the
+    # slide is refused; 1.0 = never upsample beyond ``tolerance``.
+    max_upsample: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mpp is None or self.mpp <= 0:
@@ -55,6 +60,8 @@ class ResolutionSettings:
             )
         if not 0 <= self.tolerance < 0.5:
             raise ValueError(f"wsi.resolution.tolerance must be in [0, 0.5), got {self.tolerance}")
+        if not self.max_upsample >= 1:
+            raise ValueError(f"wsi.resolution.max_upsample must be >= 1, got {self.max_upsample}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> ResolutionSettings:
@@ -93,6 +100,10 @@ class FilterSettings:
     max_background: float | None = None
     min_blur: float | None = None
     min_tissue_fraction: float | None = None
+    min_sharpness: float | None = None
+    max_pen_fraction: float | None = None
+    max_fold_fraction: float | None = None
+    max_gap_fraction: float | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> FilterSettings:

@@ -34,7 +34,15 @@ TILE_ARTIFACTS = {
 }
 PIXELS_ARTIFACT_PREFIX = "tiles/pixels"
 PIXELS_FOLDER = "pixels"
-TILE_SUMMARY_KEYS = ("status", "warnings", "tiles", "candidates", "rejected", "read_calls")
+TILE_SUMMARY_KEYS = (
+    "status",
+    "warnings",
+    "tiles",
+    "candidates",
+    "rejected",
+    "flagged",
+    "read_calls",
+)
 
 
 def slide_from_download(download_manifest: str | os.PathLike) -> Path:
@@ -70,7 +78,9 @@ def run_preprocess(
     tissue: dict[str, Any] | None = None,
     mpp_override: float | None = None,
     threads: int = 1,
+    limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    from medprep.wsi.guard import Limits
     from medprep.wsi.preprocess import manifest_summary, preprocess_slide
 
     mpp_override = sample_sheet_mpp(mpp_override)
@@ -81,6 +91,7 @@ def run_preprocess(
         TissueSettings.from_config(tissue),
         mpp_override=mpp_override,
         workers=threads,
+        limits=Limits.from_config(limits),
     )
     atomic.write_png(mask_path, result.mask.astype(np.uint8) * 255, compress_level=1)
     atomic.write_png(thumbnail_path, result.thumbnail, compress_level=1)
@@ -97,6 +108,19 @@ def run_preprocess(
             manifest.artifact(PREPROCESS_ARTIFACTS["summary"], summary_path),
         ],
         summary=manifest_summary(result.summary),
+    )
+
+
+def artifact_flags(
+    thumbnail: np.ndarray, mask: np.ndarray, summary: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Pen, fold and gap masks of a brightfield slide's thumbnail (none for fluorescence)."""
+    from medprep.wsi import artifacts
+
+    if summary["tissue_mode"] != "brightfield" or thumbnail.shape[:2] != mask.shape:
+        return {}
+    return artifacts.detect_artifacts(
+        thumbnail[..., :3], mask, tissue_threshold=summary["thresholds"]["threshold"]
     )
 
 
@@ -119,7 +143,7 @@ def run_tile(
     tile: dict[str, Any] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    from medprep.wsi import writers
+    from medprep.wsi import artifacts, writers
     from medprep.wsi.tiler import SlidePlan, draw_overlay, tile_slide
 
     settings = TileSettings.from_config(tile)
@@ -135,15 +159,16 @@ def run_tile(
             path=_artifact_path(previous, PREPROCESS_ARTIFACTS["mask"]),
         )
     thumbnail = read_png(_artifact_path(previous, PREPROCESS_ARTIFACTS["thumbnail"]))
+    flags = artifact_flags(thumbnail, mask, summary)
 
     pixels_dir = Path(table_path).parent / PIXELS_FOLDER
     with atomic.staged_dir(pixels_dir) as staging:
         result = tile_slide(
-            plan, mask, settings, sample=sample, pixels_dir=staging, workers=threads
+            plan, mask, settings, sample=sample, pixels_dir=staging, workers=threads, flags=flags
         )
     writers.write_table(result.table, table_path)
     overlay = draw_overlay(
-        thumbnail,
+        artifacts.tint(thumbnail, flags),
         result.kept_boxes,
         result.rejected_boxes,
         plan.mask_downsample_x,

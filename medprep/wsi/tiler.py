@@ -21,8 +21,8 @@ import numpy as np
 
 from medprep.errors import InputError
 from medprep.parallel import run_parallel
+from medprep.wsi import artifacts, qc
 from medprep.wsi import grid as grids
-from medprep.wsi import qc
 from medprep.wsi.settings import TileSettings
 from medprep.wsi.slide import inspect_slide
 from medprep.wsi.workers import (
@@ -63,6 +63,7 @@ class SlidePlan:
     background: tuple[int, int, int]
     mask_downsample_x: float
     mask_downsample_y: float
+    dark_level: float | None = None  # fluorescence: signal as dark as the slide's glass
 
     @classmethod
     def from_summary(cls, slide_path: str | os.PathLike, summary: dict[str, Any]) -> SlidePlan:
@@ -91,6 +92,7 @@ class SlidePlan:
             background=tuple(summary["background"]),  # type: ignore[arg-type]
             mask_downsample_x=float(summary["mask"]["downsample"][0]),
             mask_downsample_y=float(summary["mask"]["downsample"][1]),
+            dark_level=summary["thresholds"].get("dark_level"),
         )
 
 
@@ -152,11 +154,14 @@ def tile_slide(
     sample: str,
     pixels_dir: str | os.PathLike | None,
     workers: int = 1,
+    flags: dict[str, np.ndarray] | None = None,
 ) -> TileResult:
     """Tile the slide of ``plan`` where ``mask`` (from preprocessing) has tissue.
 
     Pixels go into ``pixels_dir`` (a folder the caller stages; ignored for ``coords``).
-    The table's ``file`` column is relative to the parent of ``pixels_dir``.
+    The table's ``file`` column is relative to the parent of ``pixels_dir``. ``flags``:
+    artifact masks at mask resolution (``artifacts.FLAG_NAMES``; missing = none found),
+    mapped to tiles as ``<name>_fraction`` columns and filtered by ``max_<name>_fraction``.
     """
     settings = settings or TileSettings()
     grid = grids.make_grid(
@@ -171,6 +176,9 @@ def tile_slide(
     selected = coverage >= settings.min_tissue
     if settings.min_tissue <= 0:
         selected[:] = True
+    flag_cover = artifacts.flag_coverage(
+        flags or {}, grid, plan.mask_downsample_x, plan.mask_downsample_y, mask.shape
+    )
     tasks, indices, side = plan_blocks(plan, grid, selected, settings.block_tiles)
     candidates = int(selected.sum())
     log.info(
@@ -199,6 +207,7 @@ def tile_slide(
         tissue_threshold=plan.tissue_threshold,
         background=plan.background,
         filters=settings.filters,
+        dark_level=plan.dark_level,
     )
     container = make_container(settings.container, pixels_dir, settings.shard_max_tiles)
     extension = EXTENSIONS[settings.format]
@@ -209,10 +218,14 @@ def tile_slide(
         "y": np.zeros(n, np.int64),
         "mask_coverage": np.zeros(n, np.float64),
         **{name: np.zeros(n, np.float64) for name in qc.SCORE_NAMES},
+        **{name: np.zeros(n, np.float64) for name in artifacts.FRACTION_NAMES},
         "file": [],
         "member": [],
     }
-    rejected = {reason: 0 for reason in (*qc.REJECT_REASONS, "read_error")}
+    rejected = {
+        reason: 0 for reason in (*qc.REJECT_REASONS, *artifacts.REJECT_REASONS, "read_error")
+    }
+    flagged = {name: 0 for name in artifacts.FLAG_NAMES}
     rejected_boxes: list[tuple[int, int]] = []
     read_errors: list[str] = []
     kept = 0
@@ -239,7 +252,12 @@ def tile_slide(
                 continue
             for k in range(len(task.xs)):
                 x, y = task.xs[k], task.ys[k]
-                reason = result.reasons[k]
+                fractions = {name: cover[rows[k], cols[k]] for name, cover in flag_cover.items()}
+                reason = result.reasons[k] or artifacts.rejection_reason(
+                    fractions, settings.filters
+                )
+                for name in artifacts.flagged(fractions):
+                    flagged[name] += 1
                 if reason is not None:
                     rejected[reason] += 1
                     rejected_boxes.append((x, y))
@@ -253,6 +271,8 @@ def tile_slide(
                 table["mask_coverage"][kept] = coverage[rows[k], cols[k]]
                 for name, value in zip(qc.SCORE_NAMES, result.scores[k], strict=True):
                     table[name][kept] = value
+                for name, value in fractions.items():
+                    table[f"{name}_fraction"][kept] = value
                 table["file"].append(file)
                 table["member"].append(member)
                 kept += 1
@@ -262,7 +282,7 @@ def tile_slide(
         container.close()
         close_worker()
 
-    for name in ("x", "y", "mask_coverage", *qc.SCORE_NAMES):
+    for name in ("x", "y", "mask_coverage", *qc.SCORE_NAMES, *artifacts.FRACTION_NAMES):
         table[name] = table[name][:kept]
     table.update(
         tile_id=np.arange(kept, dtype=np.int64),
@@ -285,6 +305,7 @@ def tile_slide(
         "candidates": candidates,
         "grid_positions": grid.count,
         "rejected": rejected,
+        "flagged": flagged,
         "read_calls": read_calls,
         "target_mpp": plan.target_mpp,
         "tile_mpp": plan.tile_mpp,

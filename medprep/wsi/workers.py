@@ -36,6 +36,7 @@ class TileJob:
     tissue_threshold: float
     background: tuple[int, int, int]
     filters: FilterSettings = field(default_factory=FilterSettings)
+    dark_level: float | None = None  # fluorescence: the slide's glass level (qc.dark_level)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,9 @@ def read_block(task: BlockTask) -> BlockResult:
             ix, iy = _tile_origin(job, task, x, y, rgba.shape)
             tile = rgba[iy : iy + job.size, ix : ix + job.size]
             tile_gray = gray[iy : iy + job.size, ix : ix + job.size]  # type: ignore[index]
-        tile_scores = qc.tile_scores(tile, job.tissue_mode, job.tissue_threshold, tile_gray)
+        tile_scores = qc.tile_scores(
+            tile, job.tissue_mode, job.tissue_threshold, tile_gray, job.dark_level
+        )
         reason = qc.rejection_reason(tile_scores, job.filters)
         scores.append(tile_scores.as_tuple())
         reasons.append(reason)

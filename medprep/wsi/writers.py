@@ -189,6 +189,10 @@ TABLE_COLUMNS: dict[str, str] = {
     "white_fraction": "float64",
     "black_fraction": "float64",
     "blur": "float64",
+    "sharpness": "float64",  # blur normalised by gradient energy (comparable across slides)
+    "pen_fraction": "float64",  # of the tile under marker ink (mask-resolution detector)
+    "fold_fraction": "float64",  # under a tissue fold (dark and highly saturated)
+    "gap_fraction": "float64",  # glass inside the tissue outline (cracks, tears, lumens)
     "file": "string",  # relative to the folder of the table; null for coords
     "member": "string",  # tar member; null unless tar
 }

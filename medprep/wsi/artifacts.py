@@ -1,0 +1,192 @@
+"""Pen marks and slide artifacts on the mask-resolution image: numpy arrays in and out.
+
+Classical colour rules on the thumbnail (``wsi.tissue.mask_mpp``, 8 um/px by default),
+cheap enough to run on every slide; the tiler maps each mask to tiles as the fraction of
+the tile it covers (``pen_fraction``, ``fold_fraction``, ``gap_fraction``). Brightfield
+only: on a fluorescence slide ink and folds do not look like this, and nothing is flagged.
+
+- **marker ink**, by HSV colour: blue and green (no H&E stain has these hues), black (dark
+  and grey, unlike the darkest haematoxylin, which stays purple) and red (far more
+  saturated than eosin). Components smaller than ``MIN_INK_PIXELS`` are dropped.
+- **tissue folds**: doubled tissue is darker and more saturated than any single layer;
+  pixels well below the slide's own tissue brightness and highly saturated, inside tissue.
+- **gaps**: glass (unsaturated and bright) inside the filled tissue outline: cracks,
+  tears, the clear centre of air bubbles, and lumens (which is why it is never a default
+  filter).
+
+Thresholds are in HSV units of 0-1 (hue in degrees) and were set on the fixtures: no
+clean H&E pixel of the CMU and TCGA slides passes the ink rules (see the tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FLAG_NAMES = ("pen", "fold", "gap")
+FRACTION_NAMES = tuple(f"{name}_fraction" for name in FLAG_NAMES)
+REJECT_REASONS = tuple(f"max_{name}" for name in FRACTION_NAMES)
+FLAG_COLOURS = {"pen": (255, 0, 255), "fold": (255, 140, 0), "gap": (0, 200, 255)}
+# A tile counts as flagged in the summary when at least this fraction of it is flagged.
+FLAG_MIN_FRACTION = 0.05
+# Smallest ink component kept (mask pixels; 4 = 16 x 16 um at 8 um/px).
+MIN_INK_PIXELS = 4
+
+
+@dataclass(frozen=True)
+class Hsv:
+    hue: np.ndarray  # degrees, 0-360
+    saturation: np.ndarray  # 0-1
+    value: np.ndarray  # 0-1
+
+
+def to_hsv(rgb: np.ndarray) -> Hsv:
+    """HSV of an H x W x 3 uint8 image, as float32 arrays."""
+    x = rgb[..., :3].astype(np.float32) / 255.0
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    high = x.max(axis=-1)
+    low = x.min(axis=-1)
+    delta = high - low
+    safe = np.where(delta > 0, delta, 1.0)
+    hue = np.where(
+        high == r,
+        ((g - b) / safe) % 6.0,
+        np.where(high == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
+    )
+    hue = np.where(delta > 0, hue * 60.0, 0.0)
+    saturation = np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0)
+    return Hsv(hue.astype(np.float32), saturation.astype(np.float32), high)
+
+
+def _hue_between(hue: np.ndarray, start: float, end: float) -> np.ndarray:
+    if start <= end:
+        return (hue >= start) & (hue <= end)
+    return (hue >= start) | (hue <= end)  # wraps through 0
+
+
+def ink_masks(hsv: Hsv) -> dict[str, np.ndarray]:
+    """Per-colour marker ink masks (bool)."""
+    h, s, v = hsv.hue, hsv.saturation, hsv.value
+    return {
+        "blue": _hue_between(h, 190, 250) & (s > 0.35) & (v > 0.15),
+        "green": _hue_between(h, 70, 175) & (s > 0.25) & (v > 0.15),
+        "black": ((v < 0.3) & (s < 0.4)) | (v < 0.12),
+        "red": _hue_between(h, 345, 15) & (s > 0.65) & (v > 0.3),
+    }
+
+
+def remove_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    if min_pixels <= 1 or not mask.any():
+        return mask
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes >= min_pixels
+    keep[0] = False
+    return keep[labels]
+
+
+def detect_artifacts(
+    rgb: np.ndarray,
+    tissue: np.ndarray,
+    scanned: np.ndarray | None = None,
+    tissue_threshold: float = 20.0,
+) -> dict[str, np.ndarray]:
+    """Boolean masks ``pen``, ``fold`` and ``gap`` of a brightfield mask-resolution image.
+
+    ``tissue`` is the tissue mask (filled, as preprocessing wrote it); ``tissue_threshold``
+    the saturation threshold (0-255) it was made with; ``scanned`` marks pixels with data.
+    """
+    if scanned is None:
+        scanned = np.ones(rgb.shape[:2], dtype=bool)
+    hsv = to_hsv(rgb)
+    inks = ink_masks(hsv)
+    pen = np.zeros(rgb.shape[:2], dtype=bool)
+    for mask in inks.values():
+        pen |= mask
+    pen = remove_small(pen & scanned, MIN_INK_PIXELS)
+
+    inside = tissue & scanned & ~pen
+    fold = np.zeros_like(pen)
+    if inside.any():
+        # a fold is darker than nearly all of this slide's tissue and strongly stained
+        typical = float(np.median(hsv.value[inside]))
+        fold = inside & (hsv.value < min(0.5, typical - 0.3)) & (hsv.saturation > 0.6)
+        fold = remove_small(fold, MIN_INK_PIXELS)
+    gap = inside & (hsv.saturation * 255 <= tissue_threshold) & (hsv.value > 0.75)
+    return {"pen": pen, "fold": fold, "gap": gap}
+
+
+def tint(thumbnail: np.ndarray, flags: dict[str, np.ndarray], alpha: float = 0.55) -> np.ndarray:
+    """The thumbnail with flagged areas blended towards their colour (``FLAG_COLOURS``)."""
+    out = thumbnail[..., :3].astype(np.float32).copy()
+    for name, mask in flags.items():
+        if mask.shape != out.shape[:2] or not mask.any():
+            continue
+        colour = np.asarray(FLAG_COLOURS[name], dtype=np.float32)
+        out[mask] = out[mask] * (1 - alpha) + colour * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def autocontrast(
+    rgb: np.ndarray, scanned: np.ndarray | None = None, gamma: float = 0.5
+) -> np.ndarray:
+    """Stretch each channel's 0.5-99.5th percentile (over scanned pixels) to 0-1, then
+    apply ``gamma`` (0.5 lifts the dim tissue well above the black glass).
+
+    For fluorescence thumbnails and overlays, which are otherwise nearly black. A channel
+    with no spread (an unused one) is left as it is; a single-dye image is shown as grey."""
+    out = rgb[..., :3].copy()
+    region = scanned if scanned is not None and scanned.any() else np.ones(rgb.shape[:2], bool)
+    tops = [float(np.percentile(rgb[..., c][region], 99.5)) for c in range(3)]
+    used = [c for c in range(3) if tops[c] >= max(tops) / 4]
+    if len(used) == 1:  # one dye (DAPI, say): shown as grey, which the eye reads best
+        rgb = np.repeat(rgb[..., used[0] : used[0] + 1], 3, axis=-1)
+    for c in range(3):
+        values = rgb[..., c][region]
+        if values.size == 0:
+            continue
+        low, high = np.percentile(values, (0.5, 99.5))
+        if high - low < 8:
+            continue
+        stretched = np.clip((rgb[..., c].astype(np.float32) - low) / (high - low), 0, 1)
+        out[..., c] = np.round(255.0 * stretched**gamma).astype(np.uint8)
+    return out
+
+
+def flag_coverage(
+    flags: dict[str, np.ndarray],
+    grid,
+    mask_downsample_x: float,
+    mask_downsample_y: float,
+    shape: tuple[int, int],
+) -> dict[str, np.ndarray]:
+    """Fraction of every grid tile covered by each flag mask (rows x cols per flag)."""
+    from medprep.wsi.grid import mask_coverage
+
+    out = {}
+    for name in FLAG_NAMES:
+        mask = flags.get(name)
+        if mask is None or not mask.any():
+            out[name] = np.zeros(grid.shape, dtype=np.float64)
+            continue
+        if mask.shape != tuple(shape):
+            raise ValueError(f"{name} mask is {mask.shape}, the tissue mask {shape}")
+        out[name] = mask_coverage(mask, grid, mask_downsample_x, mask_downsample_y)
+    return out
+
+
+def rejection_reason(fractions: dict[str, float], filters) -> str | None:
+    """The first ``max_<flag>_fraction`` filter a tile fails, or None."""
+    for name in FLAG_NAMES:
+        limit = getattr(filters, f"max_{name}_fraction")
+        if limit is not None and fractions.get(name, 0.0) > limit:
+            return f"max_{name}_fraction"
+    return None
+
+
+def flagged(fractions: dict[str, float]) -> list[str]:
+    """Flags covering at least ``FLAG_MIN_FRACTION`` of a tile (counted in the summary)."""
+    return [name for name in FLAG_NAMES if fractions.get(name, 0.0) >= FLAG_MIN_FRACTION]
