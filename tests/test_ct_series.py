@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
-from ct_support import CT_3SLICE, TEST_DATA, copy_folder, dicom_files
+from ct_support import CT_3SLICE, TEST_DATA, dicom_files
 
 from medprep.ct import dicom_io, series
 from medprep.ct import preprocess as pp
@@ -231,7 +231,7 @@ def test_every_transfer_syntax_gives_the_reference_hu_or_one_clear_line(path):
         with pytest.raises(InputError) as error:
             decoded_hu(path)
         line = str(error.value)
-        assert f"cannot decode transfer syntax" in line and syntax in line
+        assert "cannot decode transfer syntax" in line and syntax in line
         assert "dcmdjpeg" in line and "\n" not in line
         return
     header = dicom_io.read_header(0, str(path))

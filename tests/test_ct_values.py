@@ -58,7 +58,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("keyword, value, message", CASES, ids=[f"{c[0]}={c[1]}" for c in CASES])
-def test_a_bad_number_in_one_file_fails_naming_file_tag_and_value(tmp_path, keyword, value, message):
+def test_a_bad_number_in_one_file_fails_naming_file_tag_and_value(
+    tmp_path, keyword, value, message
+):
     folder = edited_series(tmp_path, keyword, value)
     with pytest.raises(InputError) as error:
         pp.load_series([str(p) for p in dicom_files(folder)])

@@ -312,6 +312,8 @@ def read_pixels(header: SliceHeader) -> np.ndarray:
     if header.pixel_data_offset is not None and header.bits_allocated in (8, 16):
         return _read_native(header)
     return _read_with_pydicom(header)
+
+
 def _read_native(header: SliceHeader) -> np.ndarray:
     signed = header.pixel_representation == 1
     dtype = np.dtype(f"<{'i' if signed else 'u'}{header.bits_allocated // 8}")
@@ -344,7 +346,9 @@ def _cannot_decode(ts) -> str:
 
             md.version(package)
         except md.PackageNotFoundError:
-            return f"cannot decode transfer syntax {name}: install {package} (pip install {package})"
+            return (
+                f"cannot decode transfer syntax {name}: install {package} (pip install {package})"
+            )
     return (
         f"cannot decode transfer syntax {name}: no decoder in pydicom or its pylibjpeg plugins; "
         "convert the files to an uncompressed or lossless syntax first (e.g. DCMTK: "
@@ -366,10 +370,7 @@ def _read_with_pydicom(header: SliceHeader) -> np.ndarray:
             ds = pydicom.dcmread(header.path, defer_size=DEFER_BYTES, force=not header.preamble)
         if "TransferSyntaxUID" not in ds.file_meta:
             ds.file_meta.TransferSyntaxUID = ts
-        if header.frame is None:
-            pixels = pixel_array(ds)
-        else:
-            pixels = pixel_array(ds, index=header.frame)
+        pixels = pixel_array(ds, index=header.frame)
     except NotImplementedError as error:
         raise InputError(_cannot_decode(ts), path=header.path) from error
     except Exception as error:  # noqa: BLE001 - any decoder failure is bad input here

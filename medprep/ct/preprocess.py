@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from medprep import atomic
-from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series
+from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series, volume_io
 from medprep.ct.settings import ct_settings, lung_settings
 from medprep.errors import InputError
 from medprep.parallel import thread_map
@@ -61,6 +61,9 @@ def load_series(
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise InputError("no input files")
+    volume_path = volume_io.volume_input(paths)
+    if volume_path is not None:
+        return _load_volume(volume_path, gantry_tilt, include_identifiers)
     scanned = dicom_io.scan_headers(paths, threads)
     rejected: list[series.Rejected] = []
     candidates: list[series.SliceHeader] = []
@@ -191,6 +194,48 @@ def load_series(
         len(rejected),
     )
     return LoadedSeries(volume, geometry, selection, rejected, warnings, info)
+
+
+def _load_volume(path: str, gantry_tilt: str, include_identifiers: bool) -> LoadedSeries:
+    """A MetaImage or NIfTI volume, as if it were a sorted DICOM series (see volume_io)."""
+    raw, group = volume_io.read_volume(path)
+    geometry = series.stack_geometry(group)
+    order = [h.index for h in geometry.slices]
+    values = raw.values if order == list(range(len(order))) else raw.values[order]
+    volume, hu_info = volume_io.to_hu(values, path)
+    warnings = list(geometry.warnings) + hu_info.pop("warnings")
+    if geometry.sheared:
+        if gantry_tilt == "fail":
+            raise InputError(
+                f"volume axes are sheared ({geometry.tilt_deg:.1f} degrees); set "
+                "ct.gantry_tilt: correct to resample it onto an orthogonal grid",
+                path=path,
+            )
+        warnings.append(f"sheared volume axes ({geometry.tilt_deg:.1f} degrees) corrected")
+    selection = series.Selection(group, f"{raw.kind} volume input", ())
+    chosen = {
+        "input": raw.kind,
+        **raw.info,
+        "series_uid_hash": group.uid_hash,
+        "slices": len(geometry.slices),
+        "slices_used": len(geometry.slices),
+        "matrix": [group.rows, group.cols],
+        "pixel_spacing_mm": list(group.pixel_spacing),
+        "axial": group.is_axial,
+        "reason": selection.reason,
+    }
+    if include_identifiers:
+        chosen["file"] = path
+    info = {
+        "chosen": chosen,
+        "other_series": [],
+        "series_ranking": [],
+        "rejected_files": [],
+        "duplicates": [],
+        "hu_conversion": {"modality_lut": [f"{raw.kind} values taken as HU"], **hu_info},
+    }
+    log.info("%s volume: %d slices, values taken as HU", raw.kind, len(geometry.slices))
+    return LoadedSeries(volume, geometry, selection, [], warnings, info)
 
 
 def _decode(geometry: series.StackGeometry, threads: int) -> tuple[np.ndarray, dict[str, Any]]:

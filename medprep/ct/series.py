@@ -503,9 +503,9 @@ def sheet_match(group: SeriesGroup, wanted: str) -> str | None:
         return "UID"
     if wanted.lower() == group.uid_hash:
         return "UID hash"
-    if re.fullmatch(r"\d+(\.0+)?", wanted) and group.slices[0].series_number is not None:
-        if int(float(wanted)) == group.slices[0].series_number:
-            return "SeriesNumber"
+    number = group.slices[0].series_number
+    if re.fullmatch(r"\d+(\.0+)?", wanted) and number is not None and int(float(wanted)) == number:
+        return "SeriesNumber"
     return None
 
 
@@ -533,9 +533,7 @@ def select_series(
         raise InputError("no usable CT series")
     matched: dict[int, str] = {}
     if series_uid:
-        matched = {
-            id(g): how for g in groups if (how := sheet_match(g, series_uid)) is not None
-        }
+        matched = {id(g): how for g in groups if (how := sheet_match(g, series_uid)) is not None}
         if not matched:
             available = ", ".join(
                 f"{g.uid_hash} (SeriesNumber {g.slices[0].series_number}, "
@@ -623,8 +621,11 @@ def select_series(
                 f"{chosen.uid_hash} because the other has "
                 f"{_loss(criterion, runner, best, prefs)}; to take the other, set series_uid "
                 f"in the sample sheet to {r.uid_hash}"
-                + (f" or SeriesNumber {r.slices[0].series_number}" if r.slices[0].series_number
-                   is not None else "")  # fmt: skip
+                + (
+                    f" or SeriesNumber {r.slices[0].series_number}"
+                    if r.slices[0].series_number is not None
+                    else ""
+                )  # fmt: skip
             )
     others = tuple(f["group"] for f in facts[1:])
     return Selection(chosen, reason, others, tuple(ranking), tuple(warnings))

@@ -412,7 +412,9 @@ def _delete(s3: Any, bucket: str, keys: list[str], threads: int, attempts: int) 
 
 def _manifest_body(manifest: dict[str, Any], files: list[transfer.LocalFile]) -> bytes:
     listed = [{"name": f.name, "bytes": f.size, "sha256": f.sha256} for f in files]
-    return (json.dumps({**manifest, "files": listed}, indent=2, default=str, allow_nan=False) + "\n").encode("utf-8")
+    return (
+        json.dumps({**manifest, "files": listed}, indent=2, default=str, allow_nan=False) + "\n"
+    ).encode("utf-8")
 
 
 def publish(
