@@ -270,7 +270,8 @@ def _header_from_dataset(index, path, ds, sop, preamble) -> SliceHeader:
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
         kernel=_joined(ds.get("ConvolutionKernel")),
         lossy=str(ds.get("LossyImageCompression", "")) == "01" or ts in LOSSY_SYNTAXES,
-        dataset=ds,
+        # kept only where pixels decode through pydicom (native ones are read at the offset)
+        dataset=ds if offset is None else None,
     )
 
 

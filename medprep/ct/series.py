@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import math
 import re
@@ -233,7 +234,7 @@ class SeriesGroup:
     def uid_hash(self) -> str:
         return uid_hash(self.key)
 
-    @property
+    @functools.cached_property
     def normal(self) -> np.ndarray:
         return slice_normal(self.orientation)
 
@@ -245,8 +246,12 @@ class SeriesGroup:
     def is_axial(self) -> bool:
         return self.axial_angle_deg <= AXIAL_MAX_ANGLE_DEG
 
+    @functools.cached_property
+    def _sorted_distances(self) -> np.ndarray:
+        return np.sort(np.array([s.position for s in self.slices], dtype=float) @ self.normal)
+
     def _distances(self) -> np.ndarray:
-        return np.sort([float(np.dot(s.position, self.normal)) for s in self.slices])
+        return self._sorted_distances
 
     @property
     def unique_positions(self) -> int:
