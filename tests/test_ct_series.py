@@ -253,3 +253,10 @@ def test_wg04_lossless_syntaxes_give_the_reference_bit_for_bit(kind):
         assert np.abs(decoded.astype(int) - reference).mean() < 20
     else:
         np.testing.assert_array_equal(decoded, reference)
+
+
+def test_lossy_compression_is_refused_when_configured(tmp_path):
+    (path,) = SYNTAXES.glob("CT0012*")
+    with pytest.raises(InputError, match="lossy compression .*JPEG Extended") as error:
+        pp.preprocess([str(path)], {"lossy_compression": "fail"})
+    assert "ct.lossy_compression: accept" in str(error.value)

@@ -31,6 +31,13 @@ IDENTIFIER_KEYWORDS = (
     "InstitutionName",
     "StudyInstanceUID",
     "SeriesInstanceUID",
+    # free text that sites type identifiers into (removed by DICOM's basic profile)
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "ImageComments",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
 )
 
 

@@ -53,10 +53,12 @@ def load_series(
     include_identifiers: bool = False,
     threads: int = 1,
     series_preferences: dict[str, Any] | None = None,
+    lossy_compression: str = "accept",
 ) -> LoadedSeries:
     """Read headers, pick one CT series, sort it along its normal and decode it to HU.
 
-    ``series_preferences``: the ``ct.series`` config section (how series are ranked).
+    ``series_preferences``: the ``ct.series`` config section (how series are ranked);
+    ``lossy_compression``: ``accept`` (with a warning) or ``fail``.
     """
     paths = [os.fspath(p) for p in paths]
     if not paths:
@@ -142,9 +144,19 @@ def load_series(
     if unreadable:
         log.warning("%d unreadable DICOM file(s) skipped", len(unreadable))
 
+    lossy = sorted({h.transfer_syntax for h in geometry.slices if h.lossy})
+    if lossy and lossy_compression == "fail":
+        from pydicom.uid import UID
+
+        first = next(h for h in geometry.slices if h.lossy)
+        raise InputError(
+            f"lossy compression ({', '.join(f'{UID(t).name} {t}' for t in lossy)} or "
+            "LossyImageCompression 01): HU values are approximate; set "
+            "ct.lossy_compression: accept to use them",
+            path=first.path,
+        )
     volume, hu_info = _decode(geometry, threads)
     warnings.extend(hu_info.pop("warnings"))
-    lossy = sorted({h.transfer_syntax for h in geometry.slices if h.lossy})
     if lossy:
         warnings.append(
             f"lossy compression ({', '.join(lossy)} or LossyImageCompression 01): HU values "
@@ -355,6 +367,7 @@ def preprocess(
         include_identifiers=include_identifiers,
         threads=threads,
         series_preferences=cfg.get("series"),
+        lossy_compression=cfg.get("lossy_compression", "accept"),
     )
     geometry = loaded.geometry
     spacing_out = tuple(float(s) for s in cfg["spacing"])
