@@ -31,6 +31,8 @@ def edited_series(tmp_path, keyword, value, which=("02.dcm",)):
 CASES = [
     ("RescaleSlope", "NaN", "invalid RescaleSlope nan"),
     ("RescaleSlope", "0", "invalid RescaleSlope 0"),
+    ("RescaleSlope", "1e300", "invalid RescaleSlope 1e+300"),
+    ("ImagePositionPatient", ["1e300", "0", "0"], "invalid ImagePositionPatient [1e+300, 0, 0]"),
     ("RescaleIntercept", "inf", "invalid RescaleIntercept inf"),
     ("PixelSpacing", ["inf", "0.8"], "invalid PixelSpacing [inf, 0.8]"),
     ("PixelSpacing", ["0", "0.8"], "invalid PixelSpacing [0, 0.8]"),

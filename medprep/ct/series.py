@@ -98,6 +98,7 @@ ORTHONORMAL_TOLERANCE = 1e-3
 MAX_PIXEL_SPACING_MM = 100.0
 MAX_COORDINATE_MM = 1e6
 MAX_INTERCEPT = 1e5
+MIN_SLOPE, MAX_SLOPE = 1e-4, 1e3
 
 
 def _show(value) -> str:
@@ -149,8 +150,8 @@ def invalid_value(header: SliceHeader) -> str | None:
         if not all(abs(v) <= MAX_COORDINATE_MM for v in position):
             return bad("ImagePositionPatient", position, f"beyond {MAX_COORDINATE_MM:g} mm")
     slope = header.rescale_slope
-    if slope is not None and not (math.isfinite(slope) and slope > 0):
-        return bad("RescaleSlope", slope, "must be finite and positive")
+    if slope is not None and not (math.isfinite(slope) and MIN_SLOPE <= slope <= MAX_SLOPE):
+        return bad("RescaleSlope", slope, f"must be finite and in [{MIN_SLOPE:g}, {MAX_SLOPE:g}]")
     intercept = header.rescale_intercept
     if intercept is not None and not (math.isfinite(intercept) and abs(intercept) <= MAX_INTERCEPT):
         return bad("RescaleIntercept", intercept, f"must be finite, within +-{MAX_INTERCEPT:g}")
