@@ -3,6 +3,8 @@ through the same steps as DICOM, keep their world coordinates, and must hold HU.
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -103,3 +105,39 @@ def test_discovery_takes_each_volume_file_as_one_sample(tmp_path):
     (tmp_path / "case2.nii.gz").write_bytes(NIFTI.read_bytes())
     found = storage.discover(str(tmp_path), "ct")
     assert [s["sample"] for s in found] == ["1.3.6.1.4", "case2"]
+
+
+def test_the_sheet_accepts_a_uid_its_hash_or_a_series_number(tmp_path):
+    from workflow_support import REPO
+
+    from medprep.sheet import SampleSheetError, read_sample_sheet
+
+    schema = REPO / "schemas" / "samples.schema.yaml"
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text(
+        "sample\tmodality\turi\tseries_uid\n"
+        "a\tct\tx/\t1.2.840.1\nb\tct\tx/\t3a317eb0d04d\nc\tct\tx/\t3\n"
+    )
+    assert list(read_sample_sheet(sheet, schema)["series_uid"]) == [
+        "1.2.840.1",
+        "3a317eb0d04d",
+        "3",
+    ]
+    sheet.write_text("sample\tmodality\turi\tseries_uid\nd\tct\tx/\tchest-bone\n")
+    with pytest.raises(SampleSheetError, match="series_uid"):
+        read_sample_sheet(sheet, schema)
+
+
+def test_a_metaimage_sample_runs_through_the_workflow(tmp_path):
+    from workflow_support import run_snakemake, write_config, write_samples
+
+    dicom_as_metaimage(CT_3SLICE, tmp_path / "scan.mhd")
+    write_samples(tmp_path, [("luna-like", "ct", str(tmp_path / "scan.mhd"))])
+    write_config(tmp_path, ct=SETTINGS)
+    run_snakemake(tmp_path)
+    download = json.loads((tmp_path / "results/ct/luna-like/download.json").read_text())
+    assert sorted(f["key"] for f in download["files"]) == ["scan.mhd", "scan.raw"]
+    published = tmp_path / "published/ct/luna-like"
+    metadata = json.loads((published / "preprocess/metadata.json").read_text())
+    assert metadata["series"]["input"] == "MetaImage"
+    assert json.loads((published / "manifest.json").read_text())["sample"] == "luna-like"
