@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,6 +84,7 @@ def _transfer_syntax(ds) -> str:
     return uid.ExplicitVRBigEndian
 
 
+_FRAMES_LOCK = threading.Lock()
 ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
 
 # Transfer syntaxes pydicom decodes through a plugin: which package to install.
@@ -169,6 +171,7 @@ def _frame_headers(base: SliceHeader, ds) -> list[SliceHeader]:
     shared = shared_seq[0] if shared_seq else None
     if len(per_frame) != base.frames:
         raise ValueError(f"{len(per_frame)} per-frame functional groups for {base.frames} frames")
+    frame_bytes = base.rows * base.cols * base.bits_allocated // 8
     out = []
     for frame, item in enumerate(per_frame):
 
@@ -193,7 +196,11 @@ def _frame_headers(base: SliceHeader, ds) -> list[SliceHeader]:
                 rescale_type=str(rescale_type) if rescale_type else base.rescale_type,
                 image_type=tuple(str(v) for v in frame_type) if frame_type else base.image_type,
                 kernel=_joined(kernel) if kernel else base.kernel,
-                pixel_data_offset=None,
+                pixel_data_offset=(
+                    None
+                    if base.pixel_data_offset is None
+                    else base.pixel_data_offset + frame * frame_bytes
+                ),
             )
         )
     return out
@@ -374,6 +381,9 @@ def _read_with_pydicom(header: SliceHeader) -> np.ndarray:
         raise InputError(_cannot_decode(ts), path=header.path)
     try:
         ds = header.dataset
+        if ds is not None and header.frame is not None:
+            with _FRAMES_LOCK:  # frames of one file share its dataset: load its pixels once
+                ds.get("PixelData")
         if ds is None:
             ds = pydicom.dcmread(header.path, defer_size=DEFER_BYTES, force=not header.preamble)
         if "TransferSyntaxUID" not in ds.file_meta:
