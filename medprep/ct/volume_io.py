@@ -25,10 +25,8 @@ import numpy as np
 
 from medprep.ct import hu, series
 from medprep.errors import InputError
+from medprep.storage import METAIMAGE_DATA_SUFFIXES
 
-VOLUME_SUFFIXES = (".mhd", ".nii", ".nii.gz")
-# data files a MetaImage header points to (ElementDataFile): part of the same input
-METAIMAGE_DATA_SUFFIXES = (".raw", ".zraw")
 AIR_WINDOW_HU = (-1100.0, -900.0)
 MIN_AIR_FRACTION = 0.001
 

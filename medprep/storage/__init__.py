@@ -113,6 +113,8 @@ def slide_stem(name: str) -> str | None:
 
 # single-file CT volumes: one file = one sample for discovery (a .mhd brings its data file)
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd")
+# data files a MetaImage header (.mhd) names in ElementDataFile: LUNA16 keeps x.mhd + x.raw
+METAIMAGE_DATA_SUFFIXES = (".raw", ".zraw")
 
 
 def volume_stem(name: str) -> str | None:
