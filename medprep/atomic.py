@@ -46,7 +46,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON (RFC 8259): NaN and Infinity raise ValueError; write ``None`` for a
+    missing value."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    write_text(path, text + "\n")
 
 
 def write_png(path: str | os.PathLike, image: Any, compress_level: int = 6) -> None:

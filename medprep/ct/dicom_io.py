@@ -7,7 +7,9 @@ Files without the 128-byte preamble and ``DICM`` prefix are read with ``force=Tr
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +32,13 @@ IDENTIFIER_KEYWORDS = (
     "InstitutionName",
     "StudyInstanceUID",
     "SeriesInstanceUID",
+    # free text that sites type identifiers into (removed by DICOM's basic profile)
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "ImageComments",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
 )
 
 
@@ -75,8 +84,43 @@ def _transfer_syntax(ds) -> str:
     return uid.ExplicitVRBigEndian
 
 
+_FRAMES_LOCK = threading.Lock()
+ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
+
+# Transfer syntaxes pydicom decodes through a plugin: which package to install.
+DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
+}
+# Lossy transfer syntaxes: decoded values approximate the original ones.
+LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.203",
+}
+
+
 def read_header(index: int, path: str) -> SliceHeader | Rejected:
-    """Read one file's header (pixels stay on disk); non-DICOM files come back as Rejected."""
+    """The header of a single-frame file (the first frame's of a multi-frame one)."""
+    item = read_file(index, path)
+    return item[0] if isinstance(item, list) else item
+
+
+def read_file(index: int, path: str) -> list[SliceHeader] | Rejected:
+    """Parse one file once (pixels stay on disk): one header per slice (per frame of an
+    Enhanced CT); non-DICOM files come back as Rejected."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -92,9 +136,82 @@ def read_header(index: int, path: str) -> SliceHeader | Rejected:
     if not preamble and not sop and "Modality" not in ds:
         return Rejected(index, path, "not DICOM")
     try:
-        return _header_from_dataset(index, path, ds, sop, preamble)
+        header = _header_from_dataset(index, path, ds, sop, preamble)
+        if header.frames > 1 and "PerFrameFunctionalGroupsSequence" in ds:
+            return _frame_headers(header, ds)
+        return [header]
     except Exception as error:  # noqa: BLE001 - malformed values of any kind
         return Rejected(index, path, f"malformed DICOM header ({type(error).__name__}: {error})")
+
+
+def _floats(value, count: int) -> tuple[float, ...] | None:
+    if value is None or isinstance(value, str | bytes):
+        return None
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == count else None
+
+
+def _functional(item, shared, sequence: str, keyword: str):
+    """``keyword`` from the per-frame functional group ``sequence``, else the shared one."""
+    for source in (item, shared):
+        if source is not None and sequence in source and len(source[sequence].value):
+            inner = source[sequence].value[0]
+            if keyword in inner:
+                return inner.get(keyword)
+    return None
+
+
+def _frame_headers(base: SliceHeader, ds) -> list[SliceHeader]:
+    """One header per frame of an Enhanced (multi-frame) CT, from its functional groups."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    if len(per_frame) != base.frames:
+        raise ValueError(f"{len(per_frame)} per-frame functional groups for {base.frames} frames")
+    frame_bytes = base.rows * base.cols * base.bits_allocated // 8
+    out = []
+    for frame, item in enumerate(per_frame):
+
+        def get(sequence, keyword, item=item):
+            return _functional(item, shared, sequence, keyword)
+
+        frame_type = get("CTImageFrameTypeSequence", "FrameType")
+        kernel = get("CTReconstructionSequence", "ConvolutionKernel")
+        rescale_type = get("PixelValueTransformationSequence", "RescaleType")
+        out.append(
+            dataclasses.replace(
+                base,
+                frame=frame,
+                position=_floats(get("PlanePositionSequence", "ImagePositionPatient"), 3),
+                orientation=_floats(get("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                pixel_spacing=_floats(get("PixelMeasuresSequence", "PixelSpacing"), 2),
+                slice_thickness=_float(get("PixelMeasuresSequence", "SliceThickness")),
+                rescale_slope=_float(get("PixelValueTransformationSequence", "RescaleSlope")),
+                rescale_intercept=_float(
+                    get("PixelValueTransformationSequence", "RescaleIntercept")
+                ),
+                rescale_type=str(rescale_type) if rescale_type else base.rescale_type,
+                image_type=tuple(str(v) for v in frame_type) if frame_type else base.image_type,
+                kernel=_joined(kernel) if kernel else base.kernel,
+                pixel_data_offset=(
+                    None
+                    if base.pixel_data_offset is None
+                    else base.pixel_data_offset + frame * frame_bytes
+                ),
+            )
+        )
+    return out
+
+
+def _joined(value) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    return "\\".join(str(v).strip() for v in value)
 
 
 def _header_from_dataset(index, path, ds, sop, preamble) -> SliceHeader:
@@ -130,9 +247,6 @@ def _header_from_dataset(index, path, ds, sop, preamble) -> SliceHeader:
             truncated = os.path.getsize(path) - int(start) < expected
             if UID(ts).is_little_endian:
                 offset = int(start)
-    position = ds.get("ImagePositionPatient")
-    orientation = ds.get("ImageOrientationPatient")
-    spacing = ds.get("PixelSpacing")
     return SliceHeader(
         index=index,
         path=path,
@@ -145,11 +259,9 @@ def _header_from_dataset(index, path, ds, sop, preamble) -> SliceHeader:
         image_type=tuple(str(v) for v in (ds.get("ImageType") or ())),
         rows=_int(ds.get("Rows"), 0),
         cols=_int(ds.get("Columns"), 0),
-        position=tuple(float(v) for v in position) if position and len(position) == 3 else None,
-        orientation=(
-            tuple(float(v) for v in orientation) if orientation and len(orientation) == 6 else None
-        ),
-        pixel_spacing=tuple(float(v) for v in spacing) if spacing and len(spacing) == 2 else None,
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
         instance_number=_int(ds.get("InstanceNumber")),
         slice_thickness=_float(ds.get("SliceThickness")),
         frames=_int(ds.get("NumberOfFrames"), 1) or 1,
@@ -169,6 +281,11 @@ def _header_from_dataset(index, path, ds, sop, preamble) -> SliceHeader:
         pixel_data_offset=offset,
         padding_value=_signed(_int(ds.get("PixelPaddingValue")), representation),
         padding_range_limit=_signed(_int(ds.get("PixelPaddingRangeLimit")), representation),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+        kernel=_joined(ds.get("ConvolutionKernel")),
+        lossy=str(ds.get("LossyImageCompression", "")) == "01" or ts in LOSSY_SYNTAXES,
+        # kept only where pixels decode through pydicom (native ones are read at the offset)
+        dataset=ds if offset is None else None,
     )
 
 
@@ -182,25 +299,30 @@ def quiet_pydicom() -> None:
 
 def read_identifiers(header: SliceHeader) -> dict[str, str]:
     """Patient and study identifiers of one file (only used with include_identifiers)."""
-    import pydicom
+    ds = header.dataset
+    if ds is None:
+        import pydicom
 
-    ds = pydicom.dcmread(header.path, stop_before_pixels=True, force=not header.preamble)
+        ds = pydicom.dcmread(header.path, stop_before_pixels=True, force=not header.preamble)
     return {k: str(ds.get(k)) for k in IDENTIFIER_KEYWORDS if ds.get(k) not in (None, "")}
 
 
 def scan_headers(paths: Sequence[str], threads: int = 1) -> list[SliceHeader | Rejected]:
-    """Headers of all files, in input order, read on ``threads`` threads."""
+    """Headers of all files (one per frame of a multi-frame file), in input order, read on
+    ``threads`` threads."""
     quiet_pydicom()
-    return list(
-        thread_map(lambda item: read_header(*item), list(enumerate(paths)), max(1, threads))
-    )
+    out: list[SliceHeader | Rejected] = []
+    for item in thread_map(lambda item: read_file(*item), list(enumerate(paths)), max(1, threads)):
+        out.extend(item if isinstance(item, list) else [item])
+    return out
 
 
 def read_pixels(header: SliceHeader) -> np.ndarray:
     """The stored pixel values of one slice (rows, cols), as pydicom decodes them.
 
     Native little-endian 8/16-bit data are read straight from the offset the header scan
-    found (no second parse of the file); everything else goes through pydicom's handlers.
+    found; everything else is decoded from the dataset kept by the header scan (its pixel
+    data element is read from disk then, the file is not parsed again).
     """
     if header.pixel_data_offset is not None and header.bits_allocated in (8, 16):
         return _read_native(header)
@@ -230,16 +352,45 @@ def _read_native(header: SliceHeader) -> np.ndarray:
     return pixels
 
 
+def _cannot_decode(ts) -> str:
+    name = f"{ts.name} ({ts})"
+    package = DECODER_PACKAGES.get(str(ts))
+    if package:
+        try:
+            import importlib.metadata as md
+
+            md.version(package)
+        except md.PackageNotFoundError:
+            return (
+                f"cannot decode transfer syntax {name}: install {package} (pip install {package})"
+            )
+    return (
+        f"cannot decode transfer syntax {name}: no decoder in pydicom or its pylibjpeg plugins; "
+        "convert the files to an uncompressed or lossless syntax first (e.g. DCMTK: "
+        "dcmdjpeg in.dcm out.dcm, or GDCM: gdcmconv --raw in.dcm out.dcm)"
+    )
+
+
 def _read_with_pydicom(header: SliceHeader) -> np.ndarray:
     import pydicom
+    from pydicom.pixels import pixel_array
     from pydicom.uid import UID
 
     ts = UID(header.transfer_syntax)
+    if ts.is_compressed and not ts.is_deflated and not _can_decode(ts):
+        raise InputError(_cannot_decode(ts), path=header.path)
     try:
-        ds = pydicom.dcmread(header.path, force=not header.preamble)
+        ds = header.dataset
+        if ds is not None and header.frame is not None:
+            with _FRAMES_LOCK:  # frames of one file share its dataset: load its pixels once
+                ds.get("PixelData")
+        if ds is None:
+            ds = pydicom.dcmread(header.path, defer_size=DEFER_BYTES, force=not header.preamble)
         if "TransferSyntaxUID" not in ds.file_meta:
             ds.file_meta.TransferSyntaxUID = ts
-        pixels = ds.pixel_array
+        pixels = pixel_array(ds, index=header.frame)
+    except NotImplementedError as error:
+        raise InputError(_cannot_decode(ts), path=header.path) from error
     except Exception as error:  # noqa: BLE001 - any decoder failure is bad input here
         raise InputError(
             f"cannot decode pixel data ({ts.name}): {type(error).__name__}: {error}",
@@ -251,6 +402,15 @@ def _read_with_pydicom(header: SliceHeader) -> np.ndarray:
             path=header.path,
         )
     return pixels
+
+
+def _can_decode(ts) -> bool:
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        return get_decoder(ts).is_available
+    except NotImplementedError:
+        return False
 
 
 def library_versions() -> dict[str, str]:

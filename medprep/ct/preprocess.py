@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from medprep import atomic
-from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series
+from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series, volume_io
 from medprep.ct.settings import ct_settings, lung_settings
 from medprep.errors import InputError
 from medprep.parallel import thread_map
@@ -52,11 +52,20 @@ def load_series(
     gantry_tilt: str = "correct",
     include_identifiers: bool = False,
     threads: int = 1,
+    series_preferences: dict[str, Any] | None = None,
+    lossy_compression: str = "accept",
 ) -> LoadedSeries:
-    """Read headers, pick one CT series, sort it along its normal and decode it to HU."""
+    """Read headers, pick one CT series, sort it along its normal and decode it to HU.
+
+    ``series_preferences``: the ``ct.series`` config section (how series are ranked);
+    ``lossy_compression``: ``accept`` (with a warning) or ``fail``.
+    """
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise InputError("no input files")
+    volume_path = volume_io.volume_input(paths)
+    if volume_path is not None:
+        return _load_volume(volume_path, gantry_tilt, include_identifiers)
     scanned = dicom_io.scan_headers(paths, threads)
     rejected: list[series.Rejected] = []
     candidates: list[series.SliceHeader] = []
@@ -70,19 +79,29 @@ def load_series(
         else:
             candidates.append(item)
     groups = series.group_series(candidates)
+    invalid = [r for r in rejected if r.reason.startswith("invalid")]
+    if not groups and invalid:
+        raise InputError(invalid[0].reason, path=invalid[0].path)
     if not groups:
         raise InputError(
             f"no usable CT series among {len(paths)} file(s): "
             f"{series.describe_rejections(rejected)}",
             path=_common_folder(paths),
         )
-    selection = series.select_series(groups, series_uid)
+    try:
+        selection = series.select_series(
+            groups, series_uid, series.SeriesPreferences.from_config(series_preferences)
+        )
+    except InputError as error:
+        raise error.with_context(path=_common_folder(paths)) from None
     for item in rejected:
-        # a file of the chosen series whose header is cut short or damaged: the series is
-        # incomplete, so stop rather than interpolate over the hole
-        if item.series_uid == selection.group.series_uid and item.reason.startswith(
-            ("missing", "malformed")
-        ):
+        # a file of the chosen series whose header is cut short, damaged or holds an
+        # unusable number: the series is incomplete, so stop rather than interpolate
+        if item.series_uid != selection.group.series_uid:
+            continue
+        if item.reason.startswith("invalid"):
+            raise InputError(item.reason, path=item.path)
+        if item.reason.startswith(("missing", "malformed")):
             raise InputError(
                 f"{item.reason} in a file of the chosen series (truncated or damaged?)",
                 path=item.path,
@@ -102,7 +121,7 @@ def load_series(
             "position); a volume needs at least 2 slices, so single-slice series are not processed",
             path=geometry.slices[0].path,
         )
-    warnings = list(geometry.warnings)
+    warnings = list(selection.warnings) + list(geometry.warnings)
     if geometry.sheared:
         if gantry_tilt == "fail":
             raise InputError(
@@ -125,19 +144,39 @@ def load_series(
     if unreadable:
         log.warning("%d unreadable DICOM file(s) skipped", len(unreadable))
 
+    lossy = sorted({h.transfer_syntax for h in geometry.slices if h.lossy})
+    if lossy and lossy_compression == "fail":
+        from pydicom.uid import UID
+
+        first = next(h for h in geometry.slices if h.lossy)
+        raise InputError(
+            f"lossy compression ({', '.join(f'{UID(t).name} {t}' for t in lossy)} or "
+            "LossyImageCompression 01): HU values are approximate; set "
+            "ct.lossy_compression: accept to use them",
+            path=first.path,
+        )
     volume, hu_info = _decode(geometry, threads)
     warnings.extend(hu_info.pop("warnings"))
+    if lossy:
+        warnings.append(
+            f"lossy compression ({', '.join(lossy)} or LossyImageCompression 01): HU values "
+            "approximate the original ones"
+        )
     info = {
         "chosen": {
             **selection.group.describe(include_identifiers),
             "reason": selection.reason,
             "slices_used": len(geometry.slices),
             "transfer_syntaxes": sorted({h.transfer_syntax for h in geometry.slices}),
+            "lossy_compression": any(h.lossy for h in geometry.slices),
+            "enhanced_ct_frames": sum(h.frame is not None for h in geometry.slices),
             "files_without_preamble": sum(not h.preamble for h in geometry.slices),
         },
         "other_series": [
-            {**g.describe(include_identifiers), "reason": "not chosen"} for g in selection.others
+            {**g.describe(include_identifiers), "reason": r["reason"]}
+            for g, r in zip(selection.others, selection.ranking[1:], strict=True)
         ],
+        "series_ranking": list(selection.ranking),
         "rejected_files": [
             {
                 "file_index": r.index,
@@ -160,13 +199,55 @@ def load_series(
         info["identifiers"] = dicom_io.read_identifiers(geometry.slices[0])
     log.info(
         "series %s: %d slices chosen (%s); %d other series, %d file(s) not used",
-        series.uid_hash(selection.group.series_uid),
+        selection.group.uid_hash,
         len(geometry.slices),
         selection.reason,
         len(selection.others),
         len(rejected),
     )
     return LoadedSeries(volume, geometry, selection, rejected, warnings, info)
+
+
+def _load_volume(path: str, gantry_tilt: str, include_identifiers: bool) -> LoadedSeries:
+    """A MetaImage or NIfTI volume, as if it were a sorted DICOM series (see volume_io)."""
+    raw, group = volume_io.read_volume(path)
+    geometry = series.stack_geometry(group)
+    order = [h.index for h in geometry.slices]
+    values = raw.values if order == list(range(len(order))) else raw.values[order]
+    volume, hu_info = volume_io.to_hu(values, path)
+    warnings = list(geometry.warnings) + hu_info.pop("warnings")
+    if geometry.sheared:
+        if gantry_tilt == "fail":
+            raise InputError(
+                f"volume axes are sheared ({geometry.tilt_deg:.1f} degrees); set "
+                "ct.gantry_tilt: correct to resample it onto an orthogonal grid",
+                path=path,
+            )
+        warnings.append(f"sheared volume axes ({geometry.tilt_deg:.1f} degrees) corrected")
+    selection = series.Selection(group, f"{raw.kind} volume input", ())
+    chosen = {
+        "input": raw.kind,
+        **raw.info,
+        "series_uid_hash": group.uid_hash,
+        "slices": len(geometry.slices),
+        "slices_used": len(geometry.slices),
+        "matrix": [group.rows, group.cols],
+        "pixel_spacing_mm": list(group.pixel_spacing),
+        "axial": group.is_axial,
+        "reason": selection.reason,
+    }
+    if include_identifiers:
+        chosen["file"] = path
+    info = {
+        "chosen": chosen,
+        "other_series": [],
+        "series_ranking": [],
+        "rejected_files": [],
+        "duplicates": [],
+        "hu_conversion": {"modality_lut": [f"{raw.kind} values taken as HU"], **hu_info},
+    }
+    log.info("%s volume: %d slices, values taken as HU", raw.kind, len(geometry.slices))
+    return LoadedSeries(volume, geometry, selection, [], warnings, info)
 
 
 def _decode(geometry: series.StackGeometry, threads: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -285,6 +366,8 @@ def preprocess(
         gantry_tilt=cfg["gantry_tilt"],
         include_identifiers=include_identifiers,
         threads=threads,
+        series_preferences=cfg.get("series"),
+        lossy_compression=cfg.get("lossy_compression", "accept"),
     )
     geometry = loaded.geometry
     spacing_out = tuple(float(s) for s in cfg["spacing"])
@@ -354,6 +437,7 @@ def preprocess(
         "status": lungs.status,
         "series": loaded.info["chosen"],
         "other_series": loaded.info["other_series"],
+        "series_ranking": loaded.info["series_ranking"],
         "rejected_files": loaded.info["rejected_files"],
         "duplicates": loaded.info["duplicates"],
         "geometry": {
@@ -408,7 +492,7 @@ def preprocess(
         "spacing_out": list(spacing_out),
         "shape_out": list(volume.shape),
         "qc_flags": lungs.qc_flags,
-        "series_uid_hash": series.uid_hash(loaded.selection.group.series_uid),
+        "series_uid_hash": loaded.selection.group.uid_hash,
         "slices": len(geometry.slices),
     }
     for line in warnings:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -64,6 +66,12 @@ class SliceHeader:
     pixel_data_offset: int | None = None  # file offset of native pixel data, else None
     padding_value: int | None = None
     padding_range_limit: int | None = None
+    frame: int | None = None  # frame index (0-based) of a multi-frame (Enhanced CT) file
+    frame_of_reference_uid: str = ""
+    lossy: bool = False  # lossy transfer syntax or LossyImageCompression 01
+    kernel: str = ""  # ConvolutionKernel, values joined with "\\"
+    # the parsed header (pixel data left on disk), kept so pixels decode without a reparse
+    dataset: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +87,86 @@ def uid_hash(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:12] if uid else ""
 
 
+# Direction cosines within one series may differ by this much (writer rounding, jitter);
+# series are never split by rounding values into bins.
+ORIENTATION_TOLERANCE = 1e-4
+# Relative difference of PixelSpacing tolerated within one series.
+SPACING_TOLERANCE = 1e-4
+# ImageOrientationPatient: both cosines of unit length and perpendicular within this.
+ORTHONORMAL_TOLERANCE = 1e-3
+# Sanity bounds: no CT has pixels this large, nor positions this far from the isocentre.
+MAX_PIXEL_SPACING_MM = 100.0
+MAX_COORDINATE_MM = 1e6
+MAX_INTERCEPT = 1e5
+MIN_SLOPE, MAX_SLOPE = 1e-4, 1e3
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float | int) else repr(value)
+
+
+def invalid_value(header: SliceHeader) -> str | None:
+    """The first number that cannot enter geometry or HU, as ``invalid Tag value: why``.
+
+    PixelSpacing finite and positive; ImageOrientationPatient finite and orthonormal;
+    ImagePositionPatient finite; RescaleSlope finite and positive; RescaleIntercept finite;
+    SliceThickness (used to rank series) finite and not negative.
+    """
+
+    def bad(tag: str, value, why: str) -> str:
+        return f"invalid {tag} {_show(value)}: {why}"
+
+    spacing = header.pixel_spacing
+    if spacing is not None:
+        if not all(math.isfinite(v) for v in spacing):
+            return bad("PixelSpacing", spacing, "not finite")
+        if not all(0 < v <= MAX_PIXEL_SPACING_MM for v in spacing):
+            return bad("PixelSpacing", spacing, f"must be in (0, {MAX_PIXEL_SPACING_MM:g}] mm")
+    orientation = header.orientation
+    if orientation is not None:
+        if not all(math.isfinite(v) for v in orientation):
+            return bad("ImageOrientationPatient", orientation, "not finite")
+        row = np.asarray(orientation[:3], dtype=float)
+        col = np.asarray(orientation[3:6], dtype=float)
+        norms = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+        if any(abs(n - 1) > ORTHONORMAL_TOLERANCE for n in norms):
+            return bad(
+                "ImageOrientationPatient",
+                orientation,
+                f"row/column cosines of length {norms[0]:.4g}/{norms[1]:.4g}, not 1",
+            )
+        if abs(float(row @ col)) > ORTHONORMAL_TOLERANCE:
+            return bad(
+                "ImageOrientationPatient",
+                orientation,
+                f"row and column cosines not perpendicular (dot product {float(row @ col):.4g})",
+            )
+    position = header.position
+    if position is not None:
+        if not all(math.isfinite(v) for v in position):
+            return bad("ImagePositionPatient", position, "not finite")
+        if not all(abs(v) <= MAX_COORDINATE_MM for v in position):
+            return bad("ImagePositionPatient", position, f"beyond {MAX_COORDINATE_MM:g} mm")
+    slope = header.rescale_slope
+    if slope is not None and not (math.isfinite(slope) and MIN_SLOPE <= slope <= MAX_SLOPE):
+        return bad("RescaleSlope", slope, f"must be finite and in [{MIN_SLOPE:g}, {MAX_SLOPE:g}]")
+    intercept = header.rescale_intercept
+    if intercept is not None and not (math.isfinite(intercept) and abs(intercept) <= MAX_INTERCEPT):
+        return bad("RescaleIntercept", intercept, f"must be finite, within +-{MAX_INTERCEPT:g}")
+    thickness = header.slice_thickness
+    if thickness is not None and not (math.isfinite(thickness) and thickness >= 0):
+        return bad("SliceThickness", thickness, "must be finite and not negative")
+    return None
+
+
 def rejection_reason(header: SliceHeader) -> str | None:
-    """Why this file cannot be a slice of a CT volume, or None if it can."""
+    """Why this file cannot be a slice of a CT volume, or None if it can.
+
+    Reasons starting with ``invalid`` name a tag whose value is unusable: such a file is an
+    error (not skipped) when it belongs to the chosen series or when no series is left.
+    """
     sop = header.sop_class_uid
     image_type = {t.upper() for t in header.image_type}
     if sop == DICOMDIR_SOP_CLASS:
@@ -93,28 +179,32 @@ def rejection_reason(header: SliceHeader) -> str | None:
         return f"modality {header.modality or 'missing'} (not CT)"
     if image_type & {"LOCALIZER", "SCOUT", "TOPOGRAM"}:
         return "localizer"
-    if header.frames > 1:
-        return f"multi-frame image ({header.frames} frames; only single-frame CT slices are read)"
+    if header.frames > 1 and header.frame is None:
+        return f"multi-frame image ({header.frames} frames) without per-frame functional groups"
     if header.samples_per_pixel != 1:
         return "not a greyscale image"
     missing = [
         name
         for name, value in (
-            ("SeriesInstanceUID", header.series_uid),
             ("ImagePositionPatient", header.position),
             ("ImageOrientationPatient", header.orientation),
             ("PixelSpacing", header.pixel_spacing),
         )
         if not value
     ]
+    if missing and not header.series_uid:
+        # an empty UID alone is fine (grouped by geometry); with more missing, name it too
+        missing.insert(0, "SeriesInstanceUID")
     if missing or header.rows < 1 or header.cols < 1:
         return "missing " + ", ".join(missing or ["Rows/Columns"])
-    return None
+    return invalid_value(header)
 
 
 @dataclasses.dataclass(frozen=True)
 class SeriesGroup:
-    """Files sharing series UID, orientation, matrix size and pixel spacing."""
+    """Files of one series with the same orientation, matrix and pixel spacing (within
+    tolerances). Files with an empty SeriesInstanceUID are grouped by geometry: frame of
+    reference, SeriesNumber, kernel, matrix, orientation and pixel spacing."""
 
     series_uid: str
     orientation: tuple[float, ...]
@@ -124,6 +214,28 @@ class SeriesGroup:
     slices: tuple[SliceHeader, ...]
 
     @property
+    def key(self) -> str:
+        """The UID, or for an empty UID a stand-in made of what grouped the files."""
+        if self.series_uid:
+            return self.series_uid
+        first = self.slices[0]
+        return "|".join(
+            [
+                "blank-uid",
+                first.frame_of_reference_uid,
+                str(first.series_number),
+                first.kernel,
+                f"{self.rows}x{self.cols}",
+                ",".join(f"{v:.4f}" for v in self.orientation),
+                ",".join(f"{v:.4f}" for v in self.pixel_spacing),
+            ]
+        )
+
+    @property
+    def uid_hash(self) -> str:
+        return uid_hash(self.key)
+
+    @functools.cached_property
     def normal(self) -> np.ndarray:
         return slice_normal(self.orientation)
 
@@ -135,25 +247,78 @@ class SeriesGroup:
     def is_axial(self) -> bool:
         return self.axial_angle_deg <= AXIAL_MAX_ANGLE_DEG
 
+    @functools.cached_property
+    def _sorted_distances(self) -> np.ndarray:
+        return np.sort(np.array([s.position for s in self.slices], dtype=float) @ self.normal)
+
+    def _distances(self) -> np.ndarray:
+        return self._sorted_distances
+
     @property
     def unique_positions(self) -> int:
-        d = np.sort([float(np.dot(s.position, self.normal)) for s in self.slices])
+        d = self._distances()
         return int(1 + np.count_nonzero(np.diff(d) > DUPLICATE_TOLERANCE_MM)) if d.size else 0
 
+    @property
+    def extent_mm(self) -> float:
+        d = self._distances()
+        return float(d[-1] - d[0]) if d.size else 0.0
+
+    @property
+    def median_step_mm(self) -> float | None:
+        d = self._distances()
+        steps = np.diff(d)
+        steps = steps[steps > DUPLICATE_TOLERANCE_MM]
+        return float(np.median(steps)) if steps.size else None
+
+    @property
+    def slice_thickness_mm(self) -> float | None:
+        """Median SliceThickness tag (0 and absent count as unknown)."""
+        values = [s.slice_thickness for s in self.slices if s.slice_thickness]
+        return float(np.median(values)) if values else None
+
+    @property
+    def thickness_for_ranking(self) -> float | None:
+        return self.slice_thickness_mm or self.median_step_mm
+
+    @property
+    def kernel(self) -> str:
+        return self.slices[0].kernel
+
+    @property
+    def image_type(self) -> tuple[str, ...]:
+        return self.slices[0].image_type
+
+    @property
+    def derived(self) -> bool:
+        return bool(self.image_type) and self.image_type[0].upper() == "DERIVED"
+
     def describe(self, include_identifiers: bool = False) -> dict:
+        """Facts about the series for metadata; free text (SeriesDescription) and the UID
+        only with ``include_identifiers``."""
         out = {
-            "series_uid_hash": uid_hash(self.series_uid),
+            "series_uid_hash": self.uid_hash,
+            "series_uid_empty": not self.series_uid,
+            "series_number": self.slices[0].series_number,
             "files": len(self.slices),
             "slices": self.unique_positions,
+            "slice_thickness_mm": _rounded(self.slice_thickness_mm),
+            "slice_step_mm": _rounded(self.median_step_mm),
+            "extent_mm": _rounded(self.extent_mm, 2),
+            "kernel": self.kernel,
+            "image_type": list(self.image_type),
             "matrix": [self.rows, self.cols],
             "pixel_spacing_mm": list(self.pixel_spacing),
             "axial": self.is_axial,
-            "description": self.slices[0].series_description,
-            "series_number": self.slices[0].series_number,
         }
         if include_identifiers:
             out["series_uid"] = self.series_uid
+            out["description"] = self.slices[0].series_description
         return out
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
@@ -163,23 +328,168 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return normal / np.linalg.norm(normal)
 
 
+def _exact_key(h: SliceHeader) -> tuple:
+    if h.series_uid:
+        return (h.series_uid, h.rows, h.cols)
+    return ("", h.frame_of_reference_uid, h.series_number, h.kernel, h.rows, h.cols)
+
+
+def _same_geometry(a: SliceHeader, b: SliceHeader) -> bool:
+    if max(abs(x - y) for x, y in zip(a.orientation, b.orientation, strict=True)) > (
+        ORIENTATION_TOLERANCE
+    ):
+        return False
+    return all(
+        abs(x - y) <= SPACING_TOLERANCE * max(abs(x), abs(y))
+        for x, y in zip(a.pixel_spacing, b.pixel_spacing, strict=True)
+    )
+
+
 def group_series(headers: Iterable[SliceHeader]) -> list[SeriesGroup]:
-    buckets: dict[tuple, list[SliceHeader]] = collections.defaultdict(list)
-    for h in headers:
-        key = (
-            h.series_uid,
-            tuple(round(v, 3) for v in h.orientation),
-            h.rows,
-            h.cols,
-            tuple(round(v, 4) for v in h.pixel_spacing),
+    """Group by series UID (or geometry, when the UID is empty), matrix, and orientation and
+    pixel spacing compared with tolerances against each group's first file."""
+    buckets: dict[tuple, list[list[SliceHeader]]] = collections.defaultdict(list)
+    for h in sorted(headers, key=lambda h: (h.index, h.frame or 0)):
+        candidates = buckets[_exact_key(h)]
+        for members in candidates:
+            if _same_geometry(members[0], h):
+                members.append(h)
+                break
+        else:
+            candidates.append([h])
+    groups = [
+        SeriesGroup(
+            members[0].series_uid,
+            members[0].orientation,
+            members[0].rows,
+            members[0].cols,
+            members[0].pixel_spacing,
+            tuple(members),
         )
-        buckets[key].append(h)
-    groups = []
-    for (uid, _, rows, cols, spacing), members in buckets.items():
-        members.sort(key=lambda h: h.index)
-        groups.append(SeriesGroup(uid, members[0].orientation, rows, cols, spacing, tuple(members)))
-    groups.sort(key=lambda g: (uid_hash(g.series_uid), g.orientation, g.rows, g.cols))
+        for lists in buckets.values()
+        for members in lists
+    ]
+    groups.sort(key=lambda g: (g.uid_hash, g.orientation, g.rows, g.cols))
     return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesPreferences:
+    """How candidate series are ranked (the ``ct.series`` config section).
+
+    Patterns are case-insensitive regular expressions searched in ConvolutionKernel (values
+    joined with a backslash) or SeriesDescription. Without arguments: no patterns, thinnest
+    slices, derived images ranked after original ones.
+    """
+
+    prefer_kernels: tuple[str, ...] = ()
+    avoid_kernels: tuple[str, ...] = ()
+    prefer_descriptions: tuple[str, ...] = ()
+    avoid_descriptions: tuple[str, ...] = ()
+    slice_thickness: str = "thinnest"
+    avoid_derived: bool = True
+
+    @classmethod
+    def from_config(cls, section: dict | None) -> SeriesPreferences:
+        section = dict(section or {})
+        out = cls(
+            **{
+                k: tuple(section[k]) if isinstance(section.get(k), list | tuple) else section[k]
+                for k in cls.__dataclass_fields__
+                if k in section
+            }
+        )
+        if out.slice_thickness not in ("thinnest", "thickest"):
+            raise ValueError("ct.series.slice_thickness must be 'thinnest' or 'thickest'")
+        for pattern in (
+            *out.prefer_kernels,
+            *out.avoid_kernels,
+            *out.prefer_descriptions,
+            *out.avoid_descriptions,
+        ):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"ct.series: bad pattern {pattern!r}: {error}") from error
+        return out
+
+
+def _matches(patterns: Sequence[str], text: str) -> bool:
+    return bool(text) and any(re.search(p, text, re.IGNORECASE) for p in patterns)
+
+
+# Criteria in order of importance; each maps a series to a number, higher is better.
+CRITERIA = ("eligible", "not_avoided", "original", "preferred", "coverage", "thickness",
+            "slices", "pixels")  # fmt: skip
+# a series covering less than this fraction of the longest candidate's extent is partial
+PARTIAL_COVERAGE = 0.5
+# runner-up this close (relative) in thickness and slice count is a near-tie
+NEAR_TIE = 0.1
+
+
+def _facts(group: SeriesGroup, prefs: SeriesPreferences, by_sheet: bool) -> dict:
+    description = group.slices[0].series_description
+    avoided_kernel = _matches(prefs.avoid_kernels, group.kernel)
+    avoided_description = _matches(prefs.avoid_descriptions, description)
+    preferred = _matches(prefs.prefer_kernels, group.kernel) or _matches(
+        prefs.prefer_descriptions, description
+    )
+    thickness = group.thickness_for_ranking
+    return {
+        "eligible": group.unique_positions >= 2 and (group.is_axial or by_sheet),
+        "avoided_kernel": avoided_kernel,
+        "avoided_description": avoided_description,
+        "preferred": preferred,
+        "thickness": thickness,
+        "group": group,
+    }
+
+
+def _score(facts: dict, prefs: SeriesPreferences, longest: float) -> tuple:
+    group = facts["group"]
+    thickness = facts["thickness"] if facts["thickness"] is not None else 1e6
+    sign = -1 if prefs.slice_thickness == "thinnest" else 1
+    return (
+        int(facts["eligible"]),
+        int(not (facts["avoided_kernel"] or facts["avoided_description"])),
+        int(not (prefs.avoid_derived and group.derived)),
+        int(facts["preferred"]),
+        int(group.extent_mm >= PARTIAL_COVERAGE * longest),
+        sign * round(thickness, 2),
+        group.unique_positions,
+        -round(min(group.pixel_spacing), 4),
+    )
+
+
+def _mm(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:g} mm"
+
+
+def _loss(criterion: str, loser: dict, winner: dict, prefs: SeriesPreferences) -> str:
+    """Why ``loser`` ranks below ``winner`` at ``criterion`` (no free text quoted)."""
+    g, w = loser["group"], winner["group"]
+    if criterion == "eligible":
+        if g.unique_positions < 2:
+            return "a single slice"
+        return f"not axial (normal {g.axial_angle_deg:.0f} degrees from the patient axis)"
+    if criterion == "not_avoided":
+        if loser["avoided_kernel"]:
+            return f"kernel {g.kernel} matches ct.series.avoid_kernels"
+        return "SeriesDescription matches ct.series.avoid_descriptions"
+    if criterion == "original":
+        return f"derived image (ImageType {'/'.join(g.image_type)})"
+    if criterion == "preferred":
+        return f"kernel {g.kernel or 'unknown'} (and description) not in the preferred patterns"
+    if criterion == "coverage":
+        return f"partial coverage ({g.extent_mm:.0f} mm against {w.extent_mm:.0f} mm)"
+    if criterion == "thickness":
+        word = "thicker" if prefs.slice_thickness == "thinnest" else "thinner"
+        return f"{word} slices ({_mm(loser['thickness'])} against {_mm(winner['thickness'])})"
+    if criterion == "slices":
+        return f"fewer slices ({g.unique_positions} against {w.unique_positions})"
+    if criterion == "pixels":
+        return f"coarser pixels ({min(g.pixel_spacing):g} mm against {min(w.pixel_spacing):g} mm)"
+    return "same rank as the chosen series; order by UID hash"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,44 +497,150 @@ class Selection:
     group: SeriesGroup
     reason: str
     others: tuple[SeriesGroup, ...]
+    ranking: tuple[dict, ...] = ()  # per series, best first: facts, rank, reason (no free text)
+    warnings: tuple[str, ...] = ()
 
 
-def select_series(groups: Sequence[SeriesGroup], series_uid: str | None = None) -> Selection:
-    """The sample sheet's ``series_uid`` if given, else the largest axial CT series."""
+def sheet_match(group: SeriesGroup, wanted: str) -> str | None:
+    """How the sample sheet's ``series_uid`` names this series: ``UID``, ``UID hash`` or
+    ``SeriesNumber``; None when it does not."""
+    wanted = str(wanted).strip()
+    if group.series_uid and wanted == group.series_uid:
+        return "UID"
+    if wanted.lower() == group.uid_hash:
+        return "UID hash"
+    number = group.slices[0].series_number
+    if re.fullmatch(r"\d+(\.0+)?", wanted) and number is not None and int(float(wanted)) == number:
+        return "SeriesNumber"
+    return None
+
+
+def _single_slice_message(groups: Sequence[SeriesGroup]) -> str:
+    n = len(groups)
+    what = "1 series of one slice" if n == 1 else f"{n} series of one slice each"
+    return f"{what}: a single slice is not a volume (at least 2 slices are needed)"
+
+
+def select_series(
+    groups: Sequence[SeriesGroup],
+    series_uid: str | None = None,
+    preferences: SeriesPreferences | None = None,
+) -> Selection:
+    """Rank the series and take the best, or the one the sample sheet names.
+
+    The sheet's ``series_uid`` may be the full UID, the published 12-character hash or the
+    SeriesNumber. Otherwise, in order: at least 2 slices and axial; not matching an avoid
+    pattern; original rather than derived; matching a prefer pattern; covering at least half
+    the longest extent; thinnest (or thickest) slices; most slices; finest pixels; then UID
+    hash (stable, independent of file order).
+    """
+    prefs = preferences or SeriesPreferences()
     if not groups:
         raise InputError("no usable CT series")
+    matched: dict[int, str] = {}
     if series_uid:
-        matching = [g for g in groups if g.series_uid == series_uid]
-        if not matching:
+        matched = {id(g): how for g in groups if (how := sheet_match(g, series_uid)) is not None}
+        if not matched:
             available = ", ".join(
-                f"{uid_hash(g.series_uid)} ({g.unique_positions} slices)" for g in groups
+                f"{g.uid_hash} (SeriesNumber {g.slices[0].series_number}, "
+                f"{g.unique_positions} slices)"
+                for g in groups
             )
             raise InputError(
                 f"series_uid from the sample sheet is not among the CT series found "
-                f"(series found, by UID hash: {available})"
+                f"(the sheet may give the UID, the UID hash or the SeriesNumber; series "
+                f"found: {available})"
             )
-        chosen = max(matching, key=_size_key)
-        reason = "series_uid from the sample sheet"
-        if len(matching) > 1:
-            reason += f" (largest of {len(matching)} orientation/matrix groups with that UID)"
+    elif all(g.unique_positions < 2 for g in groups):
+        raise InputError(_single_slice_message(groups))
+    elif not any(g.is_axial and g.unique_positions >= 2 for g in groups):
+        raise InputError(
+            f"no axial CT series among {len(groups)} series (slice normals more than "
+            f"{AXIAL_MAX_ANGLE_DEG:g} degrees from the patient axis); set series_uid in "
+            "the sample sheet to use a non-axial one"
+        )
+    facts = [_facts(g, prefs, bool(matched)) for g in groups]
+    longest = max((f["group"].extent_mm for f in facts if f["eligible"]), default=0.0)
+    scores = {id(f["group"]): _score(f, prefs, longest) for f in facts}
+
+    def order(f: dict) -> tuple:
+        g = f["group"]
+        return (0 if id(g) in matched or not matched else 1,
+                tuple(-v for v in scores[id(g)]), g.uid_hash)  # fmt: skip
+
+    facts.sort(key=order)
+    best = facts[0]
+    chosen = best["group"]
+
+    def deciding(loser: dict) -> str:
+        if matched and id(loser["group"]) not in matched:
+            return "sheet"
+        a, b = scores[id(loser["group"])], scores[id(chosen)]
+        return next((c for c, x, y in zip(CRITERIA, a, b, strict=True) if x != y), "tie")
+
+    candidates = [f for f in facts if f["eligible"]]
+    if matched:
+        reason = f"series_uid from the sample sheet (matched by {matched[id(chosen)]})"
+        if len(matched) > 1:
+            reason += f", best ranked of {len(matched)} series with that {matched[id(chosen)]}"
+    elif len(candidates) == 1:
+        reason = f"largest axial CT series ({chosen.unique_positions} slices)"
     else:
-        axial = [g for g in groups if g.is_axial]
-        if not axial:
-            raise InputError(
-                f"no axial CT series among {len(groups)} series (slice normals more than "
-                f"{AXIAL_MAX_ANGLE_DEG:g} degrees from the patient axis); set series_uid in "
-                "the sample sheet to use a non-axial one"
+        runner = candidates[1]
+        criterion = deciding(runner)
+        if criterion == "slices":
+            reason = (
+                f"largest axial CT series ({chosen.unique_positions} slices of "
+                f"{len(candidates)} axial series)"
             )
-        chosen = max(axial, key=_size_key)
-        reason = f"largest axial CT series ({chosen.unique_positions} slices"
-        reason += f" of {len(axial)} axial series)" if len(axial) > 1 else ")"
-    others = tuple(g for g in groups if g is not chosen)
-    return Selection(chosen, reason, others)
+        else:
+            reason = (
+                f"best ranked of {len(candidates)} axial series; the next one ranks lower: "
+                f"{_loss(criterion, runner, best, prefs)}"
+            )
+    warnings = []
+    ranking = []
+    for rank, f in enumerate(facts, start=1):
+        g = f["group"]
+        if g is chosen:
+            why = "chosen: " + reason
+        elif deciding(f) == "sheet":
+            why = "not chosen: not the series named by series_uid in the sample sheet"
+        else:
+            why = "not chosen: " + _loss(deciding(f), f, best, prefs)
+        ranking.append({"rank": rank, **g.describe(False), "chosen": g is chosen, "reason": why})
+    if not matched and len(candidates) > 1:
+        runner = candidates[1]
+        criterion = deciding(runner)
+        r = runner["group"]
+        close = (
+            r.derived == chosen.derived
+            and r.unique_positions >= (1 - NEAR_TIE) * chosen.unique_positions
+            and _close(runner["thickness"], best["thickness"])
+        )
+        if close and criterion not in ("coverage",):
+            warnings.append(
+                f"near-tie between series {chosen.uid_hash} and {r.uid_hash} "
+                f"({chosen.unique_positions} and {r.unique_positions} slices, "
+                f"{_mm(best['thickness'])} and {_mm(runner['thickness'])}, kernels "
+                f"{chosen.kernel or 'unknown'} and {r.kernel or 'unknown'}): took "
+                f"{chosen.uid_hash} because the other has "
+                f"{_loss(criterion, runner, best, prefs)}; to take the other, set series_uid "
+                f"in the sample sheet to {r.uid_hash}"
+                + (
+                    f" or SeriesNumber {r.slices[0].series_number}"
+                    if r.slices[0].series_number is not None
+                    else ""
+                )  # fmt: skip
+            )
+    others = tuple(f["group"] for f in facts[1:])
+    return Selection(chosen, reason, others, tuple(ranking), tuple(warnings))
 
 
-def _size_key(group: SeriesGroup) -> tuple:
-    # most slices, then finest pixels, then a stable order independent of file order
-    return (group.unique_positions, -min(group.pixel_spacing), uid_hash(group.series_uid))
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= NEAR_TIE * max(a, b)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,6 +149,21 @@ def slide_stem(name: str) -> str | None:
     return None
 
 
+# single-file CT volumes: one file = one sample for discovery (a .mhd brings its data file)
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd")
+# data files a MetaImage header (.mhd) names in ElementDataFile: LUNA16 keeps x.mhd + x.raw
+METAIMAGE_DATA_SUFFIXES = (".raw", ".zraw")
+
+
+def volume_stem(name: str) -> str | None:
+    """``1.3.6...mhd`` -> ``1.3.6...``; None if ``name`` is not a CT volume file."""
+    lowered = name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lowered.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
 def safe_sample_name(raw: str, where: str = "") -> str:
     """A sample name from a folder, prefix or file name: characters outside
     ``[A-Za-z0-9._-]`` become ``_``, leading non-alphanumerics go, at most 128 characters.

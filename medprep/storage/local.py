@@ -27,6 +27,7 @@ from medprep.storage import (
     safe_sample_name,
     sha256_file,
     slide_stem,
+    volume_stem,
 )
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,50 @@ def _file_entries(folder: Path) -> list[tuple[str, int, int]]:
     ]
 
 
+def metaimage_data_file(header: Path) -> Path | None:
+    """The data file a MetaImage header (``.mhd``) names in ``ElementDataFile``, if it is a
+    separate file next to it (LUNA16's ``.raw``); None for LOCAL (data inside) or lists."""
+    if header.suffix.lower() != ".mhd":
+        return None
+    try:
+        with open(header, "rb") as f:
+            text = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            value = value.strip()
+            if (
+                value.upper() in ("LOCAL", "LIST")
+                or value.upper().startswith("LIST ")
+                or "%" in value
+            ):
+                return None
+            return header.parent / value
+    return None
+
+
+def _single_file_inputs(path: Path) -> list[Path]:
+    """A file given as a sample's uri, with its MetaImage data file when it has one."""
+    data = metaimage_data_file(path)
+    if data is None:
+        return [path]
+    if not data.is_file():
+        raise InputError(
+            f"MetaImage data file {data.name} (ElementDataFile) not found", path=str(path)
+        )
+    return [path, data]
+
+
 def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:
     path = Path(uri)
     if path.is_file():
-        info = path.stat()
-        return fingerprint_of([(path.name, info.st_size, info.st_mtime_ns)])
+        try:
+            inputs = _single_file_inputs(path)
+        except InputError:
+            inputs = [path]  # reported by download for this sample alone
+        return fingerprint_of([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in inputs])
     if path.is_dir():
         return fingerprint_of(_file_entries(path))
     # A missing input is reported by `download` for this sample alone, not at DAG build.
@@ -132,8 +172,10 @@ def fetch(
     """Describe a local file or folder; local inputs are read in place, not copied."""
     path = Path(uri)
     if path.is_file():
-        info = path.stat()
-        return [SourceFile(str(path.resolve()), path.name, info.st_size, mtime_ns=info.st_mtime_ns)]
+        return [
+            SourceFile(str(p.resolve()), p.name, p.stat().st_size, mtime_ns=p.stat().st_mtime_ns)
+            for p in _single_file_inputs(path)
+        ]
     if path.is_dir():
         files = [
             SourceFile(
@@ -376,6 +418,8 @@ def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[
             continue
         if modality == "ct" and entry.is_dir():
             raw = entry.name
+        elif modality == "ct" and entry.is_file() and volume_stem(entry.name):
+            raw = volume_stem(entry.name)  # a CT volume: .mhd (+ data file), .nii, .nii.gz
         elif modality == "wsi" and entry.is_file() and slide_stem(entry.name):
             raw = slide_stem(entry.name)
         else:

@@ -23,6 +23,7 @@ from medprep.errors import InputError
 from medprep.parallel import thread_map
 from medprep.redact import redact
 from medprep.storage import (
+    METAIMAGE_DATA_SUFFIXES,
     PUBLISHED_MANIFEST,
     DestinationUnusable,
     SourceFile,
@@ -34,6 +35,7 @@ from medprep.storage import (
     refusal,
     safe_sample_name,
     slide_stem,
+    volume_stem,
 )
 from medprep.storage import s3_transfer as transfer
 from medprep.storage.s3_connect import (
@@ -68,11 +70,39 @@ def _folder(key: str) -> str:
 def relative_entries(
     location: S3Location, objects: list[RemoteObject]
 ) -> list[tuple[str, RemoteObject]]:
-    """(key relative to the sample URI, object): a single object keeps its base name."""
-    if len(objects) == 1 and objects[0].key == location.key:
-        return [(location.key.rsplit("/", 1)[-1], objects[0])]
+    """(key relative to the sample URI, object): a single object keeps its base name (so do
+    the data files listed after a MetaImage header, see ``_metaimage_objects``)."""
+    if objects and objects[0].key == location.key:
+        return [(obj.key.rsplit("/", 1)[-1], obj) for obj in objects]
     folder = _folder(location.key)
     return [(obj.key[len(folder) :], obj) for obj in objects]
+
+
+def _metaimage_objects(
+    settings: dict[str, Any], uri: str, *, use_cache: bool
+) -> list[RemoteObject] | None:
+    """A ``.mhd`` object followed by its data file (same name, ``.raw`` or ``.zraw``), as
+    LUNA16 stores them side by side: one sample input."""
+    header = _list_or_explain(settings, uri, use_cache=use_cache)
+    if not header:
+        return header
+    location = parse_uri(uri)
+    stem = location.key[: -len(".mhd")]
+    data = []
+    for suffix in METAIMAGE_DATA_SUFFIXES:
+        found = _list_or_explain(
+            settings, f"s3://{location.bucket}/{stem}{suffix}", use_cache=use_cache
+        )
+        data += [obj for obj in found or [] if obj.key == stem + suffix]
+    return header + data
+
+
+def _sample_objects(
+    settings: dict[str, Any], uri: str, *, use_cache: bool
+) -> list[RemoteObject] | None:
+    if uri.lower().endswith(".mhd"):
+        return _metaimage_objects(settings, uri, use_cache=use_cache)
+    return _list_or_explain(settings, uri, use_cache=use_cache)
 
 
 def _visible(entries: list[tuple[str, RemoteObject]]) -> list[tuple[str, RemoteObject]]:
@@ -111,7 +141,7 @@ def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:
     Served from the listing cache when a primed listing covers ``uri``. An unreachable
     store raises (rather than returning a value that would rerun every sample).
     """
-    objects = _list_or_explain(settings, uri, use_cache=True)
+    objects = _sample_objects(settings, uri, use_cache=True)
     if not objects:
         return MISSING
     return _fingerprint(_visible(relative_entries(parse_uri(uri), objects)))
@@ -200,7 +230,7 @@ def fetch(
     longer listed are removed.
     """
     location = parse_uri(uri)
-    objects = _list_or_explain(settings, uri, use_cache=False)
+    objects = _sample_objects(settings, uri, use_cache=False)
     if objects is None:
         raise InputError("bucket does not exist", path=redact(uri))
     target = Path(target_dir).absolute()
@@ -446,7 +476,9 @@ def _published_entries(
 
 def _manifest_body(manifest: dict[str, Any], files: list[transfer.LocalFile]) -> bytes:
     listed = [{"name": f.name, "bytes": f.size, "sha256": f.sha256} for f in files]
-    return (json.dumps({**manifest, "files": listed}, indent=2, default=str) + "\n").encode("utf-8")
+    return (
+        json.dumps({**manifest, "files": listed}, indent=2, default=str, allow_nan=False) + "\n"
+    ).encode("utf-8")
 
 
 def publish(
@@ -640,6 +672,27 @@ def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[
         rel = obj.key[len(folder) :]
         if modality == "ct":
             head, slash, _ = rel.partition("/")
+            if not slash and volume_stem(rel) and not is_hidden(rel):
+                # a CT volume file directly under the prefix; a .mhd brings its data file
+                raw, uri = volume_stem(rel), f"s3://{location.bucket}/{obj.key}"
+                companions = (
+                    [
+                        o
+                        for o in objects
+                        if o.key in {f"{obj.key[:-4]}{x}" for x in METAIMAGE_DATA_SUFFIXES}
+                    ]
+                    if rel.lower().endswith(".mhd")
+                    else []
+                )
+                name = safe_sample_name(raw, where=redact(uri))
+                if name in uri_of and uri_of[name] != uri:
+                    raise InputError(
+                        f"two samples would be named {name}: {redact(uri_of[name])} and {redact(uri)}",
+                        path=redact(prefix),
+                    )
+                uri_of[name] = uri
+                by_sample.setdefault(name, []).extend([obj, *companions])
+                continue
             if not slash or not head or is_hidden(head):
                 continue
             if head in {".", ".."}:
