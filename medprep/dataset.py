@@ -33,6 +33,7 @@ from typing import Any
 
 from medprep import atomic, splits
 from medprep.errors import InputError
+from medprep.parallel import thread_map
 
 log = logging.getLogger("medprep.dataset")
 
@@ -216,7 +217,7 @@ def _artifact(step: dict[str, Any], suffix: str) -> dict[str, str] | None:
 def _constant(value: Any, n: int, kind):
     import pyarrow as pa
 
-    return pa.array([value] * n, type=kind) if n else pa.array([], type=kind)
+    return pa.repeat(pa.scalar(value, type=kind), n)
 
 
 def _sample_rows(
@@ -281,7 +282,9 @@ def _read_table(path: str, entry: SampleEntry):
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path)
+        # ParquetFile.read without threads: ~10x faster than read_table for small tables
+        with pq.ParquetFile(path) as table:
+            return table.read(use_threads=False)
     except (OSError, ValueError) as error:
         raise InputError(
             f"cannot read its table: {error}", path=path, sample=entry.sample
@@ -309,16 +312,58 @@ def _ct_extra(entry: SampleEntry, table, tile: dict[str, Any], pre: dict[str, An
     return extra
 
 
+def _load_sample(entry: SampleEntry, schemas, fractions, seed):
+    """Read one sample's manifests and table: its rows in the index and its samples row."""
+    import pyarrow as pa
+
+    patient = splits.patient_key(entry.patient, entry.sample)
+    split = splits.split_of(patient, fractions, seed)
+    tile = atomic.read_json(entry.tile_manifest)
+    summary = tile.get("summary", {})
+    if entry.modality == "wsi":
+        item = _artifact(tile, "tiles.parquet")
+        kind, columns = "tiles", TILE_COLUMNS
+    else:
+        item = _artifact(tile, "patches.parquet")
+        kind, columns = "patches", PATCH_COLUMNS
+    if item is None:
+        raise InputError(
+            "its tile manifest lists no table", path=entry.tile_manifest, sample=entry.sample
+        )
+    table = _read_table(item["path"], entry)
+    if kind == "tiles":
+        extra = _wsi_extra(entry, table, item["name"])
+    else:
+        pre = atomic.read_json(entry.preprocess_manifest) if entry.preprocess_manifest else None
+        extra = _ct_extra(entry, table, tile, pre)
+    rows = _sample_rows(entry, table, columns, schemas[kind], split, patient, extra)
+    sample_values = {
+        "modality": entry.modality,
+        "status": summary.get("status", "ok"),
+        "tiles": rows.num_rows if kind == "tiles" else 0,
+        "patches": rows.num_rows if kind == "patches" else 0,
+        "candidates": summary.get("candidates"),
+        "warnings": len(summary.get("warnings") or []),
+        "manifest": posixpath.join(entry.modality, entry.sample, "manifest.json"),
+    }
+    one = pa.table({"_": [0]})
+    sample_row = _sample_rows(entry, one, {}, schemas["samples"], split, patient, sample_values)
+    return entry, kind, rows, sample_row, split, patient
+
+
 def build(
     entries: Iterable[SampleEntry],
     out_dir: str | os.PathLike,
     *,
     fractions: dict[str, float] | None = None,
     seed: int = 0,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """Write ``tiles.parquet``, ``patches.parquet`` and ``samples.parquet`` into
-    ``out_dir``; return the content of the dataset's manifest.json (without files)."""
-    import pyarrow as pa
+    ``out_dir``; return the content of the dataset's manifest.json (without files).
+
+    ``threads`` read the per-sample tables ahead (in order, a bounded number at a time).
+    """
 
     entries = list(entries)
     fractions = splits.check_fractions(fractions or splits.DEFAULT_FRACTIONS)
@@ -337,64 +382,24 @@ def build(
     rows_per_split: Counter = Counter()
     statuses: Counter = Counter()
     error: BaseException | None = None
+
+    def load(entry: SampleEntry):
+        return _load_sample(entry, schemas, fractions, seed)
+
     try:
-        for entry in entries:
-            patient = splits.patient_key(entry.patient, entry.sample)
-            split = splits.split_of(patient, fractions, seed)
+        for entry, kind, rows, sample_row, split, patient in thread_map(load, entries, threads):
             groups.setdefault(patient, (entry.label, split))
-            tile = atomic.read_json(entry.tile_manifest)
-            summary = tile.get("summary", {})
-            if entry.modality == "wsi":
-                item = _artifact(tile, "tiles.parquet")
-                kind, columns = "tiles", TILE_COLUMNS
-            else:
-                item = _artifact(tile, "patches.parquet")
-                kind, columns = "patches", PATCH_COLUMNS
-            if item is None:
-                raise InputError(
-                    "its tile manifest lists no table",
-                    path=entry.tile_manifest,
-                    sample=entry.sample,
-                )
-            table = _read_table(item["path"], entry)
-            if kind == "tiles":
-                extra = _wsi_extra(entry, table, item["name"])
-            else:
-                pre = (
-                    atomic.read_json(entry.preprocess_manifest)
-                    if entry.preprocess_manifest
-                    else None
-                )
-                extra = _ct_extra(entry, table, tile, pre)
-            rows = _sample_rows(entry, table, columns, schemas[kind], split, patient, extra)
             writers[kind].add(rows)
+            writers["samples"].add(sample_row)
             rows_per_split[(kind, split)] += rows.num_rows
-            status = summary.get("status", "ok")
-            statuses[status] += 1
-            sample_values = {
-                "modality": entry.modality,
-                "status": status,
-                "tiles": rows.num_rows if kind == "tiles" else 0,
-                "patches": rows.num_rows if kind == "patches" else 0,
-                "candidates": summary.get("candidates"),
-                "warnings": len(summary.get("warnings") or []),
-                "manifest": posixpath.join(entry.modality, entry.sample, "manifest.json"),
-            }
-            one = pa.table({"_": [0]})
-            writers["samples"].add(
-                _sample_rows(
-                    entry, one, {}, schemas["samples"], split, patient, sample_values
-                )
-            )
+            statuses[sample_row.column("status")[0].as_py()] += 1
     except BaseException as failure:
         error = failure
         raise
     finally:
         for writer in writers.values():
             writer.close(error)
-    balance = splits.balance(
-        ((p, label, split) for p, (label, split) in groups.items()), fractions
-    )
+    balance = splits.balance(((p, label, split) for p, (label, split) in groups.items()), fractions)
     counts = {
         "samples": len(entries),
         "patients": len(groups),

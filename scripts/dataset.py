@@ -15,6 +15,7 @@ def main(smk):
         os.path.dirname(smk.output.tiles),
         fractions=dict(smk.params.splits),
         seed=smk.params.seed,
+        threads=smk.threads,
     )
     receipt = dataset.publish(
         {

@@ -166,7 +166,9 @@ def test_tile_pixels_agree_with_the_shard_and_webdataset(run):
 
 def test_ct_patches_are_cut_from_the_volume_and_outputs_are_compact(run):
     ds = open_dataset(run / "published")
-    volume, affine = nifti.read_nifti(run / "published/ct/phantom-chest-01/preprocess/volume.nii.gz")
+    volume, affine = nifti.read_nifti(
+        run / "published/ct/phantom-chest-01/preprocess/volume.nii.gz"
+    )
     table = ds.patches.table
     assert len(table) and table["array"].isna().all()
     for i in table.index[(table["sample"] == "phantom-chest-01") & ~table["padded"]][:5]:
@@ -234,31 +236,26 @@ def moto_server(tmp_path_factory):
 
 @pytest.fixture
 def s3(moto_server, tmp_path, monkeypatch):
-    """Storage settings for a fresh bucket; returns (settings, bucket)."""
+    """Storage settings for a fresh bucket: (settings, bucket, credentials)."""
     from s3_support import create_bucket, use_test_credentials
 
     from medprep import storage
 
     credentials = use_test_credentials(tmp_path, monkeypatch)
     bucket = create_bucket(moto_server, credentials)
-    yield {"endpoint_url": moto_server.url, "region": "us-east-1"}, bucket
+    yield {"endpoint_url": moto_server.url, "region": "us-east-1"}, bucket, credentials
     storage.clear_caches()
 
 
 def test_the_index_publishes_to_s3_and_reads_back_like_the_local_one(run, s3):
-    from medprep import storage
+    from s3_support import raw_client
 
-    s3, bucket = s3
+    s3, bucket, credentials = s3
     local = run / "published"
-    for path in sorted(local.rglob("*")):
+    client = raw_client(s3["endpoint_url"], credentials)
+    for path in sorted(local.rglob("*")):  # the samples as upload published them
         if path.is_file() and "dataset" not in path.parts:
-            rel = path.relative_to(local).as_posix()
-            storage.publish(
-                [{"name": path.name, "path": str(path)}],
-                f"s3://{bucket}/out/{Path(rel).parent.as_posix()}",
-                manifest={},
-                settings=s3,
-            )
+            client.upload_file(str(path), bucket, f"out/{path.relative_to(local).as_posix()}")
     files = {n: str(local / "dataset" / n) for n in dataset.TABLES}
     manifest = json.loads((local / "dataset/manifest.json").read_text())
     dataset.publish(files, f"s3://{bucket}/out/dataset", manifest, settings=s3)
@@ -275,7 +272,7 @@ def test_materialised_patches_are_read_by_range_on_s3(tmp_path, s3):
     from medprep import storage
     from medprep.data import Dataset, Patches
 
-    s3, bucket = s3
+    s3, bucket, _ = s3
     array = np.arange(3 * 4 * 5 * 6, dtype=np.int16).reshape(3, 4, 5, 6)
     np.save(tmp_path / "patches.npy", array)
     storage.publish(
@@ -288,6 +285,13 @@ def test_materialised_patches_are_read_by_range_on_s3(tmp_path, s3):
     ds.destination, ds.settings = f"s3://{bucket}", s3
     patches = Patches(ds, pd.DataFrame(), 1)
     np.testing.assert_array_equal(patches._materialised("npy/patches.npy", 2), array[2])
+    local = Dataset.__new__(Dataset)
+    local.destination, local.settings = str(tmp_path), {}
+    (tmp_path / "npy").mkdir()
+    shutil.copy(tmp_path / "patches.npy", tmp_path / "npy" / "patches.npy")
+    np.testing.assert_array_equal(
+        Patches(local, pd.DataFrame(), 1)._materialised("npy/patches.npy", 1), array[1]
+    )
 
 
 # --- torch and the README example --------------------------------------------------------

@@ -79,8 +79,11 @@ class Dataset:
             return join(self.destination, relative)
         return os.path.join(self.destination, *relative.split("/"))
 
-    def read(self, relative: str, offset: int | None = None, size: int | None = None) -> bytes:
-        return read_bytes(self.uri(relative), offset, size, self.settings)
+    def read(
+        self, relative: str, offset: int | None = None, size: int | None = None, exact=True
+    ) -> bytes:
+        """Bytes of a file relative to the destination: all, or ``size`` from ``offset``."""
+        return read_bytes(self.uri(relative), offset, size, self.settings, exact=exact)
 
     def _table(self, name: str):
         import pyarrow.parquet as pq
@@ -199,7 +202,7 @@ class Patches(_Items):
                 self._arrays[relative] = np.load(self.dataset.uri(relative), mmap_mode="r")
             return np.array(self._arrays[relative][index])
         if relative not in self._arrays:
-            self._arrays[relative] = npy_layout(self.dataset.read(relative, 0, 4096))
+            self._arrays[relative] = npy_layout(self.dataset.read(relative, 0, 4096, exact=False))
         dtype, shape, header = self._arrays[relative]
         item = int(np.prod(shape[1:])) * dtype.itemsize
         data = self.dataset.read(relative, header + index * item, item)

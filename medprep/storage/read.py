@@ -17,16 +17,22 @@ def read_bytes(
     offset: int | None = None,
     size: int | None = None,
     settings: dict[str, Any] | None = None,
+    *,
+    exact: bool = True,
 ) -> bytes:
     """The bytes of ``uri``: all of them, or ``size`` bytes from ``offset``.
 
-    Raises FileNotFoundError when the file or object does not exist, and ValueError when
-    fewer bytes than asked for come back (a truncated file).
+    Raises FileNotFoundError when the file or object does not exist, and (with ``exact``)
+    ValueError when fewer bytes than asked for come back (a truncated file); without
+    ``exact`` a range may end early at the end of the file.
     """
     if offset is not None and (offset < 0 or size is None or size < 0):
         raise ValueError("a range needs offset >= 0 and size >= 0")
-    data = _read_s3(uri, offset, size, settings or {}) if is_s3(uri) else _read_local(uri, offset, size)
-    if size is not None and len(data) != size:
+    if is_s3(uri):
+        data = _read_s3(uri, offset, size, settings or {})
+    else:
+        data = _read_local(uri, offset, size)
+    if exact and size is not None and len(data) != size:
         raise ValueError(f"{uri}: asked for {size} bytes at {offset}, got {len(data)}")
     return data
 
