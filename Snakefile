@@ -33,4 +33,4 @@ rule all:
 
 # With failed samples the `cohort` rule cannot run: write the table with their causes here.
 onerror:
-    medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS)
+    medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS, COHORT_SHEET)

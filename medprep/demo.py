@@ -101,8 +101,7 @@ def build(
             ("CMU-1-Small-Region", "wsi", f"{folder}/wsi/{REAL_SLIDE.name}"),
         ]
         (tmp / "samples.tsv").write_text(
-            SAMPLES_HEADER
-            + "".join("\t".join((*r, *DEMO_GROUPS[r[0]])) + "\n" for r in rows_tsv)
+            SAMPLES_HEADER + "".join("\t".join((*r, *DEMO_GROUPS[r[0]])) + "\n" for r in rows_tsv)
         )
     return folder
 

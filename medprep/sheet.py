@@ -63,7 +63,9 @@ def read_sample_sheet(path: str | os.PathLike, schema_path: str | os.PathLike) -
             column = error.path[0] if error.path else _missing_property(error)
             message = error.message
             if column in PRIVATE_COLUMNS:
-                message = f"invalid value (not shown; rule: {error.validator} {error.validator_value})"
+                message = (
+                    f"invalid value (not shown; rule: {error.validator} {error.validator_value})"
+                )
             raise SampleSheetError(f"{where}, column '{column}': {message}")
         sample = record["sample"]
         if sample in first_line_of:

@@ -39,7 +39,9 @@ def _wsi_table(sample: str, n: int, rng) -> dict[str, list]:
             )
         },
         "file": [f"pixels/shard-{i // 1000:06d}.tar" for i in range(n)],
-        "member": [writers.tile_key(sample, int(x), int(y)) + ".jpg" for x, y in zip(xs, ys)],
+        "member": [
+            writers.tile_key(sample, int(x), int(y)) + ".jpg" for x, y in zip(xs, ys, strict=True)
+        ],
         "offset": 512 + np.arange(n) * 20480,
         "nbytes": np.full(n, 19000),
     }

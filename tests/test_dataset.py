@@ -133,6 +133,9 @@ def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
     assert (tiles["meta_site"] == "leeds").all() and set(tiles["patient"]) == {"P1", "P2"}
     for name in set(tiles["file"]) | set(patches["volume"]):
         assert (run / "published" / name).is_file(), name
+    cohort = pd.read_csv(run / "results/cohort/cohort.csv", dtype=str).set_index("sample")
+    assert cohort["patient"].to_dict() == {s: g[1] for s, g in GROUPS.items()}
+    assert (cohort["meta_site"] == "leeds").all()
     # no patient value in any log
     for log in (run / "logs").rglob("*.log"):
         text = log.read_text()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import pandas as pd
+import pytest
 
 from medprep.sheet import SampleSheetError, carried_columns, read_sample_sheet
 

@@ -36,7 +36,6 @@ from medprep.storage.read import exists, read_bytes
 DATASET_FOLDER = "dataset"
 
 
-
 class DatasetNotReady(FileNotFoundError):
     """The destination has no complete dataset (no ``dataset/manifest.json``)."""
 
