@@ -24,7 +24,9 @@ QC_PICTURES = {
 COHORT_SAMPLES = [(row.sample, row.modality) for row in samples.itertuples(index=False)]
 # label, patient and meta_* of each sample: extra columns of the cohort table
 COHORT_SHEET = {
-    record["sample"]: {k: v for k, v in record.items() if k not in ("sample", "modality")}
+    record["sample"]: {
+        k: v for k, v in record.items() if k not in ("sample", "modality")
+    }
     for record in medprep_dataset.sheet_records(sample_table)
 }
 
