@@ -16,8 +16,9 @@ streams them, sample by sample, into three Parquet files:
 - ``samples.parquet``: one row per sample: modality, patient, label, split, status and
   counts.
 
-The sheet's ``label``, ``patient`` and ``meta_*`` columns are added to every row; splits
-come from ``medprep.splits``. Rows are written in row groups as they come, so memory is
+The sheet's ``label``, ``patient`` and ``meta_*`` columns are added to every row (a
+``label`` column of a per-sample table, per tile or patch, takes precedence over the
+sheet's); splits come from ``medprep.splits``. Rows are written in row groups as they come, so memory is
 bounded by the largest sample plus one row group, whatever the cohort size.
 """
 
@@ -245,6 +246,9 @@ def _sample_rows(
             data[name] = _constant(entry.sample, n, f.type)
         elif name == "patient":
             data[name] = _constant(patient, n, f.type)
+        elif name == "label" and "label" in table.column_names:
+            # a per-tile/per-patch label (e.g. from region annotations) wins over the sheet's
+            data[name] = table.column("label").cast(f.type)
         elif name == "label":
             data[name] = _constant(entry.label, n, f.type)
         elif name == "split":

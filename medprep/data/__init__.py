@@ -105,17 +105,16 @@ class _Items:
     def __init__(self, dataset: Dataset, table) -> None:
         self.dataset = dataset
         self.table = table
-        self._records: list[dict[str, Any]] | None = None
+        self._columns: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.table)
 
     def row(self, index: int) -> dict[str, Any]:
         """Row ``index`` of the table as a dict of plain values (missing values None)."""
-        if self._records is None:
-            frame = self.table.astype(object).where(self.table.notna(), None)
-            self._records = frame.to_dict(orient="records")
-        return self._records[index]
+        if self._columns is None:  # one array per column: compact, and fast to index
+            self._columns = {name: self.table[name].to_numpy() for name in self.table.columns}
+        return {name: _plain(values[index]) for name, values in self._columns.items()}
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         index = int(index)
@@ -132,6 +131,21 @@ class _Items:
 
     def array(self, row: dict[str, Any]) -> np.ndarray:
         raise NotImplementedError
+
+
+def _pandas_na() -> Any:
+    import pandas as pd
+
+    return pd.NA
+
+
+def _plain(value: Any) -> Any:
+    """A table cell as a plain Python value; None for missing values."""
+    if value is None or value is _pandas_na():
+        return None
+    if isinstance(value, float | np.floating) and np.isnan(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
@@ -172,6 +186,16 @@ class Patches(_Items):
         self.cache_size = max(1, int(cache))
         self._volumes: OrderedDict[str, np.ndarray] = OrderedDict()
         self._arrays: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a copy without the caches and the lock
+        state = {**self.__dict__, "_volumes": OrderedDict(), "_arrays": {}}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def volume(self, relative: str) -> np.ndarray:
