@@ -68,6 +68,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_ct.py
 	$(BIN)/python benchmarks/bench_storage.py
 	$(BIN)/python benchmarks/bench_dag.py
+	$(BIN)/python benchmarks/bench_dataset.py
+	$(BIN)/python benchmarks/bench_data.py
 
 clean:
 	rm -rf results logs .snakemake report.html

@@ -2,6 +2,7 @@
 #
 #   download -> preprocess_{ct,wsi} -> tile_{ct,wsi} -> upload   (one chain per sample)
 #   -> cohort (table and plot of all samples; `snakemake --report report.html`)
+#   -> dataset (the index of every tile and patch, with splits: {destination}/dataset/)
 #
 # Run: snakemake --cores all   (see README.md; cluster: --profile profiles/slurm)
 
@@ -15,6 +16,7 @@ include: "rules/preprocess.smk"
 include: "rules/tile.smk"
 include: "rules/upload.smk"
 include: "rules/report.smk"
+include: "rules/dataset.smk"
 
 
 # `snakemake --report report.html`: this text, the QC pictures and the cohort table
@@ -26,6 +28,7 @@ rule all:
     input:
         get_final_outputs(),
         rules.cohort.output,
+        rules.dataset.output,
 
 
 # The cohort summary (counts by status, one line per sample or per problem) ends every run.
@@ -41,4 +44,4 @@ onstart:
 
 # With failed samples the `cohort` rule cannot run: write the table with their causes here.
 onerror:
-    medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS)
+    medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS, COHORT_SHEET)

@@ -200,14 +200,31 @@ def cohort_table(
     samples: list[tuple[str, str]],
     results: str | os.PathLike = "results",
     logs: str | os.PathLike = "logs",
+    sheet: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for ``samples`` (pairs of sample name and modality), in that order."""
-    return [sample_row(s, m, Path(results), Path(logs)) for s, m in samples]
+    """Rows for ``samples`` (pairs of sample name and modality), in that order.
+
+    ``sheet`` (sample -> label, patient, meta_* values) adds those columns at the end.
+    """
+    rows = [sample_row(s, m, Path(results), Path(logs)) for s, m in samples]
+    if sheet:
+        extra = sheet_columns(sheet)
+        for row in rows:
+            values = sheet.get(row["sample"], {})
+            row.update({column: values.get(column) for column in extra})
+    return rows
+
+
+def sheet_columns(sheet: dict[str, dict[str, Any]]) -> list[str]:
+    """label, patient and the meta_* columns of ``sheet``, in that order."""
+    meta = sorted({k for values in sheet.values() for k in values if k.startswith("meta_")})
+    return ["label", "patient", *meta]
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    extra = [c for c in (rows[0] if rows else {}) if c not in COLUMNS]
     with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -220,19 +237,24 @@ def write_cohort(
     plot: str | os.PathLike,
     results: str | os.PathLike = "results",
     logs: str | os.PathLike = "logs",
+    sheet: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Write the cohort table as CSV and HTML and the cohort plot; return the rows."""
     # imported here: numpy and Pillow are not needed where the Snakefile is parsed
     from medprep import cohort_html, cohort_plot
 
-    rows = cohort_table(samples, results, logs)
+    rows = cohort_table(samples, results, logs, sheet)
     write_csv(rows, table)
     cohort_html.write_html(rows, html)
     cohort_plot.write_plot(rows, plot)
     return rows
 
 
-def write_after_failure(samples: list[tuple[str, str]], outputs: dict[str, str]) -> None:
+def write_after_failure(
+    samples: list[tuple[str, str]],
+    outputs: dict[str, str],
+    sheet: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """The cohort table of a run with failed samples (the Snakefile's ``onerror``).
 
     The ``cohort`` rule does not run when a sample failed (its inputs are missing): this
@@ -240,7 +262,7 @@ def write_after_failure(samples: list[tuple[str, str]], outputs: dict[str, str])
     causes, and dates them back so that the next run rebuilds them with the rule.
     """
     try:
-        write_cohort(samples, **outputs)
+        write_cohort(samples, **outputs, sheet=sheet)
         date_back(list(outputs.values()))
     except Exception as error:  # noqa: BLE001 - must not hide the run's own error
         print(f"medprep: could not write the cohort table: {error}", file=sys.stderr)

@@ -22,7 +22,15 @@ TEST_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 REAL_CT_SERIES = TEST_DATA / "ct" / "dcmqi-ct-3slice"
 REAL_SLIDE = TEST_DATA / "wsi" / "CMU-1-Small-Region.svs"
 
-SAMPLES_HEADER = "sample\tmodality\turi\n"
+SAMPLES_HEADER = "sample\tmodality\turi\tlabel\tpatient\n"
+# labels and patient pseudonyms of the demo samples (the CT phantom and the synthetic
+# slide share a patient, so the dataset keeps them in one split)
+DEMO_GROUPS = {
+    "phantom-chest-01": ("1", "demo-patient-3"),
+    "real-dcmqi-3slice": ("0", "demo-patient-2"),
+    "synthetic-01": ("1", "demo-patient-3"),
+    "CMU-1-Small-Region": ("0", "demo-patient-4"),
+}
 
 README = """\
 # medprep demo dataset
@@ -93,7 +101,7 @@ def build(
             ("CMU-1-Small-Region", "wsi", f"{folder}/wsi/{REAL_SLIDE.name}"),
         ]
         (tmp / "samples.tsv").write_text(
-            SAMPLES_HEADER + "".join("\t".join(r) + "\n" for r in rows_tsv)
+            SAMPLES_HEADER + "".join("\t".join((*r, *DEMO_GROUPS[r[0]])) + "\n" for r in rows_tsv)
         )
     return folder
 

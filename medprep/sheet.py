@@ -13,6 +13,16 @@ import pandas as pd
 from medprep.schema import load_schema
 
 NUMERIC_COLUMNS = ("mpp",)
+# optional columns added empty when missing
+OPTIONAL_COLUMNS = ("mpp", "series_uid", "label", "patient")
+# columns whose values never appear in messages (they may be pseudonyms of patients)
+PRIVATE_COLUMNS = ("patient",)
+META_PREFIX = "meta_"
+
+
+def carried_columns(columns) -> list[str]:
+    """The sheet columns copied into the dataset index: label, patient, meta_*."""
+    return ["label", "patient", *sorted(c for c in columns if str(c).startswith(META_PREFIX))]
 
 
 class SampleSheetError(ValueError):
@@ -63,7 +73,13 @@ def read_sample_sheet(path: str | os.PathLike, schema_path: str | os.PathLike) -
         record = _clean_record(named, where)
         for error in sorted(validator.iter_errors(record), key=lambda e: list(e.path)):
             column = error.path[0] if error.path else _missing_property(error)
-            raise SampleSheetError(f"{where}, column '{column}': {_message(error)}")
+            message = _message(error)
+            if column in PRIVATE_COLUMNS:
+                message = (
+                    f"invalid value (not shown; rule: {error.validator} {error.validator_value})"
+                )
+            raise SampleSheetError(f"{where}, column '{column}': {message}")
+        sample = record["sample"]
         if sample in first_line_of:
             raise SampleSheetError(
                 f"{where}, column 'sample': duplicate sample name '{sample}' "
@@ -75,7 +91,7 @@ def read_sample_sheet(path: str | os.PathLike, schema_path: str | os.PathLike) -
     if not records:
         raise SampleSheetError(f"sample sheet {path} has no samples")
     sheet = pd.DataFrame.from_records(records)
-    for column in ("mpp", "series_uid"):
+    for column in OPTIONAL_COLUMNS:
         if column not in sheet.columns:
             sheet[column] = None
     return sheet.set_index("sample", drop=False)

@@ -1,4 +1,5 @@
 from medprep import cohort as medprep_cohort
+from medprep import dataset as medprep_dataset
 
 COHORT_OUTPUTS = {
     "table": "results/cohort/cohort.csv",
@@ -21,6 +22,13 @@ QC_PICTURES = {
 }
 # (sample, modality) of every sample, in sheet order
 COHORT_SAMPLES = [(row.sample, row.modality) for row in samples.itertuples(index=False)]
+# label, patient and meta_* of each sample: extra columns of the cohort table
+COHORT_SHEET = {
+    record["sample"]: {
+        k: v for k, v in record.items() if k not in ("sample", "modality")
+    }
+    for record in medprep_dataset.sheet_records(sample_table)
+}
 
 
 # One small job over all samples: run it where Snakemake runs, not as a cluster job.
@@ -69,5 +77,6 @@ rule cohort:
         runtime="10m",
     params:
         samples=COHORT_SAMPLES,
+        sheet=COHORT_SHEET,
     script:
         "../scripts/cohort.py"

@@ -29,7 +29,6 @@ rule tile_ct:
     input:
         preprocess="results/ct/{sample}/preprocess.json",
     output:
-        patches="results/ct/{sample}/tile/patches.npy",
         table="results/ct/{sample}/tile/patches.parquet",
         summary="results/ct/{sample}/tile/summary.json",
         manifest="results/ct/{sample}/tile.json",

@@ -14,6 +14,7 @@ def main(smk):
         table=smk.output.table,
         html=smk.output.html,
         plot=smk.output.plot,
+        sheet=smk.params.sheet,
     )
     for line in cohort.text_summary(rows).splitlines():
         log.info("%s", line)

@@ -12,10 +12,11 @@ def main(smk):
     artifacts, summary = tile.tile(
         preprocess,
         smk.params.settings,
-        patches_path=smk.output.patches,
+        # written (and listed in the manifest) only when ct.patches.materialise asks
+        patches_path=Path(smk.output.table).with_name("patches.npy"),
         table_path=smk.output.table,
         summary_path=smk.output.summary,
-        slices_dir=Path(smk.output.patches).parent / "slices",
+        slices_dir=Path(smk.output.table).parent / "slices",
         threads=smk.threads,
     )
     manifest.write_step_manifest(

@@ -192,14 +192,19 @@ def test_patches_table_and_summary(chest, tmp_path):
     pre, tiled = run_chain(folder, tmp_path, cfg)
     summary = tiled["summary"]
     assert summary["status"] == "ok" and 0 < summary["patches"] < summary["candidates"]
-    array = np.load(tmp_path / "tile/patches.npy")
+    # default: coordinates only, no patch array
+    assert not (tmp_path / "tile/patches.npy").exists() and summary["dtype"] is None
+    assert "patches/patches.npy" not in {a["name"] for a in tiled["artifacts"]}
     table = pd.read_parquet(tmp_path / "tile/patches.parquet")
-    assert array.shape == (summary["patches"], 8, 8, 8) and array.dtype == np.float32
+    hu_cfg = {**cfg, "patches": {**cfg["patches"], "materialise": "hu"}}
+    run_chain(folder, tmp_path / "hu", hu_cfg)
+    array = np.load(tmp_path / "hu/tile/patches.npy", mmap_mode="r")
+    assert array.shape == (summary["patches"], 8, 8, 8) and array.dtype == np.int16
     assert (table["lung_fraction"] >= 0.2).all() and table["patch"].tolist() == list(
         range(len(table))
     )
     volume, affine = nifti.read_nifti(tmp_path / "preprocess/volume.nii.gz")
-    expected = hu.normalise(volume)
+    expected = volume
     for row in table.itertuples():
         if not row.padded:
             np.testing.assert_array_equal(
@@ -213,11 +218,17 @@ def test_patches_table_and_summary(chest, tmp_path):
             [(row.z0 + row.z1 - 1) / 2, (row.y0 + row.y1 - 1) / 2, (row.x0 + row.x1 - 1) / 2],
             atol=1e-3,
         )
-    hu_cfg = {**cfg, "patches": {**cfg["patches"], "values": "hu"}}
-    run_chain(folder, tmp_path / "hu", hu_cfg)
-    as_hu = np.load(tmp_path / "hu/tile/patches.npy")
-    assert as_hu.dtype == np.int16
-    np.testing.assert_allclose(hu.normalise(as_hu), array)
+        assert [row.center_voxel_z, row.center_voxel_y, row.center_voxel_x] == [
+            (row.z0 + row.z1 - 1) / 2,
+            (row.y0 + row.y1 - 1) / 2,
+            (row.x0 + row.x1 - 1) / 2,
+        ]
+    u8_cfg = {**cfg, "patches": {**cfg["patches"], "materialise": "uint8"}}
+    run_chain(folder, tmp_path / "u8", u8_cfg)
+    as_u8 = np.load(tmp_path / "u8/tile/patches.npy")
+    assert as_u8.dtype == np.uint8
+    np.testing.assert_array_equal(as_u8, tile.window_uint8(array, [-1000, 400]))
+    assert as_u8[array <= -1000].max() == 0 and as_u8.max() > 0
 
 
 def test_no_lungs_gives_zero_patches_with_that_status(tmp_path):
@@ -228,7 +239,7 @@ def test_no_lungs_gives_zero_patches_with_that_status(tmp_path):
     assert "no_lungs" in pre["summary"]["qc_flags"]
     assert tiled["summary"]["status"] == "no_lungs"
     assert tiled["summary"]["patches"] == 0 and tiled["summary"]["candidates"] == 0
-    assert np.load(tmp_path / "out/tile/patches.npy").shape[0] == 0
+    assert not (tmp_path / "out/tile/patches.npy").exists()
     assert len(pd.read_parquet(tmp_path / "out/tile/patches.parquet")) == 0
 
 
@@ -355,7 +366,6 @@ def test_rule_scripts_write_manifests_and_fail_in_one_line(tmp_path, monkeypatch
         "qc_flags",
     } <= set(summary)
     tile_out = {
-        "patches": str(base / "tile/patches.npy"),
         "table": str(base / "tile/patches.parquet"),
         "summary": str(base / "tile/summary.json"),
         "manifest": str(base / "tile.json"),

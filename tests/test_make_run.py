@@ -57,6 +57,17 @@ def test_make_run_builds_the_demo_runs_it_and_prints_the_summary(checkout):
     for sample, modality in demo_samples:
         published = checkout / "results" / "published" / modality / sample / "manifest.json"
         assert json.loads(published.read_text())["sample"] == sample
+    dataset = checkout / "results" / "published" / "dataset"
+    assert json.loads((dataset / "manifest.json").read_text())["counts"]["samples"] == len(
+        demo_samples
+    )
+    import pandas as pd
+
+    tiles = pd.read_parquet(dataset / "tiles.parquet")
+    patches = pd.read_parquet(dataset / "patches.parquet")
+    assert len(tiles) and len(patches)
+    samples = pd.read_parquet(dataset / "samples.parquet")
+    assert (samples.groupby("patient")["split"].nunique() == 1).all()
     assert (checkout / "results" / "report.html").stat().st_size > 100_000
     assert f"report: {checkout / 'results' / 'report.html'}" in run.stdout
 

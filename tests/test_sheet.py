@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from medprep.sheet import SampleSheetError, read_sample_sheet
+from medprep.sheet import SampleSheetError, carried_columns, read_sample_sheet
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
 
@@ -74,3 +75,28 @@ def test_missing_column_and_missing_file_and_empty_sheet(tmp_path):
         read_sample_sheet(tmp_path / "nope.tsv", SCHEMA)
     with pytest.raises(SampleSheetError, match="no samples"):
         read_sample_sheet(write_sheet(tmp_path, "sample\tmodality\turi\n"), SCHEMA)
+
+
+def test_label_patient_and_meta_columns_are_read_and_checked(tmp_path):
+    path = write_sheet(
+        tmp_path,
+        "sample\tmodality\turi\tlabel\tpatient\tmeta_site\tmeta_age_band\n"
+        "A\tct\tx/\t1\tP1\tleeds\t60-70\n"
+        "B\tct\ty/\t\tP1\t\t\n"
+        "C\twsi\tz.svs\tLUAD\t\tnyc\t\n",
+    )
+    sheet = read_sample_sheet(path, SCHEMA)
+    assert sheet.loc["A", "label"] == "1" and sheet.loc["C", "label"] == "LUAD"
+    assert sheet.loc["B", "patient"] == "P1" and pd.isna(sheet.loc["C", "patient"])
+    assert sheet.loc["A", "meta_site"] == "leeds"
+    assert carried_columns(sheet.columns) == ["label", "patient", "meta_age_band", "meta_site"]
+    bare = read_sample_sheet(write_sheet(tmp_path, "sample\tmodality\turi\nA\tct\tx/\n"), SCHEMA)
+    assert bare.loc["A", "label"] is None and bare.loc["A", "patient"] is None
+
+
+def test_a_bad_patient_value_is_not_shown_in_the_error(tmp_path):
+    secret = "Doe-" + "x" * 300
+    path = write_sheet(tmp_path, f"sample\tmodality\turi\tpatient\nA\tct\tx/\t{secret}\n")
+    with pytest.raises(SampleSheetError, match="column 'patient': invalid value") as error:
+        read_sample_sheet(path, SCHEMA)
+    assert "Doe-" not in str(error.value)

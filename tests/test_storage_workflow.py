@@ -111,6 +111,8 @@ class World:
         )
         for page in pages:
             for entry in page.get("Contents", []):
+                if entry["Key"].startswith("published/dataset/"):
+                    continue  # the dataset index: see assert_published_complete
                 _, modality, sample, name = entry["Key"].split("/", 3)
                 data = self.s3.get_object(Bucket=self.bucket, Key=entry["Key"])["Body"].read()
                 found.setdefault(f"{modality}/{sample}", {})[name] = hashlib.sha256(
@@ -141,6 +143,17 @@ def assert_published_complete(world: World, samples) -> None:
         assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
             k: v for k, v in objects.items() if k != "manifest.json"
         }
+    # the dataset index of the destination, manifest.json last, listing the tables
+    index = json.loads(
+        world.s3.get_object(Bucket=world.bucket, Key="published/dataset/manifest.json")[
+            "Body"
+        ].read()
+    )
+    assert index["counts"]["samples"] == len(samples)
+    for entry in index["files"]:
+        key = f"published/dataset/{entry['name']}"
+        data = world.s3.get_object(Bucket=world.bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
 
 
 def assert_local_results_match_published(world: World, samples) -> None:

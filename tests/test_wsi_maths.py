@@ -343,7 +343,10 @@ def test_tar_shards_are_deterministic_and_webdataset_style(tmp_path):
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
         container = writers.TarShardContainer(tmp_path / run, max_members=2)
-        places = [container.add(key, payload, "jpg") for key, payload in data]
+        places, offsets = [], []
+        for key, payload in data:
+            places.append(container.add(key, payload, "jpg"))
+            offsets.append(container.last_offset)
         container.close()
     assert container.files == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     for name in container.files:
@@ -364,6 +367,10 @@ def test_tar_shards_are_deterministic_and_webdataset_style(tmp_path):
         assert [m.name for m in members] == ["k2.jpg", "k3.jpg"]
         assert {(m.mtime, m.uid, m.gid, m.uname) for m in members} == {(0, 0, 0, "")}
         assert tar.extractfile("k3.jpg").read() == data[3][1]
+        # the recorded offset is where the member's data starts: one ranged read gets it
+        assert offsets[3] == tar.getmember("k3.jpg").offset_data
+    raw = (tmp_path / "a" / "shard-000001.tar").read_bytes()
+    assert raw[offsets[3] : offsets[3] + len(data[3][1])] == data[3][1]
 
 
 def test_tile_keys_have_no_dots():

@@ -45,7 +45,7 @@ class Run:
         return {
             (r, w.get("sample", ""))
             for r, w in self.jobs
-            if r not in ("all", "cohort") and (rule is None or r == rule)
+            if r not in ("all", "cohort", "dataset") and (rule is None or r == rule)
         }
 
     def samples(self) -> set[str]:

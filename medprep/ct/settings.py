@@ -29,8 +29,8 @@ def ct_settings(settings: dict[str, Any] | None = None) -> dict[str, Any]:
         )
     if int(merged["interpolation_order"]) not in (0, 1, 3):
         raise ValueError("ct.interpolation_order must be 0, 1 or 3")
-    if merged["patches"]["values"] not in ("normalised", "hu"):
-        raise ValueError("ct.patches.values must be 'normalised' or 'hu'")
+    if merged["patches"]["materialise"] not in ("none", "hu", "uint8", "normalised"):
+        raise ValueError("ct.patches.materialise must be 'none', 'hu', 'uint8' or 'normalised'")
     return merged
 
 

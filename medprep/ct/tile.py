@@ -1,12 +1,21 @@
 """tile_ct: 3D patches of the preprocessed volume, a coordinate table, optional PNG slices.
 
 Patches of ``patches.size_mm`` on a grid with ``patches.stride_mm`` covering the lungs'
-bounding box are kept when at least ``min_lung_fraction`` of their voxels are lung. All kept
-patches go into one ``patches.npy`` (n, z, y, x): normalised values (float32, as in the
-reference) or HU (int16), per ``patches.values``. Parts of a patch beyond the volume are air.
-The table gives each patch's row in the array, its voxel box and its centre in patient
-coordinates (DICOM LPS, mm). A preprocess status other than ``ok`` (``no_lungs``) gives zero
-patches with that status.
+bounding box are kept when at least ``min_lung_fraction`` of their voxels are lung.
+
+By default (``patches.materialise: none``) patches are only coordinates: the table gives
+each patch's voxel box in the preprocessed volume (``preprocess/volume.nii.gz``, int16 HU,
+stored once) and readers (``medprep.data``) cut them from it. With ``materialise`` = ``hu``
+(int16), ``uint8`` (``patches.window`` mapped to 0-255) or ``normalised`` (float32 after
+``ct.normalise``, only when asked) all kept patches also go into one memory-mappable
+``patches.npy`` of shape (n, z, y, x), row ``patch`` of the table. Axis order: z (slice,
+inferior to superior as the NIfTI's third axis), y (row), x (column), i.e. the NIfTI
+array (x, y, z) transposed. Parts of a patch beyond the volume are air.
+
+The table gives each patch's voxel box (z0:z1, y0:y1, x0:x1), its centre in voxels
+(``center_voxel_z/y/x``, the box's middle: start + (size - 1) / 2) and in patient
+coordinates (DICOM LPS, mm). A preprocess status other than ``ok`` (``no_lungs``) gives
+zero patches with that status.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ TABLE_COLUMNS = {
     "z1": "int64",
     "y1": "int64",
     "x1": "int64",
+    "center_voxel_z": "float64",
+    "center_voxel_y": "float64",
+    "center_voxel_x": "float64",
     "center_lps_x_mm": "float64",
     "center_lps_y_mm": "float64",
     "center_lps_z_mm": "float64",
@@ -98,9 +110,11 @@ def tile(
     status = pre.get("status", "ok")
     spacing = [float(s) for s in pre["spacing_out"]]
     size, stride = patches.patch_voxels(pcfg["size_mm"], pcfg["stride_mm"], spacing)
-    as_hu = pcfg["values"] == "hu"
-    dtype = np.int16 if as_hu else np.float32
-    fill = hu.AIR_HU if as_hu else float(hu.normalise(np.array([hu.AIR_HU]), **norm)[0])
+    materialise = pcfg["materialise"]
+    dtype = MATERIALISED_DTYPES.get(materialise)
+    window = [float(v) for v in pcfg["window"]]
+    convert = _converter(materialise, norm, window)
+    fill = convert(np.array([hu.AIR_HU], dtype=np.int16))[0].item() if dtype else hu.AIR_HU
     warnings: list[str] = []
     rows: dict[str, list] = {c: [] for c in TABLE_COLUMNS}
     candidates = 0
@@ -108,7 +122,8 @@ def tile(
 
     if status != "ok":
         warnings.append(f"preprocess status {status}: no patches")
-        _save_array(patches_path, np.zeros((0, *size), dtype=dtype))
+        if dtype is not None:
+            _save_array(patches_path, np.zeros((0, *size), dtype=dtype))
     else:
         volume, affine = nifti.read_nifti(
             _artifact_path(preprocess_manifest, "preprocess/volume.nii.gz")
@@ -132,27 +147,25 @@ def tile(
                 f"no patch reaches min_lung_fraction {pcfg['min_lung_fraction']} "
                 f"({candidates} candidates)"
             )
-        with atomic.atomic_path(patches_path) as tmp:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(keep), *size))
-            buffer = np.empty(size, dtype=np.int16)
-            for row, i in enumerate(keep):
-                start = starts[i]
-                patches.extract(volume, start, size, hu.AIR_HU, buffer)
-                array[row] = buffer if as_hu else hu.normalise(buffer, **norm)
-                centre = _centre_lps(affine, start, size)
-                for column, value in zip(
-                    ("patch", "z0", "y0", "x0", "z1", "y1", "x1"),
-                    (row, *start.tolist(), *(start + np.asarray(size)).tolist()),
-                    strict=True,
-                ):
-                    rows[column].append(int(value))
-                rows["center_lps_x_mm"].append(round(float(centre[0]), 3))
-                rows["center_lps_y_mm"].append(round(float(centre[1]), 3))
-                rows["center_lps_z_mm"].append(round(float(centre[2]), 3))
-                rows["lung_fraction"].append(round(float(fractions[i]), 4))
-                rows["padded"].append(patches.is_padded(start, size, volume.shape))
-            array.flush()
-            del array
+        for row, i in enumerate(keep):
+            start = starts[i]
+            centre = _centre_lps(affine, start, size)
+            for column, value in zip(
+                ("patch", "z0", "y0", "x0", "z1", "y1", "x1"),
+                (row, *start.tolist(), *(start + np.asarray(size)).tolist()),
+                strict=True,
+            ):
+                rows[column].append(int(value))
+            middle = start + (np.asarray(size) - 1) / 2.0
+            for axis, value in zip("zyx", middle.tolist(), strict=True):
+                rows[f"center_voxel_{axis}"].append(float(value))
+            rows["center_lps_x_mm"].append(round(float(centre[0]), 3))
+            rows["center_lps_y_mm"].append(round(float(centre[1]), 3))
+            rows["center_lps_z_mm"].append(round(float(centre[2]), 3))
+            rows["lung_fraction"].append(round(float(fractions[i]), 4))
+            rows["padded"].append(patches.is_padded(start, size, volume.shape))
+        if dtype is not None:
+            _write_patches(patches_path, volume, starts[keep], size, dtype, convert)
         if cfg["slices_png"]["enabled"] and slices_dir is not None:
             with atomic.staged_dir(slices_dir) as tmp_dir:
                 slice_names = _write_slices(
@@ -163,6 +176,8 @@ def tile(
                     cfg["slices_png"]["every_mm"],
                     threads,
                 )
+    if dtype is None and Path(patches_path).exists():
+        Path(patches_path).unlink()  # patches of an earlier run that materialised them
     if not slice_names and slices_dir is not None and Path(slices_dir).is_dir():
         shutil.rmtree(slices_dir)  # slices of an earlier run with other settings
     _write_table(table_path, rows)
@@ -174,22 +189,55 @@ def tile(
         "patch_shape": list(size),
         "stride_voxels": list(stride),
         "spacing": spacing,
-        "values": pcfg["values"],
-        "dtype": np.dtype(dtype).name,
+        "materialise": materialise,
+        "dtype": np.dtype(dtype).name if dtype is not None else None,
+        "axes": "n, z, y, x" if dtype is not None else None,
         "fill_value": fill,
         "normalise": norm,
+        "window": window,
         "min_lung_fraction": pcfg["min_lung_fraction"],
         "slices_png": len(slice_names),
     }
     atomic.write_json(summary_path, summary)
-    artifacts = [
-        artifact("patches/patches.npy", patches_path),
+    artifacts = [artifact("patches/patches.npy", patches_path)] if dtype is not None else []
+    artifacts += [
         artifact("patches/patches.parquet", table_path),
         artifact("patches/summary.json", summary_path),
     ]
     artifacts += [artifact(f"patches/slices/{n}", Path(slices_dir) / n) for n in slice_names]
     log.info("%d of %d candidate patches kept (status %s)", summary["patches"], candidates, status)
     return artifacts, summary
+
+
+MATERIALISED_DTYPES = {"hu": np.int16, "uint8": np.uint8, "normalised": np.float32}
+
+
+def window_uint8(values: np.ndarray, window: list[float]) -> np.ndarray:
+    """HU to uint8: ``window`` [low, high] mapped linearly onto 0-255, clipped, rounded."""
+    low, high = window
+    scaled = (values.astype(np.float32) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _converter(materialise: str, norm: dict[str, Any], window: list[float]):
+    """The function from an int16 HU patch to the stored values."""
+    if materialise == "uint8":
+        return lambda patch: window_uint8(patch, window)
+    if materialise == "normalised":
+        return lambda patch: hu.normalise(patch, **norm)
+    return lambda patch: patch
+
+
+def _write_patches(path, volume, starts, size, dtype, convert) -> None:
+    """One (n, z, y, x) ``.npy`` of the patches at ``starts``, filled one patch at a time."""
+    with atomic.atomic_path(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(starts), *size))
+        buffer = np.empty(size, dtype=np.int16)
+        for row, start in enumerate(starts):
+            patches.extract(volume, start, size, hu.AIR_HU, buffer)
+            array[row] = convert(buffer)
+        array.flush()
+        del array
 
 
 def _save_array(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -221,6 +221,8 @@ def tile_slide(
         **{name: np.zeros(n, np.float64) for name in artifacts.FRACTION_NAMES},
         "file": [],
         "member": [],
+        "offset": [],
+        "nbytes": [],
     }
     rejected = {
         reason: 0 for reason in (*qc.REJECT_REASONS, *artifacts.REJECT_REASONS, "read_error")
@@ -262,10 +264,11 @@ def tile_slide(
                     rejected[reason] += 1
                     rejected_boxes.append((x, y))
                     continue
-                file, member = None, None
+                file, member, offset, nbytes = None, None, None, None
                 data = result.encoded[k]
                 if data is not None:
                     file, member = container.add(tile_key(sample, x, y), data, extension)
+                    offset, nbytes = container.last_offset, len(data)
                 table["x"][kept] = x
                 table["y"][kept] = y
                 table["mask_coverage"][kept] = coverage[rows[k], cols[k]]
@@ -275,6 +278,8 @@ def tile_slide(
                     table[f"{name}_fraction"][kept] = value
                 table["file"].append(file)
                 table["member"].append(member)
+                table["offset"].append(offset)
+                table["nbytes"].append(nbytes if file is not None else None)
                 kept += 1
     except BrokenProcessPool:
         raise worker_died(plan.slide_path) from None

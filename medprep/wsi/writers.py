@@ -50,9 +50,14 @@ def tile_key(sample: str, x: int, y: int) -> str:
 
 
 class PixelContainer:
-    """Where encoded tiles go. ``add`` returns (file relative to the tile folder, member)."""
+    """Where encoded tiles go. ``add`` returns (file relative to the tile folder, member).
+
+    After each ``add``, ``last_offset`` is the byte offset of the tile's data in its file
+    (inside a tar shard: after the member's header), or None when no pixels are stored.
+    """
 
     files: list[str]
+    last_offset: int | None = None
 
     def add(self, key: str, data: bytes, extension: str) -> tuple[str | None, str | None]:
         raise NotImplementedError
@@ -83,6 +88,7 @@ class FolderContainer(PixelContainer):
         name = f"{key}.{extension}"
         (self.folder / name).write_bytes(data)
         self.files.append(name)
+        self.last_offset = 0
         return f"{self.relative_to}/{name}", None
 
 
@@ -143,6 +149,7 @@ class TarShardContainer(PixelContainer):
         assert self._file is not None
         member = f"{key}.{extension}"
         self._file.write(ustar_header(member, len(data)))
+        self.last_offset = self._file.tell()
         self._file.write(data)
         padding = -len(data) % TAR_BLOCK
         if padding:
@@ -195,6 +202,8 @@ TABLE_COLUMNS: dict[str, str] = {
     "gap_fraction": "float64",  # glass inside the tissue outline (cracks, tears, lumens)
     "file": "string",  # relative to the folder of the table; null for coords
     "member": "string",  # tar member; null unless tar
+    "offset": "int64",  # byte offset of the image data in `file` (tar: after the header)
+    "nbytes": "int64",  # bytes of the image data; null for coords
 }
 
 

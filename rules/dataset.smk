@@ -1,0 +1,42 @@
+from medprep import dataset as medprep_dataset
+
+# sample, modality, label, patient and meta_* of every sample, in sheet order
+DATASET_SAMPLES = medprep_dataset.sheet_records(sample_table)
+
+
+# One small job over all samples: run it where Snakemake runs, not as a cluster job.
+localrules:
+    dataset,
+
+
+# The dataset index of the destination, after every sample is published; rebuilt when
+# a sample's table or receipt changes, or the labels, patients or split settings do.
+rule dataset:
+    input:
+        receipts=medprep_dataset.step_paths(DATASET_SAMPLES, "upload"),
+        tiles=medprep_dataset.step_paths(DATASET_SAMPLES, "tile"),
+        preprocess=medprep_dataset.step_paths(DATASET_SAMPLES, "preprocess"),
+        tables=medprep_dataset.table_paths(DATASET_SAMPLES),
+    output:
+        tiles="results/dataset/tiles.parquet",
+        patches="results/dataset/patches.parquet",
+        samples="results/dataset/samples.parquet",
+        receipt="results/dataset/upload.json",
+    log:
+        "logs/dataset/dataset.log",
+    benchmark:
+        "logs/benchmarks/dataset/dataset.tsv"
+    retries: 1
+    conda:
+        "../envs/dataset.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda wildcards, attempt: medprep_dataset.mem_mb(attempt),
+        runtime="30m",
+    params:
+        samples=DATASET_SAMPLES,
+        splits=config["dataset"]["splits"],
+        seed=config["dataset"]["seed"],
+        destination=mw.join_uri(config["destination"], "dataset"),
+    script:
+        "../scripts/dataset.py"

@@ -1,0 +1,36 @@
+"""Rule `dataset`: the index of every tile and patch, published to {destination}/dataset/."""
+
+import os
+
+from medprep import __version__, atomic, dataset
+from medprep.step import run_step
+
+
+def main(smk):
+    entries = dataset.entries_from_records(
+        smk.params.samples, smk.input.tiles, smk.input.preprocess
+    )
+    manifest = dataset.build(
+        entries,
+        os.path.dirname(smk.output.tiles),
+        fractions=dict(smk.params.splits),
+        seed=smk.params.seed,
+        threads=smk.threads,
+    )
+    receipt = dataset.publish(
+        {
+            "tiles.parquet": smk.output.tiles,
+            "patches.parquet": smk.output.patches,
+            "samples.parquet": smk.output.samples,
+        },
+        smk.params.destination,
+        {**manifest, "medprep": __version__},
+        threads=smk.threads,
+        settings=smk.config["storage"],
+    )
+    atomic.write_json(smk.output.receipt, receipt)
+
+
+# spawned pool workers re-run this file without `snakemake` defined: see run_step
+if __name__ == "__main__":
+    run_step(snakemake, main)
