@@ -1,30 +1,18 @@
 """Rule `tile_ct`: 3D patches over the lungs, their coordinate table, optional PNG slices."""
 
-from pathlib import Path
-
-from medprep import manifest
-from medprep.ct import tile
+from medprep.ct.steps import run_tile
 from medprep.step import run_step
 
 
 def main(smk):
-    preprocess = manifest.read_step_manifest(smk.input.preprocess)
-    artifacts, summary = tile.tile(
-        preprocess,
-        smk.params.settings,
+    run_tile(
+        smk.input.preprocess,
         patches_path=smk.output.patches,
         table_path=smk.output.table,
         summary_path=smk.output.summary,
-        slices_dir=Path(smk.output.patches).parent / "slices",
+        manifest_path=smk.output.manifest,
+        settings=smk.params.settings,
         threads=smk.threads,
-    )
-    manifest.write_step_manifest(
-        smk.output.manifest,
-        sample=preprocess["sample"],
-        modality="ct",
-        step="tile",
-        artifacts=artifacts,
-        summary=summary,
     )
 
 

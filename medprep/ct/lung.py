@@ -12,11 +12,28 @@ lung structures slice by slice; keep the largest 3D component. Here:
 4. 3D components: the largest is kept, and the second largest too when it holds at least
    ``second_lung_fraction`` of the largest (the two lungs, when they are not joined by the
    airways); smaller pockets (bowel gas, the trachea alone) are dropped;
-5. optional dilation by ``dilation_mm``;
-6. a kept volume below ``no_lungs_below_ml`` whose largest axial cross-section is also below
+5. the two lungs are told apart, and each lung's pockets are filled (below);
+6. optional dilation by ``dilation_mm``;
+7. a kept volume below ``no_lungs_below_ml`` whose largest axial cross-section is also below
    40 cm2 means status ``no_lungs`` (e.g. a head CT) and an empty mask (a few slices through
    a chest keep their lungs: small volume, large cross-section); a volume outside
    [min_volume_ml, max_volume_ml] is a QC flag.
+
+Nodule-preserving pockets (step 5). The threshold boundary follows the pleura, so solid
+tissue that touches a lung from inside and reaches the chest wall or the mediastinum (a
+juxta-pleural nodule) is carved out of the mask, although the lung surrounds it on most
+sides. Each lung gets a 3D morphological closing with a ball of ``closing_radius_mm`` (a
+rolling ball over its boundary): the closing marks the pockets, dents of the lung surface
+the ball cannot enter. A pocket is filled when its extent is at most ``pocket_max_mm`` in
+every axis (nodules up to about 30 mm); larger pockets (the hilum, the heart's and the
+aorta's impressions, the diaphragm) are left alone, so the heart, mediastinum, chest wall
+and bowel stay out. The closing runs per lung (never across the mediastinum between them)
+on a grid of ``grid_mm`` (distances in mm, so anisotropic voxels are handled), and the
+filled voxels are decided at full resolution by interpolating the closing's distance map.
+
+The lungs are told apart by eroding the mask (distance inside it) until it falls into two
+large cores (airways and thin junctions break first); every voxel belongs to the nearer
+core. Left and right volumes come from this split; a mask that never splits is one lung.
 """
 
 from __future__ import annotations
@@ -25,6 +42,8 @@ import dataclasses
 
 import numpy as np
 from scipy import ndimage
+
+from medprep.ct.patches import bounding_box  # noqa: F401 (also used as lung.bounding_box)
 
 # A short scan through the chest holds little lung volume but a large cross-section; sinus
 # and mastoid air in a head CT has neither.
@@ -42,6 +61,10 @@ class LungSettings:
     max_volume_ml: float = 8000.0
     no_lungs_below_ml: float = 100.0
     second_lung_fraction: float = 0.2
+    closing_radius_mm: float = 15.0  # 0 disables pocket filling
+    pocket_max_mm: float = 40.0
+    grid_mm: float = 3.0
+    x_towards_left: bool = True  # array x (column) index grows towards the patient's left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +76,9 @@ class LungResult:
     peak_area_cm2: float  # largest axial cross-section of the kept components
     qc_flags: list[str]
     bbox: tuple[slice, slice, slice] | None  # of the mask
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The smallest box holding every True voxel of a 3D mask, or None if there is none."""
-    along_z = np.flatnonzero(mask.any(axis=(1, 2)))
-    if along_z.size == 0:
-        return None
-    z0, z1 = int(along_z[0]), int(along_z[-1]) + 1
-    plane = mask[z0:z1].any(axis=0)
-    ys = np.flatnonzero(plane.any(axis=1))
-    xs = np.flatnonzero(plane.any(axis=0))
-    return (slice(z0, z1), slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1))
+    construction: dict = dataclasses.field(default_factory=dict)  # how the mask was built
+    left_volume_ml: float | None = None
+    right_volume_ml: float | None = None
 
 
 def _border_labels(labels: np.ndarray) -> np.ndarray:
@@ -118,6 +132,126 @@ def _dilate(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: fl
     return out
 
 
+def _factors(spacing, grid_mm: float) -> tuple[int, int, int]:
+    return tuple(max(1, round(grid_mm / s)) for s in spacing)
+
+
+def block_sums(mask: np.ndarray, factors) -> np.ndarray:
+    """Number of True voxels in each block of ``factors`` voxels (the last blocks partial)."""
+    shape = [-(-n // f) for n, f in zip(mask.shape, factors, strict=True)]
+    padded = np.zeros([n * f for n, f in zip(shape, factors, strict=True)], dtype=np.uint8)
+    padded[: mask.shape[0], : mask.shape[1], : mask.shape[2]] = mask
+    return padded.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2]).sum(
+        axis=(1, 3, 5), dtype=np.int32
+    )
+
+
+def split_lungs(
+    coarse: np.ndarray, spacing, min_fraction: float, max_depth_mm: float = 30.0
+) -> tuple[np.ndarray, int, float]:
+    """Tell the two lungs apart in a (coarse) lung mask.
+
+    Erode (threshold the distance inside the mask) deeper and deeper until the mask falls
+    into two cores, the smaller holding at least ``min_fraction`` of the larger; every voxel
+    then gets the label (1 or 2) of the nearer core. Returns (labels, number of lungs,
+    erosion depth in mm); a mask that never splits is one lung (labels all 1)."""
+    inside = ndimage.distance_transform_edt(coarse, sampling=spacing)
+    step = float(min(spacing))
+    depth = step
+    while depth <= max_depth_mm:
+        labels, count = ndimage.label(inside > depth)
+        if count == 0:
+            break
+        if count >= 2:
+            sizes = np.bincount(labels.ravel())[1:]
+            order = np.argsort(-sizes, kind="stable")
+            if sizes[order[1]] >= min_fraction * sizes[order[0]]:
+                lookup = np.zeros(count + 1, dtype=np.int8)
+                lookup[order[0] + 1] = 1
+                lookup[order[1] + 1] = 2
+                cores = lookup[labels]
+                _, nearest = ndimage.distance_transform_edt(
+                    cores == 0, sampling=spacing, return_indices=True
+                )
+                return cores[tuple(nearest)], 2, depth
+        depth += step
+    return np.ones(coarse.shape, dtype=np.int8), 1, 0.0
+
+
+def fill_pockets(
+    mask: np.ndarray,
+    lung: np.ndarray,
+    coarse: np.ndarray,
+    factors,
+    spacing,
+    radius_mm: float,
+    max_extent_mm: float,
+) -> tuple[np.ndarray, dict]:
+    """Voxels to add to ``mask`` (full resolution) from the pockets of one lung.
+
+    ``lung``: the lung's voxels on the coarse grid (blocks of ``factors`` voxels of
+    ``spacing`` mm); ``coarse``: the whole mask there. The closing of ``lung`` with a ball
+    of ``radius_mm`` is computed from two distance transforms; its pockets (closed, not
+    lung) whose extent is at most ``max_extent_mm`` on every axis are accepted; at full
+    resolution a voxel of an accepted pocket (or next to one) is added where the closing's
+    distance map, interpolated linearly, says it is closed."""
+    cspacing = tuple(f * s for f, s in zip(factors, spacing, strict=True))
+    box = bounding_box(lung)
+    added = np.zeros(mask.shape, dtype=bool)
+    info = {"accepted": 0, "rejected": 0, "rejected_largest_mm": 0.0}
+    if box is None or radius_mm <= 0:
+        return added, info
+    pad = [int(np.ceil(radius_mm / c)) + 2 for c in cspacing]
+    sub = np.pad(lung[box], [(p, p) for p in pad])
+    dilated = ndimage.distance_transform_edt(~sub, sampling=cspacing) <= radius_mm
+    closed_depth = ndimage.distance_transform_edt(dilated, sampling=cspacing)
+    del dilated
+    pockets = (closed_depth > radius_mm) & ~sub
+    # pockets of this lung only: not what the mask (the other lung) already holds
+    inner = tuple(slice(p, p + (b.stop - b.start)) for p, b in zip(pad, box, strict=True))
+    pockets[inner] &= ~coarse[box]
+    labels, count = ndimage.label(pockets, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return added, info
+    accepted = np.zeros(count + 1, dtype=bool)
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        extent = max((r.stop - r.start) * c for r, c in zip(region, cspacing, strict=True))
+        if extent <= max_extent_mm:
+            accepted[index] = True
+        else:
+            info["rejected_largest_mm"] = max(info["rejected_largest_mm"], round(extent, 1))
+    info["accepted"] = int(accepted.sum())
+    info["rejected"] = int(count - accepted.sum())
+    if not info["accepted"]:
+        return added, info
+    near = ndimage.binary_dilation(accepted[labels], structure=np.ones((3, 3, 3), dtype=bool))
+    near_box = bounding_box(near)
+    # coarse (padded, cropped) index c covers full-resolution voxels of coarse index
+    # c - pad + box.start
+    origin = [b.start - p for b, p in zip(box, pad, strict=True)]
+    lo = [(nb.start + o) * f for nb, o, f in zip(near_box, origin, factors, strict=True)]
+    hi = [(nb.stop + o) * f for nb, o, f in zip(near_box, origin, factors, strict=True)]
+    lo_c = [max(a, 0) for a in lo]
+    hi_c = [min(b, n) for b, n in zip(hi, mask.shape, strict=True)]
+    if any(a >= b for a, b in zip(lo_c, hi_c, strict=True)):
+        return added, info
+    block = near[near_box]
+    for axis, f in enumerate(factors):
+        block = block.repeat(f, axis=axis)
+    block = block[tuple(slice(a - s, b - s) for a, b, s in zip(lo_c, hi_c, lo, strict=True))]
+    region = tuple(slice(a, b) for a, b in zip(lo_c, hi_c, strict=True))
+    candidates = block & ~mask[region]
+    points = np.nonzero(candidates)
+    coords = [
+        (idx + a + 0.5) / f - 0.5 - o
+        for idx, a, f, o in zip(points, lo_c, factors, origin, strict=True)
+    ]
+    depth = ndimage.map_coordinates(closed_depth, coords, order=1, mode="nearest")
+    keep = depth > radius_mm
+    added[tuple(p[keep] + a for p, a in zip(points, lo_c, strict=True))] = True
+    return added, info
+
+
 def lung_mask(
     hu: np.ndarray, spacing: tuple[float, float, float], settings: LungSettings | None = None
 ) -> LungResult:
@@ -146,9 +280,15 @@ def lung_mask(
         kept_lookup[keep] = True
         mask[box] = kept_lookup[labels]
         del labels
+    construction, sides = _pockets_and_sides(mask, spacing, settings)
     if settings.dilation_mm > 0:
         mask = _dilate(mask, spacing, settings.dilation_mm)
     volume_ml = float(np.count_nonzero(mask)) * voxel_ml
+    left_ml = right_ml = None
+    if sides is not None:  # voxel counts of the two lungs, before any dilation
+        counts, first_is_left = sides
+        per_side = [c * voxel_ml for c in counts]
+        left_ml, right_ml = per_side if first_is_left else per_side[::-1]
     per_slice = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
     peak_area_cm2 = float(per_slice.max(initial=0)) * spacing[1] * spacing[2] / 100.0
     qc_flags: list[str] = []
@@ -173,4 +313,68 @@ def lung_mask(
         peak_area_cm2=round(peak_area_cm2, 2),
         qc_flags=qc_flags,
         bbox=bounding_box(mask) if status == "ok" else None,
+        construction=construction,
+        left_volume_ml=None if status != "ok" or left_ml is None else round(left_ml, 1),
+        right_volume_ml=None if status != "ok" or right_ml is None else round(right_ml, 1),
     )
+
+
+def _pockets_and_sides(mask: np.ndarray, spacing, settings: LungSettings):
+    """Split the lungs and fill each lung's pockets, in place; (construction, sides)."""
+    construction = {
+        "method": "threshold, outside air from the side faces, per-slice fill, largest "
+        "components"
+        + (", per-lung ball closing: pockets filled" if settings.closing_radius_mm > 0 else ""),
+        "threshold_hu": settings.threshold_hu,
+        "closing_radius_mm": settings.closing_radius_mm,
+        "pocket_max_mm": settings.pocket_max_mm,
+        "grid_mm": settings.grid_mm,
+        "dilation_mm": settings.dilation_mm,
+    }
+    box = bounding_box(mask)
+    if box is None:
+        return construction, None
+    factors = _factors(spacing, settings.grid_mm)
+    cspacing = tuple(f * s for f, s in zip(factors, spacing, strict=True))
+    construction["grid_spacing_mm"] = [round(c, 4) for c in cspacing]
+    sums = block_sums(mask[box], factors)
+    coarse = sums * 2 >= int(np.prod(factors))
+    sides, lungs, depth = split_lungs(coarse, cspacing, settings.second_lung_fraction)
+    construction["lungs_separated"] = lungs == 2
+    construction["split_erosion_mm"] = round(depth, 2)
+    counts = [int(sums[sides == k].sum()) for k in range(1, lungs + 1)]
+    added_total = 0
+    pockets = {"accepted": 0, "rejected": 0, "rejected_largest_mm": 0.0}
+    if settings.closing_radius_mm > 0:
+        sub = mask[box]
+        additions = []
+        for k in range(1, lungs + 1):
+            added, info = fill_pockets(
+                sub,
+                coarse & (sides == k),
+                coarse,
+                factors,
+                spacing,
+                settings.closing_radius_mm,
+                settings.pocket_max_mm,
+            )
+            additions.append(added)
+            pockets["accepted"] += info["accepted"]
+            pockets["rejected"] += info["rejected"]
+            pockets["rejected_largest_mm"] = max(
+                pockets["rejected_largest_mm"], info["rejected_largest_mm"]
+            )
+        for k, added in enumerate(additions):
+            new = int(np.count_nonzero(added & ~sub))
+            counts[k] += new
+            added_total += new
+            sub |= added
+    construction["pockets_filled"] = pockets["accepted"]
+    construction["pockets_too_large"] = pockets["rejected"]
+    construction["largest_pocket_left_mm"] = pockets["rejected_largest_mm"]
+    construction["added_ml"] = round(added_total * float(np.prod(spacing)) / 1000.0, 2)
+    if lungs < 2:
+        return construction, None
+    centre_x = [float(np.nonzero(sides == k)[2].mean()) for k in (1, 2)]
+    first_is_left = (centre_x[0] > centre_x[1]) == settings.x_towards_left
+    return construction, (counts, first_is_left)

@@ -116,9 +116,7 @@ def tile(
         mask, _ = nifti.read_nifti(
             _artifact_path(preprocess_manifest, "preprocess/lung_mask.nii.gz")
         )
-        from medprep.ct.lung import bounding_box
-
-        box = bounding_box(mask.astype(bool, copy=False))
+        box = patches.bounding_box(mask.astype(bool, copy=False))
         starts = (
             patches.candidate_starts(box, volume.shape, size, stride)
             if box is not None
