@@ -9,9 +9,9 @@ under 3 mm is a single point and has no characteristics. ``nonNodule`` elements 
 points of findings that are not nodules.
 
 Pixel points are (x = column, y = row) indices of the slice. The readers were asked to
-draw the outline just outside the nodule; ``filled_outline`` returns the polygon's interior
-together with its outline pixels, the larger (conservative) area; ``boundary=False`` gives
-the interior alone.
+draw the outline just outside the nodule; ``filled_outlines`` returns the polygon's
+interior together with its outline pixels, the larger (conservative) area;
+``boundary=False`` gives the pixels strictly inside alone.
 
 Geometry: ``SliceFrame`` holds what maps a slice's pixel to patient coordinates (DICOM LPS,
 mm); ``reading_points_lps`` turns a reading's filled outlines into patient coordinates and
@@ -217,33 +217,32 @@ def parse_lidc_xml(source: str | os.PathLike | bytes) -> LidcAnnotations:
 
 def polygon_mask(points: np.ndarray, shape: tuple[int, int], *, boundary: bool = True):
     """Boolean (rows, cols) mask of a closed polygon of (x, y) pixel points: the pixels
-    whose centres lie inside, plus the outline's own pixels when ``boundary``."""
+    strictly inside the outline, plus the outline's own pixels when ``boundary``."""
     from skimage.draw import line, polygon
 
     points = np.asarray(points).reshape(-1, 2)
     mask = np.zeros(shape, dtype=bool)
-    xs, ys = points[:, 0], points[:, 1]
     if len(points) >= 3:
-        rr, cc = polygon(ys, xs, shape=shape)
+        rr, cc = polygon(points[:, 1], points[:, 0], shape=shape)
         mask[rr, cc] = True
-    if boundary:  # the outline's pixels, joined where consecutive points are not adjacent
-        ends = np.roll(points, -1, axis=0)
-        pieces = [
-            line(int(a[1]), int(a[0]), int(b[1]), int(b[0]))
-            for a, b in zip(points, ends, strict=True)
-        ]
-        rr = np.concatenate([p[0] for p in pieces])
-        cc = np.concatenate([p[1] for p in pieces])
-        inside = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
-        mask[rr[inside], cc[inside]] = True
+    # the outline's pixels, joined where consecutive points are not adjacent
+    ends = np.roll(points, -1, axis=0)
+    pieces = [
+        line(int(a[1]), int(a[0]), int(b[1]), int(b[0])) for a, b in zip(points, ends, strict=True)
+    ]
+    rr = np.concatenate([p[0] for p in pieces])
+    cc = np.concatenate([p[1] for p in pieces])
+    inside = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+    mask[rr[inside], cc[inside]] = boundary
     return mask
 
 
 def filled_outlines(
     reading: NoduleReading, shape: tuple[int, int], *, boundary: bool = True
 ) -> dict[str, np.ndarray]:
-    """Per slice (SOP Instance UID), the reading's area: inclusion outlines filled, the
-    interiors of exclusion outlines subtracted."""
+    """Per slice (SOP Instance UID), the reading's area: inclusion outlines filled (with
+    their outline pixels when ``boundary``), the pixels strictly inside exclusion outlines
+    subtracted (an exclusion's outline lies in the nodule, around the hole)."""
     out: dict[str, np.ndarray] = {}
     for outline in sorted(reading.outlines, key=lambda o: not o.inclusion):
         if outline.inclusion:
