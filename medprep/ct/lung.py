@@ -187,7 +187,7 @@ def fill_pockets(
     radius_mm: float,
     max_extent_mm: float,
 ) -> tuple[np.ndarray, dict]:
-    """Voxels to add to ``mask`` (full resolution) from the pockets of one lung.
+    """Voxels to add to ``mask`` (full resolution; index arrays) from one lung's pockets.
 
     ``lung``: the lung's voxels on the coarse grid (blocks of ``factors`` voxels of
     ``spacing`` mm); ``coarse``: the whole mask there. The closing of ``lung`` with a ball
@@ -197,7 +197,7 @@ def fill_pockets(
     distance map, interpolated linearly, says it is closed."""
     cspacing = tuple(f * s for f, s in zip(factors, spacing, strict=True))
     box = bounding_box(lung)
-    added = np.zeros(mask.shape, dtype=bool)
+    added = (np.zeros(0, dtype=np.intp),) * 3
     info = {"accepted": 0, "rejected": 0, "rejected_largest_mm": 0.0}
     if box is None or radius_mm <= 0:
         return added, info
@@ -248,8 +248,7 @@ def fill_pockets(
     ]
     depth = ndimage.map_coordinates(closed_depth, coords, order=1, mode="nearest")
     keep = depth > radius_mm
-    added[tuple(p[keep] + a for p, a in zip(points, lo_c, strict=True))] = True
-    return added, info
+    return tuple(p[keep] + a for p, a in zip(points, lo_c, strict=True)), info
 
 
 def lung_mask(
@@ -365,10 +364,10 @@ def _pockets_and_sides(mask: np.ndarray, spacing, settings: LungSettings):
                 pockets["rejected_largest_mm"], info["rejected_largest_mm"]
             )
         for k, added in enumerate(additions):
-            new = int(np.count_nonzero(added & ~sub))
+            new = int(np.count_nonzero(~sub[added]))
             counts[k] += new
             added_total += new
-            sub |= added
+            sub[added] = True
     construction["pockets_filled"] = pockets["accepted"]
     construction["pockets_too_large"] = pockets["rejected"]
     construction["largest_pocket_left_mm"] = pockets["rejected_largest_mm"]

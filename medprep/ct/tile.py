@@ -51,11 +51,14 @@ def _artifact_path(manifest: dict[str, Any], name: str) -> str:
 
 
 def _write_table(path: str | os.PathLike, rows: dict[str, list]) -> None:
-    import pandas as pd
+    # pyarrow directly: the step does not pay for importing pandas
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    frame = pd.DataFrame({c: pd.Series(rows[c], dtype=t) for c, t in TABLE_COLUMNS.items()})
+    types = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+    table = pa.table({c: pa.array(rows[c], type=types[t]) for c, t in TABLE_COLUMNS.items()})
     with atomic.atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False, engine="pyarrow")
+        pq.write_table(table, tmp)
 
 
 def _centre_lps(affine_ras: np.ndarray, start: np.ndarray, size) -> np.ndarray:
