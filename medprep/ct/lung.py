@@ -49,6 +49,8 @@ from medprep.ct.patches import bounding_box  # noqa: F401 (also used as lung.bou
 # and mastoid air in a head CT has neither.
 NO_LUNGS_MAX_AREA_CM2 = 40.0
 
+CHUNK_SLICES = 32  # slabs for element-wise passes over a whole volume
+
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
@@ -81,6 +83,17 @@ class LungResult:
     right_volume_ml: float | None = None
 
 
+def label(mask: np.ndarray, structure=None) -> tuple[np.ndarray, int]:
+    """``ndimage.label`` into uint16 when the components fit (half the memory and traffic
+    of int32 on a whole volume), else int32."""
+    try:
+        out = np.empty(mask.shape, dtype=np.uint16)
+        count = ndimage.label(mask, structure=structure, output=out)
+    except RuntimeError:  # more than 65535 components
+        out, count = ndimage.label(mask, structure=structure)
+    return out, int(count)
+
+
 def _border_labels(labels: np.ndarray) -> np.ndarray:
     faces = (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1])
     touching = np.unique(np.concatenate([f.ravel() for f in faces]))
@@ -90,15 +103,22 @@ def _border_labels(labels: np.ndarray) -> np.ndarray:
 def inner_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     """Air below ``threshold_hu`` that is not connected to the volume's side faces."""
     air = hu < threshold_hu
-    labels, count = ndimage.label(air)
+    labels, count = label(air)
     outside = np.zeros(count + 1, dtype=bool)
     outside[_border_labels(labels)] = True
-    inner = air
-    inner &= ~outside[labels]
-    return inner
+    for z in range(0, air.shape[0], CHUNK_SLICES):  # in slabs: no volume-sized temporary
+        air[z : z + CHUNK_SLICES] &= ~outside[labels[z : z + CHUNK_SLICES]]
+    return air
 
 
-def fill_slices(mask: np.ndarray) -> np.ndarray:
+def _chunked_bincount(labels: np.ndarray, count: int) -> np.ndarray:
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for z in range(0, labels.shape[0], CHUNK_SLICES):  # bincount copies to intp
+        sizes += np.bincount(labels[z : z + CHUNK_SLICES].ravel(), minlength=count + 1)
+    return sizes
+
+
+def fill_slices(mask: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Fill, in every axial slice, what ``mask`` encloses (holes not reaching the border)."""
     box = bounding_box(mask)
     if box is None:
@@ -108,12 +128,14 @@ def fill_slices(mask: np.ndarray) -> np.ndarray:
     ys = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, mask.shape[1]))
     xs = slice(max(box[2].start - 1, 0), min(box[2].stop + 1, mask.shape[2]))
     sub = mask[zs, ys, xs]
-    labels, count = ndimage.label(~sub, structure=IN_PLANE)
+    labels, count = label(~sub, structure=IN_PLANE)
     open_region = np.zeros(count + 1, dtype=bool)
     open_region[_border_labels(labels)] = True
     open_region[0] = True
-    filled = mask.copy()
-    filled[zs, ys, xs] |= ~open_region[labels]
+    filled = mask if in_place else mask.copy()
+    target = filled[zs, ys, xs]
+    for z in range(0, target.shape[0], CHUNK_SLICES):
+        target[z : z + CHUNK_SLICES] |= ~open_region[labels[z : z + CHUNK_SLICES]]
     return filled
 
 
@@ -259,14 +281,15 @@ def lung_mask(
     voxel_ml = float(np.prod(spacing)) / 1000.0
     inner = inner_air(hu, settings.threshold_hu)
     box = bounding_box(inner)
-    mask = np.zeros(hu.shape, dtype=bool)
     components: list[dict] = []
     if box is not None:
-        candidates = fill_slices(inner[box])
-        del inner
-        labels, count = ndimage.label(candidates)
+        candidates = fill_slices(inner[box], in_place=True)
+        labels, count = label(candidates)
         del candidates
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+        inner[:] = False
+        mask = inner  # reuse the buffer
+        del inner
+        sizes = _chunked_bincount(labels, count)[1:]
         order = np.argsort(-sizes, kind="stable")
         keep = [int(order[0]) + 1]
         if count > 1 and sizes[order[1]] >= settings.second_lung_fraction * sizes[order[0]]:
@@ -277,8 +300,12 @@ def lung_mask(
         ]
         kept_lookup = np.zeros(count + 1, dtype=bool)
         kept_lookup[keep] = True
-        mask[box] = kept_lookup[labels]
+        target = mask[box]
+        for z in range(0, target.shape[0], CHUNK_SLICES):
+            target[z : z + CHUNK_SLICES] = kept_lookup[labels[z : z + CHUNK_SLICES]]
         del labels
+    else:
+        mask = inner
     construction, sides = _pockets_and_sides(mask, spacing, settings)
     if settings.dilation_mm > 0:
         mask = _dilate(mask, spacing, settings.dilation_mm)

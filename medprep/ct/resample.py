@@ -20,6 +20,7 @@ import numpy as np
 from medprep.parallel import thread_map
 
 ORDERS = (0, 1, 3)
+OUTPUT_CHUNK = 16  # output slices computed together (threads share the work within one)
 KEYS_A = -0.5
 
 
@@ -156,7 +157,6 @@ def resample_stack(
     nz, ny, nx = grid.shape
     y_out = grid.start[1] + np.arange(ny) * grid.spacing[1]
     x_out = grid.start[2] + np.arange(nx) * grid.spacing[2]
-    planes = np.empty((n_slices, ny, nx), dtype=np.float32)
     shared = not np.any(offsets)
 
     def plane_operators(k: int):
@@ -167,12 +167,11 @@ def resample_stack(
     if shared:
         operators = plane_operators(0)
 
-    def in_plane(k: int) -> None:
+    def in_plane(k: int) -> tuple[int, np.ndarray]:
+        plane = np.empty((ny, nx), dtype=np.float32)
         ops = operators if shared else plane_operators(k)
-        _resample_plane(volume[k], *ops, np.float32(fill), planes[k])
-
-    for _ in thread_map(in_plane, range(n_slices), threads):
-        pass
+        _resample_plane(volume[k], *ops, np.float32(fill), plane)
+        return k, plane
 
     zi, zw, _ = axis_taps(z_coordinates(positions, grid, order), n_slices, order)
     if order == 0:
@@ -181,6 +180,9 @@ def resample_stack(
     if order == 3 and not shared:
         low = min(low, fill)
     out = np.empty(grid.shape, dtype=np.int16)
+    # Output slices in chunks; only the in-plane results the chunk needs are kept (slice
+    # indices only grow along the output), so memory holds a few planes, not the stack.
+    planes: dict[int, np.ndarray] = {}
 
     def along_normal(m: int) -> None:
         acc = planes[zi[0, m]] * zw[0, m]
@@ -192,6 +194,15 @@ def resample_stack(
             np.clip(acc, low, high, out=acc)
         out[m] = acc
 
-    for _ in thread_map(along_normal, range(nz), threads):
-        pass
+    for m0 in range(0, nz, OUTPUT_CHUNK):
+        chunk = range(m0, min(m0 + OUTPUT_CHUNK, nz))
+        needed = {int(zi[0, m]) for m in chunk}
+        needed |= {int(zi[t, m]) for m in chunk for t in range(1, zi.shape[0]) if zw[t, m] != 0}
+        for k in [k for k in planes if k < min(needed)]:
+            del planes[k]
+        missing = sorted(k for k in needed if k not in planes)
+        for k, plane in thread_map(in_plane, missing, threads):
+            planes[k] = plane
+        for _ in thread_map(along_normal, chunk, threads):
+            pass
     return out, grid

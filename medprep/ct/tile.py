@@ -119,6 +119,8 @@ def tile(
         mask, _ = nifti.read_nifti(
             _artifact_path(preprocess_manifest, "preprocess/lung_mask.nii.gz")
         )
+        if mask.dtype == np.uint8 and int(mask.max(initial=0)) <= 1:
+            mask = mask.view(bool)  # 0/1: no copy
         box = patches.bounding_box(mask.astype(bool, copy=False))
         starts = (
             patches.candidate_starts(box, volume.shape, size, stride)
@@ -133,13 +135,21 @@ def tile(
                 f"no patch reaches min_lung_fraction {pcfg['min_lung_fraction']} "
                 f"({candidates} candidates)"
             )
-        with atomic.atomic_path(patches_path) as tmp:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(keep), *size))
+        # written patch by patch (not through a memory map, whose dirty pages would all
+        # count in the step's memory)
+        with atomic.atomic_path(patches_path) as tmp, open(tmp, "wb") as out:
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                "fortran_order": False,
+                "shape": (len(keep), *size),
+            }
+            np.lib.format.write_array_header_1_0(out, header)
             buffer = np.empty(size, dtype=np.int16)
             for row, i in enumerate(keep):
                 start = starts[i]
                 patches.extract(volume, start, size, hu.AIR_HU, buffer)
-                array[row] = buffer if as_hu else hu.normalise(buffer, **norm)
+                values = buffer if as_hu else hu.normalise(buffer, **norm)
+                out.write(np.ascontiguousarray(values, dtype=dtype).data)
                 centre = _centre_lps(affine, start, size)
                 for column, value in zip(
                     ("patch", "z0", "y0", "x0", "z1", "y1", "x1"),
@@ -152,8 +162,6 @@ def tile(
                 rows["center_lps_z_mm"].append(round(float(centre[2]), 3))
                 rows["lung_fraction"].append(round(float(fractions[i]), 4))
                 rows["padded"].append(patches.is_padded(start, size, volume.shape))
-            array.flush()
-            del array
         if cfg["slices_png"]["enabled"] and slices_dir is not None:
             with atomic.staged_dir(slices_dir) as tmp_dir:
                 slice_names = _write_slices(
