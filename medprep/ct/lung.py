@@ -50,6 +50,7 @@ from medprep.ct.patches import bounding_box  # noqa: F401 (also used as lung.bou
 NO_LUNGS_MAX_AREA_CM2 = 40.0
 
 CHUNK_SLICES = 32  # slabs for element-wise passes over a whole volume
+CAP_MIN_MM3 = 500.0  # pockets this large (a 10 mm sphere) are filled with the larger ball
 
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
@@ -64,6 +65,7 @@ class LungSettings:
     no_lungs_below_ml: float = 100.0
     second_lung_fraction: float = 0.2
     closing_radius_mm: float = 15.0  # 0 disables pocket filling
+    fill_radius_mm: float = 40.0  # the ball that fills a found pocket (<= closing: none)
     pocket_max_mm: float = 40.0
     grid_mm: float = 3.0
     x_towards_left: bool = True  # array x (column) index grows towards the patient's left
@@ -101,14 +103,36 @@ def _border_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def inner_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
-    """Air below ``threshold_hu`` that is not connected to the volume's side faces."""
-    air = hu < threshold_hu
+    """Air below ``threshold_hu`` that is not connected to the volume's side faces.
+
+    Only the rows and columns holding tissue (plus one of air around them) are labelled:
+    what lies beyond them is air from top to bottom touching the side faces, so an air
+    component reaching the crop's side is outside, as it would be in the whole volume."""
+    rows = np.zeros(hu.shape[1], dtype=bool)
+    cols = np.zeros(hu.shape[2], dtype=bool)
+    for z in range(0, hu.shape[0], CHUNK_SLICES):
+        tissue = hu[z : z + CHUNK_SLICES] >= threshold_hu
+        rows |= tissue.any(axis=(0, 2))
+        cols |= tissue.any(axis=(0, 1))
+    inner = np.zeros(hu.shape, dtype=bool)
+    if not rows.any():
+        return inner
+    ys = np.flatnonzero(rows)
+    xs = np.flatnonzero(cols)
+    crop = (
+        slice(None),
+        slice(max(int(ys[0]) - 1, 0), min(int(ys[-1]) + 2, hu.shape[1])),
+        slice(max(int(xs[0]) - 1, 0), min(int(xs[-1]) + 2, hu.shape[2])),
+    )
+    air = hu[crop] < threshold_hu
     labels, count = label(air)
     outside = np.zeros(count + 1, dtype=bool)
     outside[_border_labels(labels)] = True
     for z in range(0, air.shape[0], CHUNK_SLICES):  # in slabs: no volume-sized temporary
         air[z : z + CHUNK_SLICES] &= ~outside[labels[z : z + CHUNK_SLICES]]
-    return air
+    del labels
+    inner[crop] = air
+    return inner
 
 
 def _chunked_bincount(labels: np.ndarray, count: int) -> np.ndarray:
@@ -168,13 +192,27 @@ def block_sums(mask: np.ndarray, factors) -> np.ndarray:
     )
 
 
+def _side_by_side(labels: np.ndarray, a: int, b: int) -> bool:
+    """Two cores are the two lungs only if they lie side by side (left-right, along the
+    array's x): their x ranges overlap by less than half the narrower one's. Two parts of
+    one lung (upper and lower) overlap almost entirely."""
+    ranges = []
+    for k in (a, b):
+        xs = np.flatnonzero((labels == k).any(axis=(0, 1)))
+        ranges.append((int(xs[0]), int(xs[-1]) + 1))
+    overlap = min(ranges[0][1], ranges[1][1]) - max(ranges[0][0], ranges[1][0])
+    narrower = min(r[1] - r[0] for r in ranges)
+    return overlap < 0.5 * narrower
+
+
 def split_lungs(
     coarse: np.ndarray, spacing, min_fraction: float, max_depth_mm: float = 30.0
 ) -> tuple[np.ndarray, int, float]:
     """Tell the two lungs apart in a (coarse) lung mask.
 
     Erode (threshold the distance inside the mask) deeper and deeper until the mask falls
-    into two cores, the smaller holding at least ``min_fraction`` of the larger; every voxel
+    into two cores side by side, the smaller holding at least ``min_fraction`` of the
+    larger; every voxel
     then gets the label (1 or 2) of the nearer core. Returns (labels, number of lungs,
     erosion depth in mm); a mask that never splits is one lung (labels all 1)."""
     inside = ndimage.distance_transform_edt(coarse, sampling=spacing)
@@ -187,7 +225,9 @@ def split_lungs(
         if count >= 2:
             sizes = np.bincount(labels.ravel())[1:]
             order = np.argsort(-sizes, kind="stable")
-            if sizes[order[1]] >= min_fraction * sizes[order[0]]:
+            if sizes[order[1]] >= min_fraction * sizes[order[0]] and _side_by_side(
+                labels, order[0] + 1, order[1] + 1
+            ):
                 lookup = np.zeros(count + 1, dtype=np.int8)
                 lookup[order[0] + 1] = 1
                 lookup[order[1] + 1] = 2
@@ -208,7 +248,8 @@ def fill_pockets(
     spacing,
     radius_mm: float,
     max_extent_mm: float,
-) -> tuple[np.ndarray, dict]:
+    fill_radius_mm: float = 0.0,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
     """Voxels to add to ``mask`` (full resolution; index arrays) from one lung's pockets.
 
     ``lung``: the lung's voxels on the coarse grid (blocks of ``factors`` voxels of
@@ -220,7 +261,7 @@ def fill_pockets(
     cspacing = tuple(f * s for f, s in zip(factors, spacing, strict=True))
     box = bounding_box(lung)
     added = (np.zeros(0, dtype=np.intp),) * 3
-    info = {"accepted": 0, "rejected": 0, "rejected_largest_mm": 0.0}
+    info = {"accepted": 0, "rejected": 0, "largest_unfilled_mm": 0.0}
     if box is None or radius_mm <= 0:
         return added, info
     pad = [int(np.ceil(radius_mm / c)) + 2 for c in cspacing]
@@ -241,36 +282,96 @@ def fill_pockets(
         if extent <= max_extent_mm:
             accepted[index] = True
         else:
-            info["rejected_largest_mm"] = max(info["rejected_largest_mm"], round(extent, 1))
+            info["largest_unfilled_mm"] = max(info["largest_unfilled_mm"], round(extent, 1))
     info["accepted"] = int(accepted.sum())
     info["rejected"] = int(count - accepted.sum())
     if not info["accepted"]:
         return added, info
-    near = ndimage.binary_dilation(accepted[labels], structure=np.ones((3, 3, 3), dtype=bool))
-    near_box = bounding_box(near)
-    # coarse (padded, cropped) index c covers full-resolution voxels of coarse index
-    # c - pad + box.start
+    cube = np.ones((3, 3, 3), dtype=bool)
+    near = ndimage.binary_dilation(accepted[labels], structure=cube)
+    # coarse (padded, cropped) index c is coarse index c - pad + box.start
     origin = [b.start - p for b, p in zip(box, pad, strict=True)]
+    pieces = [_refine(mask, near, closed_depth, origin, factors, radius_mm)]
+    if fill_radius_mm > radius_mm:
+        # the pocket found, fill it with a larger ball: it follows the chest wall across
+        # the nodule's base more closely (a ball of radius r leaves a cap of depth
+        # r - sqrt(r^2 - a^2) at the base of a nodule of radius a sitting on a flat wall)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        regions = ndimage.find_objects(labels)
+        for index in np.flatnonzero(accepted):
+            if sizes[index] * float(np.prod(cspacing)) < CAP_MIN_MM3:
+                continue
+            pieces.append(
+                _cap_fill(
+                    mask,
+                    lung,
+                    labels,
+                    index,
+                    regions[index - 1],
+                    origin,
+                    factors,
+                    cspacing,
+                    radius_mm,
+                    fill_radius_mm,
+                )
+            )
+    flat = np.unique(
+        np.concatenate([np.ravel_multi_index(p, mask.shape) for p in pieces])
+    )  # a voxel may come from both balls
+    return np.unravel_index(flat, mask.shape), info
+
+
+def _cap_fill(mask, lung, labels, index, region, origin, factors, cspacing, radius_mm, fill_mm):
+    """Full-resolution voxels within ``radius_mm`` of one pocket that the closing of the
+    lung with a ball of ``fill_mm`` fills, computed in a box around the pocket."""
+    # far enough from the box's faces that a ball placed beyond them cannot matter
+    reach = [int(np.ceil(2 * fill_mm / c)) + 3 for c in cspacing]
+    lo = [r.start + o - e for r, o, e in zip(region, origin, reach, strict=True)]
+    hi = [r.stop + o + e for r, o, e in zip(region, origin, reach, strict=True)]
+    local = np.zeros([b - a for a, b in zip(lo, hi, strict=True)], dtype=bool)
+    src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, lung.shape, strict=True))
+    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo, strict=True))
+    local[dst] = lung[src]
+    dilated = ndimage.distance_transform_edt(~local, sampling=cspacing) <= fill_mm
+    depth = ndimage.distance_transform_edt(dilated, sampling=cspacing)
+    del dilated
+    near = np.zeros(local.shape, dtype=bool)
+    at = tuple(
+        slice(r.start + o - a, r.stop + o - a) for r, o, a in zip(region, origin, lo, strict=True)
+    )
+    near[at] = labels[region] == index
+    steps = int(np.ceil(radius_mm / 2 / min(cspacing)))  # the cap is thinner than r / 2
+    near = ndimage.binary_dilation(near, structure=np.ones((3, 3, 3), bool), iterations=steps)
+    return _refine(mask, near, depth, lo, factors, fill_mm)
+
+
+def _refine(mask, near, depth_map, origin, factors, radius_mm):
+    """Full-resolution voxels of the coarse blocks ``near`` (coarse index c is coarse
+    index c + origin of the volume) not yet in ``mask`` where ``depth_map`` (the erosion
+    distance of a closing), interpolated linearly, exceeds ``radius_mm``."""
+    empty = (np.zeros(0, dtype=np.intp),) * 3
+    near_box = bounding_box(near)
+    if near_box is None:
+        return empty
     lo = [(nb.start + o) * f for nb, o, f in zip(near_box, origin, factors, strict=True)]
     hi = [(nb.stop + o) * f for nb, o, f in zip(near_box, origin, factors, strict=True)]
     lo_c = [max(a, 0) for a in lo]
     hi_c = [min(b, n) for b, n in zip(hi, mask.shape, strict=True)]
     if any(a >= b for a, b in zip(lo_c, hi_c, strict=True)):
-        return added, info
+        return empty
     block = near[near_box]
     for axis, f in enumerate(factors):
         block = block.repeat(f, axis=axis)
     block = block[tuple(slice(a - s, b - s) for a, b, s in zip(lo_c, hi_c, lo, strict=True))]
     region = tuple(slice(a, b) for a, b in zip(lo_c, hi_c, strict=True))
-    candidates = block & ~mask[region]
-    points = np.nonzero(candidates)
+    points = np.nonzero(block & ~mask[region])
     coords = [
         (idx + a + 0.5) / f - 0.5 - o
         for idx, a, f, o in zip(points, lo_c, factors, origin, strict=True)
     ]
-    depth = ndimage.map_coordinates(closed_depth, coords, order=1, mode="nearest")
+    depth = ndimage.map_coordinates(depth_map, coords, order=1, mode="nearest")
     keep = depth > radius_mm
-    return tuple(p[keep] + a for p, a in zip(points, lo_c, strict=True)), info
+    return tuple(p[keep] + a for p, a in zip(points, lo_c, strict=True))
 
 
 def lung_mask(
@@ -354,6 +455,7 @@ def _pockets_and_sides(mask: np.ndarray, spacing, settings: LungSettings):
         "threshold_hu": settings.threshold_hu,
         "closing_radius_mm": settings.closing_radius_mm,
         "pocket_max_mm": settings.pocket_max_mm,
+        "fill_radius_mm": settings.fill_radius_mm,
         "grid_mm": settings.grid_mm,
         "dilation_mm": settings.dilation_mm,
     }
@@ -370,7 +472,7 @@ def _pockets_and_sides(mask: np.ndarray, spacing, settings: LungSettings):
     construction["split_erosion_mm"] = round(depth, 2)
     counts = [int(sums[sides == k].sum()) for k in range(1, lungs + 1)]
     added_total = 0
-    pockets = {"accepted": 0, "rejected": 0, "rejected_largest_mm": 0.0}
+    pockets = {"accepted": 0, "rejected": 0, "largest_unfilled_mm": 0.0}
     if settings.closing_radius_mm > 0:
         sub = mask[box]
         additions = []
@@ -383,12 +485,13 @@ def _pockets_and_sides(mask: np.ndarray, spacing, settings: LungSettings):
                 spacing,
                 settings.closing_radius_mm,
                 settings.pocket_max_mm,
+                settings.fill_radius_mm,
             )
             additions.append(added)
             pockets["accepted"] += info["accepted"]
             pockets["rejected"] += info["rejected"]
-            pockets["rejected_largest_mm"] = max(
-                pockets["rejected_largest_mm"], info["rejected_largest_mm"]
+            pockets["largest_unfilled_mm"] = max(
+                pockets["largest_unfilled_mm"], info["largest_unfilled_mm"]
             )
         for k, added in enumerate(additions):
             new = int(np.count_nonzero(~sub[added]))
@@ -397,7 +500,7 @@ def _pockets_and_sides(mask: np.ndarray, spacing, settings: LungSettings):
             sub[added] = True
     construction["pockets_filled"] = pockets["accepted"]
     construction["pockets_too_large"] = pockets["rejected"]
-    construction["largest_pocket_left_mm"] = pockets["rejected_largest_mm"]
+    construction["largest_pocket_unfilled_mm"] = pockets["largest_unfilled_mm"]
     construction["added_ml"] = round(added_total * float(np.prod(spacing)) / 1000.0, 2)
     if lungs < 2:
         return construction, None
