@@ -114,9 +114,8 @@ def inner_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
         tissue = hu[z : z + CHUNK_SLICES] >= threshold_hu
         rows |= tissue.any(axis=(0, 2))
         cols |= tissue.any(axis=(0, 1))
-    inner = np.zeros(hu.shape, dtype=bool)
     if not rows.any():
-        return inner
+        return np.zeros(hu.shape, dtype=bool)
     ys = np.flatnonzero(rows)
     xs = np.flatnonzero(cols)
     crop = (
@@ -131,6 +130,7 @@ def inner_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     for z in range(0, air.shape[0], CHUNK_SLICES):  # in slabs: no volume-sized temporary
         air[z : z + CHUNK_SLICES] &= ~outside[labels[z : z + CHUNK_SLICES]]
     del labels
+    inner = np.zeros(hu.shape, dtype=bool)
     inner[crop] = air
     return inner
 
@@ -152,14 +152,15 @@ def fill_slices(mask: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     ys = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, mask.shape[1]))
     xs = slice(max(box[2].start - 1, 0), min(box[2].stop + 1, mask.shape[2]))
     sub = mask[zs, ys, xs]
-    labels, count = label(~sub, structure=IN_PLANE)
-    open_region = np.zeros(count + 1, dtype=bool)
-    open_region[_border_labels(labels)] = True
-    open_region[0] = True
     filled = mask if in_place else mask.copy()
     target = filled[zs, ys, xs]
-    for z in range(0, target.shape[0], CHUNK_SLICES):
-        target[z : z + CHUNK_SLICES] |= ~open_region[labels[z : z + CHUNK_SLICES]]
+    # slab by slab: the filling is per slice, so labelling a slab at a time is the same
+    for z in range(0, sub.shape[0], CHUNK_SLICES):
+        labels, count = label(~sub[z : z + CHUNK_SLICES], structure=IN_PLANE)
+        open_region = np.zeros(count + 1, dtype=bool)
+        open_region[_border_labels(labels)] = True
+        open_region[0] = True
+        target[z : z + CHUNK_SLICES] |= ~open_region[labels]
     return filled
 
 

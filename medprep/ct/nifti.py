@@ -18,7 +18,6 @@ straight into the array; other NIfTI files go through nibabel.
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import zlib
@@ -119,33 +118,55 @@ def write_nifti(
     gzip_bytes_to(path, [header, volume.reshape(-1).view(np.uint8)], threads)
 
 
+NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2"}
+
+
+def _own_header(block: bytes):
+    """(shape x, y, z; dtype; RAS affine) of a little-endian single-file NIfTI-1 header
+    as ``write_nifti`` writes it (3D, sform set, no scaling, data at 352), else None."""
+    if len(block) < HEADER_BYTES or block[344:348] != b"n+1\x00":
+        return None
+    if struct.unpack_from("<i", block, 0)[0] != 348:
+        return None
+    dim = struct.unpack_from("<8h", block, 40)
+    datatype = struct.unpack_from("<h", block, 70)[0]
+    vox_offset, slope, inter = struct.unpack_from("<3f", block, 108)
+    sform_code = struct.unpack_from("<h", block, 254)[0]
+    if dim[0] != 3 or datatype not in NIFTI_DTYPES or int(vox_offset) != HEADER_BYTES:
+        return None
+    if sform_code <= 0 or slope not in (0.0, 1.0) or inter != 0.0:
+        return None
+    affine = np.eye(4)
+    affine[:3] = np.frombuffer(block, dtype="<f4", count=12, offset=280).reshape(3, 4)
+    return tuple(int(n) for n in dim[1:4]), np.dtype("<" + NIFTI_DTYPES[datatype]), affine
+
+
 def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(array (z, y, x), RAS affine) of a NIfTI file written by ``write_nifti`` or others.
 
-    A 3D ``.nii.gz`` without scaling and without extensions (ours) is inflated with ISA-L
-    straight into the array; anything else goes through nibabel."""
-    import nibabel as nib
-
+    Our own ``.nii.gz`` (3D, no scaling, no extensions) is inflated with ISA-L straight
+    into the array, its header read here (no nibabel import); anything else goes through
+    nibabel."""
     path = os.fspath(path)
     if path.endswith(".gz"):
         from isal import igzip
 
         with igzip.open(path, "rb") as f:
-            header = nib.Nifti1Header.from_fileobj(io.BytesIO(f.read(HEADER_BYTES)))
-            slope, inter = header.get_slope_inter()
-            shape = header.get_data_shape()
-            dtype = header.get_data_dtype()
-            if (
-                len(shape) == 3
-                and slope in (None, 1.0)
-                and inter in (None, 0.0)
-                and int(header["vox_offset"]) == HEADER_BYTES
-            ):
-                # inflate straight into the array: no intermediate copy of the voxels
+            own = _own_header(f.read(HEADER_BYTES))
+            if own is not None:
+                shape, dtype, affine = own
                 data = np.empty(shape[::-1], dtype=dtype)
-                read = f.readinto(memoryview(data).cast("B"))
+                view = memoryview(data).cast("B")
+                read = 0
+                while read < data.nbytes:  # in blocks: readinto copies through a buffer
+                    got = f.readinto(view[read : read + BLOCK_BYTES])
+                    if not got:
+                        break
+                    read += got
                 if read == data.nbytes and not f.read(1):
-                    return data, header.get_best_affine()
+                    return data, affine
+    import nibabel as nib
+
     image = nib.load(path)
     data = np.asanyarray(image.dataobj)
     return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine
