@@ -4,28 +4,19 @@
     .venv/bin/python benchmarks/bench_ct.py --scan lidc --slices 133   # the real LIDC-IDRI-0001
     .venv/bin/python benchmarks/bench_ct.py --scan lidc --slices 265   # the same at 1.25 mm
 
-Writes a synthetic chest CT (0.7 mm pixels, 1.25 mm slices, real DICOM; both lungs joined to
-the trachea by the main bronchi, as in a real chest at 1 mm, so that the reference's
-"largest component" holds both lungs) under benchmarks/out/, then runs each variant in its own
+Scans: a synthetic chest CT (``--scan phantom``, default: 0.7 mm pixels, 1.25 mm slices,
+real DICOM; both lungs joined to the trachea by the main bronchi, as in a real chest at
+1 mm, so that the reference's "largest component" holds both lungs) written under
+benchmarks/out/, or the real LIDC-IDRI-0001 (``--scan lidc``: its 133 slices from
+../shared/data, or 265 slices at 1.25 mm made from them). Each variant runs in its own
 process, end to end (DICOM folder in, outputs written): the reference with cubic and with
-linear zoom, and medprep's preprocess_ct on 1 and 2 threads. Prints seconds, speed-up
-ratios, lung-mask Dice against the reference, peak RSS against the int16 volume size, and the
-memory estimate of ``medprep.ct.memory`` against the measured peak. Not a test: timings
-depend on the machine.
-
-A run on a 2-core VM shared with other jobs (load average about 3, so absolute seconds are
-inflated; the ratios compare runs made side by side):
-
-    | variant          | threads | seconds | medprep speed-up | peak RSS MB | x int16 in |
-    | reference-cubic  | 1       | 33.79   | 6.4x             | 1817        | 12.1       |
-    | reference-linear | 1       | 18.21   | 3.4x             | 1816        | 12.1       |
-    | medprep          | 1       |  5.31   |                  |  463        |  3.1       |
-    | medprep          | 2       |  5.01   |                  |  464        |  3.1       |
-    | reference-cubic  | 2       | 29.82   | 6.0x             | 1817        | 12.1       |
-    | reference-linear | 2       | 12.07   | 2.4x             | 1816        | 12.1       |
-
-    lung-mask Dice against the reference: 0.994 (cubic and linear); lung volume 4331 mL for
-    4316 mL of phantom lungs and airways; outputs byte-identical on 1 and 2 threads.
+linear zoom (on the first thread count), and medprep's preprocess_ct + tile_ct (through
+``medprep.ct.steps``) on each thread count. Prints seconds, speed-up ratios, lung volumes
+and lung-mask Dice against the reference, peak RSS against the int16 volume size, the
+memory estimate of ``medprep.ct.memory`` against the measured peak, whether the outputs
+are byte-identical across thread counts, and the deflate comparison (zlib level 1 against
+ISA-L). Not a test: timings depend on the machine; outputs are in benchmarks/results/
+(``ct.txt`` the phantom, ``ct-lidc.txt`` the real scan).
 """
 
 from __future__ import annotations
