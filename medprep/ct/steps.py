@@ -19,6 +19,20 @@ from typing import Any
 from medprep import atomic, manifest
 
 
+def fixed_mmap_threshold(limit_bytes: int = 1 << 20) -> bool:
+    """Let glibc serve every allocation above ``limit_bytes`` by its own mapping, returned
+    to the system when freed. Its default threshold grows after each large free (up to
+    32 MB), after which freed slice-sized buffers stay in the heap and add to the step's
+    peak memory (measured: 295 against 262 MB on LIDC-IDRI-0001). No-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, limit_bytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def input_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The sample's local files: from a download manifest (a path to ``download.json``)
     or given directly as a list of paths."""
@@ -48,6 +62,7 @@ def run_preprocess(
     Returns the step manifest (also written to ``manifest_path``, last)."""
     from medprep.ct import preprocess
 
+    fixed_mmap_threshold()
     if not isinstance(series_uid, str) or not series_uid.strip():
         series_uid = None  # empty or missing in the sample sheet
     result = preprocess.preprocess(
@@ -92,6 +107,7 @@ def run_tile(
     defaults to ``slices/`` beside the patches. Returns the step manifest."""
     from medprep.ct import tile
 
+    fixed_mmap_threshold()
     previous = (
         preprocess_manifest
         if isinstance(preprocess_manifest, dict)
