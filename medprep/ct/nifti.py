@@ -10,7 +10,7 @@ ends on a byte boundary with a sync flush and primes the next with the last 32 K
 ordinary gzip member whose bytes do not depend on the thread count.
 
 Deflate is ISA-L's (the ``isal`` package, pinned), level 2: on a real chest CT (LIDC-IDRI-
-0001 at 1 mm, 82 MB of int16) 4.8x faster than zlib level 1 for a file 1.4% larger
+0001 at 1 mm, 82 MB of int16) 4-5x faster than zlib level 1 for a file 1.6% larger
 (``benchmarks/bench_ct.py`` prints the comparison). The bytes depend on the ISA-L version
 only, never on the thread count or the run. Reading our own files inflates with ISA-L too
 straight into the array; other NIfTI files go through nibabel.
