@@ -2,30 +2,22 @@
 
 from pathlib import Path
 
-from medprep import manifest
-from medprep.ct import tile
+from medprep.ct.steps import run_tile
 from medprep.step import run_step
 
 
 def main(smk):
-    preprocess = manifest.read_step_manifest(smk.input.preprocess)
-    artifacts, summary = tile.tile(
-        preprocess,
-        smk.params.settings,
+    table = Path(smk.output.table)
+    run_tile(
+        smk.input.preprocess,
         # written (and listed in the manifest) only when ct.patches.materialise asks
-        patches_path=Path(smk.output.table).with_name("patches.npy"),
-        table_path=smk.output.table,
+        patches_path=table.with_name("patches.npy"),
+        table_path=table,
         summary_path=smk.output.summary,
-        slices_dir=Path(smk.output.table).parent / "slices",
+        manifest_path=smk.output.manifest,
+        settings=smk.params.settings,
+        slices_dir=table.parent / "slices",
         threads=smk.threads,
-    )
-    manifest.write_step_manifest(
-        smk.output.manifest,
-        sample=preprocess["sample"],
-        modality="ct",
-        step="tile",
-        artifacts=artifacts,
-        summary=summary,
     )
 
 

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 from ct_support import (
     CT_3SLICE,
@@ -68,6 +69,22 @@ def mr_series(folder: Path) -> Path:
     for path in dicom_files(CT_3SLICE):
         edited_copy(path, folder / path.name, Modality="MR", SOPClassUID=MR_IMAGE_STORAGE)
     return folder
+
+
+def ct_bad_number(keyword: str, value):
+    """The good series with ``keyword`` of its middle slice set to the raw text ``value``,
+    as a damaged or hostile file holds it (pydicom itself refuses to write nan or inf)."""
+
+    def make(folder: Path) -> Path:
+        copy_folder(CT_3SLICE, folder)
+        path = folder / "02.dcm"
+        ds = pydicom.dcmread(path)
+        ds[keyword].value = value
+        with pydicom.config.disable_value_validation():
+            ds.save_as(path)
+        return folder
+
+    return make
 
 
 def mixed_series(folder: Path) -> Path:
@@ -151,6 +168,16 @@ CASES = {
     "truncated-dicom": Case("ct", ct_truncated, "failed", "preprocess", "truncated file"),
     "mr-series-as-ct": Case("ct", mr_series, "failed", "preprocess", "modality MR (not CT)"),
     "mixed-series-and-localizer": Case("ct", mixed_series, "ok", cause="2 not DICOM, 1 localizer"),
+    "ct-nan-slope": Case(
+        "ct", ct_bad_number("RescaleSlope", "NaN"), "failed", "preprocess", "RescaleSlope nan"
+    ),
+    "ct-infinite-spacing": Case(
+        "ct",
+        ct_bad_number("PixelSpacing", ["inf", "0.8"]),
+        "failed",
+        "preprocess",
+        "invalid PixelSpacing [inf, 0.8]",
+    ),
     "single-slice-series": Case("ct", single_slices, "failed", "preprocess", "single slice"),
     "duplicate-slices": Case("ct", duplicate_slices, "ok", cause="duplicate"),
     "head-ct": Case("ct", head_ct, "no_lungs", cause="no lungs found"),

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from ct_support import CT_3SLICE, dicom_files, edited_copy
 
-from medprep.ct import hu, nifti, phantom, settings, tile
+from medprep.ct import hu, nifti, phantom, settings, steps
 from medprep.ct import preprocess as pp
-from medprep.manifest import read_step_manifest, write_step_manifest
+from medprep.manifest import read_step_manifest
 from medprep.schema import config_defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,44 +43,14 @@ def paths(folder):
 
 def run_chain(folder, out, cfg=None, *, threads=1, include_identifiers=False):
     """preprocess and tile into ``out`` as the rule scripts do; returns both manifests."""
-    cfg = cfg or COARSE
-    result = pp.preprocess(
-        paths(folder), cfg, threads=threads, include_identifiers=include_identifiers
-    )
-    artifacts = pp.write_outputs(
-        result,
-        volume=out / "preprocess/volume.nii.gz",
-        mask=out / "preprocess/lung_mask.nii.gz",
-        metadata=out / "preprocess/metadata.json",
-        qc=out / "preprocess/qc.png",
+    return steps.run_chain(
+        paths(folder),
+        out,
+        cfg or COARSE,
+        sample="s",
+        include_identifiers=include_identifiers,
         threads=threads,
     )
-    pre = write_step_manifest(
-        out / "preprocess.json",
-        sample="s",
-        modality="ct",
-        step="preprocess",
-        artifacts=artifacts,
-        summary=result.summary,
-    )
-    tile_artifacts, summary = tile.tile(
-        pre,
-        cfg,
-        patches_path=out / "tile/patches.npy",
-        table_path=out / "tile/patches.parquet",
-        summary_path=out / "tile/summary.json",
-        slices_dir=out / "tile/slices",
-        threads=threads,
-    )
-    tiled = write_step_manifest(
-        out / "tile.json",
-        sample="s",
-        modality="ct",
-        step="tile",
-        artifacts=tile_artifacts,
-        summary=summary,
-    )
-    return pre, tiled
 
 
 def patient_point_hu(volume, affine_ras, point_lps, radius=1):

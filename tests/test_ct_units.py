@@ -353,6 +353,67 @@ def test_volume_flags_and_dilation():
     assert dilated.mask.astype(bool)[truth].all()
 
 
+def pocket_chest():
+    """Two lungs (1.5 mm voxels); against the low-x one's outer wall a 24 mm tissue nodule
+    half inside the lung (juxta-pleural); between the lungs a 90 mm 'heart' denting both;
+    along the other one's outer wall a long 18 mm groove (a dent far longer than a
+    nodule: not a pocket to fill)."""
+    shape = (60, 120, 160)
+    z, y, x = np.indices(shape, dtype=float)
+    vol = np.full(shape, 40, dtype=np.int16)
+    vol[:, :4, :] = vol[:, -4:, :] = vol[:, :, :4] = vol[:, :, -4:] = -1000  # outside air
+    lungs = []
+    for cx in (50.0, 110.0):
+        inside = ((z - 30) / 35) ** 2 + ((y - 60) / 40) ** 2 + ((x - cx) / 25) ** 2 <= 1
+        vol[inside] = -850
+        lungs.append(inside)
+    nodule = (z - 30) ** 2 + (y - 60) ** 2 + (x - 27) ** 2 <= 8**2
+    heart = (z - 30) ** 2 + (y - 60) ** 2 + (x - 80) ** 2 <= 30**2
+    groove = (y - 60) ** 2 + (x - 130) ** 2 <= 6**2
+    vol[nodule | heart | groove] = 40
+    return vol, lungs, nodule, heart, groove
+
+
+def test_pockets_keep_a_juxta_pleural_nodule_and_leave_the_heart_out():
+    vol, lungs, nodule, heart, groove = pocket_chest()
+    spacing = (1.5, 1.5, 1.5)
+    within = (lungs[0] | lungs[1]) & nodule  # the nodule's part the lung would surround
+    plain = lung.lung_mask(vol, spacing, lung.LungSettings(closing_radius_mm=0))
+    assert plain.mask.astype(bool)[within].mean() < 0.05  # carved out by the threshold
+    result = lung.lung_mask(vol, spacing)
+    mask = result.mask.astype(bool)
+    # a broad-based nodule on a flat wall: all but a cap about 2 mm deep at its base
+    assert mask[within].mean() > 0.8
+    assert mask[heart].mean() < 0.02  # the 90 mm dent is not filled
+    assert mask[groove & lungs[1]].mean() < 0.1  # nor the long groove
+    built = result.construction
+    assert built["lungs_separated"] and built["pockets_filled"] >= 1
+    assert built["pockets_too_large"] >= 1 and built["largest_pocket_unfilled_mm"] > 40
+    voxel_ml = 1.5**3 / 1000
+    # the lung at low x is the patient's right when x grows to the left (LPS)
+    assert result.right_volume_ml == pytest.approx(mask[:, :, :80].sum() * voxel_ml, abs=0.1)
+    assert result.left_volume_ml == pytest.approx(mask[:, :, 80:].sum() * voxel_ml, abs=0.1)
+    assert result.left_volume_ml + result.right_volume_ml == pytest.approx(
+        result.volume_ml, abs=0.1
+    )
+    assert (
+        result.volume_ml == pytest.approx((mask.sum()) * voxel_ml, abs=0.1)
+        and result.volume_ml - plain.volume_ml < 1.2 * nodule.sum() * voxel_ml
+    )
+    mirrored = lung.lung_mask(vol, spacing, lung.LungSettings(x_towards_left=False))
+    assert mirrored.left_volume_ml == result.right_volume_ml
+
+
+def test_pocket_radius_is_in_millimetres_on_anisotropic_voxels():
+    vol, lungs, nodule, heart, _ = pocket_chest()
+    coarse_z = vol[::2]  # 3 mm slices, 1.5 mm pixels: the same anatomy
+    within = ((lungs[0] | lungs[1]) & nodule)[::2]
+    result = lung.lung_mask(coarse_z, (3.0, 1.5, 1.5))
+    assert result.construction["grid_spacing_mm"] == [3.0, 3.0, 3.0]
+    assert result.mask.astype(bool)[within].mean() > 0.8
+    assert result.mask.astype(bool)[heart[::2]].mean() < 0.02
+
+
 # ---------- patches ----------
 
 

@@ -9,6 +9,18 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every True voxel of a 3D mask, or None if there is none."""
+    along_z = np.flatnonzero(mask.any(axis=(1, 2)))
+    if along_z.size == 0:
+        return None
+    z0, z1 = int(along_z[0]), int(along_z[-1]) + 1
+    plane = mask[z0:z1].any(axis=0)
+    ys = np.flatnonzero(plane.any(axis=1))
+    xs = np.flatnonzero(plane.any(axis=0))
+    return (slice(z0, z1), slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1))
+
+
 def patch_voxels(
     size_mm: float, stride_mm: float, spacing: Sequence[float]
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

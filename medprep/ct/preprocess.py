@@ -384,7 +384,9 @@ def preprocess(
         threads=threads,
     )
     loaded.volume = None  # free the input stack before the mask
-    lungs = lung.lung_mask(volume, spacing_out, lung_settings(cfg))
+    # LPS x grows towards the patient's left: does the array's x (column) axis?
+    towards_left = bool(geometry.row_cosine[0] >= 0)
+    lungs = lung.lung_mask(volume, spacing_out, lung_settings(cfg, x_towards_left=towards_left))
     mask = lungs.mask
     warnings = list(loaded.warnings)
     start = np.array(grid.start)  # slice-frame z, y, x of voxel 0
@@ -472,6 +474,9 @@ def preprocess(
         "lung": {
             "status": lungs.status,
             "volume_ml": lung_volume,
+            "left_volume_ml": lungs.left_volume_ml,
+            "right_volume_ml": lungs.right_volume_ml,
+            "construction": lungs.construction,
             "components": lungs.components,
             "peak_axial_area_cm2": lungs.peak_area_cm2,
             "qc_flags": lungs.qc_flags,

@@ -20,6 +20,7 @@ import numpy as np
 from medprep.parallel import thread_map
 
 ORDERS = (0, 1, 3)
+OUTPUT_CHUNK = 16  # output slices computed together (threads share the work within one)
 KEYS_A = -0.5
 
 
@@ -92,16 +93,27 @@ def _keys(x: np.ndarray) -> np.ndarray:
     return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
-def _resample_plane(plane, ytaps, xtaps, fill, out) -> None:
-    # rows first: gathering whole rows is a copy of contiguous memory
-    yi, yw, yvalid = ytaps
-    xi, xw, xvalid = xtaps
-    rows = plane[yi[0]] * yw[0][:, None]
-    for t in range(1, yi.shape[0]):
-        rows += plane[yi[t]] * yw[t][:, None]
-    np.multiply(rows[:, xi[0]], xw[0], out=out)
-    for t in range(1, xi.shape[0]):
-        out += rows[:, xi[t]] * xw[t]
+def tap_matrix(taps: tuple[np.ndarray, np.ndarray, np.ndarray], n_in: int):
+    """The taps of one axis as a sparse (n_out, n_in) float32 matrix (weights of taps that
+    clipped onto the same input sample are summed)."""
+    from scipy import sparse
+
+    index, weight, _ = taps
+    n_taps, n_out = index.shape
+    rows = np.broadcast_to(np.arange(n_out), (n_taps, n_out)).ravel()
+    matrix = sparse.csr_matrix(
+        (weight.ravel().astype(np.float32), (rows, index.ravel())),
+        shape=(n_out, n_in),
+        dtype=np.float32,
+    )
+    matrix.sum_duplicates()
+    return matrix
+
+
+def _resample_plane(plane, ymatrix, xmatrix, yvalid, xvalid, fill, out) -> None:
+    # two sparse products (a few taps per output sample): rows, then columns
+    rows = ymatrix @ plane.astype(np.float32, copy=False)  # (ny, cols)
+    out[...] = (xmatrix @ np.ascontiguousarray(rows.T)).T  # (nx, ny) -> (ny, nx)
     if not yvalid.all():
         out[~yvalid, :] = fill
     if not xvalid.all():
@@ -145,22 +157,21 @@ def resample_stack(
     nz, ny, nx = grid.shape
     y_out = grid.start[1] + np.arange(ny) * grid.spacing[1]
     x_out = grid.start[2] + np.arange(nx) * grid.spacing[2]
-    planes = np.empty((n_slices, ny, nx), dtype=np.float32)
     shared = not np.any(offsets)
+
+    def plane_operators(k: int):
+        yt = axis_taps((y_out - offsets[k, 1]) / pixel_spacing[0], rows, order)
+        xt = axis_taps((x_out - offsets[k, 0]) / pixel_spacing[1], cols, order)
+        return tap_matrix(yt, rows), tap_matrix(xt, cols), yt[2], xt[2]
+
     if shared:
-        ytaps = axis_taps(y_out / pixel_spacing[0], rows, order)
-        xtaps = axis_taps(x_out / pixel_spacing[1], cols, order)
+        operators = plane_operators(0)
 
-    def in_plane(k: int) -> None:
-        if shared:
-            yt, xt = ytaps, xtaps
-        else:
-            yt = axis_taps((y_out - offsets[k, 1]) / pixel_spacing[0], rows, order)
-            xt = axis_taps((x_out - offsets[k, 0]) / pixel_spacing[1], cols, order)
-        _resample_plane(volume[k], yt, xt, np.float32(fill), planes[k])
-
-    for _ in thread_map(in_plane, range(n_slices), threads):
-        pass
+    def in_plane(k: int) -> tuple[int, np.ndarray]:
+        plane = np.empty((ny, nx), dtype=np.float32)
+        ops = operators if shared else plane_operators(k)
+        _resample_plane(volume[k], *ops, np.float32(fill), plane)
+        return k, plane
 
     zi, zw, _ = axis_taps(z_coordinates(positions, grid, order), n_slices, order)
     if order == 0:
@@ -169,6 +180,9 @@ def resample_stack(
     if order == 3 and not shared:
         low = min(low, fill)
     out = np.empty(grid.shape, dtype=np.int16)
+    # Output slices in chunks; only the in-plane results the chunk needs are kept (slice
+    # indices only grow along the output), so memory holds a few planes, not the stack.
+    planes: dict[int, np.ndarray] = {}
 
     def along_normal(m: int) -> None:
         acc = planes[zi[0, m]] * zw[0, m]
@@ -180,6 +194,15 @@ def resample_stack(
             np.clip(acc, low, high, out=acc)
         out[m] = acc
 
-    for _ in thread_map(along_normal, range(nz), threads):
-        pass
+    for m0 in range(0, nz, OUTPUT_CHUNK):
+        chunk = range(m0, min(m0 + OUTPUT_CHUNK, nz))
+        needed = {int(zi[0, m]) for m in chunk}
+        needed |= {int(zi[t, m]) for m in chunk for t in range(1, zi.shape[0]) if zw[t, m] != 0}
+        for k in [k for k in planes if k < min(needed)]:
+            del planes[k]
+        missing = sorted(k for k in needed if k not in planes)
+        for k, plane in thread_map(in_plane, missing, threads):
+            planes[k] = plane
+        for _ in thread_map(along_normal, chunk, threads):
+            pass
     return out, grid

@@ -34,8 +34,11 @@ def ct_settings(settings: dict[str, Any] | None = None) -> dict[str, Any]:
     return merged
 
 
-def lung_settings(settings: dict[str, Any]):
+def lung_settings(settings: dict[str, Any], **extra):
+    """``LungSettings`` from the ``ct.lung`` section (numbers), plus ``extra`` fields that
+    come from the scan rather than the config (``x_towards_left``)."""
     from medprep.ct.lung import LungSettings
 
     lung = settings["lung"]
-    return LungSettings(**{k: float(lung[k]) for k in LungSettings.__dataclass_fields__})
+    fields = LungSettings.__dataclass_fields__
+    return LungSettings(**{k: float(v) for k, v in lung.items() if k in fields}, **extra)

@@ -63,11 +63,22 @@ def _artifact_path(manifest: dict[str, Any], name: str) -> str:
 
 
 def _write_table(path: str | os.PathLike, rows: dict[str, list]) -> None:
-    import pandas as pd
+    # pyarrow directly, its arrays built from numpy buffers: neither this step nor
+    # pa.array's conversion checks import pandas (about 2 s)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    frame = pd.DataFrame({c: pd.Series(rows[c], dtype=t) for c, t in TABLE_COLUMNS.items()})
+    types = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+    arrays = []
+    for column, dtype in TABLE_COLUMNS.items():
+        values = np.ascontiguousarray(np.asarray(rows[column], dtype=dtype))
+        if dtype == "bool":
+            values = np.packbits(values, bitorder="little")
+        buffer = pa.py_buffer(values)
+        arrays.append(pa.Array.from_buffers(types[dtype], len(rows[column]), [None, buffer]))
+    table = pa.Table.from_arrays(arrays, names=list(TABLE_COLUMNS))
     with atomic.atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False, engine="pyarrow")
+        pq.write_table(table, tmp)
 
 
 def _centre_lps(affine_ras: np.ndarray, start: np.ndarray, size) -> np.ndarray:
@@ -131,9 +142,9 @@ def tile(
         mask, _ = nifti.read_nifti(
             _artifact_path(preprocess_manifest, "preprocess/lung_mask.nii.gz")
         )
-        from medprep.ct.lung import bounding_box
-
-        box = bounding_box(mask.astype(bool, copy=False))
+        if mask.dtype == np.uint8 and int(mask.max(initial=0)) <= 1:
+            mask = mask.view(bool)  # 0/1: no copy
+        box = patches.bounding_box(mask.astype(bool, copy=False))
         starts = (
             patches.candidate_starts(box, volume.shape, size, stride)
             if box is not None
@@ -229,15 +240,19 @@ def _converter(materialise: str, norm: dict[str, Any], window: list[float]):
 
 
 def _write_patches(path, volume, starts, size, dtype, convert) -> None:
-    """One (n, z, y, x) ``.npy`` of the patches at ``starts``, filled one patch at a time."""
-    with atomic.atomic_path(path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(starts), *size))
+    """One (n, z, y, x) ``.npy`` of the patches at ``starts``, written one patch at a time
+    (not through a memory map, whose dirty pages would all count in the step's memory)."""
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as out:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": (len(starts), *size),
+        }
+        np.lib.format.write_array_header_1_0(out, header)
         buffer = np.empty(size, dtype=np.int16)
-        for row, start in enumerate(starts):
+        for start in starts:
             patches.extract(volume, start, size, hu.AIR_HU, buffer)
-            array[row] = convert(buffer)
-        array.flush()
-        del array
+            out.write(np.ascontiguousarray(convert(buffer), dtype=dtype).data)
 
 
 def _save_array(path: str | os.PathLike, array: np.ndarray) -> None:
