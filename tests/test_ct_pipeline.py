@@ -20,7 +20,7 @@ import pytest
 import yaml
 from ct_support import CT_3SLICE, dicom_files, edited_copy
 
-from medprep.ct import hu, nifti, phantom, settings, steps
+from medprep.ct import hu, nifti, phantom, settings, steps, tile
 from medprep.ct import preprocess as pp
 from medprep.manifest import read_step_manifest
 from medprep.schema import config_defaults
