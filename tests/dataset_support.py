@@ -36,6 +36,10 @@ def _wsi_table(sample: str, n: int, rng) -> dict[str, list]:
                 "white_fraction",
                 "black_fraction",
                 "blur",
+                "sharpness",
+                "pen_fraction",
+                "fold_fraction",
+                "gap_fraction",
             )
         },
         "file": [f"pixels/shard-{i // 1000:06d}.tar" for i in range(n)],
