@@ -16,6 +16,10 @@ min_version("9.0")
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+# Memory guarded by default: a local run without --resources mem_mb=N gets the memory
+# the machine has available; `transfers` (profiles/default) gets a default too.
+mw.default_global_resources(workflow)
+
 mw.build_demo_if_requested(config)
 
 samples = mw.load_samples(
@@ -103,7 +107,9 @@ def job_mem_mb(step, threads, attempt, **inputs):
 
 
 def mem_download(wildcards, threads, attempt):
-    return job_mem_mb("download", threads, attempt)
+    return job_mem_mb(
+        "download", threads, attempt, connections=config["storage"]["connections"]
+    )
 
 
 def mem_preprocess_ct(wildcards, input, threads, attempt):
@@ -147,4 +153,63 @@ def mem_upload(wildcards, threads, attempt):
         attempt,
         destination=config["destination"],
         part_size_mb=config["storage"]["part_size_mb"],
+        connections=config["storage"]["connections"],
     )
+
+
+##### local disk (disk_mb: what the sample holds in results/ while the job runs) #####
+
+
+def disk_download(wildcards):
+    return mw.disk_mb("download", uri=sample_uri(wildcards), settings=config["storage"])
+
+
+def disk_preprocess_ct(wildcards, input):
+    return mw.disk_mb(
+        "preprocess_ct",
+        download_manifest=input.manifest,
+        spacing_out=config["ct"]["spacing"],
+    )
+
+
+def disk_preprocess_wsi(wildcards, input):
+    return mw.disk_mb("preprocess_wsi", download_manifest=input.manifest)
+
+
+def disk_tile_ct(wildcards, input):
+    return mw.disk_mb(
+        "tile_ct",
+        download_manifest=step_manifest("download")(wildcards),
+        preprocess_manifest=input.preprocess,
+        patch_settings=config["ct"]["patches"],
+    )
+
+
+def disk_tile_wsi(wildcards, input):
+    return mw.disk_mb(
+        "tile_wsi",
+        download_manifest=input.download,
+        preprocess_manifest=input.preprocess,
+        tile_settings=config["wsi"]["tile"],
+    )
+
+
+def disk_upload(wildcards, input):
+    return mw.disk_mb(
+        "upload",
+        download_manifest=step_manifest("download")(wildcards),
+        step_manifests=list(input.manifests),
+        destination=config["destination"],
+    )
+
+
+def sample_rule_outputs(wildcards):
+    """Outputs of the sample's steps (they stay when working files go)."""
+    steps = (
+        (rules.preprocess_ct, rules.tile_ct)
+        if wildcards.modality == "ct"
+        else (rules.preprocess_wsi, rules.tile_wsi)
+    )
+    return [
+        path.format(sample=wildcards.sample) for step in steps for path in step.output
+    ]

@@ -19,8 +19,8 @@ def main(smk):
     )
     artifacts = preprocess.write_outputs(
         result,
-        volume=smk.output.volume,
-        mask=smk.output.mask,
+        volume=smk.params.volume,
+        mask=smk.params.mask,
         metadata=smk.output.metadata,
         qc=smk.output.qc,
         threads=smk.threads,

@@ -12,10 +12,10 @@ def main(smk):
     artifacts, summary = tile.tile(
         preprocess,
         smk.params.settings,
-        patches_path=smk.output.patches,
+        patches_path=smk.params.patches,
         table_path=smk.output.table,
         summary_path=smk.output.summary,
-        slices_dir=Path(smk.output.patches).parent / "slices",
+        slices_dir=Path(smk.params.patches).parent / "slices",
         threads=smk.threads,
     )
     manifest.write_step_manifest(
