@@ -7,6 +7,7 @@ while the workflow runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -57,10 +58,8 @@ def folder_bytes(folder: Path) -> int:
     total = 0
     for root, _, files in os.walk(folder):
         for name in files:
-            try:
+            with contextlib.suppress(FileNotFoundError):  # removed while we walked
                 total += os.stat(os.path.join(root, name)).st_size
-            except FileNotFoundError:  # removed while we walked
-                pass
     return total
 
 

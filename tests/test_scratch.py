@@ -27,6 +27,7 @@ def world(moto_server, aws_env, tiny_data, tmp_path):  # noqa: F811
     world.upload(CT[2])
     world.upload(NEW_CT[2])
     world.configure([CT, NEW_CT])
+    reconfigure(world)  # the default keep_working_files
     yield world
     world.proxy.stop()
 
