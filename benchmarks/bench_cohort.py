@@ -157,11 +157,17 @@ def run_workflow(workdir: Path, bucket: str, endpoint: str, env: dict, args) -> 
     wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     job_cpu = 0.0
+    per_rule: dict[str, list[float]] = {}
     for record in (workdir / "logs" / "benchmarks").rglob("*.tsv"):
-        if record.parent.name == "cohort":
-            continue
+        rule = record.relative_to(workdir / "logs" / "benchmarks").parts[0]
         with open(record) as f:
-            job_cpu += sum(float(row["cpu_time"]) for row in csv.DictReader(f, delimiter="\t"))
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        wall_cpu = per_rule.setdefault(rule, [0.0, 0.0, 0])
+        wall_cpu[0] += sum(float(row["s"]) for row in rows)
+        wall_cpu[1] += sum(float(row["cpu_time"]) for row in rows)
+        wall_cpu[2] += 1
+        if rule != "cohort":
+            job_cpu += sum(float(row["cpu_time"]) for row in rows)
     working_sets = []
     for sample in samples_of(args):
         folder = workdir / "results" / "ct" / sample
@@ -175,6 +181,7 @@ def run_workflow(workdir: Path, bucket: str, endpoint: str, env: dict, args) -> 
         "peak_disk": disk.peak,
         "left_disk": folder_bytes(workdir / "results"),
         "largest_working_set": max(working_sets),
+        "per_rule": per_rule,
     }
 
 
@@ -337,6 +344,9 @@ def report(args, input_bytes, flow, seed, load_before, load_after) -> None:
         f"(workflow: all Snakemake processes together used {flow['all_cpu']:.1f} s CPU; "
         f"seed pool: {seed['workers']} workers)"
     )
+    print("workflow jobs by rule (jobs, summed wall s, summed CPU s):")
+    for rule, (wall, cpu, count) in sorted(flow["per_rule"].items()):
+        print(f"  {rule:16}{count:4d}{wall:10.1f}{cpu:10.1f}")
     print()
     checks = [
         (

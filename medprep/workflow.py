@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +285,27 @@ def default_global_resources(workflow: Any) -> None:
         workflow.register_resource("mem_mb", available_memory_mb())
     if "transfers" not in have:
         workflow.register_resource("transfers", DEFAULT_TRANSFERS)
+
+
+def default_disk_budget(workflow: Any, uris: list[str], settings: dict[str, Any]) -> None:
+    """Bound a local run's disk by default when samples come from S3.
+
+    Without a ``--resources disk_mb=N`` a one-core download fits beside any CPU job and
+    would fetch ahead without limit. The default is room for ``cores + 2`` of the largest
+    sample's working set (enough to keep every core busy while transfers run) and at most
+    the free space where the run writes. Local inputs are read in place: no default.
+    """
+    if not workflow.is_main_process or workflow.non_local_exec:
+        return
+    if "disk_mb" in workflow.global_resources:
+        return
+    remote = [uri for uri in uris if storage.is_s3(uri)]
+    if not remote:
+        return
+    largest = max(disk_mb("download", uri=uri, settings=settings) for uri in remote)
+    cores = workflow.global_resources["_cores"].value or os.cpu_count() or 1
+    free_mb = int(shutil.disk_usage(".").free / MB)
+    workflow.register_resource("disk_mb", max(1, min(free_mb, (cores + 2) * largest)))
 
 
 ##### local disk #####

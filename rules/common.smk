@@ -33,6 +33,10 @@ sample_table = mw.sample_records(samples)
 mw.storage.expect_sources(
     [row["uri"] for row in sample_table.values()], config["storage"]
 )
+# S3 inputs: local disk bounded by default (--resources disk_mb=N sets another budget).
+mw.default_disk_budget(
+    workflow, [row["uri"] for row in sample_table.values()], config["storage"]
+)
 
 
 wildcard_constraints:
