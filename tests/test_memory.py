@@ -73,8 +73,7 @@ def test_a_plain_run_is_bounded_by_the_memory_the_machine_has(downloaded):
     big = int(0.7 * mw.available_memory_mb())
     run = run_snakemake(
         downloaded,
-        "--set-resources",
-        f"preprocess_ct:mem_mb={big}",
+        f"--set-resources=preprocess_ct:mem_mb={big}",
         *preprocess_targets(),
         cores=CORES,
     )

@@ -155,3 +155,44 @@ def test_a_destination_on_another_device_gets_real_copies(tmp_path):
         import shutil
 
         shutil.rmtree(destination, ignore_errors=True)
+
+
+def test_which_working_files_go_after_upload(tmp_path):
+    from medprep import scratch
+
+    assert scratch.keep_working_files(None, "/data/ct/S1") is True
+    assert scratch.keep_working_files(None, "s3://bucket/ct/S1/") is False
+    assert scratch.keep_working_files(True, "s3://bucket/ct/S1/") is True
+    assert scratch.keep_working_files(False, "/data/ct/S1") is False
+    download = {"step": "download", "files": [{"path": "/w/download/1.dcm"}]}
+    pre = {
+        "step": "preprocess",
+        "artifacts": [
+            {"name": "preprocess/volume.nii.gz", "path": "/w/preprocess/volume.nii.gz"},
+            {"name": "preprocess/qc.png", "path": "/w/preprocess/qc.png"},
+        ],
+    }
+    outputs = {"/w/preprocess/qc.png"}
+    remote = scratch.working_files([download, pre], outputs, raw_dir="/w/download")
+    assert set(map(str, remote)) == {
+        "/w/download/1.dcm",
+        "/w/download/.medprep-download.json",
+        "/w/preprocess/volume.nii.gz",
+    }
+    # a local input is never removed, only the intermediates
+    local = scratch.working_files([download, pre], outputs, raw_dir=None)
+    assert set(map(str, local)) == {"/w/preprocess/volume.nii.gz"}
+
+
+def test_a_working_file_missing_from_the_destination_fails_with_a_clear_line(tmp_path):
+    from medprep import scratch
+    from medprep.errors import InputError
+
+    step = {
+        "step": "preprocess",
+        "sample": "S1",
+        "modality": "ct",
+        "artifacts": [{"name": "preprocess/volume.nii.gz", "path": str(tmp_path / "v.nii.gz")}],
+    }
+    with pytest.raises(InputError, match="removed after upload and is not published"):
+        scratch._restore_artifacts(step, str(tmp_path / "nowhere"), {})
