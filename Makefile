@@ -68,6 +68,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_ct.py
 	$(BIN)/python benchmarks/bench_storage.py
 	$(BIN)/python benchmarks/bench_dag.py
+	$(BIN)/python benchmarks/bench_cohort.py
 
 clean:
 	rm -rf results logs .snakemake report.html

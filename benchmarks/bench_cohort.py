@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--rows", type=int, default=224, help="phantom rows and columns")
     parser.add_argument("--slices", type=int, default=80)
+    parser.add_argument("--snakemake-args", default="", help="extra arguments for the workflow run")
     return parser.parse_args(argv)
 
 
@@ -147,7 +148,7 @@ def run_workflow(workdir: Path, bucket: str, endpoint: str, env: dict, args) -> 
     started = time.monotonic()
     with DiskSampler(workdir / "results") as disk:
         subprocess.run(
-            snakemake_command(workdir, cores=args.cores),
+            snakemake_command(workdir, *args.snakemake_args.split(), cores=args.cores),
             cwd=workdir,
             env=env,
             check=True,

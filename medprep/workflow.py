@@ -256,6 +256,21 @@ _ESTIMATORS = {
 }
 
 
+##### threads #####
+
+
+def cpu_job_threads(most: int, *, samples: int, cores: int | None, on_cluster: bool) -> int:
+    """Threads of a CPU job: ``most``, or 1 locally when there are ``cores`` samples or more.
+
+    One sample per core keeps the cores as busy as threads would, and one-core jobs let
+    the scheduler finish started samples first (rule priorities) instead of filling a
+    core left free by a transfer with the next download.
+    """
+    if on_cluster or not cores or samples < cores:
+        return most
+    return 1
+
+
 ##### global resources #####
 
 # Transfer jobs running at once when neither the profile nor --resources says.

@@ -96,6 +96,28 @@ def get_final_outputs():
     ]
 
 
+##### threads of CPU jobs #####
+
+
+def cpu_threads(most):
+    """`most` threads, or 1 in a local run of at least as many samples as cores.
+
+    With a job per core, samples run side by side and every job fits whatever core
+    is free: a multi-thread job cannot start on the one core a transfer leaves, and
+    that core would go to the next download instead (downloading ahead without limit).
+    """
+
+    def threads(wildcards):
+        return mw.cpu_job_threads(
+            most,
+            samples=len(sample_table),
+            cores=workflow.global_resources["_cores"].value,
+            on_cluster=workflow.non_local_exec,
+        )
+
+    return threads
+
+
 ##### resources (mem_mb from input sizes; see medprep/workflow.py for the formulas) #####
 
 

@@ -46,7 +46,7 @@ rule preprocess_ct:
     retries: 2
     conda:
         "../envs/ct.yaml"
-    threads: 2
+    threads: cpu_threads(2)
     resources:
         mem_mb=mem_preprocess_ct,
         disk_mb=disk_preprocess_ct,

@@ -15,7 +15,7 @@ rule tile_wsi:
     retries: 2
     conda:
         "../envs/wsi.yaml"
-    threads: 4
+    threads: cpu_threads(4)
     resources:
         mem_mb=mem_tile_wsi,
         disk_mb=disk_tile_wsi,

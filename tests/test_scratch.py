@@ -196,3 +196,11 @@ def test_a_working_file_missing_from_the_destination_fails_with_a_clear_line(tmp
     }
     with pytest.raises(InputError, match="removed after upload and is not published"):
         scratch._restore_artifacts(step, str(tmp_path / "nowhere"), {})
+
+
+def test_cpu_jobs_take_one_core_in_a_local_cohort_of_at_least_as_many_samples_as_cores():
+    from medprep.workflow import cpu_job_threads
+
+    assert cpu_job_threads(2, samples=12, cores=2, on_cluster=False) == 1
+    assert cpu_job_threads(2, samples=1, cores=2, on_cluster=False) == 2
+    assert cpu_job_threads(4, samples=12, cores=2, on_cluster=True) == 4
