@@ -70,6 +70,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dag.py
 	$(BIN)/python benchmarks/bench_dataset.py
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_cohort.py
 
 clean:
 	rm -rf results logs .snakemake report.html

@@ -79,6 +79,11 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     log.info("%s %s: %s %s with %d thread(s)", step, modality, smk.rule, subject, smk.threads)
     try:
         remove_leftovers(_output_paths(smk))
+        check_disk_budget(smk)
+        if hasattr(smk, "config") and "destination" in smk.config:
+            from medprep import scratch
+
+            scratch.restore_inputs(smk)
         main(smk)
     except InputError as error:
         error.with_context(sample=sample)
@@ -190,6 +195,23 @@ def _named_values(values: Any) -> list[Any]:
     if hasattr(values, "items"):
         return [v for _, v in values.items()]
     return []
+
+
+def check_disk_budget(smk: Any) -> None:
+    """Fail when the job's working set is more than the whole disk budget.
+
+    Snakemake caps a job's ``disk_mb`` at ``--resources disk_mb=N`` and runs it anyway;
+    ``disk_need_mb`` is the uncapped estimate (rules/common.smk).
+    """
+    resources = getattr(smk, "resources", None)
+    need = getattr(resources, "disk_need_mb", None)
+    granted = getattr(resources, "disk_mb", None)
+    if isinstance(need, int) and isinstance(granted, int) and need > granted:
+        raise InputError(
+            f"needs {need} MB of local disk for its working set, more than the whole "
+            f"disk budget of {granted} MB (--resources disk_mb=N): raise the budget or "
+            "free disk space"
+        )
 
 
 def _output_paths(smk: Any) -> list[str]:

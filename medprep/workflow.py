@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -244,13 +245,16 @@ def mem_mb(
     return int(math.ceil(estimate * attempt))
 
 
-def _download_mb(*, threads: int) -> float:
-    return TRANSFER_BASE_MB + STREAM_BUFFER_MB * threads
+def _download_mb(*, threads: int, connections: int = 1) -> float:
+    # the job's own I/O pool: `connections` requests in flight, whatever its `threads`
+    return TRANSFER_BASE_MB + STREAM_BUFFER_MB * max(threads, connections)
 
 
-def _upload_mb(*, destination: str, part_size_mb: float, threads: int) -> float:
+def _upload_mb(
+    *, destination: str, part_size_mb: float, threads: int, connections: int = 1
+) -> float:
     per_thread = 2 * part_size_mb if storage.is_s3(destination) else STREAM_BUFFER_MB
-    return TRANSFER_BASE_MB + per_thread * threads
+    return TRANSFER_BASE_MB + per_thread * max(threads, connections)
 
 
 # inputs of the estimators that are files read when the job is scheduled
@@ -342,4 +346,195 @@ _ESTIMATORS = {
     "tile_ct": _tile_ct_mb,
     "preprocess_wsi": _preprocess_wsi_mb,
     "tile_wsi": _tile_wsi_mb,
+}
+
+
+##### threads #####
+
+
+def cpu_job_threads(most: int, *, samples: int, cores: int | None, on_cluster: bool) -> int:
+    """Threads of a CPU job: ``most``, or 1 locally when there are ``cores`` samples or more.
+
+    One sample per core keeps the cores as busy as threads would, and one-core jobs let
+    the scheduler finish started samples first (rule priorities) instead of filling a
+    core left free by a transfer with the next download.
+    """
+    if on_cluster or not cores or samples < cores:
+        return most
+    return 1
+
+
+##### global resources #####
+
+# Transfer jobs running at once when neither the profile nor --resources says.
+DEFAULT_TRANSFERS = 2
+
+
+def available_memory_mb() -> int:
+    """Memory this machine has available now (MemAvailable), in MB."""
+    import psutil
+
+    return int(psutil.virtual_memory().available / MB)
+
+
+def default_global_resources(workflow: Any) -> None:
+    """Give a local run a memory budget and every run a transfer cap, unless already set.
+
+    ``mem_mb``: the memory available when the run starts (``--resources mem_mb=N`` wins),
+    so ``snakemake --cores 8`` never starts more jobs than memory holds. Cluster runs get
+    none: there each job's memory is the node's business. ``transfers``: see
+    profiles/default; a ``--resources`` on the command line replaces the profile's list,
+    so the default is restored here.
+    """
+    if not workflow.is_main_process:
+        return
+    have = workflow.global_resources
+    if not workflow.non_local_exec and "mem_mb" not in have:
+        workflow.register_resource("mem_mb", available_memory_mb())
+    if "transfers" not in have:
+        workflow.register_resource("transfers", DEFAULT_TRANSFERS)
+
+
+def default_disk_budget(workflow: Any, uris: list[str], settings: dict[str, Any]) -> None:
+    """Bound a local run's disk by default when samples come from S3.
+
+    Without a ``--resources disk_mb=N`` a one-core download fits beside any CPU job and
+    would fetch ahead without limit. The default is room for ``cores + 2`` of the largest
+    sample's working set (enough to keep every core busy while transfers run) and at most
+    the free space where the run writes. Local inputs are read in place: no default.
+    """
+    if not workflow.is_main_process or workflow.non_local_exec:
+        return
+    if "disk_mb" in workflow.global_resources:
+        return
+    remote = [uri for uri in uris if storage.is_s3(uri)]
+    if not remote:
+        return
+    largest = max(disk_mb("download", uri=uri, settings=settings) for uri in remote)
+    cores = workflow.global_resources["_cores"].value or os.cpu_count() or 1
+    free_mb = int(shutil.disk_usage(".").free / MB)
+    workflow.register_resource("disk_mb", max(1, min(free_mb, (cores + 2) * largest)))
+
+
+##### local disk #####
+
+# A CT series of ``b`` bytes (int16 DICOM) resampled to ``spacing_out``: int16 volume and
+# uint8 mask, uncompressed (gzip only makes them smaller), plus metadata and QC picture.
+CT_OUTPUT_BYTES_PER_VOXEL = 3
+SMALL_OUTPUTS_MB = 2
+# patches touching the lungs, over the lungs' volume at the patch stride: two lungs each
+# taken as a cube, widened by one patch on every side
+CT_PATCH_BYTES = {"normalised": 4, "hu": 2}
+
+
+# Before its outputs are known, a sample is reserved this many times its raw bytes: a CT
+# series at the default settings holds its raw download, 0.25x in volume and mask and
+# 1.7x in patches (61 MB -> 180 MB measured); a slide its tiles.
+RAW_TO_WORKING_SET = 3.0
+
+
+def disk_mb(step: str, **inputs: Any) -> int:
+    """Local disk to reserve for the sample while a job of ``step`` runs, in MB.
+
+    Snakemake holds a job's resources only while it runs, not between a sample's jobs, so
+    every job reserves the sample's whole working set (raw download plus every artifact,
+    as known at that step): with ``--resources disk_mb=N`` the samples in progress then
+    fit in N. Inputs read in place (local paths) and remote destinations count as 0.
+    """
+    return max(1, int(math.ceil(_DISK[step](**inputs) / MB)))
+
+
+def _raw_bytes(download_manifest: str | os.PathLike) -> int:
+    """Bytes of the sample's download in results/ (0 for local inputs, read in place)."""
+    found = atomic.read_json(download_manifest)
+    return int(found.get("total_bytes", 0)) if storage.is_s3(found.get("source", "")) else 0
+
+
+def _artifact_bytes(step_manifest: str | os.PathLike) -> int:
+    total = 0
+    for artifact in atomic.read_json(step_manifest).get("artifacts", []):
+        try:
+            total += os.stat(artifact["path"]).st_size
+        except OSError:  # removed after an earlier upload: fetched again when needed
+            total += int(artifact.get("bytes", 0))
+    return total
+
+
+def _disk_download(*, uri: str, settings: dict[str, Any]) -> float:
+    if not storage.is_s3(uri):
+        return 0
+    from medprep.storage import s3
+
+    return RAW_TO_WORKING_SET * s3.source_bytes(uri, settings)
+
+
+def _disk_preprocess_ct(*, download_manifest: str, spacing_out: list[float]) -> float:
+    from medprep.ct import memory
+
+    total = int(atomic.read_json(download_manifest).get("total_bytes", 0))
+    voxels_out = total / 2.0 * memory.ASSUMED_INPUT_VOXEL_MM3 / math.prod(spacing_out)
+    outputs = CT_OUTPUT_BYTES_PER_VOXEL * voxels_out + SMALL_OUTPUTS_MB * MB
+    raw = _raw_bytes(download_manifest)
+    return max(raw + outputs, RAW_TO_WORKING_SET * raw)
+
+
+def _disk_preprocess_wsi(*, download_manifest: str) -> float:
+    raw = _raw_bytes(download_manifest)
+    return max(raw + SMALL_OUTPUTS_MB * MB, RAW_TO_WORKING_SET * raw)
+
+
+def _disk_tile_ct(
+    *, download_manifest: str, preprocess_manifest: str, patch_settings: dict[str, Any]
+) -> float:
+    summary = atomic.read_json(preprocess_manifest).get("summary", {})
+    spacing = summary.get("spacing_out") or [1.0, 1.0, 1.0]
+    size_mm, stride_mm = float(patch_settings["size_mm"]), float(patch_settings["stride_mm"])
+    lung_mm3 = float(summary.get("lung_volume_ml") or 0) * 1000
+    per_lung_side = (lung_mm3 / 2) ** (1 / 3) if lung_mm3 else 0
+    patches = 2 * math.ceil((per_lung_side + size_mm) / stride_mm) ** 3 if lung_mm3 else 0
+    voxels = math.prod(math.ceil(size_mm / s) for s in spacing)
+    per_value = CT_PATCH_BYTES.get(patch_settings.get("values", "normalised"), 4)
+    return (
+        _raw_bytes(download_manifest)
+        + _artifact_bytes(preprocess_manifest)
+        + patches * voxels * per_value
+        + SMALL_OUTPUTS_MB * MB
+    )
+
+
+def _disk_tile_wsi(
+    *, download_manifest: str, preprocess_manifest: str, tile_settings: dict[str, Any]
+) -> float:
+    summary = atomic.read_json(preprocess_manifest).get("summary", {})
+    tiles = _expected_tiles(summary, tile_settings) or 0
+    # an encoded tile is at most its raw RGB size (coords: no pixels written)
+    per_tile = 0 if tile_settings["container"] == "coords" else 3 * tile_settings["size"] ** 2
+    return (
+        _raw_bytes(download_manifest)
+        + _artifact_bytes(preprocess_manifest)
+        + tiles * per_tile
+        + SMALL_OUTPUTS_MB * MB
+    )
+
+
+def _disk_upload(*, download_manifest: str, step_manifests: list[str], destination: str) -> float:
+    artifacts = sum(_artifact_bytes(path) for path in step_manifests)
+    copy = 0
+    if not storage.is_s3(destination):
+        # a destination on another device holds a copy (on that device: counted anyway)
+        existing = Path(destination).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if existing.stat().st_dev != os.stat(download_manifest).st_dev:
+            copy = artifacts
+    return _raw_bytes(download_manifest) + artifacts + copy
+
+
+_DISK = {
+    "download": _disk_download,
+    "preprocess_ct": _disk_preprocess_ct,
+    "preprocess_wsi": _disk_preprocess_wsi,
+    "tile_ct": _disk_tile_ct,
+    "tile_wsi": _disk_tile_wsi,
+    "upload": _disk_upload,
 }

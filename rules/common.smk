@@ -16,6 +16,10 @@ min_version("9.0")
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+# Memory guarded by default: a local run without --resources mem_mb=N gets the memory
+# the machine has available; `transfers` (profiles/default) gets a default too.
+mw.default_global_resources(workflow)
+
 mw.build_demo_if_requested(config)
 
 # A new identity for this run: a retry of a job that failed on bad input in this run
@@ -36,6 +40,10 @@ mw.storage.expect_sources(
 )
 # ... and those of the published samples, for the check of `upload` (see below).
 mw.expect_published(sample_table, config)
+# S3 inputs: local disk bounded by default (--resources disk_mb=N sets another budget).
+mw.default_disk_budget(
+    workflow, [row["uri"] for row in sample_table.values()], config["storage"]
+)
 
 
 wildcard_constraints:
@@ -107,6 +115,28 @@ def get_final_outputs():
     ]
 
 
+##### threads of CPU jobs #####
+
+
+def cpu_threads(most):
+    """`most` threads, or 1 in a local run of at least as many samples as cores.
+
+    With a job per core, samples run side by side and every job fits whatever core
+    is free: a multi-thread job cannot start on the one core a transfer leaves, and
+    that core would go to the next download instead (downloading ahead without limit).
+    """
+
+    def threads(wildcards):
+        return mw.cpu_job_threads(
+            most,
+            samples=len(sample_table),
+            cores=workflow.global_resources["_cores"].value,
+            on_cluster=workflow.non_local_exec,
+        )
+
+    return threads
+
+
 ##### resources (mem_mb from input sizes; see medprep/workflow.py for the formulas) #####
 
 
@@ -122,7 +152,9 @@ def job_mem_mb(step, threads, attempt, **inputs):
 
 
 def mem_download(wildcards, threads, attempt):
-    return job_mem_mb("download", threads, attempt)
+    return job_mem_mb(
+        "download", threads, attempt, connections=config["storage"]["connections"]
+    )
 
 
 def mem_preprocess_ct(wildcards, input, threads, attempt):
@@ -166,4 +198,63 @@ def mem_upload(wildcards, threads, attempt):
         attempt,
         destination=config["destination"],
         part_size_mb=config["storage"]["part_size_mb"],
+        connections=config["storage"]["connections"],
     )
+
+
+##### local disk (disk_mb: what the sample holds in results/ while the job runs) #####
+
+
+def disk_download(wildcards):
+    return mw.disk_mb("download", uri=sample_uri(wildcards), settings=config["storage"])
+
+
+def disk_preprocess_ct(wildcards, input):
+    return mw.disk_mb(
+        "preprocess_ct",
+        download_manifest=input.manifest,
+        spacing_out=config["ct"]["spacing"],
+    )
+
+
+def disk_preprocess_wsi(wildcards, input):
+    return mw.disk_mb("preprocess_wsi", download_manifest=input.manifest)
+
+
+def disk_tile_ct(wildcards, input):
+    return mw.disk_mb(
+        "tile_ct",
+        download_manifest=step_manifest("download")(wildcards),
+        preprocess_manifest=input.preprocess,
+        patch_settings=config["ct"]["patches"],
+    )
+
+
+def disk_tile_wsi(wildcards, input):
+    return mw.disk_mb(
+        "tile_wsi",
+        download_manifest=input.download,
+        preprocess_manifest=input.preprocess,
+        tile_settings=config["wsi"]["tile"],
+    )
+
+
+def disk_upload(wildcards, input):
+    return mw.disk_mb(
+        "upload",
+        download_manifest=step_manifest("download")(wildcards),
+        step_manifests=list(input.manifests),
+        destination=config["destination"],
+    )
+
+
+def sample_rule_outputs(wildcards):
+    """Outputs of the sample's steps (they stay when working files go)."""
+    steps = (
+        (rules.preprocess_ct, rules.tile_ct)
+        if wildcards.modality == "ct"
+        else (rules.preprocess_wsi, rules.tile_wsi)
+    )
+    return [
+        path.format(sample=wildcards.sample) for step in steps for path in step.output
+    ]

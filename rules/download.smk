@@ -8,9 +8,14 @@ rule download:
     retries: 1
     conda:
         "../envs/storage.yaml"
-    threads: 4
+    # I/O, not CPU: one core, storage.connections requests in flight, `transfers` caps
+    # how many transfer jobs run at once (profiles/default).
+    threads: 1
     resources:
         mem_mb=mem_download,
+        disk_mb=disk_download,
+        disk_need_mb=disk_download,
+        transfers=1,
         runtime="1h",
     # Connection settings (config["storage"]) are read by the script, not passed as
     # params: changing an endpoint or a profile must not rerun every sample.

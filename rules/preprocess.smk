@@ -10,12 +10,15 @@ rule preprocess_wsi:
         "logs/preprocess_wsi/{sample}.log",
     benchmark:
         "logs/benchmarks/preprocess_wsi/{sample}.tsv"
+    priority: 1
     retries: 2
     conda:
         "../envs/wsi.yaml"
     threads: 1
     resources:
         mem_mb=mem_preprocess_wsi,
+        disk_mb=disk_preprocess_wsi,
+        disk_need_mb=disk_preprocess_wsi,
         runtime="30m",
     params:
         resolution=config["wsi"]["resolution"],
@@ -30,9 +33,9 @@ rule preprocess_wsi:
 rule preprocess_ct:
     input:
         manifest="results/ct/{sample}/download.json",
+    # The volume and the lung mask are working files (params, listed in the manifest),
+    # not outputs: removed after upload for s3:// inputs (see medprep/scratch.py).
     output:
-        volume="results/ct/{sample}/preprocess/volume.nii.gz",
-        mask="results/ct/{sample}/preprocess/lung_mask.nii.gz",
         metadata="results/ct/{sample}/preprocess/metadata.json",
         qc="results/ct/{sample}/preprocess/qc.png",
         manifest="results/ct/{sample}/preprocess.json",
@@ -40,14 +43,19 @@ rule preprocess_ct:
         "logs/preprocess_ct/{sample}.log",
     benchmark:
         "logs/benchmarks/preprocess_ct/{sample}.tsv"
+    priority: 1
     retries: 2
     conda:
         "../envs/ct.yaml"
-    threads: 2
+    threads: cpu_threads(2)
     resources:
         mem_mb=mem_preprocess_ct,
+        disk_mb=disk_preprocess_ct,
+        disk_need_mb=disk_preprocess_ct,
         runtime="30m",
     params:
+        volume="results/ct/{sample}/preprocess/volume.nii.gz",
+        mask="results/ct/{sample}/preprocess/lung_mask.nii.gz",
         settings=mw.settings_without(config["ct"], "patches", "slices_png"),
         series_uid=sample_series_uid,
         include_identifiers=config["include_identifiers"],

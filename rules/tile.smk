@@ -11,12 +11,15 @@ rule tile_wsi:
         "logs/tile_wsi/{sample}.log",
     benchmark:
         "logs/benchmarks/tile_wsi/{sample}.tsv"
+    priority: 2
     retries: 2
     conda:
         "../envs/wsi.yaml"
-    threads: 4
+    threads: cpu_threads(4)
     resources:
         mem_mb=mem_tile_wsi,
+        disk_mb=disk_tile_wsi,
+        disk_need_mb=disk_tile_wsi,
         runtime="2h",
     params:
         tile=config["wsi"]["tile"],
@@ -28,6 +31,7 @@ rule tile_wsi:
 rule tile_ct:
     input:
         preprocess="results/ct/{sample}/preprocess.json",
+    # patches.npy is a working file (a param, listed in the manifest), not an output.
     output:
         table="results/ct/{sample}/tile/patches.parquet",
         summary="results/ct/{sample}/tile/summary.json",
@@ -36,14 +40,18 @@ rule tile_ct:
         "logs/tile_ct/{sample}.log",
     benchmark:
         "logs/benchmarks/tile_ct/{sample}.tsv"
+    priority: 2
     retries: 2
     conda:
         "../envs/ct.yaml"
     threads: 1
     resources:
         mem_mb=mem_tile_ct,
+        disk_mb=disk_tile_ct,
+        disk_need_mb=disk_tile_ct,
         runtime="30m",
     params:
+        patches="results/ct/{sample}/tile/patches.npy",
         settings=mw.settings_only(config["ct"], "patches", "slices_png", "normalise"),
         engine=mw.code_fingerprint("ct"),
     script:

@@ -7,15 +7,25 @@ rule upload:
         "logs/upload/{modality}/{sample}.log",
     benchmark:
         "logs/benchmarks/upload/{modality}/{sample}.tsv"
+    # Finishing a started sample (and freeing its working files) comes before new work.
+    priority: 3
     retries: 1
     conda:
         "../envs/storage.yaml"
-    threads: 4
+    # I/O, not CPU: see rule download.
+    threads: 1
     resources:
         mem_mb=mem_upload,
+        disk_mb=disk_upload,
+        disk_need_mb=disk_upload,
+        transfers=1,
         runtime="1h",
     params:
         destination=publish_destination,
         published_generation=published_generation,
+        # what stays in results/ when working files are removed (medprep/scratch.py);
+        # config["keep_working_files"] is read by the script: changing it reruns nothing
+        rule_outputs=sample_rule_outputs,
+        download="results/{modality}/{sample}/download.json",
     script:
         "../scripts/upload.py"

@@ -15,8 +15,10 @@ def main(smk):
     deferred = undefer(smk.params.fingerprint)
     if deferred is not None:
         raise deferred
+    settings = smk.config["storage"]
+    # one core (the rule's threads), storage.connections requests in flight
     files = storage.fetch(
-        smk.params.uri, smk.params.target_dir, threads=smk.threads, settings=smk.config["storage"]
+        smk.params.uri, smk.params.target_dir, threads=settings["connections"], settings=settings
     )
     fingerprint = storage.files_fingerprint(files)
     if fingerprint != smk.params.fingerprint:

@@ -7,8 +7,8 @@ from medprep.step import run_step
 def main(smk):
     run_preprocess(
         smk.input.manifest,
-        volume_path=smk.output.volume,
-        mask_path=smk.output.mask,
+        volume_path=smk.params.volume,
+        mask_path=smk.params.mask,
         metadata_path=smk.output.metadata,
         qc_path=smk.output.qc,
         manifest_path=smk.output.manifest,

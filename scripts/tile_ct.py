@@ -11,12 +11,12 @@ def main(smk):
     run_tile(
         smk.input.preprocess,
         # written (and listed in the manifest) only when ct.patches.materialise asks
-        patches_path=table.with_name("patches.npy"),
+        patches_path=smk.params.patches,
         table_path=table,
         summary_path=smk.output.summary,
         manifest_path=smk.output.manifest,
         settings=smk.params.settings,
-        slices_dir=table.parent / "slices",
+        slices_dir=Path(smk.params.patches).parent / "slices",
         threads=smk.threads,
     )
 

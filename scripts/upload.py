@@ -1,11 +1,14 @@
 """Rule `upload`: publish a sample's artifacts, data first and manifest.json last."""
 
+import logging
 import sys
 
-from medprep import __version__, atomic, manifest, storage
+from medprep import __version__, atomic, manifest, scratch, storage
 from medprep.redact import redact
 from medprep.step import run_step
 from medprep.storage import published as published_check
+
+log = logging.getLogger("medprep.upload")
 
 
 def main(smk):
@@ -20,7 +23,8 @@ def main(smk):
         manifest.collect_artifacts(steps),
         smk.params.destination,
         manifest=published,
-        threads=smk.threads,
+        # one core (the rule's threads), storage.connections requests in flight
+        threads=smk.config["storage"]["connections"],
         settings=smk.config["storage"],
     )
     for line in receipt.get("refused", []):
@@ -36,6 +40,22 @@ def main(smk):
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])
     atomic.write_json(smk.output.receipt, {"sample": smk.wildcards.sample, **receipt})
+    remove_working_files(smk, steps)
+
+
+def remove_working_files(smk, steps):
+    """Published: the sample's working files go unless keep_working_files (medprep/scratch.py)."""
+    download = manifest.read_step_manifest(smk.params.download)
+    source = download.get("source", "")
+    if scratch.keep_working_files(smk.config.get("keep_working_files"), source):
+        return
+    paths = scratch.working_files(
+        [download, *steps],
+        set(smk.params.rule_outputs),
+        raw_dir=smk.params.download.removesuffix(".json") if storage.is_s3(source) else None,
+    )
+    freed = scratch.remove_working_files(paths)
+    log.info("removed %d working files (%.1f MB) now published", len(paths), freed / 1e6)
 
 
 # spawned pool workers re-run this file without `snakemake` defined: see run_step

@@ -388,6 +388,7 @@ class JobEvent:
     wildcards: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     mem_mb: int | None = None
+    disk_mb: int | None = None
     slurm_jobid: str | None = None
 
 
@@ -438,3 +439,5 @@ def _set_field(event: JobEvent, key: str, value: str) -> None:
     elif key == "resources":
         mem = re.search(r"\bmem_mb=(\d+)", value)
         event.mem_mb = int(mem.group(1)) if mem else None
+        disk = re.search(r"\bdisk_mb=(\d+)", value)
+        event.disk_mb = int(disk.group(1)) if disk else None

@@ -67,6 +67,23 @@ def test_jobs_that_do_not_fit_the_memory_budget_together_run_one_after_the_other
     assert log_index(unbounded, "start", second.jobid) < log_index(unbounded, "finish", first.jobid)
 
 
+def test_a_plain_run_is_bounded_by_the_memory_the_machine_has(downloaded):
+    """`snakemake --cores N` with no --resources: the budget is the memory available."""
+    # Two jobs of 70 % of the available memory each: together they do not fit.
+    big = int(0.7 * mw.available_memory_mb())
+    run = run_snakemake(
+        downloaded,
+        f"--set-resources=preprocess_ct:mem_mb={big}",
+        *preprocess_targets(),
+        cores=CORES,
+    )
+    assert re.search(r"Provided resources: .*mem_mb=", run.stderr), "no default memory budget"
+    events = job_events(run.stderr)
+    first, second = started(events, "preprocess_ct")
+    assert first.mem_mb == second.mem_mb == big
+    assert log_index(events, "finish", first.jobid) < log_index(events, "start", second.jobid)
+
+
 def log_index(events: list[JobEvent], kind: str, jobid: str) -> int:
     return next(i for i, e in enumerate(events) if e.kind == kind and e.jobid == jobid)
 

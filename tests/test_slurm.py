@@ -114,6 +114,14 @@ def test_slurm_jobs_ask_for_the_rules_threads_and_memory(submissions):
         assert f"mem={job.mem_mb}M" in record["TRES"].split(","), (job.rule, job.mem_mb, record)
 
 
+def test_transfer_jobs_ask_slurm_for_one_cpu_and_little_memory(submissions):
+    transfers = [(job, record) for job, record in submissions if job.rule in ("download", "upload")]
+    assert len(transfers) == 2 * len(TINY_SAMPLES)
+    for job, record in transfers:
+        assert int(record["CPUs/Task"]) == 1, (job.rule, record)
+        assert job.mem_mb < 1000, (job.rule, job.mem_mb)
+
+
 def test_jobs_of_rules_without_overrides_reserve_the_cluster_overhead(submissions):
     for job, _ in submissions:
         if job.rule != KILLED_RULE:

@@ -90,6 +90,9 @@ class World:
             self.workdir,
             destination=f"s3://{self.bucket}/published",
             storage={"endpoint_url": self.endpoint, "region": "us-east-1"},
+            # these tests compare the working files with the source and the published
+            # copy; their removal after upload is tested in test_scratch.py
+            keep_working_files=True,
         )
 
     def swap_proxy(self, **behaviour) -> FaultProxy:

@@ -257,6 +257,20 @@ def _remove_stale(
     return None
 
 
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> str:
+    """A hard link on the same file system (no second copy), else a copy: "linked"/"copied".
+
+    Safe to share: medprep writes every file to a temporary and renames it, so a working
+    file rewritten later gets a new inode and never changes the published one.
+    """
+    try:
+        os.link(source, target)
+        return "linked"
+    except OSError:  # another device (EXDEV), or a file system without hard links
+        shutil.copyfile(source, target)
+        return "copied"
+
+
 def publish(
     artifacts: list[dict[str, str]],
     destination: str,
@@ -318,8 +332,7 @@ def publish(
             action = "skipped"
         else:
             with atomic.atomic_path(final) as tmp:
-                shutil.copyfile(source, tmp)
-            action = "copied"
+                action = link_or_copy(source, tmp)
         return {"name": item["name"], "bytes": size, "sha256": checksum, "action": action}
 
     files = list(thread_map(copy_one, artifacts, threads))
@@ -336,12 +349,14 @@ def publish(
     }
     atomic.write_json(manifest_path, published)
     copied = sum(f["action"] == "copied" for f in files)
+    linked = sum(f["action"] == "linked" for f in files)
     log.info(
-        "published %d files to %s (%d copied, %d unchanged)",
+        "published %d files to %s (%d linked, %d copied, %d unchanged)",
         len(files),
         target,
+        linked,
         copied,
-        len(files) - copied,
+        len(files) - copied - linked,
     )
     return {
         "destination": str(target),

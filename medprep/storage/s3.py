@@ -147,6 +147,12 @@ def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:
     return _fingerprint(_visible(relative_entries(parse_uri(uri), objects)))
 
 
+def source_bytes(uri: str, settings: dict[str, Any]) -> int:
+    """Total size of the sample's objects (from the listing cache, like the fingerprint)."""
+    objects = _list_or_explain(settings, uri, use_cache=True) or []
+    return sum(obj.size for _, obj in _visible(relative_entries(parse_uri(uri), objects)))
+
+
 def prime_listing(prefix: str, settings: dict[str, Any], max_requests: int | None = None) -> bool:
     return with_retries(
         lambda: _prime_listing(settings, prefix, max_requests),

@@ -1,0 +1,368 @@
+"""A CT cohort from S3 to S3 through a latency proxy: this workflow against the seed's pool.
+
+Both sides read the same series from a moto_server through a proxy adding 20 ms to every
+request, run this project's CT preprocess and tile code, and publish to the same bucket:
+only the scheduling differs.
+
+- workflow: ``snakemake --cores N`` (profiles/default: transfers=2; download and upload
+  one core each with storage.connections requests in flight; working files removed
+  after each sample's upload).
+- seed-style: a process pool of 1.5 x N workers, each doing download -> preprocess ->
+  tile -> upload for one sample at a time (one thread per step), then removing its files.
+
+Reported: wall time, CPU time of the jobs (Snakemake benchmark records; pool: the
+workers' rusage), CPU utilisation = job CPU / (wall x cores), peak local disk sampled
+every 0.5 s, local disk left at the end, and the machine's load average (it is shared).
+
+    .venv/bin/python benchmarks/bench_cohort.py --samples 12 --cores 2 \
+        > benchmarks/results/cohort.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
+
+from s3_support import (  # noqa: E402
+    FaultProxy,
+    MotoServer,
+    fake_credentials,
+    isolated_aws_environment,
+    new_bucket_name,
+    raw_client,
+)
+from workflow_support import (  # noqa: E402
+    deep_update,
+    snakemake_command,
+    write_config,
+    write_samples,
+)
+
+from medprep import manifest, schema, storage  # noqa: E402
+from medprep.workflow import settings_only, settings_without  # noqa: E402
+
+CT_SETTINGS = {"spacing": [2.0, 2.0, 2.0], "patches": {"size_mm": 64, "stride_mm": 32}}
+SAMPLE_EVERY_S = 0.5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--rows", type=int, default=224, help="phantom rows and columns")
+    parser.add_argument("--slices", type=int, default=80)
+    parser.add_argument("--snakemake-args", default="", help="extra arguments for the workflow run")
+    return parser.parse_args(argv)
+
+
+class DiskSampler:
+    """Peak bytes under ``folder``, sampled every ``every_s`` seconds in a thread."""
+
+    def __init__(self, folder: Path, every_s: float = SAMPLE_EVERY_S):
+        self.folder, self.every_s, self.peak = folder, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, folder_bytes(self.folder))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, folder_bytes(self.folder))
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # removed while we walked
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def make_cohort(s3, bucket: str, folder: Path, args) -> int:
+    from medprep.ct.phantom import write_chest_phantom
+
+    total = 0
+    for index in range(args.samples):
+        series = folder / f"c{index:02d}"
+        write_chest_phantom(
+            series,
+            rows=args.rows,
+            cols=args.rows,
+            slices=args.slices,
+            pixel_mm=1.6,
+            slice_mm=3.0,
+            seed=index,
+        )
+        for path in sorted(series.iterdir()):
+            body = path.read_bytes()
+            total += len(body)
+            s3.put_object(Bucket=bucket, Key=f"ct/{series.name}/{path.name}", Body=body)
+        shutil.rmtree(series)
+    return total
+
+
+def samples_of(args) -> list[str]:
+    return [f"c{index:02d}" for index in range(args.samples)]
+
+
+# ---------------------------------------------------------------- this workflow
+
+
+def run_workflow(workdir: Path, bucket: str, endpoint: str, env: dict, args) -> dict:
+    workdir.mkdir()
+    write_samples(workdir, [(s, "ct", f"s3://{bucket}/ct/{s}/") for s in samples_of(args)])
+    write_config(
+        workdir,
+        destination=f"s3://{bucket}/published/workflow",
+        storage={"endpoint_url": endpoint, "region": "us-east-1"},
+        ct=CT_SETTINGS,
+    )
+    (workdir / "results").mkdir()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    with DiskSampler(workdir / "results") as disk:
+        subprocess.run(
+            snakemake_command(workdir, *args.snakemake_args.split(), cores=args.cores),
+            cwd=workdir,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    job_cpu = 0.0
+    per_rule: dict[str, list[float]] = {}
+    for record in (workdir / "logs" / "benchmarks").rglob("*.tsv"):
+        rule = record.relative_to(workdir / "logs" / "benchmarks").parts[0]
+        with open(record) as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        wall_cpu = per_rule.setdefault(rule, [0.0, 0.0, 0])
+        wall_cpu[0] += sum(float(row["s"]) for row in rows)
+        wall_cpu[1] += sum(float(row["cpu_time"]) for row in rows)
+        wall_cpu[2] += 1
+        if rule != "cohort":
+            job_cpu += sum(float(row["cpu_time"]) for row in rows)
+    working_sets = []
+    for sample in samples_of(args):
+        folder = workdir / "results" / "ct" / sample
+        raw = manifest.read_step_manifest(folder / "download.json")["total_bytes"]
+        published = json.loads((folder / "upload.json").read_text())["files"]
+        working_sets.append(raw + sum(f["bytes"] for f in published))
+    return {
+        "wall": wall,
+        "job_cpu": job_cpu,
+        "all_cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        "peak_disk": disk.peak,
+        "left_disk": folder_bytes(workdir / "results"),
+        "largest_working_set": max(working_sets),
+        "per_rule": per_rule,
+    }
+
+
+# ---------------------------------------------------------------- the seed's way
+
+
+def seed_sample(sample: str, uri: str, scratch: str, destination: str, config: dict) -> str:
+    """download -> preprocess -> tile -> upload of one sample in one process.
+
+    The same code as the workflow's: transfers with storage.connections requests in flight,
+    the CPU steps with one thread (a worker per sample is the seed's parallelism).
+    """
+    from medprep.ct import preprocess, tile
+
+    settings = config["storage"]
+    ct = config["ct"]
+    folder = Path(scratch) / sample
+    connections = settings["connections"]
+    files = storage.fetch(uri, folder / "download", threads=connections, settings=settings)
+    download = {"files": [f.to_dict() for f in files]}
+    result = preprocess.preprocess(
+        preprocess.paths_from_download_manifest(download),
+        settings_without(ct, "patches", "slices_png"),
+        series_uid=None,
+        include_identifiers=False,
+        threads=1,
+    )
+    pre = preprocess.write_outputs(
+        result,
+        volume=str(folder / "preprocess/volume.nii.gz"),
+        mask=str(folder / "preprocess/lung_mask.nii.gz"),
+        metadata=str(folder / "preprocess/metadata.json"),
+        qc=str(folder / "preprocess/qc.png"),
+        threads=1,
+    )
+    manifest.write_step_manifest(
+        folder / "preprocess.json",
+        sample=sample,
+        modality="ct",
+        step="preprocess",
+        artifacts=pre,
+        summary=result.summary,
+    )
+    step = manifest.read_step_manifest(folder / "preprocess.json")
+    artifacts, summary = tile.tile(
+        step,
+        settings_only(ct, "patches", "slices_png", "normalise"),
+        patches_path=str(folder / "tile/patches.npy"),
+        table_path=str(folder / "tile/patches.parquet"),
+        summary_path=str(folder / "tile/summary.json"),
+        slices_dir=folder / "tile/slices",
+        threads=1,
+    )
+    storage.publish(
+        [*pre, *artifacts],
+        storage.join(destination, "ct", sample),
+        manifest={"sample": sample, "modality": "ct"},
+        threads=connections,
+        settings=settings,
+    )
+    shutil.rmtree(folder)
+    return sample
+
+
+def run_seed_pool(scratch: Path, bucket: str, endpoint: str, env: dict, args) -> dict:
+    config = deep_update(
+        {"ct": schema.config_defaults("ct"), "storage": schema.config_defaults("storage")},
+        {"ct": CT_SETTINGS, "storage": {"endpoint_url": endpoint, "region": "us-east-1"}},
+    )
+    scratch.mkdir()
+    saved = dict(os.environ)
+    os.environ.update(env)
+    workers = max(1, round(1.5 * args.cores))
+    started = time.monotonic()
+    try:
+        with DiskSampler(scratch) as disk, ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [
+                pool.submit(
+                    seed_sample,
+                    sample,
+                    f"s3://{bucket}/ct/{sample}/",
+                    str(scratch),
+                    f"s3://{bucket}/published/seed",
+                    config,
+                )
+                for sample in samples_of(args)
+            ]
+            for future in futures:
+                future.result()
+        wall = time.monotonic() - started
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "peak_disk": disk.peak,
+        "left_disk": folder_bytes(scratch),
+        "workers": workers,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-cohort-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "aws").mkdir()
+        env = {**os.environ, **isolated_aws_environment(tmp / "aws", fake_credentials())}
+        env.pop("AWS_ENDPOINT_URL", None)
+        with MotoServer(tmp / "moto.log") as server:
+            proxy = FaultProxy(server.url, latency_ms=args.latency_ms)
+            try:
+                s3 = raw_client(server.url, env)
+                bucket = new_bucket_name()
+                s3.create_bucket(Bucket=bucket)
+                input_bytes = make_cohort(s3, bucket, tmp / "series", args)
+                # the seed pool first: its workers' rusage is then all this process's children
+                seed = run_seed_pool(tmp / "seed", bucket, proxy.url, env, args)
+                flow = run_workflow(tmp / "workflow", bucket, proxy.url, env, args)
+            finally:
+                proxy.stop()
+    load_after = os.getloadavg()
+    report(args, input_bytes, flow, seed, load_before, load_after)
+    return 0
+
+
+def report(args, input_bytes, flow, seed, load_before, load_after) -> None:
+    mb = 1e6
+    cores = args.cores
+    flow_util = flow["job_cpu"] / (flow["wall"] * cores)
+    seed_util = seed["cpu"] / (seed["wall"] * cores)
+    disk_target = (cores + 2) * flow["largest_working_set"]
+    print(f"medprep cohort benchmark: {args.samples} CT samples, S3 -> S3 through a proxy adding")
+    print(f"{args.latency_ms:.0f} ms per request, --cores {cores}")
+    print(
+        f"input {input_bytes / mb:.1f} MB ({input_bytes / args.samples / mb:.1f} MB per sample,"
+        f" {args.rows}x{args.rows}x{args.slices} int16 DICOM); largest sample working set"
+        f" {flow['largest_working_set'] / mb:.1f} MB (raw + published artifacts)"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs, shared; load average (1, 5, 15 min) before "
+        f"{', '.join(f'{v:.1f}' for v in load_before)}, after "
+        f"{', '.join(f'{v:.1f}' for v in load_after)}"
+    )
+    print()
+    print(f"{'':34}{'workflow':>12}{'seed pool':>12}{'ratio':>9}")
+    rows = [
+        ("wall time (s)", flow["wall"], seed["wall"]),
+        ("CPU time of the jobs (s)", flow["job_cpu"], seed["cpu"]),
+        ("CPU utilisation (job CPU/wall/cores)", flow_util, seed_util),
+        ("peak local disk (MB)", flow["peak_disk"] / mb, seed["peak_disk"] / mb),
+        ("local disk left at end (MB)", flow["left_disk"] / mb, seed["left_disk"] / mb),
+    ]
+    for name, ours, theirs in rows:
+        ratio = ours / theirs if theirs else float("nan")
+        print(f"{name:34}{ours:12.2f}{theirs:12.2f}{ratio:9.2f}")
+    print(
+        f"(workflow: all Snakemake processes together used {flow['all_cpu']:.1f} s CPU; "
+        f"seed pool: {seed['workers']} workers)"
+    )
+    print("workflow jobs by rule (jobs, summed wall s, summed CPU s):")
+    for rule, (wall, cpu, count) in sorted(flow["per_rule"].items()):
+        print(f"  {rule:16}{count:4d}{wall:10.1f}{cpu:10.1f}")
+    print()
+    checks = [
+        (
+            f"peak disk <= (cores + 2) x largest working set = {disk_target / mb:.1f} MB",
+            flow["peak_disk"] <= disk_target,
+        ),
+        (
+            f"disk left < 5% of input = {0.05 * input_bytes / mb:.1f} MB",
+            flow["left_disk"] < 0.05 * input_bytes,
+        ),
+        ("wall time <= seed pool's", flow["wall"] <= seed["wall"]),
+    ]
+    for name, ok in checks:
+        print(f"target {'met ' if ok else 'MISSED'}: {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
