@@ -319,20 +319,74 @@ class RegionReadError(Exception):
 
 
 class SlideReader:
-    """One OpenSlide handle, reopened after an error. Not shareable across processes."""
+    """One OpenSlide handle, reopened after an error. Not shareable across processes.
 
-    def __init__(self, path: str | os.PathLike):
+    With ``direct=True`` (the default), levels of tiled TIFF-family slides are read from
+    their stored tiles (``medprep.wsi.tiff_read``), pixel for pixel what OpenSlide returns;
+    regions or files that path is unsure of go through OpenSlide. ``direct_reason`` says
+    which levels are read directly, or why none is. ``direct=None`` follows the
+    environment: ``MEDPREP_DIRECT_READS=0`` reads everything through OpenSlide.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, direct: bool | None = None):
+        if direct is None:
+            direct = os.environ.get("MEDPREP_DIRECT_READS", "1") != "0"
         self.path = os.fspath(path)
         self._handle = open_slide(self.path)
+        self._direct = None
+        self.direct_reason = "direct reads off"
+        self.direct_reads = 0
+        self.openslide_reads = 0
+        if direct:
+            from medprep.wsi.tiff_read import open_tiff_reader
+
+            handle = self._handle
+            self._direct, self.direct_reason = open_tiff_reader(
+                self.path,
+                handle.properties.get("openslide.vendor", "unknown"),
+                tuple((int(w), int(h)) for w, h in handle.level_dimensions),
+                tuple(float(d) for d in handle.level_downsamples),
+            )
+            log.debug("%s: %s", self.path, self.direct_reason)
+
+    @property
+    def direct_levels(self) -> tuple[int, ...]:
+        return tuple(sorted(self._direct.layouts)) if self._direct is not None else ()
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     def _reopen(self) -> None:
-        self.close()
+        if self._handle is not None:
+            self._handle.close()
+        self._handle = None
         self._handle = open_slide(self.path)
+
+    def _read_direct(
+        self, level: int, x: int, y: int, width: int, height: int
+    ) -> np.ndarray | None:
+        if self._direct is None or not self._direct.can_read(level) or width <= 0 or height <= 0:
+            return None
+        try:
+            rgba = self._direct.read_rgba(level, x, y, width, height)
+        except Exception as error:  # noqa: BLE001 - OpenSlide reads it, or names the damage
+            log.warning(
+                "direct read of %s level %d at x=%d, y=%d failed (%s); reading through OpenSlide",
+                self.path,
+                level,
+                x,
+                y,
+                error,
+            )
+            return None
+        if rgba is not None:
+            self.direct_reads += 1
+        return rgba
 
     def read_rgba(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """``read_region`` as an H x W x 4 uint8 array; (x, y) at level 0, size at ``level``.
@@ -340,12 +394,16 @@ class SlideReader:
         On an OpenSlide error the handle is reopened and the read retried once; a second
         failure raises ``RegionReadError`` naming the region.
         """
+        rgba = self._read_direct(level, x, y, width, height)
+        if rgba is not None:
+            return rgba
         openslide = _openslide()
         last: Exception | None = None
         for attempt in (1, 2):
             try:
                 if self._handle is None:
                     self._reopen()
+                self.openslide_reads += 1
                 return read_region_array(self._handle, level, x, y, width, height)
             except (openslide.OpenSlideError, InputError) as error:
                 last = error

@@ -128,30 +128,49 @@ def _tile_origin(
     return ix, iy
 
 
-def _resample_tile(image, job: TileJob, task: BlockTask, x: int, y: int) -> np.ndarray:
-    """The tile resized from the block image over its exact (fractional) footprint."""
+def _source_span(origin: int, read_origin: int, extent_l0: float, ds: float, limit: int):
+    """A tile's exact (fractional) footprint along one axis of the block image."""
+    start = (origin - read_origin) / ds
+    return max(start, 0.0), min(start + extent_l0 / ds, limit)
+
+
+def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.ndarray]:
+    """Every tile of the block resized from the block image over its exact footprint.
+
+    The block is resized once, in PIL's own two passes: a horizontal pass per tile column
+    over the whole block height, then a vertical pass per tile over its column strip. PIL
+    resizes a box the same way (horizontal, then vertical, with the same coefficients), so
+    each tile is bit for bit what ``image.resize((size, size), box=footprint)`` gives,
+    while no source row is filtered twice for tiles of one column. The block is opaque
+    (``make_opaque``), so it is resized as RGBX: PIL would otherwise convert the whole
+    block to premultiplied alpha and back for every call.
+    """
     from PIL import Image
 
-    ds = job.level_downsample
-    left = (x - task.read_x) / ds
-    top = (y - task.read_y) / ds
-    width, height = image.size
-    box = (
-        max(left, 0.0),
-        max(top, 0.0),
-        min(left + job.width_l0 / ds, width),
-        min(top + job.height_l0 / ds, height),
-    )
     resample = getattr(Image.Resampling, RESAMPLE_FILTER)
-    return np.asarray(image.resize((job.size, job.size), resample, box=box))
+    ds = job.level_downsample
+    height, width = rgba.shape[:2]
+    image = _as_image(rgba, "RGBX")
+    strips = {}
+    tiles = []
+    for x, y in zip(task.xs, task.ys, strict=True):
+        strip = strips.get(x)
+        if strip is None:
+            left, right = _source_span(x, task.read_x, job.width_l0, ds, width)
+            strip = image.resize((job.size, height), resample, box=(left, 0, right, height))
+            strips[x] = strip
+        top, bottom = _source_span(y, task.read_y, job.height_l0, ds, height)
+        tile = strip.resize((job.size, job.size), resample, box=(0, top, job.size, bottom))
+        tiles.append(np.asarray(tile))
+    return tiles
 
 
-def _as_image(rgba: np.ndarray):
-    """A PIL RGBA image sharing ``rgba``'s memory (C-contiguous H x W x 4 uint8)."""
+def _as_image(rgba: np.ndarray, mode: str = "RGBA"):
+    """A PIL image sharing ``rgba``'s memory (C-contiguous H x W x 4 uint8)."""
     from PIL import Image
 
     height, width = rgba.shape[:2]
-    return Image.frombuffer("RGBA", (width, height), rgba, "raw", "RGBA", 0, 1)
+    return Image.frombuffer(mode, (width, height), rgba, "raw", mode, 0, 1)
 
 
 def read_block(task: BlockTask) -> BlockResult:
@@ -171,14 +190,14 @@ def read_block(task: BlockTask) -> BlockResult:
     except RegionReadError as error:
         return BlockResult(task.index, [], [], [], error=str(error))
     rgba = make_opaque(rgba, job.background)
-    image = _as_image(rgba)
-    gray = None if job.resample else np.asarray(image.convert("L"))
+    resampled = resample_tiles(rgba, job, task) if job.resample else None
+    gray = None if job.resample else np.asarray(_as_image(rgba).convert("L"))
     scores: list[tuple[float, ...]] = []
     reasons: list[str | None] = []
     encoded: list[bytes | None] = []
-    for x, y in zip(task.xs, task.ys, strict=True):
-        if job.resample:
-            tile = _resample_tile(image, job, task, x, y)
+    for k, (x, y) in enumerate(zip(task.xs, task.ys, strict=True)):
+        if resampled is not None:
+            tile = resampled[k]
             tile_gray = None
         else:
             ix, iy = _tile_origin(job, task, x, y, rgba.shape)
