@@ -4,6 +4,7 @@ the block resampling of the tiler against PIL's per-tile resize."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -142,6 +143,9 @@ def test_tiles_are_the_same_bytes_with_and_without_direct_reads(tmp_path, monkey
         preprocess(folder, slide, resolution={"mpp": 0.5})
         tile(folder, block_tiles=2)
         out = outputs(folder)
+        summary = json.loads(out["tile_summary"].read_text())
+        assert (summary["direct_reads"] == summary["read_calls"]) == (direct == "1")
+        assert summary["direct_reads"] == 0 or direct == "1"
         results[direct] = {p.name: p.read_bytes() for p in sorted(out["pixels"].iterdir())}
     assert results["1"] and results["1"] == results["0"]
 
@@ -189,5 +193,20 @@ def test_block_resampling_is_bit_identical_to_resizing_each_tile(scale, downsamp
     reference = _reference_tiles(rgba, job, task)
     assert len(ours) == len(reference) == 6
     for a, b in zip(ours, reference, strict=True):
-        assert a.shape == (size, size, 4)
+        assert a.shape == (size, size, 3)
         assert np.array_equal(a[..., :3], b[..., :3])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 2 / 3, 0.9, 0.999])
+def test_a_cut_tiff_is_named_truncated_wherever_it_is_cut(tmp_path, fraction):
+    from medprep.wsi.slide import describe_unreadable
+    from medprep.wsi.tiff_read import tiff_damage
+
+    for source in (CMU, TINY / "boxes.tiff", DAPI):
+        assert tiff_damage(source) is None
+        data = source.read_bytes()
+        cut = tmp_path / f"cut{source.suffix}"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        message = describe_unreadable(cut)
+        assert message.startswith("truncated or damaged TIFF: "), (source.name, message)
+        assert f"{cut.stat().st_size} bytes" in message or "corrupted" in message

@@ -345,3 +345,68 @@ def open_tiff_reader(
         return None, reasons
     note = ", ".join(f"level {k}: {v}" for k, v in sorted(refused.items()))
     return reader, (f"direct reads of levels {sorted(layouts)}" + (f" ({note})" if note else ""))
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _page_past_end(page, index: int, size: int) -> str | None:
+    for tag in page.tags:
+        end = int(tag.valueoffset) + int(tag.valuebytecount)
+        if end > size:
+            return f"tag {tag.code} of directory {index} ends at byte {end} but the file has {size} bytes"
+    ends = [
+        int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c
+    ]
+    if ends and max(ends) > size:
+        return (
+            f"the image data of directory {index} ends at byte {max(ends)} "
+            f"but the file has {size} bytes"
+        )
+    return None
+
+
+def tiff_damage(path: str | os.PathLike) -> str | None:
+    """Where a TIFF file is cut short, from its directories as ``tifffile`` reads them:
+    a directory, a tag value or image data past the end of the file; ``None`` if all of
+    it is inside the file (or the header itself cannot be read)."""
+    import re
+
+    import tifffile
+
+    size = os.path.getsize(path)
+    collected = _Messages()
+    tifffile_log = logging.getLogger("tifffile")
+    tifffile_log.addHandler(collected)
+    index = 0
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            for page in tiff.pages:  # walks the whole directory chain
+                problem = _page_past_end(page, index, size)
+                if problem:
+                    return problem
+                index += 1
+            pages = index
+    except tifffile.TiffFileError as error:
+        return f"directory {index} is cut short or corrupted ({error})"
+    except Exception:  # noqa: BLE001 - a header tifffile cannot read: no better message
+        return None
+    finally:
+        tifffile_log.removeHandler(collected)
+    for message in collected.messages:
+        found = re.search(r"invalid (?:page offset|offset to first page) (\d+)", message)
+        if found and int(found.group(1)) >= size:
+            return f"directory {pages} is at byte {found.group(1)} but the file has {size} bytes"
+        found = re.search(r"TiffTag (\d+) .*invalid value offset (\d+)", message)
+        if found:
+            return (
+                f"the value of tag {found.group(1)} at byte {found.group(2)} does not fit "
+                f"in the file ({size} bytes)"
+            )
+    return None

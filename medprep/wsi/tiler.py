@@ -217,6 +217,7 @@ def tile_slide(
     read_errors: list[str] = []
     kept = 0
     read_calls = 0
+    direct_reads = 0
     try:
         results = run_parallel(
             read_block,
@@ -228,6 +229,7 @@ def tile_slide(
         )
         for result in results:
             read_calls += 1
+            direct_reads += result.direct
             rows, cols = indices[result.index]
             task = tasks[result.index]
             if result.error is not None:
@@ -286,6 +288,7 @@ def tile_slide(
         "grid_positions": grid.count,
         "rejected": rejected,
         "read_calls": read_calls,
+        "direct_reads": direct_reads,
         "target_mpp": plan.target_mpp,
         "tile_mpp": plan.tile_mpp,
         "level": plan.level,

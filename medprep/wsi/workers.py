@@ -56,6 +56,7 @@ class BlockResult:
     reasons: list[str | None]
     encoded: list[bytes | None]
     error: str | None = None
+    direct: bool = False  # read from the stored tiles (tiff_read), not through OpenSlide
 
 
 @dataclass(frozen=True)
@@ -142,15 +143,16 @@ def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.n
     resizes a box the same way (horizontal, then vertical, with the same coefficients), so
     each tile is bit for bit what ``image.resize((size, size), box=footprint)`` gives,
     while no source row is filtered twice for tiles of one column. The block is opaque
-    (``make_opaque``), so it is resized as RGBX: PIL would otherwise convert the whole
-    block to premultiplied alpha and back for every call.
+    (``make_opaque``), so it is resized as RGB (one unpacking copy of the block): PIL
+    would otherwise convert the whole block to premultiplied alpha and back for every
+    call, and RGB filters three channels instead of four. Tiles are H x W x 3.
     """
     from PIL import Image
 
     resample = getattr(Image.Resampling, RESAMPLE_FILTER)
     ds = job.level_downsample
     height, width = rgba.shape[:2]
-    image = _as_image(rgba, "RGBX")
+    image = _as_image(rgba).convert("RGB")
     strips = {}
     tiles = []
     for x, y in zip(task.xs, task.ys, strict=True):
@@ -165,12 +167,12 @@ def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.n
     return tiles
 
 
-def _as_image(rgba: np.ndarray, mode: str = "RGBA"):
-    """A PIL image sharing ``rgba``'s memory (C-contiguous H x W x 4 uint8)."""
+def _as_image(rgba: np.ndarray):
+    """A PIL RGBA image sharing ``rgba``'s memory (C-contiguous H x W x 4 uint8)."""
     from PIL import Image
 
     height, width = rgba.shape[:2]
-    return Image.frombuffer(mode, (width, height), rgba, "raw", mode, 0, 1)
+    return Image.frombuffer("RGBA", (width, height), rgba, "raw", "RGBA", 0, 1)
 
 
 def read_block(task: BlockTask) -> BlockResult:
@@ -183,12 +185,14 @@ def read_block(task: BlockTask) -> BlockResult:
     job = state.job
     if job is None:
         raise RuntimeError("worker has no tile job")
+    direct_before = state.reader.direct_reads
     try:
         rgba = state.reader.read_rgba(
             job.level, task.read_x, task.read_y, task.read_width, task.read_height
         )
     except RegionReadError as error:
         return BlockResult(task.index, [], [], [], error=str(error))
+    direct = state.reader.direct_reads > direct_before
     rgba = make_opaque(rgba, job.background)
     resampled = resample_tiles(rgba, job, task) if job.resample else None
     gray = None if job.resample else np.asarray(_as_image(rgba).convert("L"))
@@ -211,7 +215,7 @@ def read_block(task: BlockTask) -> BlockResult:
             encoded.append(encode_tile(tile, job.image_format, job.quality))
         else:
             encoded.append(None)
-    return BlockResult(task.index, scores, reasons, encoded)
+    return BlockResult(task.index, scores, reasons, encoded, direct=direct)
 
 
 def read_chunk(task: ChunkTask) -> tuple[int, np.ndarray | str]:
