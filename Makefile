@@ -7,7 +7,7 @@ CORES ?= all
 SNAKEMAKE_ARGS ?=
 REPORT ?= results/report.html
 
-.PHONY: setup demo run test lint format report lock bench clean
+.PHONY: setup demo run test lint format report lock bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_ct.py
 	$(BIN)/python benchmarks/bench_storage.py
 	$(BIN)/python benchmarks/bench_dag.py
+
+# Installs each peer tiler into its own venv under benchmarks/out/peer-venvs (minutes).
+bench-peers: setup
+	$(BIN)/python benchmarks/bench_peers.py
 
 clean:
 	rm -rf results logs .snakemake report.html

@@ -2,20 +2,23 @@
 
     .venv/bin/python benchmarks/bench_wsi.py [--size 30000] [--workers 2] [--slide-tile 256]
 
-Builds (once; reused while its parameters match) a pyramidal JPEG slide of size x size
-pixels at 0.5 um/px, q90, with tissue texture from the real CMU-1-Small-Region slide
-over about a third of the area, under benchmarks/out/. ``--slide-tile`` is the slide's
-own JPEG tile edge: 256 lines up with the 256 px output grid (the best case for reading
-tile by tile); 240 is the layout Aperio scanners write (CMU-1 itself), where a 256 px
-read touches up to four slide tiles. Then times, each in its own
-process, on the same slide and settings (256 px tiles at the slide's native resolution,
-JPEG q90, tissue >= 50% of a tile):
+Builds (once; reused while its parameters match) two pyramidal JPEG slides of size x size
+pixels, q90, with tissue texture from the real CMU-1-Small-Region slide over about a third
+of the area, under benchmarks/out/: one at 0.5 um/px and one at ``--resample-mpp`` (0.2527,
+Aperio's 40x). ``--slide-tile`` is the slides' own JPEG tile edge: 256 lines up with the
+256 px output grid (the best case for reading tile by tile); 240 is the layout Aperio
+scanners write (CMU-1 itself), where a 256 px read touches up to four slide tiles. Then
+times, each in its own process, 256 px tiles, JPEG q90, tissue >= 50% of a tile:
 
 1. baseline: the usual script: one process, ``read_region`` of every grid tile at level 0,
    grayscale threshold, one PNG file per kept tile;
-2. read-only limit: ``read_region`` of exactly the tiles medprep keeps, on all workers
-   (each opens the slide once), no decoding to arrays, no encoding, no writing;
-3. medprep: ``preprocess_wsi`` + ``tile_wsi`` (tar shards) with 1 and with N workers.
+2. read-only limits: the tiles medprep keeps, one read each on all workers (each opens
+   the slide once), no encoding or writing: through OpenSlide's ``read_region``, and
+   through the direct tile decoding of ``medprep.wsi.tiff_read``;
+3. medprep: ``preprocess_wsi`` + ``tile_wsi`` (tar shards) at 0.5 um/px with 1 and with N
+   workers, and with N workers reading through OpenSlide only (``MEDPREP_DIRECT_READS=0``);
+4. resampling: the 0.5 slide tiled at 0.502 um/px (a 0.4% resample, like a 0.498 scan
+   served at 0.5 with no tolerance), and the 0.2527 slide tiled natively and at 0.5 um/px.
 
 Prints seconds, tiles/s, the ratios the tiler is held to, and the peak memory of each
 variant (resident set of the whole process tree, sampled every 20 ms) next to the
@@ -263,7 +266,7 @@ def run_preprocess(
     }
 
 
-def run_tile(out: Path, workers: int) -> dict:
+def run_tile(out: Path, workers: int, container: str = "tar") -> dict:
     from medprep.wsi import steps
 
     folder = out / "S"
@@ -280,7 +283,7 @@ def run_tile(out: Path, workers: int) -> dict:
             "size": TILE,
             "format": "jpeg",
             "quality": QUALITY,
-            "container": "tar",
+            "container": container,
             "min_tissue": MIN_TISSUE,
         },
         threads=workers,
