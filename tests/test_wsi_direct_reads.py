@@ -213,3 +213,22 @@ def test_a_cut_tiff_is_named_truncated_wherever_it_is_cut(tmp_path, fraction):
         message = describe_unreadable(cut)
         assert message.startswith("truncated or damaged TIFF: "), (source.name, message)
         assert f"{cut.stat().st_size} bytes" in message or "corrupted" in message
+
+
+def test_levels_whose_pixels_differ_from_openslide_are_read_through_openslide(monkeypatch):
+    from medprep.wsi import tiff_read
+
+    decode = tiff_read.decode_tile
+
+    def wrong_colours(data, layout):  # e.g. a colour space the direct path misreads
+        return 255 - decode(data, layout)
+
+    monkeypatch.setattr(tiff_read, "decode_tile", wrong_colours)
+    reader = SlideReader(TCGA_NO_MPP, direct=True)
+    try:
+        assert reader.direct_levels == ()
+        assert "differs from OpenSlide" in reader.direct_reason
+        rgba = reader.read_rgba(0, 100, 100, 64, 64)
+        assert np.array_equal(rgba, read_region_array(reader._handle, 0, 100, 100, 64, 64))
+    finally:
+        reader.close()

@@ -249,6 +249,17 @@ class SlideReader:
                 tuple((int(w), int(h)) for w, h in handle.level_dimensions),
                 tuple(float(d) for d in handle.level_downsamples),
             )
+            if self._direct is not None:
+                dropped = self._direct.keep_levels_matching(
+                    lambda level, w, h: read_region_array(handle, level, 0, 0, w, h)
+                )
+                if dropped:
+                    self.direct_reason += "; through OpenSlide: " + ", ".join(
+                        f"level {k} ({v})" for k, v in sorted(dropped.items())
+                    )
+                if not self._direct.layouts:
+                    self._direct.close()
+                    self._direct = None
             log.debug("%s: %s", self.path, self.direct_reason)
 
     @property

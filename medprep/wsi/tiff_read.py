@@ -19,6 +19,8 @@ reader is built (``open_tiff_reader`` returns ``None`` and a reason) or per regi
   OpenSlide decodes), Aperio JPEG 2000 (33003 YCbCr, 33005 RGB), none, LZW, Deflate
   (horizontal predictor or none); one tile of each level is decoded when the reader is
   built, to check its shape;
+- when the reader is opened, the top-left tile of every level is read both ways and a
+  level whose pixels differ from OpenSlide's (by more than 1) goes to OpenSlide;
 - a region with a tile of 0 bytes (a missing tile, which OpenSlide paints transparent) or
   a tile that does not decode to the expected shape is refused.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +51,10 @@ DEFLATE = (8, 32946)
 COMPRESSIONS = (JPEG, APERIO_J2K_YCBCR, APERIO_J2K_RGB, NONE, LZW, *DEFLATE)
 PHOTOMETRIC_RGB = 2
 PHOTOMETRIC_YCBCR = 6
+
+# Largest difference from OpenSlide's pixels accepted when a reader checks its levels (the
+# rounding of two libjpeg-turbo builds).
+MAX_DIFF = 1
 
 # Read a run of tiles of one tile row with one pread when the bytes between them are at
 # most this share of the bytes wanted (tiles are usually stored row by row).
@@ -247,6 +254,28 @@ class TiffTileReader:
 
     def can_read(self, level: int) -> bool:
         return level in self.layouts
+
+    def keep_levels_matching(self, reference: Callable[[int, int, int], np.ndarray]) -> dict:
+        """Compare the top-left tile of every level with ``reference(level, width,
+        height)`` (OpenSlide's read of the same region) and stop reading directly the
+        levels where they differ by more than ``MAX_DIFF`` or whose first tile is not
+        stored; returns the levels dropped and why."""
+        dropped = {}
+        for level, layout in list(self.layouts.items()):
+            width = min(layout.tile_width, layout.width)
+            height = min(layout.tile_height, layout.height)
+            try:
+                ours = self.read_rgba(level, 0, 0, width, height)
+                if ours is None:
+                    raise TileDecodeError("its first tile is not stored")
+                theirs = reference(level, width, height)
+                diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max()
+                if diff > MAX_DIFF:
+                    raise TileDecodeError(f"first tile differs from OpenSlide's by {diff}")
+            except Exception as error:  # noqa: BLE001 - the level goes to OpenSlide
+                dropped[level] = str(error)
+                del self.layouts[level]
+        return dropped
 
     def _pread(self, offset: int, count: int) -> bytes:
         assert self._fd is not None, "reader is closed"
