@@ -7,7 +7,7 @@ CORES ?= all
 SNAKEMAKE_ARGS ?=
 REPORT ?= results/report.html
 
-.PHONY: setup demo run test lint format report lock bench clean
+.PHONY: setup demo run test lint format report lock bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dataset.py
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_cohort.py
+
+# Installs each peer tiler into its own venv under benchmarks/out/peer-venvs (minutes).
+bench-peers: setup
+	$(BIN)/python benchmarks/bench_peers.py
 
 clean:
 	rm -rf results logs .snakemake report.html

@@ -59,37 +59,11 @@ def describe_unreadable(path: str | os.PathLike) -> str:
     return "not a whole-slide image format OpenSlide recognises"
 
 
-# bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., LONG8, IFD8)
-_TIFF_TYPE_SIZES = {
-    1: 1,
-    2: 1,
-    3: 2,
-    4: 4,
-    5: 8,
-    6: 1,
-    7: 1,
-    8: 2,
-    9: 4,
-    10: 8,
-    11: 4,
-    12: 8,
-    13: 4,
-    16: 8,
-    17: 8,
-    18: 8,
-}
-_TIFF_DATA_TAGS = (
-    (273, 279),
-    (324, 325),
-)  # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
-
-
 def _describe_tiff(path: Path, size: int) -> str:
     """Walk a TIFF's directory chain to tell a truncated file from one that is not a slide."""
-    try:
-        problem = _tiff_truncation(path, size)
-    except (OSError, ValueError):
-        problem = None
+    from medprep.wsi.tiff_read import tiff_damage
+
+    problem = tiff_damage(path)
     if problem:
         return f"truncated or damaged TIFF: {problem}"
     try:
@@ -105,78 +79,6 @@ def _describe_tiff(path: Path, size: int) -> str:
         "a TIFF file OpenSlide does not read as a slide (damaged, or a plain image "
         "that is not tiled)"
     )
-
-
-def _tiff_truncation(path: Path, size: int) -> str | None:
-    with open(path, "rb") as f:
-        header = f.read(16)
-        order = "<" if header[:2] == b"II" else ">"
-        bigtiff = header[2:4] in (b"+\x00", b"\x00+")
-        offset_size = 8 if bigtiff else 4
-        count_size, entry_size = (8, 20) if bigtiff else (2, 12)
-        offset = int.from_bytes(
-            header[8:16] if bigtiff else header[4:8], "little" if order == "<" else "big"
-        )
-        for index in range(4096):
-            if offset == 0:
-                return None
-            if offset + count_size > size:
-                return f"directory {index} is at byte {offset} but the file has {size} bytes"
-            f.seek(offset)
-            count = int.from_bytes(f.read(count_size), "little" if order == "<" else "big")
-            end = offset + count_size + count * entry_size + offset_size
-            if end > size:
-                return f"directory {index} ends at byte {end} but the file has {size} bytes"
-            entries = f.read(count * entry_size)
-            data_end = _tiff_data_end(f, entries, order, bigtiff, entry_size)
-            if data_end > size:
-                return (
-                    f"the image data of directory {index} ends at byte {data_end} "
-                    f"but the file has {size} bytes"
-                )
-            offset = int.from_bytes(f.read(offset_size), "little" if order == "<" else "big")
-    return None
-
-
-def _tiff_data_end(f, entries: bytes, order: str, bigtiff: bool, entry_size: int) -> int:
-    """The end of the data of one directory: out-of-line tag values, strips and tiles."""
-    values: dict[int, np.ndarray] = {}
-    inline = 8 if bigtiff else 4
-    byteorder = "little" if order == "<" else "big"
-    end = 0
-    for i in range(0, len(entries), entry_size):
-        entry = entries[i : i + entry_size]
-        tag = int.from_bytes(entry[0:2], byteorder)
-        kind = int.from_bytes(entry[2:4], byteorder)
-        item = _TIFF_TYPE_SIZES.get(kind)
-        if item is None:
-            continue
-        count = int.from_bytes(entry[4 : 4 + (8 if bigtiff else 4)], byteorder)
-        field = entry[(12 if bigtiff else 8) :]
-        if count * item > inline:
-            end = max(end, int.from_bytes(field[:inline], byteorder) + count * item)
-        if tag not in (273, 279, 324, 325) or item not in (2, 4, 8) or kind not in (3, 4, 16):
-            continue
-        dtype = np.dtype(f"{order}u{item}")
-        if count * item <= inline:
-            raw = field[: count * item]
-        else:
-            position = f.tell()
-            f.seek(int.from_bytes(field[:inline], byteorder))
-            raw = f.read(count * item)
-            f.seek(position)
-            if len(raw) < count * item:
-                return 1 << 62  # the offset table itself lies past the end
-        values[tag] = np.frombuffer(raw, dtype=dtype).astype(np.int64)
-    for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
-        if offsets_tag in values and counts_tag in values:
-            offsets, counts = values[offsets_tag], values[counts_tag]
-            n = min(len(offsets), len(counts))
-            if n:
-                used = counts[:n] > 0
-                if used.any():
-                    end = max(end, int((offsets[:n] + counts[:n])[used].max()))
-    return end
 
 
 def _openslide():
@@ -319,20 +221,85 @@ class RegionReadError(Exception):
 
 
 class SlideReader:
-    """One OpenSlide handle, reopened after an error. Not shareable across processes."""
+    """One OpenSlide handle, reopened after an error. Not shareable across processes.
 
-    def __init__(self, path: str | os.PathLike):
+    With ``direct=True`` (the default), levels of tiled TIFF-family slides are read from
+    their stored tiles (``medprep.wsi.tiff_read``), pixel for pixel what OpenSlide returns;
+    regions or files that path is unsure of go through OpenSlide. ``direct_reason`` says
+    which levels are read directly, or why none is. ``direct=None`` follows the
+    environment: ``MEDPREP_DIRECT_READS=0`` reads everything through OpenSlide.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, direct: bool | None = None):
+        if direct is None:
+            direct = os.environ.get("MEDPREP_DIRECT_READS", "1") != "0"
         self.path = os.fspath(path)
         self._handle = open_slide(self.path)
+        self._direct = None
+        self.direct_reason = "direct reads off"
+        self.direct_reads = 0
+        self.openslide_reads = 0
+        if direct:
+            from medprep.wsi.tiff_read import open_tiff_reader
+
+            handle = self._handle
+            self._direct, self.direct_reason = open_tiff_reader(
+                self.path,
+                handle.properties.get("openslide.vendor", "unknown"),
+                tuple((int(w), int(h)) for w, h in handle.level_dimensions),
+                tuple(float(d) for d in handle.level_downsamples),
+            )
+            if self._direct is not None:
+                dropped = self._direct.keep_levels_matching(
+                    lambda level, w, h: read_region_array(handle, level, 0, 0, w, h)
+                )
+                if dropped:
+                    self.direct_reason += "; through OpenSlide: " + ", ".join(
+                        f"level {k} ({v})" for k, v in sorted(dropped.items())
+                    )
+                if not self._direct.layouts:
+                    self._direct.close()
+                    self._direct = None
+            log.debug("%s: %s", self.path, self.direct_reason)
+
+    @property
+    def direct_levels(self) -> tuple[int, ...]:
+        return tuple(sorted(self._direct.layouts)) if self._direct is not None else ()
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     def _reopen(self) -> None:
-        self.close()
+        if self._handle is not None:
+            self._handle.close()
+        self._handle = None
         self._handle = open_slide(self.path)
+
+    def _read_direct(
+        self, level: int, x: int, y: int, width: int, height: int
+    ) -> np.ndarray | None:
+        if self._direct is None or not self._direct.can_read(level) or width <= 0 or height <= 0:
+            return None
+        try:
+            rgba = self._direct.read_rgba(level, x, y, width, height)
+        except Exception as error:  # noqa: BLE001 - OpenSlide reads it, or names the damage
+            log.warning(
+                "direct read of %s level %d at x=%d, y=%d failed (%s); reading through OpenSlide",
+                self.path,
+                level,
+                x,
+                y,
+                error,
+            )
+            return None
+        if rgba is not None:
+            self.direct_reads += 1
+        return rgba
 
     def read_rgba(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """``read_region`` as an H x W x 4 uint8 array; (x, y) at level 0, size at ``level``.
@@ -340,12 +307,16 @@ class SlideReader:
         On an OpenSlide error the handle is reopened and the read retried once; a second
         failure raises ``RegionReadError`` naming the region.
         """
+        rgba = self._read_direct(level, x, y, width, height)
+        if rgba is not None:
+            return rgba
         openslide = _openslide()
         last: Exception | None = None
         for attempt in (1, 2):
             try:
                 if self._handle is None:
                     self._reopen()
+                self.openslide_reads += 1
                 return read_region_array(self._handle, level, x, y, width, height)
             except (openslide.OpenSlideError, InputError) as error:
                 last = error

@@ -232,6 +232,7 @@ def tile_slide(
     read_errors: list[str] = []
     kept = 0
     read_calls = 0
+    direct_reads = 0
     try:
         results = run_parallel(
             read_block,
@@ -243,6 +244,7 @@ def tile_slide(
         )
         for result in results:
             read_calls += 1
+            direct_reads += result.direct
             rows, cols = indices[result.index]
             task = tasks[result.index]
             if result.error is not None:
@@ -312,6 +314,7 @@ def tile_slide(
         "rejected": rejected,
         "flagged": flagged,
         "read_calls": read_calls,
+        "direct_reads": direct_reads,
         "target_mpp": plan.target_mpp,
         "tile_mpp": plan.tile_mpp,
         "level": plan.level,

@@ -57,6 +57,7 @@ class BlockResult:
     reasons: list[str | None]
     encoded: list[bytes | None]
     error: str | None = None
+    direct: bool = False  # read from the stored tiles (tiff_read), not through OpenSlide
 
 
 @dataclass(frozen=True)
@@ -129,22 +130,42 @@ def _tile_origin(
     return ix, iy
 
 
-def _resample_tile(image, job: TileJob, task: BlockTask, x: int, y: int) -> np.ndarray:
-    """The tile resized from the block image over its exact (fractional) footprint."""
+def _source_span(origin: int, read_origin: int, extent_l0: float, ds: float, limit: int):
+    """A tile's exact (fractional) footprint along one axis of the block image."""
+    start = (origin - read_origin) / ds
+    return max(start, 0.0), min(start + extent_l0 / ds, limit)
+
+
+def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.ndarray]:
+    """Every tile of the block resized from the block image over its exact footprint.
+
+    The block is resized once, in PIL's own two passes: a horizontal pass per tile column
+    over the whole block height, then a vertical pass per tile over its column strip. PIL
+    resizes a box the same way (horizontal, then vertical, with the same coefficients), so
+    each tile is bit for bit what ``image.resize((size, size), box=footprint)`` gives,
+    while no source row is filtered twice for tiles of one column. The block is opaque
+    (``make_opaque``), so it is resized as RGB (one unpacking copy of the block): PIL
+    would otherwise convert the whole block to premultiplied alpha and back for every
+    call, and RGB filters three channels instead of four. Tiles are H x W x 3.
+    """
     from PIL import Image
 
-    ds = job.level_downsample
-    left = (x - task.read_x) / ds
-    top = (y - task.read_y) / ds
-    width, height = image.size
-    box = (
-        max(left, 0.0),
-        max(top, 0.0),
-        min(left + job.width_l0 / ds, width),
-        min(top + job.height_l0 / ds, height),
-    )
     resample = getattr(Image.Resampling, RESAMPLE_FILTER)
-    return np.asarray(image.resize((job.size, job.size), resample, box=box))
+    ds = job.level_downsample
+    height, width = rgba.shape[:2]
+    image = _as_image(rgba).convert("RGB")
+    strips = {}
+    tiles = []
+    for x, y in zip(task.xs, task.ys, strict=True):
+        strip = strips.get(x)
+        if strip is None:
+            left, right = _source_span(x, task.read_x, job.width_l0, ds, width)
+            strip = image.resize((job.size, height), resample, box=(left, 0, right, height))
+            strips[x] = strip
+        top, bottom = _source_span(y, task.read_y, job.height_l0, ds, height)
+        tile = strip.resize((job.size, job.size), resample, box=(0, top, job.size, bottom))
+        tiles.append(np.asarray(tile))
+    return tiles
 
 
 def _as_image(rgba: np.ndarray):
@@ -165,21 +186,23 @@ def read_block(task: BlockTask) -> BlockResult:
     job = state.job
     if job is None:
         raise RuntimeError("worker has no tile job")
+    direct_before = state.reader.direct_reads
     try:
         rgba = state.reader.read_rgba(
             job.level, task.read_x, task.read_y, task.read_width, task.read_height
         )
     except RegionReadError as error:
         return BlockResult(task.index, [], [], [], error=str(error))
+    direct = state.reader.direct_reads > direct_before
     rgba = make_opaque(rgba, job.background)
-    image = _as_image(rgba)
-    gray = None if job.resample else np.asarray(image.convert("L"))
+    resampled = resample_tiles(rgba, job, task) if job.resample else None
+    gray = None if job.resample else np.asarray(_as_image(rgba).convert("L"))
     scores: list[tuple[float, ...]] = []
     reasons: list[str | None] = []
     encoded: list[bytes | None] = []
-    for x, y in zip(task.xs, task.ys, strict=True):
-        if job.resample:
-            tile = _resample_tile(image, job, task, x, y)
+    for k, (x, y) in enumerate(zip(task.xs, task.ys, strict=True)):
+        if resampled is not None:
+            tile = resampled[k]
             tile_gray = None
         else:
             ix, iy = _tile_origin(job, task, x, y, rgba.shape)
@@ -195,7 +218,7 @@ def read_block(task: BlockTask) -> BlockResult:
             encoded.append(encode_tile(tile, job.image_format, job.quality))
         else:
             encoded.append(None)
-    return BlockResult(task.index, scores, reasons, encoded)
+    return BlockResult(task.index, scores, reasons, encoded, direct=direct)
 
 
 def read_chunk(task: ChunkTask) -> tuple[int, np.ndarray | str]:
