@@ -35,6 +35,17 @@ def demo_sheet_path(config: dict[str, Any]) -> str | None:
     return os.path.join(demo_dir, "samples.tsv") if demo_dir else None
 
 
+def check_config_keys(config: dict[str, Any]) -> None:
+    """Stop at parse time, one line per misspelt or unknown config key (its parent named)."""
+    from medprep.schema import unknown_keys
+
+    lines = unknown_keys(config)
+    if lines:
+        for line in lines:
+            print(f"medprep error: config: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
 def build_demo_if_requested(config: dict[str, Any]) -> None:
     """Build the demo dataset when ``samples`` is the demo sheet and it is missing."""
     sheet = demo_sheet_path(config)

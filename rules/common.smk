@@ -14,6 +14,8 @@ min_version("9.0")
 ##### configuration and sample sheet #####
 
 
+# A misspelt key anywhere fails here, one line per key naming it and its parent.
+mw.check_config_keys(config)
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Memory guarded by default: a local run without --resources mem_mb=N gets the memory
