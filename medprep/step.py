@@ -25,6 +25,9 @@ log = logging.getLogger("medprep")
 FAILURES_DIR = Path("logs") / "failures"
 EXIT_INPUT_ERROR = 1
 EXIT_INTERNAL_ERROR = 2
+# Steps whose input manifests list working files they read (restored when removed after
+# upload); the cohort and dataset rules read manifests and tables, which always stay.
+SCRATCH_STEPS = frozenset({"preprocess", "tile", "upload"})
 
 
 def failure_record_path(sample: str, step: str) -> Path:
@@ -80,7 +83,7 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     try:
         remove_leftovers(_output_paths(smk))
         check_disk_budget(smk)
-        if hasattr(smk, "config") and "destination" in smk.config:
+        if step in SCRATCH_STEPS and "destination" in getattr(smk, "config", {}):
             from medprep import scratch
 
             scratch.restore_inputs(smk)

@@ -293,13 +293,14 @@ def test_rule_scripts_write_manifests_and_fail_in_one_line(tmp_path, monkeypatch
     download.write_text(json.dumps({"format": 1, "sample": "S1", "files": files}))
     base = tmp_path / "results/ct/S1"
     pre_out = {
-        "volume": str(base / "preprocess/volume.nii.gz"),
-        "mask": str(base / "preprocess/lung_mask.nii.gz"),
         "metadata": str(base / "preprocess/metadata.json"),
         "qc": str(base / "preprocess/qc.png"),
         "manifest": str(base / "preprocess.json"),
     }
     params = {
+        # working files: params, not outputs (removed after upload; see medprep.scratch)
+        "volume": str(base / "preprocess/volume.nii.gz"),
+        "mask": str(base / "preprocess/lung_mask.nii.gz"),
         "settings": {**COARSE, "spacing": [1.0, 1.0, 1.0]},
         "series_uid": None,
         "include_identifiers": False,
@@ -341,7 +342,8 @@ def test_rule_scripts_write_manifests_and_fail_in_one_line(tmp_path, monkeypatch
         "manifest": str(base / "tile.json"),
     }
     tile_params = {
-        "settings": {"slices_png": {"enabled": True}, "patches": {"size_mm": 16, "stride_mm": 16}}
+        "patches": str(base / "tile/patches.npy"),
+        "settings": {"slices_png": {"enabled": True}, "patches": {"size_mm": 16, "stride_mm": 16}},
     }
     run_script(
         "tile_ct.py",

@@ -188,6 +188,13 @@ def copy_then_die(source, target, *rest, **options):
         os.kill(os.getpid(), signal.SIGKILL)
     return copy(source, target, *rest, **options)
 shutil.copyfile = copy_then_die
+link = os.link
+def link_then_die(source, target, *rest, **options):
+    # on one file system the publisher hard-links: killed right after the link
+    link(source, target, *rest, **options)
+    if str(source).endswith(args["kill_at"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.link = link_then_die
 storage.publish(args["artifacts"], args["destination"], manifest={"v": 2}, threads=1)
 """
 

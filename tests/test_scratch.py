@@ -62,7 +62,9 @@ def test_s3_to_s3_leaves_no_working_files_and_reruns_fetch_only_what_they_need(w
         # what stays: step manifests, summaries, the QC picture the report shows
         assert {"download.json", "preprocess.json", "tile.json", "upload.json"} <= left
         assert "preprocess/qc.png" in left
-        assert {"preprocess/volume.nii.gz", "patches/patches.npy"} <= set(published[f"ct/{sample}"])
+        assert {"preprocess/volume.nii.gz", "patches/patches.parquet"} <= set(
+            published[f"ct/{sample}"]
+        )
     log = (world.workdir / "logs" / "upload" / "ct" / f"{CT[0]}.log").read_text()
     assert "removed" in log and "working files" in log
 
@@ -79,8 +81,8 @@ def test_s3_to_s3_leaves_no_working_files_and_reruns_fetch_only_what_they_need(w
     assert [p for p in fetched if p.endswith("/preprocess/volume.nii.gz")]
     after = world.published()
     assert (
-        after[f"ct/{CT[0]}"]["patches/patches.npy"]
-        != published[f"ct/{CT[0]}"]["patches/patches.npy"]
+        after[f"ct/{CT[0]}"]["patches/patches.parquet"]
+        != published[f"ct/{CT[0]}"]["patches/patches.parquet"]
     )
     assert (
         after[f"ct/{CT[0]}"]["preprocess/volume.nii.gz"]
@@ -111,7 +113,8 @@ def test_keep_working_files_keeps_them_and_changing_it_reruns_nothing(world):
     reconfigure(world, keep_working_files=True)
     world.run()
     left = local_files(world, CT[0])
-    assert "preprocess/volume.nii.gz" in left and "tile/patches.npy" in left
+    # (patches are coordinates in the table by default: no patches.npy to keep)
+    assert {"preprocess/volume.nii.gz", "preprocess/lung_mask.nii.gz"} <= left
     assert [f for f in left if f.startswith("download/") and f.endswith(".dcm")]
     reconfigure(world, keep_working_files=False)
     assert world.run().ran() == set()

@@ -135,9 +135,13 @@ def test_connection_settings_rerun_nothing(rerun_dir):
 
 def job_block(output: str, rule: str) -> str:
     """The first job block of ``rule`` in Snakemake's printed plan."""
-    start = output.index(f"rule {rule}:")
-    end = output.find("\n\n", start)
-    return output[start : end if end > 0 else None]
+    lines = output[output.index(f"rule {rule}:") :].splitlines()
+    block = [lines[0]]
+    for line in lines[1:]:  # up to the next job's time stamp, rule line or a blank line
+        if not line.strip() or line.startswith(("[", "rule ", "localrule ")):
+            break
+        block.append(line)
+    return "\n".join(block)
 
 
 def test_threads_and_memory_are_set_per_rule_from_the_command_line(workdir):
