@@ -220,6 +220,17 @@ def test_counts_agree_between_summary_manifest_table_and_shards(tmp_path, synthe
     assert overlay.size[0] >= Image.open(out["thumbnail"]).size[0]
 
 
+def test_tiling_logs_its_progress_in_tiles(tmp_path, synthetic, caplog):
+    folder = tmp_path / "S"
+    preprocess(folder, synthetic)
+    with caplog.at_level("INFO", logger="medprep.progress"):
+        summary = tile(folder, container="coords")["summary"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "medprep.progress"]
+    candidates = summary["candidates"]
+    assert lines and lines[-1].startswith(f"tiles {candidates:,}/{candidates:,} (100%), ")
+    assert lines[-1].endswith(" tiles/s")
+
+
 def test_coordinates_only_writes_no_pixels(tmp_path, synthetic):
     folder = tmp_path / "S"
     preprocess(folder, synthetic)

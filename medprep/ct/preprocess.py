@@ -22,6 +22,7 @@ from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series, 
 from medprep.ct.settings import ct_settings, lung_settings
 from medprep.errors import InputError
 from medprep.parallel import thread_map
+from medprep.progress import Progress
 
 log = logging.getLogger("medprep.ct")
 
@@ -265,7 +266,11 @@ def _decode(geometry: series.StackGeometry, threads: int) -> tuple[np.ndarray, d
         volume[k] = result.hu
         return result.padding, result.clamped_low, transform.source
 
-    results = list(thread_map(decode, range(len(geometry.slices)), threads))
+    progress = Progress("slices", len(geometry.slices))
+    results = []
+    for result in thread_map(decode, range(len(geometry.slices)), threads):
+        results.append(result)
+        progress.advance()
     sources = sorted({r[2] for r in results})
     padding_pixels = sum(r[0] for r in results)
     clamped = sum(r[1] for r in results)

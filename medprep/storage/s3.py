@@ -21,6 +21,7 @@ from typing import Any
 from medprep import atomic
 from medprep.errors import InputError
 from medprep.parallel import thread_map
+from medprep.progress import Progress
 from medprep.redact import redact
 from medprep.storage import (
     METAIMAGE_DATA_SUFFIXES,
@@ -289,13 +290,17 @@ def _download_all(
     small = [rel for rel, obj in todo if obj.size <= part]
     large = [rel for rel, obj in todo if obj.size > part]
     checks = {}
+    progress = Progress("objects", len(todo))
     try:
         results = thread_map(
             lambda rel: transfer.download_small(s3, items[rel], attempts), small, threads
         )
-        checks.update(zip(small, results, strict=True))
+        for rel, result in zip(small, results, strict=True):
+            checks[rel] = result
+            progress.advance()
         for rel in large:
             checks[rel] = transfer.download_large(s3, items[rel], part, threads, attempts)
+            progress.advance()
     except transfer.RemoteChanged as changed:
         raise InputError(
             f"object {changed} changed on the server during the download; run the workflow again",
@@ -406,8 +411,9 @@ def _upload_files(
         ("part", upload, n) for upload in uploads for n in range(1, len(upload.local.part_md5s) + 1)
     ]
     try:
+        progress = Progress("requests", len(tasks))
         for _ in thread_map(run, tasks, threads):
-            pass
+            progress.advance()
         for upload in uploads:
             etags[upload.local.name] = transfer.complete_multipart(s3, upload, attempts)
     except BaseException:

@@ -21,6 +21,7 @@ import numpy as np
 
 from medprep.errors import InputError
 from medprep.parallel import run_parallel
+from medprep.progress import Progress
 from medprep.wsi import artifacts, qc
 from medprep.wsi import grid as grids
 from medprep.wsi.settings import TileSettings
@@ -233,6 +234,7 @@ def tile_slide(
     kept = 0
     read_calls = 0
     direct_reads = 0
+    progress = Progress("tiles", candidates)
     try:
         results = run_parallel(
             read_block,
@@ -247,6 +249,7 @@ def tile_slide(
             direct_reads += result.direct
             rows, cols = indices[result.index]
             task = tasks[result.index]
+            progress.advance(len(task.xs))
             if result.error is not None:
                 read_errors.append(result.error)
                 rejected["read_error"] += len(task.xs)
@@ -288,6 +291,7 @@ def tile_slide(
     finally:
         container.close()
         close_worker()
+    progress.finish()
 
     for name in ("x", "y", "mask_coverage", *qc.SCORE_NAMES, *artifacts.FRACTION_NAMES):
         table[name] = table[name][:kept]
