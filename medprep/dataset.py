@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medprep import atomic, splits
+from medprep.ct.tile import TABLE_COLUMNS as CT_TABLE_COLUMNS
 from medprep.errors import InputError
 from medprep.parallel import thread_map
+from medprep.wsi.writers import TABLE_COLUMNS as WSI_TABLE_COLUMNS
 
 log = logging.getLogger("medprep.dataset")
 
@@ -46,47 +48,10 @@ TABLES = ("tiles.parquet", "patches.parquet", "samples.parquet")
 # sheet columns on every row, after the sample
 GROUP_COLUMNS = {"patient": "string", "label": "string", "split": "string"}
 
-TILE_COLUMNS = {
-    "tile_id": "int64",
-    "x": "int64",
-    "y": "int64",
-    "width_l0": "float64",
-    "height_l0": "float64",
-    "level": "int32",
-    "target_mpp": "float64",
-    "mpp": "float64",
-    "size": "int32",
-    "mask_coverage": "float64",
-    "tissue_fraction": "float64",
-    "background_fraction": "float64",
-    "white_fraction": "float64",
-    "black_fraction": "float64",
-    "blur": "float64",
-    "file": "string",
-    "member": "string",
-    "offset": "int64",
-    "nbytes": "int64",
-}
-PATCH_COLUMNS = {
-    "patch": "int64",
-    "z0": "int64",
-    "y0": "int64",
-    "x0": "int64",
-    "z1": "int64",
-    "y1": "int64",
-    "x1": "int64",
-    "center_voxel_z": "float64",
-    "center_voxel_y": "float64",
-    "center_voxel_x": "float64",
-    "center_lps_x_mm": "float64",
-    "center_lps_y_mm": "float64",
-    "center_lps_z_mm": "float64",
-    "lung_fraction": "float64",
-    "padded": "bool",
-    "volume": "string",
-    "array": "string",
-    "array_row": "int64",
-}
+# the per-sample tables' own columns, as their writers declare them, and for patches
+# where the pixels are (the published volume, or a materialised array and its row)
+TILE_COLUMNS = {k: v for k, v in WSI_TABLE_COLUMNS.items() if k != "sample"}
+PATCH_COLUMNS = {**CT_TABLE_COLUMNS, "volume": "string", "array": "string", "array_row": "int64"}
 SAMPLE_COLUMNS = {
     "modality": "string",
     "status": "string",

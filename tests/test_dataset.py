@@ -131,6 +131,12 @@ def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
             assert (table["sample"] == sample).sum() == own["steps"]["tile"][column]
             assert samples.loc[sample, column] == own["steps"]["tile"][column]
     assert (tiles["meta_site"] == "leeds").all() and set(tiles["patient"]) == {"P1", "P2"}
+    # every column of the per-sample tables, QC scores and artifact flags included
+    published_tiles = pd.read_parquet(
+        run / "published" / "wsi" / tiles["sample"].iloc[0] / "tiles" / "tiles.parquet"
+    )
+    assert set(published_tiles.columns) - {"sample"} <= set(tiles.columns)
+    assert {"sharpness", "pen_fraction", "fold_fraction", "gap_fraction"} <= set(tiles.columns)
     for name in set(tiles["file"]) | set(patches["volume"]):
         assert (run / "published" / name).is_file(), name
     cohort = pd.read_csv(run / "results/cohort/cohort.csv", dtype=str).set_index("sample")
