@@ -34,3 +34,41 @@ def workdir(tmp_path, tiny_data) -> Path:
     write_samples(tmp_path, TINY_SAMPLES)
     write_config(tmp_path)
     return tmp_path
+
+
+# ---- the S3 server of the tests: a real moto_server process per test module
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory):
+    from s3_support import MotoServer
+
+    with MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(tmp_path, monkeypatch):
+    """The fake credentials in the environment for this test."""
+    from s3_support import use_test_credentials
+
+    from medprep import storage
+
+    yield use_test_credentials(tmp_path, monkeypatch)
+    storage.clear_caches()
+
+
+@pytest.fixture
+def bucket(moto_server, s3_env):
+    """A new empty bucket on the test server."""
+    from s3_support import create_bucket
+
+    return create_bucket(moto_server, s3_env)
+
+
+@pytest.fixture
+def s3(moto_server, s3_env):
+    """A plain boto3 client of the test server."""
+    from s3_support import raw_client
+
+    return raw_client(moto_server.url, s3_env)

@@ -4,31 +4,8 @@ download, fingerprints and discovery (LUNA16 keeps x.mhd and x.raw side by side)
 from __future__ import annotations
 
 import pytest
-from s3_support import MotoServer, create_bucket, raw_client, use_test_credentials
 
 from medprep import storage
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(tmp_path, monkeypatch):
-    yield use_test_credentials(tmp_path, monkeypatch)
-    storage.clear_caches()
-
-
-@pytest.fixture
-def bucket(moto_server, s3_env):
-    return create_bucket(moto_server, s3_env)
-
-
-@pytest.fixture
-def s3(moto_server, s3_env):
-    return raw_client(moto_server.url, s3_env)
 
 
 @pytest.fixture

@@ -235,14 +235,6 @@ def test_a_rerun_does_nothing_and_a_new_label_rebuilds_only_the_index(run):
 # --- S3 -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    from s3_support import MotoServer
-
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
-        yield server
-
-
 @pytest.fixture
 def s3(moto_server, tmp_path, monkeypatch):
     """Storage settings for a fresh bucket: (settings, bucket, credentials)."""

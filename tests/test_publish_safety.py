@@ -23,14 +23,10 @@ from pathlib import Path
 
 import pytest
 from s3_support import (
-    MotoServer,
-    create_bucket,
     fake_credentials,
     free_port,
     isolated_aws_environment,
     new_bucket_name,
-    raw_client,
-    use_test_credentials,
 )
 from test_storage_workflow import (
     World,
@@ -231,28 +227,6 @@ def test_a_killed_local_publish_leaves_no_temporary_at_any_depth_after_the_rerun
 
 
 # ---------------------------------------------------------------- S3
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(tmp_path, monkeypatch):
-    yield use_test_credentials(tmp_path, monkeypatch)
-    storage.clear_caches()
-
-
-@pytest.fixture
-def bucket(moto_server, s3_env):
-    return create_bucket(moto_server, s3_env)
-
-
-@pytest.fixture
-def s3(moto_server, s3_env):
-    return raw_client(moto_server.url, s3_env)
 
 
 @pytest.fixture

@@ -18,11 +18,7 @@ from pathlib import Path
 import pytest
 from s3_support import (
     FaultProxy,
-    MotoServer,
-    create_bucket,
     free_port,
-    raw_client,
-    use_test_credentials,
 )
 
 from medprep import atomic, storage
@@ -35,24 +31,6 @@ from medprep.storage.s3_transfer import Download, RemoteChanged, download_small
 
 MB = 1024 * 1024
 PART_MB = 5  # S3's minimum part size: objects above it go in ranges / multipart
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(tmp_path, monkeypatch):
-    """The fake credentials in the environment for this test."""
-    yield use_test_credentials(tmp_path, monkeypatch)
-    storage.clear_caches()
-
-
-@pytest.fixture
-def bucket(moto_server, s3_env):
-    return create_bucket(moto_server, s3_env)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +48,6 @@ def settings(moto_server):
         "part_size_mb": PART_MB,
         "max_attempts": 6,
     }
-
-
-@pytest.fixture
-def s3(moto_server, s3_env):
-    return raw_client(moto_server.url, s3_env)
 
 
 def put_series(s3, bucket, prefix, count, size=3000, seed=0):

@@ -39,12 +39,6 @@ def chain(sample: str, modality: str) -> set[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def aws_env(tmp_path_factory) -> dict[str, str]:
     """What the snakemake processes get: fake credentials and no other AWS configuration."""
     return isolated_aws_environment(tmp_path_factory.mktemp("aws"), fake_credentials())
