@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_storage_workflow import CT, NEW_CT, World, aws_env, chain, moto_server  # noqa: F401
+from test_storage_workflow import CT, NEW_CT, World, aws_env, chain  # noqa: F401
 from workflow_support import write_config
 
 from medprep import storage
