@@ -21,7 +21,6 @@ every 0.5 s, local disk left at the end, and the machine's load average (it is s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -30,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -48,7 +46,9 @@ from s3_support import (  # noqa: E402
     raw_client,
 )
 from workflow_support import (  # noqa: E402
+    DiskSampler,
     deep_update,
+    folder_bytes,
     snakemake_command,
     write_config,
     write_samples,
@@ -70,38 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slices", type=int, default=80)
     parser.add_argument("--snakemake-args", default="", help="extra arguments for the workflow run")
     return parser.parse_args(argv)
-
-
-class DiskSampler:
-    """Peak bytes under ``folder``, sampled every ``every_s`` seconds in a thread."""
-
-    def __init__(self, folder: Path, every_s: float = SAMPLE_EVERY_S):
-        self.folder, self.every_s, self.peak = folder, every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, folder_bytes(self.folder))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, folder_bytes(self.folder))
-
-
-def folder_bytes(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):  # removed while we walked
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
 
 
 def make_cohort(s3, bucket: str, folder: Path, args) -> int:
@@ -146,7 +114,7 @@ def run_workflow(workdir: Path, bucket: str, endpoint: str, env: dict, args) -> 
     (workdir / "results").mkdir()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    with DiskSampler(workdir / "results") as disk:
+    with DiskSampler(workdir / "results", SAMPLE_EVERY_S) as disk:
         subprocess.run(
             snakemake_command(workdir, *args.snakemake_args.split(), cores=args.cores),
             cwd=workdir,
@@ -258,7 +226,10 @@ def run_seed_pool(scratch: Path, bucket: str, endpoint: str, env: dict, args) ->
     workers = max(1, round(1.5 * args.cores))
     started = time.monotonic()
     try:
-        with DiskSampler(scratch) as disk, ProcessPoolExecutor(max_workers=workers) as pool:
+        with (
+            DiskSampler(scratch, SAMPLE_EVERY_S) as disk,
+            ProcessPoolExecutor(max_workers=workers) as pool,
+        ):
             futures = [
                 pool.submit(
                     seed_sample,

@@ -7,9 +7,6 @@ while the workflow runs.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from s3_support import (
     raw_client,
 )
 from slurm_support import JobEvent, job_events
-from workflow_support import run_snakemake, write_config, write_samples
+from workflow_support import DiskSampler, folder_bytes, run_snakemake, write_config, write_samples
 
 from medprep.ct.phantom import write_chest_phantom
 
@@ -30,37 +27,6 @@ pytestmark = pytest.mark.slow
 SAMPLES = ["p1", "p2", "p3"]
 CORES = 4
 MB = 1024 * 1024
-
-
-class DiskSampler:
-    """Bytes under ``folder``, sampled every ``every_s`` seconds in a thread; the peak."""
-
-    def __init__(self, folder: Path, every_s: float = 0.05):
-        self.folder, self.every_s, self.peak = folder, every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, folder_bytes(self.folder))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> DiskSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def folder_bytes(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):  # removed while we walked
-                total += os.stat(os.path.join(root, name)).st_size
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +63,7 @@ def new_workdir(tmp_path: Path, store, name: str) -> Path:
 
 def run_sampled(workdir: Path, store, *args: str, check: bool = True):
     (workdir / "results").mkdir(exist_ok=True)
-    with DiskSampler(workdir / "results") as sampler:
+    with DiskSampler(workdir / "results", every_s=0.05) as sampler:
         run = run_snakemake(workdir, *args, cores=CORES, env=store[2], check=check)
     return run, sampler.peak
 

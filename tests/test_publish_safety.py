@@ -34,7 +34,13 @@ from test_storage_workflow import (
     assert_published_complete,
     chain,
 )
-from workflow_support import copy_workdir, run_snakemake, write_config, write_samples
+from workflow_support import (
+    copy_workdir,
+    make_artifacts,
+    run_snakemake,
+    write_config,
+    write_samples,
+)
 
 from medprep import atomic, storage
 from medprep.errors import InputError
@@ -42,17 +48,6 @@ from medprep.errors import InputError
 MB = 1024 * 1024
 CT = ("real-dcmqi-3slice", "ct", "data/ct/real-dcmqi-3slice")
 WSI = ("synthetic-01", "wsi", "data/wsi/synthetic-01.tiff")
-
-
-def make_artifacts(folder: Path, sizes: dict[str, int], seed: int = 0) -> list[dict[str, str]]:
-    rng = __import__("random").Random(seed)
-    artifacts = []
-    for name, size in sizes.items():
-        path = folder / name.replace("/", "__")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(size))
-        artifacts.append({"name": name, "path": str(path)})
-    return artifacts
 
 
 def sha256(data: bytes) -> str:

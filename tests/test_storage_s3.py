@@ -20,6 +20,7 @@ from s3_support import (
     FaultProxy,
     free_port,
 )
+from workflow_support import make_artifacts
 
 from medprep import atomic, storage
 from medprep.errors import InputError
@@ -348,17 +349,6 @@ def test_discover_refuses_two_slides_with_one_sample_name(s3, bucket, settings):
 
 
 # ---------------------------------------------------------------- upload
-
-
-def make_artifacts(folder: Path, sizes: dict[str, int], seed: int = 0) -> list[dict[str, str]]:
-    rng = __import__("random").Random(seed)
-    artifacts = []
-    for name, size in sizes.items():
-        path = folder / name.replace("/", "__")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(size))
-        artifacts.append({"name": name, "path": str(path)})
-    return artifacts
 
 
 def read_published(s3, bucket, prefix):

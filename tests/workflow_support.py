@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,3 +143,49 @@ def tree_digest(folder: Path) -> dict[str, str]:
 def copy_workdir(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, symlinks=True)
     return target
+
+
+class DiskSampler:
+    """The peak of the bytes under ``folder``, sampled every ``every_s`` seconds in a
+    thread while the ``with`` block runs (and once more at its end)."""
+
+    def __init__(self, folder: Path, every_s: float = 0.5):
+        self.folder, self.every_s, self.peak = folder, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, folder_bytes(self.folder))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, folder_bytes(self.folder))
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # removed while we walked
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def make_artifacts(folder: Path, sizes: dict[str, int], seed: int = 0) -> list[dict[str, str]]:
+    """Random files of ``sizes`` (by artifact name) under ``folder``, as step artifacts."""
+    rng = random.Random(seed)
+    artifacts = []
+    for name, size in sizes.items():
+        path = folder / name.replace("/", "__")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+        artifacts.append({"name": name, "path": str(path)})
+    return artifacts
