@@ -27,6 +27,8 @@ EXIT_INPUT_ERROR = 1
 EXIT_INTERNAL_ERROR = 2
 # Steps whose input manifests list working files they read (restored when removed after
 # upload); the cohort and dataset rules read manifests and tables, which always stay.
+# set by the workflow when it chose the disk budget itself (medprep.workflow)
+DEFAULT_DISK_BUDGET_ENV = "MEDPREP_DEFAULT_DISK_MB"
 SCRATCH_STEPS = frozenset({"preprocess", "tile", "upload"})
 
 
@@ -209,12 +211,23 @@ def check_disk_budget(smk: Any) -> None:
     resources = getattr(smk, "resources", None)
     need = getattr(resources, "disk_need_mb", None)
     granted = getattr(resources, "disk_mb", None)
-    if isinstance(need, int) and isinstance(granted, int) and need > granted:
-        raise InputError(
-            f"needs {need} MB of local disk for its working set, more than the whole "
-            f"disk budget of {granted} MB (--resources disk_mb=N): raise the budget or "
-            "free disk space"
+    if not (isinstance(need, int) and isinstance(granted, int) and need > granted):
+        return
+    if os.environ.get(DEFAULT_DISK_BUDGET_ENV) == str(granted):
+        # the workflow's default budget, sized from the downloads before any output was
+        # known: the job holds all of it, so it runs alone
+        log.warning(
+            "needs %d MB of local disk, more than the default budget of %d MB: runs alone "
+            "(--resources disk_mb=N sets a budget)",
+            need,
+            granted,
         )
+        return
+    raise InputError(
+        f"needs {need} MB of local disk for its working set, more than the whole "
+        f"disk budget of {granted} MB (--resources disk_mb=N): raise the budget or "
+        "free disk space"
+    )
 
 
 def _output_paths(smk: Any) -> list[str]:

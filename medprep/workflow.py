@@ -20,6 +20,7 @@ import pandas as pd
 
 from medprep import atomic, errors, storage
 from medprep.sheet import read_sample_sheet
+from medprep.step import DEFAULT_DISK_BUDGET_ENV
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +425,11 @@ def default_disk_budget(workflow: Any, uris: list[str], settings: dict[str, Any]
     largest = max(disk_mb("download", uri=uri, settings=settings) for uri in remote)
     cores = workflow.global_resources["_cores"].value or os.cpu_count() or 1
     free_mb = int(shutil.disk_usage(".").free / MB)
-    workflow.register_resource("disk_mb", max(1, min(free_mb, (cores + 2) * largest)))
+    budget = max(1, min(free_mb, (cores + 2) * largest))
+    workflow.register_resource("disk_mb", budget)
+    # local jobs inherit it: a job whose estimate exceeds this default (not a budget the
+    # user chose) runs alone instead of failing (medprep.step.check_disk_budget)
+    os.environ[DEFAULT_DISK_BUDGET_ENV] = str(budget)
 
 
 ##### local disk #####
@@ -434,8 +439,9 @@ def default_disk_budget(workflow: Any, uris: list[str], settings: dict[str, Any]
 CT_OUTPUT_BYTES_PER_VOXEL = 3
 SMALL_OUTPUTS_MB = 2
 # patches touching the lungs, over the lungs' volume at the patch stride: two lungs each
-# taken as a cube, widened by one patch on every side
-CT_PATCH_BYTES = {"normalised": 4, "hu": 2}
+# taken as a cube, widened by one patch on every side; bytes per voxel by
+# ct.patches.materialise (none: only the table, the patches are cut from the volume)
+CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 
 
 # Before its outputs are known, a sample is reserved this many times its raw bytes: a CT
@@ -504,7 +510,7 @@ def _disk_tile_ct(
     per_lung_side = (lung_mm3 / 2) ** (1 / 3) if lung_mm3 else 0
     patches = 2 * math.ceil((per_lung_side + size_mm) / stride_mm) ** 3 if lung_mm3 else 0
     voxels = math.prod(math.ceil(size_mm / s) for s in spacing)
-    per_value = CT_PATCH_BYTES.get(patch_settings.get("values", "normalised"), 4)
+    per_value = CT_PATCH_BYTES[patch_settings.get("materialise", "none")]
     return (
         _raw_bytes(download_manifest)
         + _artifact_bytes(preprocess_manifest)

@@ -8,10 +8,13 @@ rule download:
     retries: 1
     conda:
         "../envs/storage.yaml"
-    # I/O, not CPU: one core, storage.connections requests in flight, `transfers` caps
-    # how many transfer jobs run at once (profiles/default).
-    threads: 1
+    # I/O, not CPU: the job holds no core of --cores (threads 0) and keeps
+    # storage.connections requests in flight; `transfers` (profiles/default) caps how
+    # many transfer jobs run at once, so CPU jobs keep every core. On a cluster the job
+    # asks for one CPU (cpus_per_task: SLURM has no zero-CPU job).
+    threads: 0
     resources:
+        cpus_per_task=1,
         mem_mb=mem_download,
         disk_mb=disk_download,
         disk_need_mb=disk_download,

@@ -12,9 +12,10 @@ rule upload:
     retries: 1
     conda:
         "../envs/storage.yaml"
-    # I/O, not CPU: see rule download.
-    threads: 1
+    # I/O, not CPU: no core of --cores, one CPU on a cluster (see rule download).
+    threads: 0
     resources:
+        cpus_per_task=1,
         mem_mb=mem_upload,
         disk_mb=disk_upload,
         disk_need_mb=disk_upload,

@@ -105,3 +105,24 @@ def test_a_sample_larger_than_the_disk_budget_fails_with_a_clear_line(tmp_path, 
     for sample in SAMPLES:
         assert f"medprep error: sample {sample}: needs " in run.stderr
     assert "more than the whole disk budget of 1 MB" in run.stderr
+
+
+def test_a_job_larger_than_the_default_budget_runs_alone_instead_of_failing(tmp_path, store):
+    # The default budget is sized from the downloads, before any output is known; patches
+    # materialised at a fine stride make the tile step's working set larger than it.
+    server, bucket, env = store
+    workdir = tmp_path / "materialised"
+    workdir.mkdir()
+    write_samples(workdir, [("p1", "ct", f"s3://{bucket}/ct/p1/")])
+    write_config(
+        workdir,
+        destination=f"s3://{bucket}/published/materialised",
+        storage={"endpoint_url": server.url, "region": "us-east-1"},
+        ct={"patches": {"materialise": "normalised", "size_mm": 64, "stride_mm": 8}},
+    )
+    run, _ = run_sampled(workdir, store)
+    events = [e for e in job_events(run.stderr) if e.kind == "start" and e.disk_mb]
+    budget = max(e.disk_mb for e in events)
+    log = (workdir / "logs" / "tile_ct" / "p1.log").read_text()
+    assert f"more than the default budget of {budget} MB: runs alone" in log
+    assert (workdir / "results" / "ct" / "p1" / "upload.json").is_file()
