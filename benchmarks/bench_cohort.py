@@ -58,7 +58,13 @@ from workflow_support import (  # noqa: E402
 
 from medprep import manifest, schema, storage  # noqa: E402
 
-CT_SETTINGS = {"spacing": [2.0, 2.0, 2.0], "patches": {"size_mm": 64, "stride_mm": 32}}
+# the phantoms span a 358 mm field of view, as a chest CT does
+FIELD_OF_VIEW_MM = 358.4
+
+
+def ct_settings(args) -> dict:
+    """The ct: settings of both sides: the workflow's defaults unless --spacing says."""
+    return {"spacing": [args.spacing] * 3} if args.spacing else {}
 SAMPLE_EVERY_S = 0.5
 
 
@@ -69,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--rows", type=int, default=224, help="phantom rows and columns")
     parser.add_argument("--slices", type=int, default=80)
+    parser.add_argument("--slice-mm", type=float, default=3.0, help="phantom slice distance")
+    parser.add_argument(
+        "--spacing", type=float, default=None, help="output spacing in mm (default: config's)"
+    )
     parser.add_argument("--snakemake-args", default="", help="extra arguments for the workflow run")
     return parser.parse_args(argv)
 
@@ -84,8 +94,8 @@ def make_cohort(s3, bucket: str, folder: Path, args) -> int:
             rows=args.rows,
             cols=args.rows,
             slices=args.slices,
-            pixel_mm=1.6,
-            slice_mm=3.0,
+            pixel_mm=FIELD_OF_VIEW_MM / args.rows,
+            slice_mm=args.slice_mm,
             seed=index,
         )
         for path in sorted(series.iterdir()):
@@ -110,7 +120,7 @@ def run_workflow(workdir: Path, bucket: str, endpoint: str, env: dict, args) -> 
         workdir,
         destination=f"s3://{bucket}/published/workflow",
         storage={"endpoint_url": endpoint, "region": "us-east-1"},
-        ct=CT_SETTINGS,
+        ct=ct_settings(args),
     )
     (workdir / "results").mkdir()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -192,8 +202,12 @@ def reference_sample(sample: str, uri: str, scratch: str, destination: str, conf
     settings = config["storage"]
     folder = Path(scratch) / sample
     connections = settings["connections"]
-    storage.fetch(uri, folder / "download", threads=connections, settings=settings)
-    slices = ct_reference.load_scan(folder / "download")
+    files = storage.fetch(uri, folder / "download", threads=connections, settings=settings)
+    series = folder / "series"  # the seed reads every file of a folder: only the slices
+    series.mkdir()
+    for f in files:
+        os.link(f.path, series / Path(f.path).name)
+    slices = ct_reference.load_scan(series)
     image = ct_reference.pixels_hu(slices)
     resampled, _ = ct_reference.resample(image, slices, new_spacing=config["ct"]["spacing"])
     mask = ct_reference.segment_lung_mask(resampled, True)
@@ -220,7 +234,7 @@ def run_pool(
     steps = steps or seed_sample
     config = deep_update(
         {"ct": schema.config_defaults("ct"), "storage": schema.config_defaults("storage")},
-        {"ct": CT_SETTINGS, "storage": {"endpoint_url": endpoint, "region": "us-east-1"}},
+        {"ct": ct_settings(args), "storage": {"endpoint_url": endpoint, "region": "us-east-1"}},
     )
     scratch.mkdir()
     saved = dict(os.environ)
@@ -305,7 +319,8 @@ def report(args, input_bytes, flow, seed, reference, load_before, load_after) ->
     print(f"{args.latency_ms:.0f} ms per request, --cores {cores}")
     print(
         f"input {input_bytes / mb:.1f} MB ({input_bytes / args.samples / mb:.1f} MB per sample,"
-        f" {args.rows}x{args.rows}x{args.slices} int16 DICOM); largest sample working set"
+        f" {args.rows}x{args.rows}x{args.slices} int16 DICOM, output spacing "
+        f"{args.spacing or 'default'} mm); largest sample working set"
         f" {flow['largest_working_set'] / mb:.1f} MB (raw + published artifacts)"
     )
     print(
