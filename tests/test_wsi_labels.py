@@ -205,7 +205,9 @@ def test_background_label_and_annotated_only(preprocessed, tmp_path):
 
     kept, summary = run_tile(folder, manifest, annotated_only=True)
     assert set(kept.label) == {"Necrosis", "Tumor", "Stroma"}
-    assert sorted(zip(kept.x, kept.y)) == sorted(zip(annotated.x, annotated.y))
+    assert sorted(zip(kept.x, kept.y, strict=True)) == sorted(
+        zip(annotated.x, annotated.y, strict=True)
+    )
     assert (
         kept.set_index(["x", "y"]).label.to_dict()
         == annotated.set_index(["x", "y"]).label.to_dict()
@@ -398,3 +400,12 @@ def test_rule_script_passes_the_annotations(preprocessed, tmp_path):
     assert {"Tumor", "Stroma", "Necrosis"} <= set(a1.label)
     assert "label" not in p1
     assert json.loads((tmp_path / "results/wsi/A1/tile/summary.json").read_text())["labels"]
+
+
+def test_readme_example_is_read():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### WSI region labels", 1)[1].split("\n### ", 1)[0]
+    example = section.split("```json", 1)[1].split("```", 1)[0]
+    regions, warnings = labels.parse_features(json.loads(example), "README.md")
+    assert [r.label for r in regions] == ["Tumor"] and not warnings
+    assert labels.build(regions).colours["Tumor"] == (200, 0, 0)

@@ -15,8 +15,8 @@ the class areas of a tile add up to at most its area; the rest is the background
 A tile's ``label`` is the class covering the largest share of it, the background (the
 part under no annotation) competing like any class; ties go to the background, then to
 the class met first in the file. ``label_fraction`` is that share. The shares are exact
-areas (shapely intersections of the tile box with the polygons, through an STRtree), not
-counts of raster cells: ``benchmarks/bench_labels.py`` measures both ways.
+areas (the polygons clipped to the tile box, found through an STRtree), not counts of
+raster cells: ``benchmarks/bench_labels.py`` measures both ways.
 
 Everything here takes and returns plain data (numpy arrays, shapely geometries,
 dataclasses); ``read_annotations`` is the only function that reads a file.
@@ -69,18 +69,20 @@ class Region:
 
 @dataclass(frozen=True)
 class Annotations:
-    """The polygon annotations of one slide, flattened so that no two pieces overlap.
+    """The polygon annotations of one slide, ready for tile queries.
 
     ``classes`` are the annotated classes in order of first appearance in the file;
-    ``pieces`` are disjoint polygons, ``piece_class`` the index of each one's class in
-    ``classes``.
+    ``geometries`` the regions' shapes (prepared), ``region_class`` each one's index in
+    ``classes`` and ``rank`` its place in the stack (higher = on top: smaller regions,
+    then later ones).
     """
 
     regions: tuple[Region, ...]
     classes: tuple[str, ...]
     colours: dict[str, tuple[int, int, int]]
-    pieces: np.ndarray  # shapely Polygons, disjoint
-    piece_class: np.ndarray  # int, index into classes
+    geometries: np.ndarray  # shapely (Multi)Polygons, prepared
+    region_class: np.ndarray  # int, index into classes
+    rank: np.ndarray  # int, 0 = bottom
     warnings: list[str] = field(default_factory=list)
 
 
@@ -258,52 +260,25 @@ def parse_features(data: Any, path: str | None = None) -> tuple[list[Region], li
     return regions, warnings
 
 
-def flatten(regions: list[Region]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Disjoint pieces of the regions after the overlap rule, their class indices, classes.
+def stacking(areas: np.ndarray) -> np.ndarray:
+    """Each region's rank in the stack from its area (0 = bottom): smaller regions on top
+    of larger ones, and of equal areas the later on top of the earlier."""
+    order = sorted(range(len(areas)), key=lambda i: (-areas[i], i))  # bottom to top
+    rank = np.empty(len(areas), dtype=np.int64)
+    rank[order] = np.arange(len(areas))
+    return rank
 
-    Smaller regions lie on top of larger ones, later ones on top of earlier ones of the
-    same area; each region keeps only its part under no region above it.
-    """
+
+def build(regions: list[Region], warnings: list[str] | None = None) -> Annotations:
+    """Annotations from parsed regions: classes, stacking order, a colour for every class."""
     import shapely
 
     classes: list[str] = []
     for region in regions:
         if region.label not in classes:
             classes.append(region.label)
-    geoms = np.array([r.geometry for r in regions], dtype=object)
-    areas = shapely.area(geoms)
-    order = sorted(range(len(regions)), key=lambda i: (-areas[i], i))  # bottom to top
-    rank = np.empty(len(regions), dtype=np.int64)
-    rank[order] = np.arange(len(regions))
-    tree = shapely.STRtree(geoms)
-    left, right = tree.query(geoms, predicate="intersects")
-    above = rank[right] > rank[left]
-    covering: dict[int, list[int]] = {}
-    for i, j in zip(left[above], right[above], strict=True):
-        covering.setdefault(int(i), []).append(int(j))
-    pieces, piece_class = [], []
-    for i, region in enumerate(regions):
-        visible = region.geometry
-        if i in covering:
-            visible = polygonal(shapely.difference(visible, shapely.union_all(geoms[covering[i]])))
-            if visible is None:
-                continue
-        for part in shapely.get_parts(visible):
-            pieces.append(part)
-            piece_class.append(classes.index(region.label))
-    return (
-        np.array(pieces, dtype=object),
-        np.array(piece_class, dtype=np.int64),
-        tuple(classes),
-    )
-
-
-def build(regions: list[Region], warnings: list[str] | None = None) -> Annotations:
-    """Annotations from parsed regions: flattened pieces and a colour for every class."""
-    import shapely
-
-    pieces, piece_class, classes = flatten(regions)
-    shapely.prepare(pieces)
+    geometries = np.array([r.geometry for r in regions], dtype=object)
+    shapely.prepare(geometries)
     colours: dict[str, tuple[int, int, int]] = {}
     for region in regions:
         if region.colour is not None:
@@ -312,7 +287,15 @@ def build(regions: list[Region], warnings: list[str] | None = None) -> Annotatio
     for k, name in enumerate(classes):
         if name not in colours:
             colours[name] = next(spare, PALETTE[k % len(PALETTE)])
-    return Annotations(tuple(regions), classes, colours, pieces, piece_class, list(warnings or []))
+    return Annotations(
+        tuple(regions),
+        tuple(classes),
+        colours,
+        geometries,
+        np.array([classes.index(r.label) for r in regions], dtype=np.int64),
+        stacking(shapely.area(geometries)),
+        list(warnings or []),
+    )
 
 
 def read_annotations(path: str | os.PathLike) -> Annotations:
@@ -364,38 +347,75 @@ def check_extent(annotations: Annotations, width: int, height: int, path: str | 
 # ---- tile fractions
 
 
+def _clipped(geometry, box: tuple[float, float, float, float]):
+    """``geometry`` clipped to the box, valid (clip_by_rect may leave a ring touching
+    itself along the box's edge; then make_valid, which keeps the area)."""
+    import shapely
+
+    piece = shapely.clip_by_rect(geometry, *box)
+    return piece if shapely.is_valid(piece) else shapely.make_valid(piece)
+
+
 def box_fractions(
     annotations: Annotations, x: np.ndarray, y: np.ndarray, width: float, height: float
 ) -> np.ndarray:
     """Share of each box covered by each class: (len(classes), n), exact areas.
 
-    Boxes are level-0 ``[x, x + width) x [y, y + height)``. Pieces that contain a box
-    count it whole; only boxes on a piece's border are clipped to compute an area.
+    Boxes are level-0 ``[x, x + width) x [y, y + height)``. A box whose top region
+    contains it is that region's whole; a box on the border of a single region gets the
+    area of the region clipped to it; only boxes where several regions meet are resolved
+    by the stacking order, on the regions clipped to the box (small geometries).
     """
     import shapely
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     out = np.zeros((len(annotations.classes), len(x)), dtype=np.float64)
-    if len(x) == 0 or len(annotations.pieces) == 0:
+    if len(x) == 0 or len(annotations.geometries) == 0:
         return out
+    tile_area = float(width) * float(height)
     boxes = shapely.box(x, y, x + width, y + height)
-    tree = shapely.STRtree(annotations.pieces)
-    box_index, piece_index = tree.query(boxes)  # bounding boxes overlap
-    pieces = annotations.pieces[piece_index]  # prepared: the predicates below are fast
-    inside = shapely.contains_properly(pieces, boxes[box_index])
-    border = ~inside
-    border[border] = shapely.intersects(pieces[border], boxes[box_index[border]])
-    area = np.where(inside, float(width) * float(height), 0.0)
+    tree = shapely.STRtree(annotations.geometries)
+    box_index, region = tree.query(boxes)  # bounding boxes overlap
+    geoms = annotations.geometries[region]  # prepared: the predicates below are fast
+    inside = shapely.contains_properly(geoms, boxes[box_index])
+    hit = inside.copy()
+    hit[~inside] = shapely.intersects(geoms[~inside], boxes[box_index[~inside]])
+    box_index, region, inside = box_index[hit], region[hit], inside[hit]
+    # per box, its regions from the top of the stack down
+    order = np.lexsort((-annotations.rank[region], box_index))
+    box_index, region, inside = box_index[order], region[order], inside[order]
+    first = np.flatnonzero(np.r_[True, box_index[1:] != box_index[:-1]])
+    count = np.diff(np.r_[first, len(box_index)])
+    top = first[inside[first]]  # the top region holds the whole box
+    out[annotations.region_class[region[top]], box_index[top]] = tile_area
+    single = first[~inside[first] & (count == 1)]  # one region, across its border
     # clipping to the box: the same area as an intersection, a few times faster
-    area[border] = [
-        shapely.clip_by_rect(piece, x0, y0, x0 + width, y0 + height).area
-        for piece, x0, y0 in zip(
-            pieces[border], x[box_index[border]], y[box_index[border]], strict=True
-        )
+    out[annotations.region_class[region[single]], box_index[single]] = [
+        shapely.clip_by_rect(
+            annotations.geometries[r], x[b], y[b], x[b] + width, y[b] + height
+        ).area
+        for r, b in zip(region[single], box_index[single], strict=True)
     ]
-    np.add.at(out, (annotations.piece_class[piece_index], box_index), area)
-    return np.clip(out / (float(width) * float(height)), 0.0, 1.0)
+    for j in np.flatnonzero(~inside[first] & (count > 1)):  # several regions meet in the box
+        start, b = first[j], box_index[first[j]]
+        box = (x[b], y[b], x[b] + width, y[b] + height)
+        covered, covered_area = None, 0.0  # the part of the box under regions above
+        last = start + count[j] - 1
+        for k in range(start, last + 1):
+            label = annotations.region_class[region[k]]
+            if inside[k]:  # the region holds the box: it gets all that is not covered
+                out[label, b] += tile_area - covered_area
+                break
+            piece = _clipped(annotations.geometries[region[k]], box)
+            area = piece.area
+            if covered is not None and shapely.intersects(piece, covered):
+                area -= shapely.intersection(piece, covered).area
+            out[label, b] += area
+            covered_area += area
+            if k < last:
+                covered = piece if covered is None else shapely.union(covered, piece)
+    return np.clip(out / tile_area, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
