@@ -409,3 +409,32 @@ def test_readme_example_is_read():
     regions, warnings = labels.parse_features(json.loads(example), "README.md")
     assert [r.label for r in regions] == ["Tumor"] and not warnings
     assert labels.build(regions).colours["Tumor"] == (200, 0, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "annotations" not in (REPO / "rules" / "tile.smk").read_text(),
+    reason="the sheet column `annotations` is not wired into rule tile_wsi yet",
+)
+def test_workflow_labels_tiles_from_the_sheet_column(tmp_path):
+    """End to end: sheet column `annotations` -> tile_wsi -> published table -> dataset."""
+    from workflow_support import run_snakemake, write_config
+
+    slide = tmp_path / "data" / "CMU.svs"
+    slide.parent.mkdir()
+    shutil.copy(CMU, slide)
+    geojson = tmp_path / "data" / "CMU.geojson"
+    atomic.write_json(geojson, two_classes())
+    (tmp_path / "samples.tsv").write_text(
+        "sample\tmodality\turi\tannotations\tlabel\n"
+        f"A1\twsi\t{slide}\t{geojson}\tslide-label\n"
+        f"P1\twsi\t{slide}\t\tslide-label\n"
+    )
+    write_config(tmp_path, wsi={"resolution": {"mpp": 1.0}, "tile": {"min_tissue": 0.0}})
+    run_snakemake(tmp_path)
+    published = tmp_path / "published"
+    a1 = writers.read_table(published / "wsi" / "A1" / "tiles" / "tiles.parquet")
+    assert {"Necrosis", "Tumor", "Stroma"} <= set(a1.label)
+    index = pd.read_parquet(published / "dataset" / "tiles.parquet")
+    assert set(index[index["sample"] == "P1"].label) == {"slide-label"}
+    assert sorted(index[index["sample"] == "A1"].label) == sorted(a1.label)
