@@ -15,6 +15,7 @@ def main(smk):
         sample=smk.wildcards.sample,
         tile=smk.params.tile,
         threads=smk.threads,
+        annotations_manifest=smk.input.get("annotations"),
     )
 
 

@@ -111,6 +111,22 @@ class FilterSettings:
 
 
 @dataclass(frozen=True)
+class LabelSettings:
+    """``wsi.tile.labels``: region labels of tiles from the sample's annotation file."""
+
+    background: str = "background"
+    class_fractions: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.background, str) and self.background.strip()):
+            raise ValueError("wsi.tile.labels.background must be a non-empty string")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> LabelSettings:
+        return _from_mapping(cls, config, "wsi.tile.labels")
+
+
+@dataclass(frozen=True)
 class TileSettings:
     """``wsi.tile``: the grid, the QC filters and how pixels are written."""
 
@@ -124,6 +140,8 @@ class TileSettings:
     block_tiles: int = 8
     max_read_errors: int = 0
     filters: FilterSettings = field(default_factory=FilterSettings)
+    annotated_only: bool = False
+    labels: LabelSettings = field(default_factory=LabelSettings)
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 4096:
@@ -155,4 +173,7 @@ class TileSettings:
         filters = values.pop("filters", None)
         if not isinstance(filters, FilterSettings):
             filters = FilterSettings.from_config(filters)
-        return _from_mapping(cls, {**values, "filters": filters}, "wsi.tile")
+        labels = values.pop("labels", None)
+        if not isinstance(labels, LabelSettings):
+            labels = LabelSettings.from_config(labels)
+        return _from_mapping(cls, {**values, "filters": filters, "labels": labels}, "wsi.tile")

@@ -142,8 +142,12 @@ def run_tile(
     sample: str,
     tile: dict[str, Any] | None = None,
     threads: int = 1,
+    annotations_manifest: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    from medprep.wsi import artifacts, writers
+    """Tile a preprocessed slide. ``annotations_manifest``: a download-style manifest
+    listing the sample's GeoJSON annotation file (``medprep.wsi.labels``), or None: then
+    the table has no label columns and the sheet's label applies to every tile."""
+    from medprep.wsi import artifacts, labels, writers
     from medprep.wsi.tiler import SlidePlan, draw_overlay, tile_slide
 
     settings = TileSettings.from_config(tile)
@@ -160,12 +164,28 @@ def run_tile(
         )
     thumbnail = read_png(_artifact_path(previous, PREPROCESS_ARTIFACTS["thumbnail"]))
     flags = artifact_flags(thumbnail, mask, summary)
+    annotations = None
+    if annotations_manifest is not None:
+        annotation_path = labels.annotation_file(annotations_manifest)
+        annotations = labels.read_annotations(annotation_path)
+        annotations.warnings.extend(
+            labels.check_extent(annotations, *plan.dimensions, os.fspath(annotation_path))
+        )
 
     pixels_dir = Path(table_path).parent / PIXELS_FOLDER
     with atomic.staged_dir(pixels_dir) as staging:
         result = tile_slide(
-            plan, mask, settings, sample=sample, pixels_dir=staging, workers=threads, flags=flags
+            plan,
+            mask,
+            settings,
+            sample=sample,
+            pixels_dir=staging,
+            workers=threads,
+            flags=flags,
+            annotations=annotations,
         )
+    if annotations is not None:
+        result.summary["warnings"] += annotations.warnings
     writers.write_table(result.table, table_path)
     overlay = draw_overlay(
         artifacts.tint(thumbnail, flags),
@@ -173,6 +193,7 @@ def run_tile(
         result.rejected_boxes,
         plan.mask_downsample_x,
         plan.mask_downsample_y,
+        labels.outlines(annotations) if annotations is not None else None,
     )
     atomic.write_png(overlay_path, overlay, compress_level=1)
     atomic.write_json(summary_path, result.summary)

@@ -22,7 +22,7 @@ import numpy as np
 from medprep.errors import InputError
 from medprep.parallel import run_parallel
 from medprep.progress import Progress
-from medprep.wsi import artifacts, qc
+from medprep.wsi import artifacts, labels, qc
 from medprep.wsi import grid as grids
 from medprep.wsi.settings import TileSettings
 from medprep.wsi.slide import inspect_slide
@@ -156,6 +156,7 @@ def tile_slide(
     pixels_dir: str | os.PathLike | None,
     workers: int = 1,
     flags: dict[str, np.ndarray] | None = None,
+    annotations: labels.Annotations | None = None,
 ) -> TileResult:
     """Tile the slide of ``plan`` where ``mask`` (from preprocessing) has tissue.
 
@@ -163,6 +164,8 @@ def tile_slide(
     The table's ``file`` column is relative to the parent of ``pixels_dir``. ``flags``:
     artifact masks at mask resolution (``artifacts.FLAG_NAMES``; missing = none found),
     mapped to tiles as ``<name>_fraction`` columns and filtered by ``max_<name>_fraction``.
+    ``annotations``: region labels (``medprep.wsi.labels``) as ``label`` columns; with
+    ``settings.annotated_only`` the candidates labelled background are not read.
     """
     settings = settings or TileSettings()
     grid = grids.make_grid(
@@ -177,6 +180,11 @@ def tile_slide(
     selected = coverage >= settings.min_tissue
     if settings.min_tissue <= 0:
         selected[:] = True
+    region_labels, unannotated = None, 0
+    if annotations is not None:
+        region_labels = labels.label_grid(annotations, grid, selected, settings.labels.background)
+        if settings.annotated_only:
+            unannotated = region_labels.drop_unannotated(selected)
     flag_cover = artifacts.flag_coverage(
         flags or {}, grid, plan.mask_downsample_x, plan.mask_downsample_y, mask.shape
     )
@@ -305,6 +313,9 @@ def tile_slide(
         mpp=np.full(kept, plan.tile_mpp),
         size=np.full(kept, settings.size, dtype=np.int32),
     )
+    if region_labels is not None:
+        kept_labels = region_labels.at(grid, table["x"], table["y"])
+        table.update(kept_labels.columns(settings.labels.class_fractions))
     warnings = [f"skipped a region that could not be read: {e}" for e in read_errors]
     status = "ok" if kept else "no_tiles"
     if not kept:
@@ -332,6 +343,14 @@ def tile_slide(
         "pixel_files": len(container.files),
         "block_tiles": side,
     }
+    if region_labels is not None:
+        summary["labels"] = {
+            "classes": list(annotations.classes),
+            "background": settings.labels.background,
+            "annotated_only": settings.annotated_only,
+            "unannotated_dropped": unannotated,
+            "tiles": kept_labels.counts(),
+        }
     kept_boxes = (
         np.column_stack(
             [table["x"], table["y"], np.full(kept, grid.width_l0), np.full(kept, grid.height_l0)]
@@ -356,11 +375,13 @@ def draw_overlay(
     rejected_boxes: np.ndarray,
     mask_downsample_x: float,
     mask_downsample_y: float,
+    outlines: list[tuple[tuple[int, int, int], list[np.ndarray]]] | None = None,
 ) -> np.ndarray:
     """The thumbnail with kept tiles outlined in green and QC-rejected ones in red.
 
     Boxes are (x, y, width, height) in level-0 pixels; thumbnail pixels are
-    ``mask_downsample_*`` level-0 pixels.
+    ``mask_downsample_*`` level-0 pixels. ``outlines``: annotation rings (level-0 (n, 2)
+    arrays) with their colours (``labels.outlines``), drawn over the boxes, 2 pixels wide.
     """
     from PIL import Image, ImageDraw
 
@@ -377,4 +398,8 @@ def draw_overlay(
             x1 = max(round((x + w) * sx) - 1, x0)
             y1 = max(round((y + h) * sy) - 1, y0)
             draw.rectangle((x0, y0, x1, y1), outline=colour)
+    for colour, rings in outlines or []:
+        for ring in rings:
+            points = [(float(x * sx), float(y * sy)) for x, y in ring[:, :2]]
+            draw.line(points, fill=colour, width=2, joint="curve")
     return np.asarray(image)

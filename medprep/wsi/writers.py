@@ -207,7 +207,19 @@ TABLE_COLUMNS: dict[str, str] = {
 }
 
 
-def _arrow_schema():
+# Region label columns (medprep.wsi.labels), written after the others when the sample has
+# an annotation file: the label, its share of the tile and, optionally, every class's share.
+LABEL_COLUMNS: dict[str, str] = {"label": "string", "label_fraction": "float64"}
+CLASS_FRACTION_PREFIX = "label_fraction_"
+
+
+def _label_columns(columns: dict) -> dict[str, str]:
+    found = {name: kind for name, kind in LABEL_COLUMNS.items() if name in columns}
+    found.update((name, "float64") for name in columns if name.startswith(CLASS_FRACTION_PREFIX))
+    return found
+
+
+def _arrow_schema(extra: dict[str, str] | None = None):
     import pyarrow as pa
 
     types = {
@@ -216,11 +228,13 @@ def _arrow_schema():
         "float64": pa.float64(),
         "string": pa.string(),
     }
-    return pa.schema([(name, types[kind]) for name, kind in TABLE_COLUMNS.items()])
+    kinds = {**TABLE_COLUMNS, **(extra or {})}
+    return pa.schema([(name, types[kind]) for name, kind in kinds.items()])
 
 
 def write_table(columns: dict[str, list], path: str | os.PathLike) -> None:
-    """Write the tile table (Parquet, or CSV if ``path`` ends in .csv) atomically."""
+    """Write the tile table (Parquet, or CSV if ``path`` ends in .csv) atomically: the
+    ``TABLE_COLUMNS``, then the label columns that ``columns`` has."""
     import pyarrow as pa
 
     from medprep.atomic import atomic_path
@@ -228,7 +242,10 @@ def write_table(columns: dict[str, list], path: str | os.PathLike) -> None:
     missing = set(TABLE_COLUMNS) - set(columns)
     if missing:
         raise ValueError(f"tile table lacks columns {sorted(missing)}")
-    table = pa.table({name: columns[name] for name in TABLE_COLUMNS}, schema=_arrow_schema())
+    names = [*TABLE_COLUMNS, *_label_columns(columns)]
+    table = pa.table(
+        {name: columns[name] for name in names}, schema=_arrow_schema(_label_columns(columns))
+    )
     with atomic_path(path) as tmp:
         if str(path).endswith(".csv"):
             import pyarrow.csv as pacsv
