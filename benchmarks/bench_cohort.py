@@ -65,6 +65,8 @@ FIELD_OF_VIEW_MM = 358.4
 def ct_settings(args) -> dict:
     """The ct: settings of both sides: the workflow's defaults unless --spacing says."""
     return {"spacing": [args.spacing] * 3} if args.spacing else {}
+
+
 SAMPLE_EVERY_S = 0.5
 
 

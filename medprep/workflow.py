@@ -407,7 +407,9 @@ def default_global_resources(workflow: Any) -> None:
         workflow.register_resource("transfers", DEFAULT_TRANSFERS)
 
 
-def default_disk_budget(workflow: Any, uris: list[str], settings: dict[str, Any]) -> None:
+def default_disk_budget(
+    workflow: Any, samples: list[dict[str, Any]], config: dict[str, Any]
+) -> None:
     """Bound a local run's disk by default when samples come from S3.
 
     Without a ``--resources disk_mb=N`` a one-core download fits beside any CPU job and
@@ -419,10 +421,18 @@ def default_disk_budget(workflow: Any, uris: list[str], settings: dict[str, Any]
         return
     if "disk_mb" in workflow.global_resources:
         return
-    remote = [uri for uri in uris if storage.is_s3(uri)]
+    remote = [row for row in samples if storage.is_s3(row["uri"])]
     if not remote:
         return
-    largest = max(disk_mb("download", uri=uri, settings=settings) for uri in remote)
+    largest = max(
+        disk_mb(
+            "download",
+            uri=row["uri"],
+            settings=config["storage"],
+            factor=raw_to_working_set(row["modality"], config),
+        )
+        for row in remote
+    )
     cores = workflow.global_resources["_cores"].value or os.cpu_count() or 1
     free_mb = int(shutil.disk_usage(".").free / MB)
     budget = max(1, min(free_mb, (cores + 2) * largest))
@@ -444,10 +454,21 @@ SMALL_OUTPUTS_MB = 2
 CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 
 
-# Before its outputs are known, a sample is reserved this many times its raw bytes: a CT
-# series at the default settings holds its raw download, 0.25x in volume and mask and
-# 1.7x in patches (61 MB -> 180 MB measured); a slide its tiles.
-RAW_TO_WORKING_SET = 3.0
+# Before its outputs are known, a sample is reserved its raw bytes times a factor. A CT
+# series at 1 mm holds its raw download plus 0.25x in volume and mask (61 MB -> 15 MB
+# measured), plus its patches when materialised (float32: 1.7x, 105 MB measured; int16
+# half and uint8 a quarter of that); a slide its tiles.
+CT_VOLUME_AND_MASK = 0.25
+CT_PATCHES = {"none": 0.0, "uint8": 0.43, "hu": 0.85, "normalised": 1.7}
+WSI_RAW_TO_WORKING_SET = 3.0
+
+
+def raw_to_working_set(modality: str, config: dict[str, Any]) -> float:
+    """A sample's working set (raw download and artifacts) over its raw bytes, estimated
+    before any step ran: what its download reserves of the disk budget."""
+    if modality == "ct":
+        return 1.0 + CT_VOLUME_AND_MASK + CT_PATCHES[config["ct"]["patches"]["materialise"]]
+    return WSI_RAW_TO_WORKING_SET
 
 
 def disk_mb(step: str, **inputs: Any) -> int:
@@ -477,27 +498,29 @@ def _artifact_bytes(step_manifest: str | os.PathLike) -> int:
     return total
 
 
-def _disk_download(*, uri: str, settings: dict[str, Any]) -> float:
+def _disk_download(*, uri: str, settings: dict[str, Any], factor: float) -> float:
     if not storage.is_s3(uri):
         return 0
     from medprep.storage import s3
 
-    return RAW_TO_WORKING_SET * s3.source_bytes(uri, settings)
+    return factor * s3.source_bytes(uri, settings)
 
 
-def _disk_preprocess_ct(*, download_manifest: str, spacing_out: list[float]) -> float:
+def _disk_preprocess_ct(
+    *, download_manifest: str, spacing_out: list[float], factor: float
+) -> float:
     from medprep.ct import memory
 
     total = int(atomic.read_json(download_manifest).get("total_bytes", 0))
     voxels_out = total / 2.0 * memory.ASSUMED_INPUT_VOXEL_MM3 / math.prod(spacing_out)
     outputs = CT_OUTPUT_BYTES_PER_VOXEL * voxels_out + SMALL_OUTPUTS_MB * MB
     raw = _raw_bytes(download_manifest)
-    return max(raw + outputs, RAW_TO_WORKING_SET * raw)
+    return max(raw + outputs, factor * raw)
 
 
-def _disk_preprocess_wsi(*, download_manifest: str) -> float:
+def _disk_preprocess_wsi(*, download_manifest: str, factor: float) -> float:
     raw = _raw_bytes(download_manifest)
-    return max(raw + SMALL_OUTPUTS_MB * MB, RAW_TO_WORKING_SET * raw)
+    return max(raw + SMALL_OUTPUTS_MB * MB, factor * raw)
 
 
 def _disk_tile_ct(

@@ -43,9 +43,7 @@ mw.storage.expect_sources(
 # ... and those of the published samples, for the check of `upload` (see below).
 mw.expect_published(sample_table, config)
 # S3 inputs: local disk bounded by default (--resources disk_mb=N sets another budget).
-mw.default_disk_budget(
-    workflow, [row["uri"] for row in sample_table.values()], config["storage"]
-)
+mw.default_disk_budget(workflow, list(sample_table.values()), config)
 
 
 wildcard_constraints:
@@ -208,7 +206,12 @@ def mem_upload(wildcards, threads, attempt):
 
 
 def disk_download(wildcards):
-    return mw.disk_mb("download", uri=sample_uri(wildcards), settings=config["storage"])
+    return mw.disk_mb(
+        "download",
+        uri=sample_uri(wildcards),
+        settings=config["storage"],
+        factor=mw.raw_to_working_set(wildcards.modality, config),
+    )
 
 
 def disk_preprocess_ct(wildcards, input):
@@ -216,11 +219,16 @@ def disk_preprocess_ct(wildcards, input):
         "preprocess_ct",
         download_manifest=input.manifest,
         spacing_out=config["ct"]["spacing"],
+        factor=mw.raw_to_working_set("ct", config),
     )
 
 
 def disk_preprocess_wsi(wildcards, input):
-    return mw.disk_mb("preprocess_wsi", download_manifest=input.manifest)
+    return mw.disk_mb(
+        "preprocess_wsi",
+        download_manifest=input.manifest,
+        factor=mw.raw_to_working_set("wsi", config),
+    )
 
 
 def disk_tile_ct(wildcards, input):
