@@ -28,7 +28,7 @@ from medprep.redact import RedactingFilter
 from medprep.storage import s3_listing
 from medprep.storage.s3 import DOWNLOAD_STATE, StorageUnavailable
 from medprep.storage.s3_listing import RemoteObject
-from medprep.storage.s3_transfer import Download, RemoteChanged, download_small
+from medprep.storage.s3_transfer import Download, RemoteChanged, download
 
 MB = 1024 * 1024
 PART_MB = 5  # S3's minimum part size: objects above it go in ranges / multipart
@@ -215,7 +215,7 @@ def test_an_object_overwritten_during_download_fails_instead_of_mixing(
     item = Download(bucket, stale, tmp_path / "a.dcm", tmp_path / ".a.dcm.tmp")
 
     with pytest.raises(RemoteChanged):
-        download_small(storage.s3_connect.client(settings), item, attempts=2)
+        download(storage.s3_connect.client(settings), [item], settings, threads=1)
     assert not (tmp_path / "a.dcm").exists() and not (tmp_path / ".a.dcm.tmp").exists()
 
 
