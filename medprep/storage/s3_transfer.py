@@ -226,6 +226,8 @@ def download(
 
     Returns the check made for each item, in order; ``done`` is called after each one.
     """
+    if not items:
+        return []
     checks = []
     try:
         with transfer_manager(s3, settings, threads) as manager:
@@ -366,6 +368,8 @@ def upload(
     """Upload ``files`` under ``prefix`` (all in flight together) and check each stored
     object; returns name -> ETag. ``done`` is called after each file."""
     etags: dict[str, str] = {}
+    if not files:
+        return etags
     with transfer_manager(s3, settings, threads) as manager:
 
         def submit(local: LocalFile) -> Any:
