@@ -173,7 +173,7 @@ def run_read_only(slide: Path, table: Path, workers: int) -> dict:
     return {"seconds": time.perf_counter() - started, "tiles": reads, "reads": reads}
 
 
-def run_read_cost(slide: Path, table: Path, samples: int = 400) -> dict:
+def run_read_cost(slide: Path, table: Path, out: Path, samples: int = 400) -> dict:
     """Where one process's time per tile goes: reading a tile alone, reading it as part of
     an 8 x 8 block, and the work the tiler adds per tile (encode, grey image, QC, tar).
     Milliseconds per 256 px tile; reads on a fresh handle, the file in the page cache."""
@@ -215,11 +215,13 @@ def run_read_cost(slide: Path, table: Path, samples: int = 400) -> dict:
     for t, g in zip(tiles, grays, strict=True):
         qc.tile_scores(t, "brightfield", 20.0, g)
     scores = per_tile_ms(started, len(tiles))
+    shards = out / "tar"
+    shards.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    shard = bytearray()
+    container = writers.TarShardContainer(shards, max_members=len(encoded))
     for i, data in enumerate(encoded):
-        shard += writers.ustar_header(f"t{i}.jpg", len(data)) + data
-        shard += bytes(-len(data) % 512)
+        container.add(f"t{i}", data, "jpg")
+    container.close()
     tar = per_tile_ms(started, len(tiles))
     return {
         "seconds": 0.0,
@@ -306,7 +308,7 @@ def child(args: argparse.Namespace) -> None:
     elif args.variant == "read_only_direct":
         result = run_read_only_direct(slide, Path(args.table), args.workers)
     elif args.variant == "read_cost":
-        result = run_read_cost(slide, Path(args.table))
+        result = run_read_cost(slide, Path(args.table), out)
     elif args.variant == "preprocess":
         result = run_preprocess(slide, out, args.workers, args.mpp, args.tolerance)
     else:

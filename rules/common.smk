@@ -54,10 +54,6 @@ wildcard_constraints:
 ##### helpers used by the rules #####
 
 
-def sample_row(wildcards):
-    return sample_table[wildcards.sample]
-
-
 def sample_uri(wildcards):
     return sample_table[wildcards.sample]["uri"]
 

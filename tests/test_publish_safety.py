@@ -284,13 +284,16 @@ def test_s3_republish_deletes_only_plain_keys_under_the_sample_prefix(
 KILLED_S3_PUBLISH = """
 import json, os, signal, sys
 from medprep import storage
-from medprep.storage import s3_transfer
+from medprep.storage import s3_connect
 args = json.load(open(sys.argv[1]))
-upload_part = s3_transfer.upload_part
-def part_then_die(*arguments, **options):
-    upload_part(*arguments, **options)
+new_client = s3_connect._new_client
+def die(**_):
     os.kill(os.getpid(), signal.SIGKILL)  # killed with a part uploaded, as by kill -9
-s3_transfer.upload_part = part_then_die
+def dying_client(*arguments, **options):
+    client = new_client(*arguments, **options)
+    client.meta.events.register("after-call.s3.UploadPart", die)
+    return client
+s3_connect._new_client = dying_client
 storage.publish(args["artifacts"], args["destination"], manifest={"v": 2}, threads=1,
                 settings=args["settings"])
 """

@@ -11,7 +11,7 @@ from medprep import atomic, storage
 from medprep.errors import InputError
 from medprep.storage import local
 from medprep.storage.s3_listing import RemoteObject, parent_prefix, select_for_key
-from medprep.storage.s3_transfer import byte_ranges, describe_local, file_part_md5s, multipart_etag
+from medprep.storage.s3_transfer import describe_local, file_part_md5s, multipart_etag
 
 
 @pytest.mark.parametrize("key", ["a.dcm", "series/0001.dcm", "a..b/c", ".hidden"])
@@ -73,12 +73,6 @@ def test_hidden_and_clutter_files_are_not_data():
     assert storage.is_hidden("Thumbs.db")
     assert not storage.is_hidden("0001.dcm")
     assert not storage.is_hidden("../x")  # refused as hostile, never silently skipped
-
-
-def test_byte_ranges_cover_every_byte_once():
-    assert byte_ranges(10, 4) == [(0, 3), (4, 7), (8, 9)]
-    assert byte_ranges(8, 4) == [(0, 3), (4, 7)]
-    assert byte_ranges(0, 4) == []
 
 
 def test_local_digests_match_whole_and_per_part(tmp_path):

@@ -27,8 +27,16 @@ from medprep.errors import InputError
 from medprep.redact import RedactingFilter
 from medprep.storage import s3_listing
 from medprep.storage.s3 import DOWNLOAD_STATE, StorageUnavailable
+from medprep.storage.s3_connect import TransferCorrupt
 from medprep.storage.s3_listing import RemoteObject
-from medprep.storage.s3_transfer import Download, RemoteChanged, download_small
+from medprep.storage.s3_transfer import (
+    Download,
+    RemoteChanged,
+    describe_local,
+    download,
+    stored_etag,
+    upload,
+)
 
 MB = 1024 * 1024
 PART_MB = 5  # S3's minimum part size: objects above it go in ranges / multipart
@@ -215,8 +223,74 @@ def test_an_object_overwritten_during_download_fails_instead_of_mixing(
     item = Download(bucket, stale, tmp_path / "a.dcm", tmp_path / ".a.dcm.tmp")
 
     with pytest.raises(RemoteChanged):
-        download_small(storage.s3_connect.client(settings), item, attempts=2)
+        download(storage.s3_connect.client(settings), [item], settings, threads=1)
     assert not (tmp_path / "a.dcm").exists() and not (tmp_path / ".a.dcm.tmp").exists()
+
+
+def test_a_download_costs_one_get_per_small_object_and_one_head_per_large_one(
+    s3, bucket, counting_proxy, settings, tmp_path
+):
+    put_series(s3, bucket, "ct/S1/", 6)
+    big = make_artifacts(tmp_path / "art", {"slide.svs": 11 * MB})
+    storage.publish(big, f"s3://{bucket}/wsi/S2", manifest={}, threads=2, settings=settings)
+    via_proxy = {**settings, "endpoint_url": counting_proxy.url}
+
+    start = len(counting_proxy.stats()["history"])
+    files = storage.fetch(f"s3://{bucket}/ct/S1/", tmp_path / "ct", threads=4, settings=via_proxy)
+    methods = [m for m, _, _ in counting_proxy.stats()["history"][start:]]
+    assert sorted(methods) == ["GET"] * 7  # the listing, then one GET per object, no HEAD
+    assert {f.verified for f in files} == {"md5"}
+
+    start = len(counting_proxy.stats()["history"])
+    slide = storage.fetch(
+        f"s3://{bucket}/wsi/S2/slide.svs", tmp_path / "wsi", threads=4, settings=via_proxy
+    )
+    methods = [m for m, _, _ in counting_proxy.stats()["history"][start:]]
+    # the listing, three ranges of 5 MB, one HEAD for the checksum of a multipart object
+    assert sorted(methods) == ["GET"] * 4 + ["HEAD"]
+    # by the SHA-256 metadata when the part HEAD carries it, else by the recomputed ETag
+    # (moto's answer has no metadata)
+    assert slide[0].verified in {"sha256", "multipart-md5"}
+    assert Path(slide[0].path).read_bytes() == Path(big[0]["path"]).read_bytes()
+
+
+def test_a_failed_download_is_one_line_naming_the_object_and_leaves_nothing(
+    s3, bucket, settings, tmp_path
+):
+    s3.put_object(Bucket=bucket, Key="ct/S1/a.dcm", Body=b"abc")
+    listed = s3.list_objects_v2(Bucket=bucket)["Contents"][0]
+    gone = RemoteObject("ct/S1/a.dcm", 3, listed["ETag"].strip('"'), "t")
+    s3.delete_object(Bucket=bucket, Key="ct/S1/a.dcm")  # deleted after the listing
+    folder = tmp_path / "download"
+    folder.mkdir()
+    item = Download(bucket, gone, folder / "a.dcm", folder / ".a.dcm.tmp")
+
+    with pytest.raises(InputError) as failed:
+        download(storage.s3_connect.client(settings), [item], settings, threads=1)
+
+    line = str(failed.value)
+    assert "\n" not in line and f"s3://{bucket}/ct/S1/a.dcm" in line
+    assert "download failed" in line and "NoSuchKey" in line
+    assert list(folder.iterdir()) == []
+
+
+def test_an_upload_is_checked_against_what_the_store_holds(s3, bucket, settings, tmp_path):
+    artifacts = make_artifacts(tmp_path, {"a.npy": 3000})
+    local = describe_local("a.npy", artifacts[0]["path"], PART_MB * MB)
+    client = storage.s3_connect.client(settings)
+    s3.put_object(Bucket=bucket, Key="p/a.npy", Body=Path(local.path).read_bytes())
+    with pytest.raises(TransferCorrupt, match="lacks the SHA-256"):
+        stored_etag(client, bucket, "p/a.npy", local)  # same bytes, but not medprep's upload
+    s3.put_object(
+        Bucket=bucket, Key="p/a.npy", Body=b"x" * local.size, Metadata={"sha256": local.sha256}
+    )
+    with pytest.raises(TransferCorrupt, match="ETag"):
+        stored_etag(client, bucket, "p/a.npy", local)  # the checksum claimed, other bytes
+
+    etags = upload(client, bucket, "p/", [local], settings, threads=2)
+
+    assert etags == {"a.npy": local.expected_etag}
+    assert stored_etag(client, bucket, "p/a.npy", local) == local.expected_etag
 
 
 # ---------------------------------------------------------------- fingerprints, listings, discovery

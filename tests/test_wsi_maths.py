@@ -203,6 +203,19 @@ def test_closing_is_the_same_by_direct_morphology_and_by_distance_transforms():
     assert np.array_equal(direct, by_distance[pad:-pad, pad:-pad])
 
 
+def test_both_closings_give_one_tissue_mask_on_a_real_slide(monkeypatch):
+    import openslide
+
+    slide = openslide.OpenSlide(str(REPO / "tests" / "data" / "wsi" / "CMU-1-Small-Region.svs"))
+    rgb = np.asarray(slide.get_thumbnail((554, 740)).convert("RGB"))  # about 2 um/px
+    settings = TissueSettings(closing_um=16.0, min_object_um2=2000.0)  # radius 8 px
+    by_footprint = tissue.detect_tissue(rgb, settings, mask_mpp=2.0).mask
+    monkeypatch.setattr(tissue, "DIRECT_CLOSING_MAX_RADIUS", 0)
+    by_distance = tissue.detect_tissue(rgb, settings, mask_mpp=2.0).mask
+    assert np.array_equal(by_footprint, by_distance)
+    assert 0.2 < by_footprint.mean() < 0.6
+
+
 def test_remove_small_objects_counts_8_connected_pixels():
     mask = np.zeros((20, 20), bool)
     mask[1, 1] = mask[2, 2] = mask[3, 3] = True  # diagonal: one 3-pixel object
@@ -210,6 +223,10 @@ def test_remove_small_objects_counts_8_connected_pixels():
     kept = tissue.remove_small_objects(mask, 4)
     assert not kept[1:4, 1:4].any() and kept[10:14, 10:14].all()
     assert tissue.remove_small_objects(mask, 3)[2, 2]
+    # a fractional size (microns squared over pixel area) keeps only what reaches it
+    assert not tissue.remove_small_objects(mask, 3.5)[2, 2]
+    assert tissue.remove_small_objects(mask, 16.0)[10, 10]
+    assert not tissue.remove_small_objects(mask, 16.01)[10, 10]
 
 
 def test_saturation_matches_the_hsv_definition():
@@ -290,10 +307,10 @@ def test_block_side_shrinks_to_bound_the_read():
 
 
 def test_laplacian_variance_of_flat_and_of_a_checkerboard():
-    assert qc.laplacian_variance(np.full((32, 32), 77, np.uint8)) == 0.0
+    assert qc.laplacian_stats(np.full((32, 32), 77, np.uint8))[0] == 0.0
     board = ((np.indices((32, 32)).sum(0) % 2) * 100).astype(np.uint8)
     # interior Laplacian is +-400 everywhere (4*0 - 4*100 or 4*100 - 0), mean ~0
-    assert qc.laplacian_variance(board) == pytest.approx(400.0**2, rel=1e-3)
+    assert qc.laplacian_stats(board)[0] == pytest.approx(400.0**2, rel=1e-3)
 
 
 def test_blur_score_drops_when_a_tile_is_blurred():

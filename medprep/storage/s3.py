@@ -283,31 +283,18 @@ def _download_all(
     threads: int,
     settings: dict[str, Any],
 ) -> dict[str, str]:
-    """Many small objects in parallel, then each large one in parallel ranges."""
-    part = part_size(settings)
-    attempts = max_attempts(settings)
-    items = {rel: _download_item(bucket, obj, target / rel) for rel, obj in todo}
-    small = [rel for rel, obj in todo if obj.size <= part]
-    large = [rel for rel, obj in todo if obj.size > part]
-    checks = {}
+    """Every object in one transfer manager: small ones whole, large ones in ranges."""
+    items = [_download_item(bucket, obj, target / rel) for rel, obj in todo]
     progress = Progress("objects", len(todo))
     try:
-        results = thread_map(
-            lambda rel: transfer.download_small(s3, items[rel], attempts), small, threads
-        )
-        for rel, result in zip(small, results, strict=True):
-            checks[rel] = result
-            progress.advance()
-        for rel in large:
-            checks[rel] = transfer.download_large(s3, items[rel], part, threads, attempts)
-            progress.advance()
+        checks = transfer.download(s3, items, settings, threads, progress.advance)
     except transfer.RemoteChanged as changed:
         raise InputError(
             f"object {changed} changed on the server during the download; run the workflow again",
             path=f"s3://{bucket}/{changed}",
             retryable=True,
         ) from None
-    return checks
+    return {rel: check for (rel, _), check in zip(todo, checks, strict=True)}
 
 
 def _download_item(bucket: str, obj: RemoteObject, final: Path) -> transfer.Download:
@@ -389,39 +376,9 @@ def _upload_files(
     threads: int,
     settings: dict[str, Any],
 ) -> dict[str, str]:
-    """Upload ``files`` (small ones with one PUT, large ones in parts), all in one pool."""
-    part = part_size(settings)
-    attempts = max_attempts(settings)
-    uploads = [
-        transfer.start_multipart(s3, bucket, prefix + f.name, f, part, attempts)
-        for f in files
-        if f.multipart
-    ]
-    etags: dict[str, str] = {}
-
-    def run(task: tuple) -> None:
-        if task[0] == "put":
-            local = task[1]
-            etags[local.name] = transfer.put_small(s3, bucket, prefix + local.name, local, attempts)
-        else:
-            transfer.upload_part(s3, task[1], task[2], attempts)
-
-    tasks = [("put", f) for f in files if not f.multipart]
-    tasks += [
-        ("part", upload, n) for upload in uploads for n in range(1, len(upload.local.part_md5s) + 1)
-    ]
-    try:
-        progress = Progress("requests", len(tasks))
-        for _ in thread_map(run, tasks, threads):
-            progress.advance()
-        for upload in uploads:
-            etags[upload.local.name] = transfer.complete_multipart(s3, upload, attempts)
-    except BaseException:
-        for upload in uploads:
-            if upload.local.name not in etags:
-                transfer.abort_multipart(s3, bucket, upload.key, upload.upload_id)
-        raise
-    return etags
+    """Upload ``files`` (small ones with one PUT, large ones in parts) in one transfer manager."""
+    progress = Progress("files", len(files))
+    return transfer.upload(s3, bucket, prefix, files, settings, threads, progress.advance)
 
 
 def _unchanged_names(

@@ -79,7 +79,8 @@ def max_attempts(settings: dict[str, Any]) -> int:
 
 
 def part_size(settings: dict[str, Any]) -> int:
-    """Bytes per ranged GET and per multipart part (at least S3's 5 MiB minimum)."""
+    """Bytes per ranged GET and per multipart part, and the size above which objects are
+    transferred in parts (at least S3's 5 MiB minimum)."""
     size = int(float(settings.get("part_size_mb") or DEFAULT_PART_SIZE_MB) * 1024 * 1024)
     return max(MIN_PART_SIZE, size)
 
@@ -162,6 +163,7 @@ def is_transient(error: BaseException) -> bool:
     """Throttling, server errors, dropped connections and corrupt transfers: worth retrying."""
     from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
     from botocore.exceptions import ConnectionError as BotoConnectionError
+    from s3transfer.exceptions import RetriesExceededError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     if isinstance(error, ClientError):
@@ -177,6 +179,7 @@ def is_transient(error: BaseException) -> bool:
             ConnectionError,
             TimeoutError,
             TransferCorrupt,
+            RetriesExceededError,  # s3transfer gave up on a body that kept breaking off
         ),
     )
 
@@ -204,8 +207,9 @@ def retried_by_botocore(error: BaseException) -> bool:
 def with_retries(operation: Callable[[], T], what: str, attempts: int) -> T:
     """Call ``operation`` until it succeeds, retrying transient errors with backoff.
 
-    botocore already retries each request (standard mode); this outer loop covers what
-    it cannot: a connection dropped while the body streams, short or corrupt data. For
+    For the single requests outside s3transfer's transfers (listings, HEAD checks,
+    deletes, the manifest PUT). botocore already retries each request (standard mode);
+    this outer loop covers what it cannot: a checksum that does not match. For
     errors botocore retried itself it adds one more round only (its retry quota may have
     run out under sustained faults), so an unreachable store fails in seconds, not minutes.
     """

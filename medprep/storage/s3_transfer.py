@@ -1,16 +1,26 @@
-"""Moving bytes: verified (ranged) downloads and verified (multipart) uploads.
+"""Moving bytes: s3transfer's ``TransferManager`` moves them, medprep checks them.
 
-Verification, honestly:
+s3transfer (boto3's transfer layer) runs the transfers: ``storage.connections`` requests in
+flight, objects larger than ``storage.part_size_mb`` downloaded in parallel ranges and
+uploaded in parallel multipart parts, bodies interrupted while streaming fetched again
+(botocore retries each request itself: throttling, 5xx answers, dropped connections). Every
+GET carries ``If-Match`` with the ETag of the listing, so an object overwritten during a
+download fails it instead of mixing old and new bytes. s3transfer writes a download to a
+temporary name and renames it; medprep downloads to its own hidden temporary name and
+renames that into place only after the checks.
 
-- Every object medprep uploads carries its SHA-256 in user metadata (``x-amz-meta-sha256``)
-  and is sent with Content-MD5 per request; the ETag S3 returns is checked against the
-  MD5 computed locally (single PUT: MD5 of the body; multipart: MD5 of the part MD5s,
-  ``-N``), so a corrupted upload is caught even by stores that ignore Content-MD5.
-- A download is checked for size, then against the strongest digest available: the
-  ``sha256`` metadata if present, else the ETag when it is an MD5 (single-part uploads),
-  else the multipart ETag recomputed with the object's part size (one HEAD with
-  ``PartNumber=1``). Objects whose ETag is neither (SSE-KMS, some S3-compatible stores)
-  are checked for size only; the download manifest records which check was made.
+Verification on top, honestly:
+
+- Every object medprep uploads carries its SHA-256 in user metadata (``x-amz-meta-sha256``).
+  After the upload one HEAD checks what the store holds: the size, that SHA-256, and the
+  ETag against the MD5 computed locally (single PUT: MD5 of the body; multipart: MD5 of the
+  part MD5s, ``-N``), so a corrupted upload is caught even by stores that ignore checksums.
+- A download is checked for size, then against the strongest digest available: the ETag
+  when it is an MD5 (single-part uploads); for a multipart ETag one HEAD with
+  ``PartNumber=1`` gives the ``sha256`` metadata if present, else the object's part size to
+  recompute the multipart ETag. Objects whose ETag is neither (SSE-KMS, some S3-compatible
+  stores) are checked for size only; the download manifest records which check was made.
+- An object that fails its check is transferred again, up to ``VERIFY_ATTEMPTS`` times.
 - S3 "additional checksums" (x-amz-checksum-*) are not used: support across
   S3-compatible stores (and moto, the test server) is partial.
 """
@@ -18,33 +28,41 @@ Verification, honestly:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medprep.parallel import thread_map
-from medprep.storage.s3_connect import TransferCorrupt, error_code, with_retries
+from medprep.errors import InputError
+from medprep.redact import redact
+from medprep.storage.s3_connect import (
+    TransferCorrupt,
+    describe_error,
+    error_code,
+    is_transient,
+    max_attempts,
+    part_size,
+    with_retries,
+)
 from medprep.storage.s3_listing import RemoteObject
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 SHA256_METADATA = "sha256"
+VERIFY_ATTEMPTS = 3  # transfers of one object whose check fails, before giving up
+IO_QUEUE_CHUNKS_PER_CONNECTION = 32  # of s3transfer's 256 KB io chunks
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-(\d+)$")
 
 
 class RemoteChanged(Exception):
     """The object changed on the server while it was being downloaded."""
-
-
-def byte_ranges(size: int, part: int) -> list[tuple[int, int]]:
-    """Inclusive byte ranges of at most ``part`` bytes covering ``size`` bytes."""
-    return [(start, min(start + part, size) - 1) for start in range(0, size, part)]
 
 
 def multipart_etag(part_md5s: list[bytes]) -> str:
@@ -75,6 +93,55 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
     return digest.hexdigest()
 
 
+def _metadata(response: dict[str, Any]) -> dict[str, str]:
+    return {k.lower(): v for k, v in (response.get("Metadata") or {}).items()}
+
+
+# ---------------------------------------------------------------- the transfer manager
+
+
+def transfer_config(settings: dict[str, Any], threads: int):
+    """s3transfer's settings: ``threads`` requests in flight, parts of ``part_size``."""
+    from s3transfer.manager import TransferConfig
+
+    part = part_size(settings)
+    return TransferConfig(
+        # above one part, like describe_local: an object of exactly one part is one PUT
+        multipart_threshold=part + 1,
+        multipart_chunksize=part,
+        max_request_concurrency=max(1, threads),
+        num_download_attempts=max_attempts(settings),
+        # downloaded chunks waiting for the disk: at most ~8 MB per connection, as
+        # medprep.workflow's memory estimate of a transfer job assumes
+        max_io_queue_size=IO_QUEUE_CHUNKS_PER_CONNECTION * max(1, threads),
+    )
+
+
+@contextlib.contextmanager
+def transfer_manager(s3: Any, settings: dict[str, Any], threads: int) -> Iterator[Any]:
+    """A ``TransferManager``; leaving the block waits for (or, on error, cancels) its transfers."""
+    from s3transfer.manager import TransferManager
+
+    with TransferManager(s3, transfer_config(settings, threads)) as manager:
+        yield manager
+
+
+def _failure(action: str, uri: str, error: BaseException) -> Exception:
+    """One line naming the object and the cause; retryable when the cause is transient."""
+    from s3transfer.exceptions import S3DownloadFailedError
+
+    if isinstance(error, (RemoteChanged, InputError)):
+        return error
+    if isinstance(error, S3DownloadFailedError) or error_code(error) in {
+        "PreconditionFailed",
+        "412",
+    }:
+        return RemoteChanged(uri.split("/", 3)[-1])
+    return InputError(
+        f"{action} failed: {describe_error(error)}", path=redact(uri), retryable=is_transient(error)
+    )
+
+
 # ---------------------------------------------------------------- download
 
 
@@ -86,68 +153,32 @@ class Download:
     obj: RemoteObject
     final: Path
     tmp: Path
-    whole_md5: str | None = None  # MD5 computed while streaming a whole-object GET
-    whole_sha256: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.obj.key}"
 
 
-def _stream_to_file(body: Any, tmp: Path, offset: int, expected: int, digests: list) -> None:
-    received = 0
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    with open(tmp, "r+b") as f:
-        f.seek(offset)
-        while True:
-            count = body.readinto(buffer)
-            if not count:
-                break
-            f.write(view[:count])
-            for digest in digests:
-                digest.update(view[:count])
-            received += count
-    if received != expected:
-        raise TransferCorrupt(f"received {received} of {expected} bytes")
+def _listed(obj: RemoteObject):
+    """A subscriber giving s3transfer the listed size and ETag: no HEAD before the GETs,
+    and every GET carries ``If-Match`` with that ETag."""
+    from s3transfer.subscribers import BaseSubscriber
+
+    class Listed(BaseSubscriber):
+        def on_queued(self, future: Any, **kwargs: Any) -> None:
+            future.meta.provide_transfer_size(obj.size)
+            if obj.etag:
+                future.meta.provide_object_etag(f'"{obj.etag}"')
+
+    return Listed()
 
 
-def _get(s3: Any, item: Download, byte_range: tuple[int, int] | None) -> None:
-    """One GET (whole object or one range) written at its offset in ``item.tmp``."""
-    kwargs = {"Bucket": item.bucket, "Key": item.obj.key}
-    if item.obj.etag:
-        # a concurrent overwrite must fail the download, not mix old and new bytes
-        kwargs["IfMatch"] = f'"{item.obj.etag}"'
-    if byte_range is not None:
-        kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
+def _head_part(s3: Any, item: Download) -> dict[str, Any] | None:
     try:
-        response = s3.get_object(**kwargs)
-    except Exception as error:
-        if error_code(error) in {"PreconditionFailed", "412"}:
-            raise RemoteChanged(item.obj.key) from None
-        raise
-    item.metadata = {k.lower(): v for k, v in (response.get("Metadata") or {}).items()}
-    if byte_range is None:
-        # hash while streaming, only with the digest verify_download will compare
-        if item.metadata.get(SHA256_METADATA):
-            digest = hashlib.sha256()
-            _stream_to_file(response["Body"], item.tmp, 0, item.obj.size, [digest])
-            item.whole_sha256 = digest.hexdigest()
-        elif _MD5_ETAG.match(item.obj.etag.lower()):
-            digest = hashlib.md5()
-            _stream_to_file(response["Body"], item.tmp, 0, item.obj.size, [digest])
-            item.whole_md5 = digest.hexdigest()
-        else:
-            _stream_to_file(response["Body"], item.tmp, 0, item.obj.size, [])
-    else:
-        offset, last = byte_range
-        _stream_to_file(response["Body"], item.tmp, offset, last - offset + 1, [])
-
-
-def _remote_part_size(s3: Any, item: Download) -> int | None:
-    try:
-        head = s3.head_object(Bucket=item.bucket, Key=item.obj.key, PartNumber=1)
+        return s3.head_object(Bucket=item.bucket, Key=item.obj.key, PartNumber=1)
     except Exception as error:  # noqa: BLE001 - optional check, not supported everywhere
         log.info("no part size for %s (%s): size check only", item.obj.key, type(error).__name__)
         return None
-    return int(head.get("ContentLength") or 0) or None
 
 
 def verify_download(s3: Any, item: Download) -> str:
@@ -155,23 +186,28 @@ def verify_download(s3: Any, item: Download) -> str:
     size = item.tmp.stat().st_size
     if size != item.obj.size:
         raise TransferCorrupt(f"{item.obj.key}: {size} bytes on disk, {item.obj.size} listed")
-    expected_sha = item.metadata.get(SHA256_METADATA)
-    if expected_sha:
-        actual = item.whole_sha256 or file_digest(item.tmp, "sha256")
-        _compare(item, "sha256", actual, expected_sha.lower())
-        return "sha256"
     etag = item.obj.etag.lower()
     if _MD5_ETAG.match(etag):
-        _compare(item, "md5", item.whole_md5 or file_digest(item.tmp, "md5"), etag)
+        _compare(item, "md5", file_digest(item.tmp, "md5"), etag)
         return "md5"
     match = _MULTIPART_ETAG.match(etag)
-    if match:
-        parts = int(match.group(1))
-        part = item.obj.size if parts == 1 else _remote_part_size(s3, item)
-        if part:
-            _compare(item, "multipart md5", multipart_etag(file_part_md5s(item.tmp, part)), etag)
-            return "multipart-md5"
-    return "size"
+    if not match:
+        return "size"
+    if int(match.group(1)) == 1:
+        part = item.obj.size
+    else:
+        head = _head_part(s3, item)
+        if head is None:
+            return "size"
+        expected_sha = _metadata(head).get(SHA256_METADATA)
+        if expected_sha:
+            _compare(item, "sha256", file_digest(item.tmp, "sha256"), expected_sha.lower())
+            return "sha256"
+        part = int(head.get("ContentLength") or 0)
+        if not part:
+            return "size"
+    _compare(item, "multipart md5", multipart_etag(file_part_md5s(item.tmp, part)), etag)
+    return "multipart-md5"
 
 
 def _compare(item: Download, what: str, actual: str, expected: str) -> None:
@@ -179,50 +215,54 @@ def _compare(item: Download, what: str, actual: str, expected: str) -> None:
         raise TransferCorrupt(f"{item.obj.key}: {what} {actual} does not match {expected}")
 
 
-def _prepare(item: Download) -> None:
-    item.final.parent.mkdir(parents=True, exist_ok=True)
-    with open(item.tmp, "wb") as f:
-        f.truncate(item.obj.size)
-    item.whole_md5 = item.whole_sha256 = None
+def download(
+    s3: Any,
+    items: list[Download],
+    settings: dict[str, Any],
+    threads: int,
+    done: Callable[[], None] | None = None,
+) -> list[str]:
+    """Download ``items`` (all in flight together), verify each and rename it into place.
 
-
-def download_small(s3: Any, item: Download, attempts: int) -> str:
-    """Download one object with one GET, verify it and rename it into place."""
-
-    def attempt() -> str:
-        _prepare(item)
-        _get(s3, item, None)
-        return verify_download(s3, item)
-
+    Returns the check made for each item, in order; ``done`` is called after each one.
+    """
+    if not items:
+        return []
+    checks = []
     try:
-        check = with_retries(attempt, f"download {item.obj.key}", attempts)
-        os.replace(item.tmp, item.final)
-        return check
+        with transfer_manager(s3, settings, threads) as manager:
+
+            def submit(item: Download) -> Any:
+                item.final.parent.mkdir(parents=True, exist_ok=True)
+                return manager.download(
+                    item.bucket, item.obj.key, str(item.tmp), subscribers=[_listed(item.obj)]
+                )
+
+            futures = [submit(item) for item in items]
+            for item, future in zip(items, futures, strict=True):
+                checks.append(_verified(s3, item, future, submit))
+                os.replace(item.tmp, item.final)
+                if done is not None:
+                    done()
     finally:
-        item.tmp.unlink(missing_ok=True)
+        for item in items:
+            item.tmp.unlink(missing_ok=True)
+    return checks
 
 
-def download_large(s3: Any, item: Download, part: int, threads: int, attempts: int) -> str:
-    """Download one object in parallel ranges, verify it and rename it into place."""
-
-    def get_range(byte_range: tuple[int, int]) -> None:
-        with_retries(
-            lambda: _get(s3, item, byte_range), f"download {item.obj.key} {byte_range}", attempts
-        )
-
-    def attempt() -> str:
-        _prepare(item)
-        for _ in thread_map(get_range, byte_ranges(item.obj.size, part), threads):
-            pass
-        return verify_download(s3, item)
-
-    try:
-        # ranges retry themselves; a checksum mismatch of the whole starts it over
-        check = with_retries(attempt, f"verify {item.obj.key}", min(attempts, 3))
-        os.replace(item.tmp, item.final)
-        return check
-    finally:
-        item.tmp.unlink(missing_ok=True)
+def _verified(s3: Any, item: Download, future: Any, submit: Callable[[Download], Any]) -> str:
+    for attempt in range(1, VERIFY_ATTEMPTS + 1):
+        try:
+            future.result()
+            return verify_download(s3, item)
+        except TransferCorrupt as error:
+            if attempt == VERIFY_ATTEMPTS:
+                raise _failure("download", item.uri, error) from None
+            log.warning("%s; downloading it again", describe_error(error))
+            future = submit(item)
+        except Exception as error:
+            raise _failure("download", item.uri, error) from None
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- upload
@@ -249,7 +289,11 @@ class LocalFile:
 
 
 def describe_local(name: str, path: str, part: int) -> LocalFile:
-    """Size, SHA-256 and per-part MD5s of ``path``, read once."""
+    """Size, SHA-256 and per-part MD5s of ``path``, read once, in the parts s3transfer
+    will upload (it enlarges them for files of more than 10,000 parts)."""
+    from s3transfer.utils import ChunksizeAdjuster
+
+    part = ChunksizeAdjuster().adjust_chunksize(part, os.path.getsize(path))
     sha = hashlib.sha256()
     part_md5s = []
     size = 0
@@ -274,21 +318,11 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _read_part(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
-
-
-def put_small(s3: Any, bucket: str, key: str, local: LocalFile, attempts: int, **extra: Any) -> str:
-    """One verified PUT; returns the ETag."""
-    body = _read_part(local.path, 0, local.size)
-    return put_bytes(s3, bucket, key, body, local.sha256, attempts, **extra)
-
-
 def put_bytes(
     s3: Any, bucket: str, key: str, body: bytes, sha256: str, attempts: int, **extra: Any
 ) -> str:
+    """One verified PUT of a small body held in memory (the published manifest); returns
+    the ETag."""
     md5 = hashlib.md5(body).digest()
 
     def attempt() -> str:
@@ -308,87 +342,70 @@ def put_bytes(
     return with_retries(attempt, f"upload {key}", attempts)
 
 
-@dataclass
-class MultipartUpload:
-    bucket: str
-    key: str
-    local: LocalFile
-    upload_id: str
-    part: int
-    etags: dict[int, str] = field(default_factory=dict)
+def stored_etag(s3: Any, bucket: str, key: str, local: LocalFile) -> str:
+    """The ETag of ``key`` if the store holds ``local`` there (size, SHA-256 metadata and
+    ETag checked); TransferCorrupt otherwise."""
+    head = s3.head_object(Bucket=bucket, Key=key)
+    etag = str(head.get("ETag", "")).strip('"')
+    if int(head.get("ContentLength", -1)) != local.size:
+        raise TransferCorrupt(f"{key}: {head.get('ContentLength')} bytes stored, {local.size} sent")
+    if _metadata(head).get(SHA256_METADATA) != local.sha256:
+        raise TransferCorrupt(f"{key}: the stored object lacks the SHA-256 of the upload")
+    if (_MD5_ETAG.match(etag) or _MULTIPART_ETAG.match(etag)) and etag != local.expected_etag:
+        raise TransferCorrupt(f"{key}: ETag {etag} stored, {local.expected_etag} expected")
+    return etag
 
 
-def start_multipart(
-    s3: Any, bucket: str, key: str, local: LocalFile, part: int, attempts: int
-) -> MultipartUpload:
-    response = with_retries(
-        lambda: s3.create_multipart_upload(
-            Bucket=bucket, Key=key, Metadata={SHA256_METADATA: local.sha256}
-        ),
-        f"start upload {key}",
-        attempts,
-    )
-    return MultipartUpload(bucket, key, local, response["UploadId"], part)
+def upload(
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    files: list[LocalFile],
+    settings: dict[str, Any],
+    threads: int,
+    done: Callable[[], None] | None = None,
+) -> dict[str, str]:
+    """Upload ``files`` under ``prefix`` (all in flight together) and check each stored
+    object; returns name -> ETag. ``done`` is called after each file."""
+    etags: dict[str, str] = {}
+    if not files:
+        return etags
+    with transfer_manager(s3, settings, threads) as manager:
+
+        def submit(local: LocalFile) -> Any:
+            extra = {"Metadata": {SHA256_METADATA: local.sha256}}
+            return manager.upload(local.path, bucket, prefix + local.name, extra_args=extra)
+
+        futures = [submit(local) for local in files]
+        for local, future in zip(files, futures, strict=True):
+            etags[local.name] = _stored(s3, bucket, prefix + local.name, local, future, submit)
+            if done is not None:
+                done()
+    return etags
 
 
-def upload_part(s3: Any, upload: MultipartUpload, number: int, attempts: int) -> None:
-    """Upload part ``number`` (1-based) and check the ETag against its MD5."""
-    offset = (number - 1) * upload.part
-    expected = upload.local.part_md5s[number - 1]
-
-    def attempt() -> str:
-        body = _read_part(upload.local.path, offset, upload.part)
-        response = s3.upload_part(
-            Bucket=upload.bucket,
-            Key=upload.key,
-            UploadId=upload.upload_id,
-            PartNumber=number,
-            Body=body,
-            ContentMD5=_b64(expected),
-        )
-        etag = str(response.get("ETag", "")).strip('"')
-        if _MD5_ETAG.match(etag) and etag != expected.hex():
-            raise TransferCorrupt(f"{upload.key} part {number}: server stored MD5 {etag}")
-        return etag
-
-    upload.etags[number] = with_retries(attempt, f"upload {upload.key} part {number}", attempts)
-
-
-def complete_multipart(s3: Any, upload: MultipartUpload, attempts: int) -> str:
-    parts = [{"PartNumber": n, "ETag": f'"{upload.etags[n]}"'} for n in sorted(upload.etags)]
-    expected = upload.local.expected_etag
-
-    def attempt() -> str:
+def _stored(s3: Any, bucket: str, key: str, local: LocalFile, future: Any, submit) -> str:
+    uri = f"s3://{bucket}/{key}"
+    for attempt in range(1, VERIFY_ATTEMPTS + 1):
+        failure = None
         try:
-            response = s3.complete_multipart_upload(
-                Bucket=upload.bucket,
-                Key=upload.key,
-                UploadId=upload.upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-            etag = str(response.get("ETag", "")).strip('"')
+            future.result()
+        except Exception as error:  # noqa: BLE001 - the stored object decides, below
+            failure = error
+        try:
+            # a retried completion whose first try succeeded (the answer was lost) fails,
+            # yet the object is there: what the store holds decides
+            return stored_etag(s3, bucket, key, local)
+        except TransferCorrupt as error:
+            if failure is not None:
+                raise _failure("upload", uri, failure) from None
+            if attempt == VERIFY_ATTEMPTS:
+                raise _failure("upload", uri, error) from None
+            log.warning("%s; uploading it again", describe_error(error))
+            future = submit(local)
         except Exception as error:
-            # A retried completion whose first try succeeded (the answer was lost) finds
-            # no upload any more: the object itself says whether it is ours.
-            if error_code(error) != "NoSuchUpload":
-                raise
-            etag = _etag_if_ours(s3, upload)
-        if _MULTIPART_ETAG.match(etag) and etag != expected:
-            raise TransferCorrupt(f"{upload.key}: multipart ETag {etag}, expected {expected}")
-        return etag
-
-    return with_retries(attempt, f"complete upload {upload.key}", attempts)
-
-
-def _etag_if_ours(s3: Any, upload: MultipartUpload) -> str:
-    head = s3.head_object(Bucket=upload.bucket, Key=upload.key)
-    metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-    if (
-        metadata.get(SHA256_METADATA) != upload.local.sha256
-        or int(head["ContentLength"]) != upload.local.size
-    ):
-        raise TransferCorrupt(f"{upload.key}: multipart upload vanished before completion")
-    return str(head.get("ETag", "")).strip('"')
+            raise _failure("upload", uri, failure or error) from None
+    raise AssertionError("unreachable")
 
 
 def abort_multipart(s3: Any, bucket: str, key: str, upload_id: str) -> None:

@@ -103,11 +103,6 @@ def laplacian_stats(gray: np.ndarray) -> tuple[float, float]:
     return variance, energy
 
 
-def laplacian_variance(gray: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian over the interior of a 2-D grey image."""
-    return laplacian_stats(gray)[0]
-
-
 def sharpness(blur: float, energy: float) -> float:
     """``blur`` normalised by the tile's gradient energy: second over first derivatives.
 

@@ -9,10 +9,12 @@ then closing, hole filling and removal of small pieces, with sizes given in micr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from skimage import morphology
 
 from medprep.wsi.settings import TissueSettings
 
@@ -86,43 +88,36 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(threshold_otsu(hist=(histogram, np.arange(256))))
 
 
-def disk(radius: int) -> np.ndarray:
-    r = int(radius)
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return xx * xx + yy * yy <= r * r
-
-
-# Up to this radius closing uses direct binary morphology (bools only, fast for small
-# disks); above it, distance transforms (time linear in pixels whatever the radius, but
-# about 40 bytes per pixel of temporary memory).
+# Up to this radius closing uses a disk footprint (bools only, fast for small disks);
+# above it, distance transforms (the same result, time linear in pixels whatever the
+# radius, but about 40 bytes per pixel of temporary memory).
 DIRECT_CLOSING_MAX_RADIUS = 12
 
 
 def closing(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary closing with a disk; tissue touching the image edge is not eroded away."""
+    """Binary closing with a disk of ``radius`` pixels, the image surrounded by background
+    (so tissue touching the image edge is not eroded away)."""
     if radius <= 0 or not mask.any() or mask.all():
         return mask.copy()
     pad = radius + 1
     padded = np.pad(mask, pad, mode="constant", constant_values=False)
     if radius <= DIRECT_CLOSING_MAX_RADIUS:
-        footprint = disk(radius)
+        # binary morphology of scipy.ndimage, to which skimage's deprecated binary_closing
+        # delegated; its grey-level closing gives the same mask 2-4x slower
+        footprint = morphology.disk(radius, dtype=bool)
         dilated = ndimage.binary_dilation(padded, footprint)
         closed = ndimage.binary_erosion(dilated, footprint, border_value=1)
     else:
-        dilated = ndimage.distance_transform_edt(~padded) <= radius
-        closed = ndimage.distance_transform_edt(dilated) > radius
+        closed = morphology.isotropic_closing(padded, radius)
     return closed[pad:-pad, pad:-pad]
 
 
 def remove_small_objects(mask: np.ndarray, min_pixels: float) -> np.ndarray:
     """Drop 8-connected components smaller than ``min_pixels``."""
-    if min_pixels <= 1 or not mask.any():
-        return mask.copy()
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    keep = sizes >= min_pixels
-    keep[0] = False
-    return keep[labels]
+    # skimage removes components of at most max_size pixels: those below ceil(min_pixels)
+    return morphology.remove_small_objects(
+        mask, max_size=max(0, math.ceil(min_pixels) - 1), connectivity=2
+    )
 
 
 def detect_tissue(

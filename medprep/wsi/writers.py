@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -92,36 +93,9 @@ class FolderContainer(PixelContainer):
         return f"{self.relative_to}/{name}", None
 
 
-TAR_BLOCK = 512
-TAR_END = 2 * TAR_BLOCK  # two zero blocks end an archive
-TAR_RECORD = 20 * TAR_BLOCK  # archives are padded to whole records
-
-
-def ustar_header(name: str, size: int) -> bytes:
-    """A POSIX ustar header for a regular file: mode 0644, owner 0/0, no names, mtime 0.
-
-    The same fields as ``tarfile`` writes for such a member, built directly because the
-    tiler adds thousands of members per second.
-    """
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name}")
-    header = bytearray(TAR_BLOCK)
-    header[0 : len(encoded)] = encoded
-    header[100:108] = b"0000644\x00"  # mode
-    header[108:116] = b"0000000\x00"  # uid
-    header[116:124] = b"0000000\x00"  # gid
-    header[124:136] = b"%011o\x00" % size
-    header[136:148] = b"00000000000\x00"  # mtime
-    header[148:156] = b" " * 8  # checksum field counts as spaces while summing
-    header[156:157] = b"0"  # regular file
-    header[257:265] = b"ustar\x0000"
-    header[148:156] = b"%06o\x00 " % sum(header)
-    return bytes(header)
-
-
 class TarShardContainer(PixelContainer):
-    """Tar shards ``shard-000000.tar``, ... of at most ``max_members`` tiles each."""
+    """Tar shards ``shard-000000.tar``, ... of at most ``max_members`` tiles each, written
+    with :mod:`tarfile` (ustar, mode 0644, owner 0/0 without names, mtime 0)."""
 
     def __init__(
         self, folder: str | os.PathLike, max_members: int, relative_to: str = "pixels"
@@ -132,37 +106,37 @@ class TarShardContainer(PixelContainer):
         self.max_members = max_members
         self.relative_to = relative_to
         self.files = []
-        self._file: io.BufferedWriter | None = None
+        self._tar: tarfile.TarFile | None = None
         self._members = 0
 
     def _open_next(self) -> None:
         self.close()
         name = f"shard-{len(self.files):06d}.tar"
         # kept open across add() calls and closed in close()
-        self._file = open(self.folder / name, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(  # noqa: SIM115
+            self.folder / name, "w", format=tarfile.USTAR_FORMAT, encoding="utf-8"
+        )
         self.files.append(name)
         self._members = 0
 
     def add(self, key: str, data: bytes, extension: str) -> tuple[str | None, str | None]:
-        if self._file is None or self._members >= self.max_members:
+        if self._tar is None or self._members >= self.max_members:
             self._open_next()
-        assert self._file is not None
-        member = f"{key}.{extension}"
-        self._file.write(ustar_header(member, len(data)))
-        self.last_offset = self._file.tell()
-        self._file.write(data)
-        padding = -len(data) % TAR_BLOCK
-        if padding:
-            self._file.write(bytes(padding))
+        assert self._tar is not None
+        member = tarfile.TarInfo(f"{key}.{extension}")
+        member.size, member.mtime, member.mode = len(data), 0, 0o644
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        # a ustar header is one block (longer names raise), so the data starts right after
+        self.last_offset = self._tar.offset + tarfile.BLOCKSIZE
+        self._tar.addfile(member, io.BytesIO(data))
         self._members += 1
-        return f"{self.relative_to}/{self.files[-1]}", member
+        return f"{self.relative_to}/{self.files[-1]}", member.name
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.write(bytes(TAR_END))
-            self._file.write(bytes(-self._file.tell() % TAR_RECORD))
-            self._file.close()
-            self._file = None
+        if self._tar is not None:
+            self._tar.close()  # two zero blocks, then padding to a whole record
+            self._tar = None
 
 
 def make_container(
