@@ -455,7 +455,7 @@ def publish(
     threads: int = 1,
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Publish the tables (``name -> local path``) to ``destination`` (``.../dataset``)
+    """Publish the tables (``name -> local path``) to ``destination`` (``.../dataset/{run}``)
     through ``medprep.storage``: the tables first, ``manifest.json`` last; the receipt
     with credentials redacted."""
     from medprep import storage

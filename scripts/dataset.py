@@ -1,4 +1,4 @@
-"""Rule `dataset`: the index of every tile and patch, published to {destination}/dataset/."""
+"""Rule `dataset`: the index of every tile and patch, published to {destination}/dataset/{run}/."""
 
 import os
 
@@ -24,7 +24,7 @@ def main(smk):
             "samples.parquet": smk.output.samples,
         },
         smk.params.destination,
-        {**manifest, "medprep": __version__},
+        {**manifest, "run": smk.params.run, "medprep": __version__},
         threads=smk.threads,
         settings=smk.config["storage"],
     )
