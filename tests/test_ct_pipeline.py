@@ -247,8 +247,23 @@ def test_no_identifiers_in_outputs_or_logs_unless_asked(chest, tmp_path, caplog)
 
 def test_shipped_config_ct_section_is_the_schema_defaults():
     config = yaml.safe_load((REPO / "config.yaml").read_text())["ct"]
-    assert config == settings.DEFAULTS == config_defaults("ct")
-    assert settings.ct_settings(None) == settings.DEFAULTS
+    assert config == config_defaults("ct") == settings.DEFAULTS.as_dict()
+    assert settings.ct_settings(config) == settings.ct_settings(None) == settings.DEFAULTS
+
+
+def test_ct_settings_reject_unknown_keys_and_values_beyond_the_schema_in_one_line():
+    with pytest.raises(ValueError) as error:
+        settings.ct_settings({"lung": {"closing_radius": 10}})
+    assert str(error.value).startswith("unknown key 'closing_radius' under ct.lung (did you")
+    with pytest.raises(ValueError, match=r"^unknown key 'patch' under ct \(did you mean"):
+        settings.ct_settings({"patch": {}})
+    with pytest.raises(ValueError, match=r"^ct\.patches\.materialise: 'float' is not one of"):
+        settings.ct_settings({"patches": {"materialise": "float"}})
+    partial = settings.ct_settings({"lung": {"dilation_mm": 2}})
+    assert partial["lung"]["dilation_mm"] == 2
+    assert partial["lung"]["grid_mm"] == config_defaults("ct", "lung", "grid_mm")
+    lung = settings.lung_settings(partial, x_towards_left=False)
+    assert lung.dilation_mm == 2.0 and not lung.x_towards_left and "x_towards_left" not in lung
 
 
 # ---------- the rule scripts, with a stand-in for Snakemake's `snakemake` object ----------
