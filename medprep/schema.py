@@ -108,8 +108,7 @@ def _annotation(node: dict[str, Any]) -> str:
     kinds = node.get("type", "object")
     kinds = kinds if isinstance(kinds, list) else [kinds]
     names = [
-        "None" if k == "null" else "tuple" if k == "array" else _TYPES.get(k, "Any")
-        for k in kinds
+        "None" if k == "null" else "tuple" if k == "array" else _TYPES.get(k, "Any") for k in kinds
     ]
     return " | ".join(names)
 
@@ -252,7 +251,9 @@ def _build(cls: type, section: tuple[str, ...], schema: str) -> type[Settings]:
             )
         annotations[key] = annotations[key] or _annotation(child)
         if isinstance(value, dict):
-            setattr(cls, key, dataclasses.field(default_factory=functools.partial(copy.deepcopy, value)))
+            setattr(
+                cls, key, dataclasses.field(default_factory=functools.partial(copy.deepcopy, value))
+            )
         else:
             setattr(cls, key, value)
     for key in own:  # fields that are not config keys: they need their own default

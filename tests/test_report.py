@@ -235,7 +235,10 @@ def test_summary_command_counts_by_status_and_names_the_report(partly_failed):
     assert printed.splitlines()[0] == "3 samples: 2 ok, 1 failed"
     assert "broken: file " in printed and "empty file (0 bytes)" in printed
     assert f"report: {partly_failed / 'report.html'}" in printed
-    assert f"cohort table: {partly_failed / 'results' / 'cohort' / 'samples' / 'cohort.html'}" in printed
+    assert (
+        f"cohort table: {partly_failed / 'results' / 'cohort' / 'samples' / 'cohort.html'}"
+        in printed
+    )
 
 
 # ---- the table, page and plot on their own

@@ -37,6 +37,8 @@ def lung_settings(settings: Mapping[str, Any], **extra: Any) -> LungSettings:
     (``x_towards_left``)."""
     lung = LungSettings.from_config(settings["lung"])
     numbers = {
-        k: float(v) for k, v in lung.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        k: float(v)
+        for k, v in lung.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
     }
     return dataclasses.replace(lung, **numbers, **extra)

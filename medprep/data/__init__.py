@@ -62,7 +62,9 @@ def open_dataset(
     return Dataset(os.fspath(destination), split, settings or {}, cache_volumes, run=run)
 
 
-def dataset_runs(destination: str | os.PathLike, settings: dict[str, Any] | None = None) -> list[str]:
+def dataset_runs(
+    destination: str | os.PathLike, settings: dict[str, Any] | None = None
+) -> list[str]:
     """The runs with a complete dataset (its ``manifest.json``) under ``destination``."""
     destination, settings = os.fspath(destination), settings or {}
     if is_s3(destination):
