@@ -20,7 +20,7 @@ from typing import Any
 
 from medprep import atomic
 from medprep.statuses import FAILED, status_counts
-from medprep.step import FAILURES_DIR
+from medprep.runner import FAILURES_DIR
 
 STEPS = ("download", "preprocess", "tile", "upload")
 BENCHMARK_RULES = {

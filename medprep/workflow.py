@@ -210,10 +210,10 @@ def join_uri(base: str, *parts: str) -> str:
 
 
 def start_run() -> str:
-    """A new run identity for the failure records (``medprep.step.start_run``)."""
-    from medprep import step
+    """A new run identity for the failure records (``medprep.runner.start_run``)."""
+    from medprep import runner
 
-    return step.start_run()
+    return runner.start_run()
 
 
 ##### publishing #####

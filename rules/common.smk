@@ -28,7 +28,7 @@ mw.default_global_resources(workflow)
 mw.build_demo_if_requested(config)
 
 # A new identity for this run: a retry of a job that failed on bad input in this run
-# fails at once (medprep.step), a new run tries again.
+# fails at once (medprep.runner), a new run tries again.
 if workflow.is_main_process:
     mw.start_run()
 

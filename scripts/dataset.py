@@ -3,7 +3,7 @@
 import os
 
 from medprep import __version__, atomic, dataset
-from medprep.step import run_step
+from medprep.runner import run_step
 
 
 def main(smk):

@@ -22,7 +22,7 @@ from workflow_support import (
 )
 from wsi_support import CMU
 
-from medprep import step
+from medprep import runner
 from medprep.wsi.synthetic import write_synthetic_slide
 
 pytestmark = pytest.mark.slow
@@ -136,7 +136,7 @@ def test_a_job_removes_the_temporaries_of_its_killed_attempt(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / ".a.tmp-1-ffffffff.json").write_text("{}")  # not an output folder
 
-    removed = step.remove_leftovers([str(tile / "tiles.parquet"), str(tile / "overlay.png")])
+    removed = runner.remove_leftovers([str(tile / "tiles.parquet"), str(tile / "overlay.png")])
     assert removed == 2
     assert [p.name for p in tile.iterdir()] == ["kept.txt"]
     assert (tmp_path / "other" / ".a.tmp-1-ffffffff.json").exists()
