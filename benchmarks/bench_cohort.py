@@ -198,10 +198,10 @@ def seed_sample(sample: str, uri: str, scratch: str, destination: str, config: d
     artifacts, summary = tile.tile(
         step,
         settings_only(ct, "patches", "slices_png", "normalise"),
-        patches_path=str(folder / "tile/patches.npy"),
-        table_path=str(folder / "tile/patches.parquet"),
-        summary_path=str(folder / "tile/summary.json"),
-        slices_dir=folder / "tile/slices",
+        patches_path=str(folder / "patches/patches.npy"),
+        table_path=str(folder / "patches/patches.parquet"),
+        summary_path=str(folder / "patches/summary.json"),
+        slices_dir=folder / "patches/slices",
         threads=1,
     )
     storage.publish(

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from medprep import atomic
-from medprep.statuses import FAILED, status_counts
 from medprep.runner import FAILURES_DIR
+from medprep.statuses import FAILED, status_counts
 
 STEPS = ("download", "preprocess", "tile", "upload")
 BENCHMARK_RULES = {

@@ -437,8 +437,8 @@ def step_paths(records: Sequence[dict[str, Any]], step: str) -> list[str]:
 
 def table_paths(records: Sequence[dict[str, Any]]) -> list[str]:
     """The per-sample tile/patch tables the index is built from."""
-    names = {"wsi": "tiles.parquet", "ct": "patches.parquet"}
-    return [f"results/{r['modality']}/{r['sample']}/tile/{names[r['modality']]}" for r in records]
+    names = {"wsi": "tiles/tiles.parquet", "ct": "patches/patches.parquet"}
+    return [f"results/{r['modality']}/{r['sample']}/{names[r['modality']]}" for r in records]
 
 
 def mem_mb(attempt: int = 1) -> int:

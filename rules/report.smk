@@ -8,7 +8,7 @@ mw.check_report_inputs(RUN, COHORT_OUTPUTS)
 # caption resolved here, as Snakemake does for report() in a rule's own input or output).
 QC_PICTURES = {
     "wsi": medprep_cohort.QcPicture(
-        "results/wsi/{sample}/tile/overlay.png",
+        "results/wsi/{sample}/tiles/overlay.png",
         "Slides",
         workflow.current_basedir.join("../report/slide_overlay.rst"),
     ),

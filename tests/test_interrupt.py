@@ -69,7 +69,7 @@ def uninterrupted(slide_workdir, tmp_path_factory) -> Path:
 
 def tiles_being_written(workdir: Path) -> bool:
     """The tiling job has written tiles into its temporary pixel folder."""
-    tile_folder = workdir / "results" / "wsi" / SAMPLE / "tile"
+    tile_folder = workdir / "results" / "wsi" / SAMPLE / "tiles"
     try:
         return any(
             entry.stat().st_size > 0
@@ -128,7 +128,7 @@ def test_killed_tiling_rerun_completes_with_identical_outputs(
 
 
 def test_a_job_removes_the_temporaries_of_its_killed_attempt(tmp_path):
-    tile = tmp_path / "tile"
+    tile = tmp_path / "tiles"
     (tile / ".pixels.tmp-123-abcd1234").mkdir(parents=True)
     (tile / ".pixels.tmp-123-abcd1234" / "shard-000000.tar").write_bytes(b"x")
     (tile / ".tiles.tmp-123-abcd1234.parquet").write_bytes(b"x")

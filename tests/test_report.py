@@ -24,7 +24,7 @@ from workflow_support import REPO, copy_workdir, run_snakemake, write_config, wr
 from medprep import cohort, cohort_html, cohort_plot
 
 MODALITY = {sample: modality for sample, modality, _ in TINY_SAMPLES}
-PICTURES = {"wsi": "tile/overlay.png", "ct": "preprocess/qc.png"}
+PICTURES = {"wsi": "tiles/overlay.png", "ct": "preprocess/qc.png"}
 CATEGORY = {"wsi": "Slides", "ct": "CT scans"}
 
 
