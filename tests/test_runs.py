@@ -86,6 +86,14 @@ def test_each_run_publishes_its_own_dataset_index(two_runs):
 
 
 @pytest.mark.slow
+def test_a_configured_run_name_scopes_the_cohort_and_computes_nothing_again(two_runs):
+    named = run_snakemake(two_runs, "--config", "samples=first.tsv", "run_name=trial")
+    assert named.ran() == set() and ("cohort", {}) in named.jobs
+    assert cohort_samples(two_runs, "trial") == ["synthetic-01"]
+    assert (two_runs / "published" / "dataset" / "trial" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
 def test_report_of_a_run_without_outputs_stops_in_one_line(two_runs):
     write_sheet(two_runs, "third.tsv", ["CMU-1-Small-Region"])
     report = run_snakemake(
@@ -94,6 +102,7 @@ def test_report_of_a_run_without_outputs_stops_in_one_line(two_runs):
     assert report.returncode != 0 and not (two_runs / "third.html").exists()
     (line,) = [x for x in report.stderr.splitlines() if x.startswith("medprep error")]
     assert "no cohort table for run 'third'" in line and "first, second" in line
+    assert "Traceback" not in report.stderr
 
 
 def test_run_name_is_the_sheets_stem_or_the_configured_safe_name(capsys):
