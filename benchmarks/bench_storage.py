@@ -125,10 +125,10 @@ def make_tiles(out: Path, shards: int, shard_mb: int) -> list[dict]:
             with open(path, "wb") as f:
                 for _ in range(shard_mb):
                     f.write(os.urandom(MB))
-        artifacts.append({"name": f"tile/pixels/{path.name}", "path": str(path)})
+        artifacts.append({"name": f"tiles/pixels/{path.name}", "path": str(path)})
     table = folder / "tiles.parquet"
     table.write_bytes(os.urandom(200_000))
-    artifacts.append({"name": "tile/tiles.parquet", "path": str(table)})
+    artifacts.append({"name": "tiles/tiles.parquet", "path": str(table)})
     return artifacts
 
 

@@ -276,9 +276,9 @@ def run_tile(out: Path, workers: int, container: str = "tar") -> dict:
     summary = steps.run_tile(
         folder / "download.json",
         folder / "preprocess.json",
-        table_path=folder / "tile" / "tiles.parquet",
-        overlay_path=folder / "tile" / "overlay.png",
-        summary_path=folder / "tile" / "summary.json",
+        table_path=folder / "tiles" / "tiles.parquet",
+        overlay_path=folder / "tiles" / "overlay.png",
+        summary_path=folder / "tiles" / "summary.json",
         manifest_path=folder / "tile.json",
         sample="bench",
         tile={
@@ -475,7 +475,7 @@ def main() -> None:
         tiling("near", slide, n, resampled_mpp)
         tiling("fine-native", fine, n, args.resample_mpp)
         tiling("fine-resampled", fine, n, 0.5)
-        table = runs / f"medprep-{n}" / "S" / "tile" / "tiles.parquet"
+        table = runs / f"medprep-{n}" / "S" / "tiles" / "tiles.parquet"
         record("read_only", measure("read_only", slide, runs / "read-only", n, table))
         record(
             "read_only_direct",

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from medprep import atomic
+from medprep.runner import FAILURES_DIR
 from medprep.statuses import FAILED, status_counts
-from medprep.step import FAILURES_DIR
 
 STEPS = ("download", "preprocess", "tile", "upload")
 BENCHMARK_RULES = {
@@ -342,24 +342,34 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _samples_from_config(config_path: str) -> list[tuple[str, str]]:
+def _read_config(config_path: str) -> dict[str, Any]:
     import yaml
 
+    with open(config_path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _samples_from_config(config_path: str) -> list[tuple[str, str]]:
     from medprep.schema import SAMPLES_SCHEMA
     from medprep.sheet import read_sample_sheet
 
-    with open(config_path, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    sheet = read_sample_sheet(config["samples"], SAMPLES_SCHEMA)
+    sheet = read_sample_sheet(_read_config(config_path)["samples"], SAMPLES_SCHEMA)
     return list(zip(sheet["sample"], sheet["modality"], strict=True))
+
+
+def _run_table(config_path: str) -> str:
+    """The cohort table of the run of the config at ``config_path``."""
+    from medprep.workflow import cohort_outputs, run_name
+
+    return cohort_outputs(run_name(_read_config(config_path)))["table"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print the cohort summary of a medprep run.")
     parser.add_argument(
         "--table",
-        default="results/cohort/cohort.csv",
-        help="the cohort table the workflow wrote (read when it exists)",
+        help="the cohort table the workflow wrote (read when it exists); default: that of "
+        "the run of --config (results/cohort/{run}/cohort.csv)",
     )
     parser.add_argument("--report", help="the report of the run, named if it exists")
     parser.add_argument("--results", default="results")
@@ -368,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default="config.yaml", help="without a table: the samples of this config"
     )
     args = parser.parse_args(argv)
-    table = Path(args.table)
+    table = Path(args.table or _run_table(args.config))
     if table.is_file():
         rows = read_csv(table)
         shown = table.with_suffix(".html") if table.with_suffix(".html").is_file() else table

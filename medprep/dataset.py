@@ -437,8 +437,8 @@ def step_paths(records: Sequence[dict[str, Any]], step: str) -> list[str]:
 
 def table_paths(records: Sequence[dict[str, Any]]) -> list[str]:
     """The per-sample tile/patch tables the index is built from."""
-    names = {"wsi": "tiles.parquet", "ct": "patches.parquet"}
-    return [f"results/{r['modality']}/{r['sample']}/tile/{names[r['modality']]}" for r in records]
+    names = {"wsi": "tiles/tiles.parquet", "ct": "patches/patches.parquet"}
+    return [f"results/{r['modality']}/{r['sample']}/{names[r['modality']]}" for r in records]
 
 
 def mem_mb(attempt: int = 1) -> int:
@@ -455,7 +455,7 @@ def publish(
     threads: int = 1,
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Publish the tables (``name -> local path``) to ``destination`` (``.../dataset``)
+    """Publish the tables (``name -> local path``) to ``destination`` (``.../dataset/{run}``)
     through ``medprep.storage``: the tables first, ``manifest.json`` last; the receipt
     with credentials redacted."""
     from medprep import storage

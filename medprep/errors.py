@@ -24,7 +24,7 @@ class InputError(Exception):
         self.path = path
         self.sample = sample
         # True when trying again may succeed (the source changed while it was read);
-        # otherwise a retry of the job in the same run fails at once (medprep.step)
+        # otherwise a retry of the job in the same run fails at once (medprep.runner)
         self.retryable = retryable
 
     def with_context(self, *, sample: str | None = None, path: str | None = None) -> InputError:

@@ -1,12 +1,24 @@
-"""The YAML JSON-schemas under ``schemas/``, and the config defaults they declare."""
+"""The YAML JSON-schemas under ``schemas/``, the config defaults they declare, and the
+settings views the engines build from them.
+
+``schemas/config.schema.yaml`` is the one place a setting's default and limits are
+written down. ``settings_section("wsi", "tile")`` turns a class into a frozen dataclass
+whose fields are the keys of that schema section, with the schema's defaults; building one
+validates the values against the schema's limits (one line naming the key), and
+``from_config`` refuses unknown keys (one line naming the key and its parent). A key added
+to the schema is a field of its section's class, with its default, without a Python edit.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import functools
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 CONFIG_SCHEMA = SCHEMAS / "config.schema.yaml"
@@ -47,10 +59,8 @@ def unknown_keys(config: Any, node: dict[str, Any] | None = None, parent: str = 
     Only object nodes that declare ``additionalProperties: false`` are checked; the
     schema's own validation then reports everything else (types, limits).
     """
-    import difflib
-
     node = load_schema(CONFIG_SCHEMA) if node is None else node
-    if not isinstance(config, dict) or node.get("type") != "object":
+    if not isinstance(config, Mapping) or node.get("type") != "object":
         return []
     known = node.get("properties", {})
     lines = []
@@ -59,10 +69,201 @@ def unknown_keys(config: Any, node: dict[str, Any] | None = None, parent: str = 
         if key in known:
             lines += unknown_keys(value, known[key], where)
         elif node.get("additionalProperties") is False:
-            close = difflib.get_close_matches(str(key), list(known), n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            lines.append(
-                f"unknown key '{key}' under {parent or 'the top level'}{hint}; "
-                f"known keys: {', '.join(known)}"
-            )
+            lines.append(unknown_key_line(key, parent, known))
     return lines
+
+
+def unknown_key_line(key: Any, parent: str, known: Mapping[str, Any] | list[str]) -> str:
+    """``unknown key 'sise' under wsi.tile (did you mean size?); known keys: ...``."""
+    close = difflib.get_close_matches(str(key), list(known), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return (
+        f"unknown key '{key}' under {parent or 'the top level'}{hint}; "
+        f"known keys: {', '.join(known)}"
+    )
+
+
+##### settings views: dataclasses whose fields and defaults are those of the schema #####
+
+S = TypeVar("S", bound="Settings")
+# (schema file, section path) -> the class of that section, so a parent section takes the
+# class its module named (e.g. ``wsi.tile.filters`` -> FilterSettings) for its field
+_SECTIONS: dict[tuple[str, tuple[str, ...]], type[Settings]] = {}
+_TYPES = {"number": "float", "integer": "int", "string": "str", "boolean": "bool"}
+
+
+def section_node(*section: str, schema: str | os.PathLike = CONFIG_SCHEMA) -> dict[str, Any]:
+    """The schema node of a config section, e.g. ``section_node("wsi", "tile")``."""
+    node = load_schema(schema)
+    for key in section:
+        node = node["properties"][key]
+    return node
+
+
+def _is_section(node: dict[str, Any]) -> bool:
+    return node.get("type") == "object" and "properties" in node
+
+
+def _annotation(node: dict[str, Any]) -> str:
+    kinds = node.get("type", "object")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    names = [
+        "None" if k == "null" else "tuple" if k == "array" else _TYPES.get(k, "Any") for k in kinds
+    ]
+    return " | ".join(names)
+
+
+def _frozen(value: Any) -> Any:
+    """Lists as tuples (hashable, and equal whether from YAML or from the defaults)."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and sections as dicts: what JSON (and jsonschema) take."""
+    if isinstance(value, Settings):
+        return value.as_dict()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Settings(Mapping):
+    """A config section as a frozen dataclass (see ``settings_section``).
+
+    Also a read-only mapping of the section's config keys (``cfg["lung"]["grid_mm"]``,
+    ``dict(cfg["normalise"])``), so code written for the config's dicts reads it too.
+    Fields that are not config keys (declared in the class body with a default, e.g. a
+    value that comes from the scan) are attributes only.
+    """
+
+    _section: ClassVar[tuple[str, ...]] = ()
+    _node: ClassVar[dict[str, Any]] = {}
+    _keys: ClassVar[tuple[str, ...]] = ()
+    _children: ClassVar[dict[str, type[Settings]]] = {}
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        for key in cls._keys:
+            value = getattr(self, key)
+            child = cls._children.get(key)
+            if child is not None and not isinstance(value, child):
+                object.__setattr__(self, key, child.from_config(value))
+            elif isinstance(value, list):
+                object.__setattr__(self, key, _frozen(value))
+        scalars = {k: _plain(getattr(self, k)) for k in cls._keys if k not in cls._children}
+        errors = sorted(_validator(cls).iter_errors(scalars), key=lambda e: list(e.path))
+        if errors:
+            where = ".".join(cls._section)
+            raise ValueError(
+                "; ".join(
+                    f"{'.'.join(str(p) for p in (where, *e.path) if p != '')}: {e.message}"
+                    for e in errors
+                )
+            )
+
+    @classmethod
+    def from_config(cls: type[S], config: Mapping[str, Any] | None = None) -> S:
+        """The section from (all or part of) its config mapping, the rest from the schema;
+        an unknown key raises ValueError in one line naming it and its parent."""
+        if isinstance(config, cls):
+            return config
+        where = ".".join(cls._section)
+        if config is None:
+            config = {}
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{where}: expected a mapping of settings, got {config!r}")
+        unknown = [k for k in config if k not in cls._keys]
+        if unknown:
+            raise ValueError("; ".join(unknown_key_line(k, where, cls._keys) for k in unknown))
+        return cls(**config)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as plain nested dicts and lists (JSON-ready)."""
+        return {key: _plain(getattr(self, key)) for key in self._keys}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@functools.cache
+def _validator(cls: type[Settings]) -> Any:
+    import jsonschema
+
+    properties = {k: v for k, v in cls._node["properties"].items() if k not in cls._children}
+    return jsonschema.Draft202012Validator({"type": "object", "properties": properties})
+
+
+def settings_section(*section: str, schema: str | os.PathLike = CONFIG_SCHEMA):
+    """Class decorator: the class becomes the frozen dataclass of config ``section``.
+
+    Its fields are the section's keys in schema order with the schema's defaults (a
+    nested section is a field holding that section's class: the one a module declared
+    with this decorator, or one made here). The class body adds methods and properties,
+    and may add fields that are not config keys (with a default); it does not restate a
+    config key's default (a different one is an error at import).
+    """
+
+    def build(cls: type) -> type[Settings]:
+        return _build(cls, tuple(section), os.fspath(schema))
+
+    return build
+
+
+def _build(cls: type, section: tuple[str, ...], schema: str) -> type[Settings]:
+    if not issubclass(cls, Settings):
+        raise TypeError(f"{cls.__name__}: a settings section must subclass Settings")
+    node = section_node(*section, schema=schema)
+    where = ".".join(section)
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    annotations: dict[str, Any] = {}
+    children: dict[str, type[Settings]] = {}
+    for key, child in node["properties"].items():
+        annotations[key] = own.pop(key, None)
+        default = cls.__dict__.get(key, dataclasses.MISSING)
+        if _is_section(child):
+            nested = _SECTIONS.get((schema, (*section, key)))
+            if nested is None:
+                name = "".join(p.title() for p in key.split("_")) + "Settings"
+                doc = {"__doc__": f"``{where}.{key}`` (schemas/config.schema.yaml)."}
+                nested = _build(type(Settings)(name, (Settings,), doc), (*section, key), schema)
+                nested.__module__ = cls.__module__
+                nested.__qualname__ = f"{cls.__qualname__}.{name}"
+                setattr(cls, name, nested)  # so that pickle finds it
+            children[key] = nested
+            annotations[key] = annotations[key] or nested.__name__
+            setattr(cls, key, dataclasses.field(default_factory=nested))
+            continue
+        value = _frozen(copy.deepcopy(child.get("default")))
+        if default is not dataclasses.MISSING and default != value:
+            raise TypeError(
+                f"{cls.__name__}.{key} restates the default of {where}.{key} as {default!r}; "
+                f"the schema says {value!r} (defaults live in {os.path.basename(schema)})"
+            )
+        annotations[key] = annotations[key] or _annotation(child)
+        if isinstance(value, dict):
+            setattr(
+                cls, key, dataclasses.field(default_factory=functools.partial(copy.deepcopy, value))
+            )
+        else:
+            setattr(cls, key, value)
+    for key in own:  # fields that are not config keys: they need their own default
+        if key not in cls.__dict__:
+            raise TypeError(f"{cls.__name__}.{key} is not a key of {where}: give it a default")
+    cls.__annotations__ = {**annotations, **own}
+    built = dataclasses.dataclass(frozen=True)(cls)
+    built._section = section
+    built._node = node
+    built._keys = tuple(node["properties"])
+    built._children = children
+    _SECTIONS[(schema, section)] = built
+    return built

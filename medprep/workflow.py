@@ -20,7 +20,7 @@ import pandas as pd
 
 from medprep import atomic, errors, storage
 from medprep.sheet import read_sample_sheet
-from medprep.step import DEFAULT_DISK_BUDGET_ENV
+from medprep.runner import DEFAULT_DISK_BUDGET_ENV
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,66 @@ def build_demo_if_requested(config: dict[str, Any]) -> None:
 def load_samples(config: dict[str, Any], schema: str | os.PathLike) -> pd.DataFrame:
     """The sample table: the sample sheet, validated, indexed by sample name."""
     return read_sample_sheet(config["samples"], schema)
+
+
+##### runs: what one sample sheet owns #####
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """The run's name: ``run_name`` if set, else the sample sheet's file stem.
+
+    It scopes what belongs to one sheet (``results/cohort/{run}/``,
+    ``results/dataset/{run}/``, ``{destination}/dataset/{run}/``, their logs), so runs of
+    two sheets never overwrite each other's cohort. Stops at parse time, in one line, when
+    the stem is not a safe name (letters, digits, ``.``, ``_``, ``-``).
+    """
+    import re
+
+    name = config.get("run_name") or Path(str(config["samples"])).stem
+    if not re.fullmatch(SAMPLE_PATTERN, name):
+        print(
+            f"medprep error: config: the run name {name!r} (from samples: "
+            f"{config['samples']}) is not a safe name; set run_name to letters, digits, "
+            "'.', '_' or '-'",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    return name
+
+
+def cohort_outputs(run: str) -> dict[str, str]:
+    """The cohort table, page and plot of run ``run``."""
+    folder = f"results/cohort/{run}"
+    return {
+        "table": f"{folder}/cohort.csv",
+        "html": f"{folder}/cohort.html",
+        "plot": f"{folder}/cohort.png",
+    }
+
+
+def building_report(argv: list[str] | None = None) -> bool:
+    """Whether this Snakemake process was asked for ``--report``."""
+    argv = sys.argv if argv is None else argv
+    return any(arg == "--report" or arg.startswith("--report=") for arg in argv)
+
+
+def check_report_inputs(run: str, outputs: dict[str, str], argv: list[str] | None = None) -> None:
+    """For ``snakemake --report``: stop in one line when run ``run`` has no cohort table.
+
+    A report of a run that never ended (or of a sheet other than the run's: pass the same
+    ``--config``/``--configfile``) would show no cohort, or another run's.
+    """
+    if not building_report(argv) or os.path.isfile(outputs["table"]):
+        return
+    others = sorted(p.parent.name for p in Path("results/cohort").glob("*/cohort.csv"))
+    hint = f" (runs with a cohort: {', '.join(others)})" if others else ""
+    print(
+        f"medprep error: no cohort table for run {run!r} ({outputs['table']} is missing): "
+        f"run the workflow with this sample sheet first, or pass the --config of the run "
+        f"you want a report of{hint}",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 DISCOVERED_CACHE = Path(".snakemake") / "medprep" / "discovered.json"
@@ -151,10 +211,10 @@ def join_uri(base: str, *parts: str) -> str:
 
 
 def start_run() -> str:
-    """A new run identity for the failure records (``medprep.step.start_run``)."""
-    from medprep import step
+    """A new run identity for the failure records (``medprep.runner.start_run``)."""
+    from medprep import runner
 
-    return step.start_run()
+    return runner.start_run()
 
 
 ##### publishing #####
@@ -438,7 +498,7 @@ def default_disk_budget(
     budget = max(1, min(free_mb, (cores + 2) * largest))
     workflow.register_resource("disk_mb", budget)
     # local jobs inherit it: a job whose estimate exceeds this default (not a budget the
-    # user chose) runs alone instead of failing (medprep.step.check_disk_budget)
+    # user chose) runs alone instead of failing (medprep.runner.check_disk_budget)
     os.environ[DEFAULT_DISK_BUDGET_ENV] = str(budget)
 
 

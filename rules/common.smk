@@ -17,6 +17,9 @@ min_version("9.0")
 # A misspelt key anywhere fails here, one line per key naming it and its parent.
 mw.check_config_keys(config)
 validate(config, schema="../schemas/config.schema.yaml")
+# The run's name (config run_name, default the sheet's file stem) scopes what belongs to
+# one sheet: results/cohort/{RUN}/, results/dataset/{RUN}/, {destination}/dataset/{RUN}/.
+RUN = mw.run_name(config)
 
 # Memory guarded by default: a local run without --resources mem_mb=N gets the memory
 # the machine has available; `transfers` (profiles/default) gets a default too.
@@ -25,7 +28,7 @@ mw.default_global_resources(workflow)
 mw.build_demo_if_requested(config)
 
 # A new identity for this run: a retry of a job that failed on bad input in this run
-# fails at once (medprep.step), a new run tries again.
+# fails at once (medprep.runner), a new run tries again.
 if workflow.is_main_process:
     mw.start_run()
 

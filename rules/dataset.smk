@@ -9,8 +9,9 @@ localrules:
     dataset,
 
 
-# The dataset index of the destination, after every sample is published; rebuilt when
-# a sample's table or receipt changes, or the labels, patients or split settings do.
+# The dataset index of this run's samples ({destination}/dataset/{RUN}/), after every
+# sample is published; rebuilt when a sample's table or receipt changes, or the labels,
+# patients or split settings do.
 rule dataset:
     input:
         receipts=medprep_dataset.step_paths(DATASET_SAMPLES, "upload"),
@@ -18,14 +19,14 @@ rule dataset:
         preprocess=medprep_dataset.step_paths(DATASET_SAMPLES, "preprocess"),
         tables=medprep_dataset.table_paths(DATASET_SAMPLES),
     output:
-        tiles="results/dataset/tiles.parquet",
-        patches="results/dataset/patches.parquet",
-        samples="results/dataset/samples.parquet",
-        receipt="results/dataset/upload.json",
+        tiles=f"results/dataset/{RUN}/tiles.parquet",
+        patches=f"results/dataset/{RUN}/patches.parquet",
+        samples=f"results/dataset/{RUN}/samples.parquet",
+        receipt=f"results/dataset/{RUN}/upload.json",
     log:
-        "logs/dataset/dataset.log",
+        f"logs/dataset/{RUN}.log",
     benchmark:
-        "logs/benchmarks/dataset/dataset.tsv"
+        f"logs/benchmarks/dataset/{RUN}.tsv"
     retries: 1
     conda:
         "../envs/dataset.yaml"
@@ -37,6 +38,7 @@ rule dataset:
         samples=DATASET_SAMPLES,
         splits=config["dataset"]["splits"],
         seed=config["dataset"]["seed"],
-        destination=mw.join_uri(config["destination"], "dataset"),
+        destination=mw.join_uri(config["destination"], "dataset", RUN),
+        run=RUN,
     script:
         "../scripts/dataset.py"

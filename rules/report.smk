@@ -1,16 +1,14 @@
 from medprep import cohort as medprep_cohort
 from medprep import dataset as medprep_dataset
 
-COHORT_OUTPUTS = {
-    "table": "results/cohort/cohort.csv",
-    "html": "results/cohort/cohort.html",
-    "plot": "results/cohort/cohort.png",
-}
+# This run's cohort (results/cohort/{RUN}/); `--report` of a run without one stops here.
+COHORT_OUTPUTS = mw.cohort_outputs(RUN)
+mw.check_report_inputs(RUN, COHORT_OUTPUTS)
 # The QC picture of each modality: its path, its report category and its caption (the
 # caption resolved here, as Snakemake does for report() in a rule's own input or output).
 QC_PICTURES = {
     "wsi": medprep_cohort.QcPicture(
-        "results/wsi/{sample}/tile/overlay.png",
+        "results/wsi/{sample}/tiles/overlay.png",
         "Slides",
         workflow.current_basedir.join("../report/slide_overlay.rst"),
     ),
@@ -64,9 +62,9 @@ rule cohort:
             labels={"view": "cohort plot"},
         ),
     log:
-        "logs/cohort/cohort.log",
+        f"logs/cohort/{RUN}.log",
     benchmark:
-        "logs/benchmarks/cohort/cohort.tsv"
+        f"logs/benchmarks/cohort/{RUN}.tsv"
     conda:
         "../envs/report.yaml"
     threads: 1

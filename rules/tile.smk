@@ -3,9 +3,9 @@ rule tile_wsi:
         download="results/wsi/{sample}/download.json",
         preprocess="results/wsi/{sample}/preprocess.json",
     output:
-        table="results/wsi/{sample}/tile/tiles.parquet",
-        overlay="results/wsi/{sample}/tile/overlay.png",
-        summary="results/wsi/{sample}/tile/summary.json",
+        table="results/wsi/{sample}/tiles/tiles.parquet",
+        overlay="results/wsi/{sample}/tiles/overlay.png",
+        summary="results/wsi/{sample}/tiles/summary.json",
         manifest="results/wsi/{sample}/tile.json",
     log:
         "logs/tile_wsi/{sample}.log",
@@ -33,8 +33,8 @@ rule tile_ct:
         preprocess="results/ct/{sample}/preprocess.json",
     # patches.npy is a working file (a param, listed in the manifest), not an output.
     output:
-        table="results/ct/{sample}/tile/patches.parquet",
-        summary="results/ct/{sample}/tile/summary.json",
+        table="results/ct/{sample}/patches/patches.parquet",
+        summary="results/ct/{sample}/patches/summary.json",
         manifest="results/ct/{sample}/tile.json",
     log:
         "logs/tile_ct/{sample}.log",
@@ -51,7 +51,7 @@ rule tile_ct:
         disk_need_mb=disk_tile_ct,
         runtime="30m",
     params:
-        patches="results/ct/{sample}/tile/patches.npy",
+        patches="results/ct/{sample}/patches/patches.npy",
         settings=mw.settings_only(config["ct"], "patches", "slices_png", "normalise"),
         engine=mw.code_fingerprint("ct"),
     script:

@@ -3,7 +3,7 @@
 import logging
 
 from medprep import cohort
-from medprep.step import run_step
+from medprep.runner import run_step
 
 log = logging.getLogger("medprep.cohort")
 

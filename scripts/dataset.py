@@ -1,9 +1,9 @@
-"""Rule `dataset`: the index of every tile and patch, published to {destination}/dataset/."""
+"""Rule `dataset`: the index of every tile and patch, published to {destination}/dataset/{run}/."""
 
 import os
 
 from medprep import __version__, atomic, dataset
-from medprep.step import run_step
+from medprep.runner import run_step
 
 
 def main(smk):
@@ -24,7 +24,7 @@ def main(smk):
             "samples.parquet": smk.output.samples,
         },
         smk.params.destination,
-        {**manifest, "medprep": __version__},
+        {**manifest, "run": smk.params.run, "medprep": __version__},
         threads=smk.threads,
         settings=smk.config["storage"],
     )

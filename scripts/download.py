@@ -5,7 +5,7 @@ import logging
 from medprep import manifest, storage
 from medprep.errors import undefer
 from medprep.redact import redact
-from medprep.step import run_step
+from medprep.runner import run_step
 
 log = logging.getLogger("medprep.download")
 

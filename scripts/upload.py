@@ -5,7 +5,7 @@ import sys
 
 from medprep import __version__, atomic, manifest, scratch, storage
 from medprep.redact import redact
-from medprep.step import run_step
+from medprep.runner import run_step
 from medprep.storage import published as published_check
 
 log = logging.getLogger("medprep.upload")

@@ -74,15 +74,15 @@ def write_cohort(
     entries = []
     for sample, modality, patient, label in samples:
         base = folder / modality / sample
-        (base / "tile").mkdir(parents=True, exist_ok=True)
+        (base / ("tiles" if modality == "wsi" else "patches")).mkdir(parents=True, exist_ok=True)
         if modality == "wsi":
-            table = base / "tile" / "tiles.parquet"
+            table = base / "tiles" / "tiles.parquet"
             if not table.exists():
                 writers.write_table(_wsi_table(sample, tiles, rng), table)
             artifacts = [{"name": "tiles/tiles.parquet", "path": str(table)}]
             pre_artifacts = []
         else:
-            table = base / "tile" / "patches.parquet"
+            table = base / "patches" / "patches.parquet"
             if not table.exists():
                 _ct_table(patches, table)
             artifacts = [{"name": "patches/patches.parquet", "path": str(table)}]

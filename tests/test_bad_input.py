@@ -216,7 +216,7 @@ def matrix(tmp_path_factory) -> MatrixRun:
     (workdir / "samples.tsv").write_text("sample\tmodality\turi\tmpp\n" + "".join(rows))
     write_config(workdir)
     run = run_snakemake(workdir, check=False)
-    with open(workdir / "results" / "cohort" / "cohort.csv", newline="") as f:
+    with open(workdir / "results" / "cohort" / "samples" / "cohort.csv", newline="") as f:
         cohort = {row["sample"]: row for row in csv.DictReader(f)}
     return MatrixRun(workdir, run.returncode, run.stderr, uris, cohort)
 
@@ -358,7 +358,7 @@ def test_head_ct_completes_with_no_patches(matrix):
 
 
 def test_cohort_html_lists_the_failures_with_their_causes(matrix):
-    page = (matrix.workdir / "results" / "cohort" / "cohort.html").read_text()
+    page = (matrix.workdir / "results" / "cohort" / "samples" / "cohort.html").read_text()
     failures = page.split("<h2>All samples</h2>")[0]
     assert f"Failures ({len(FAILING)})" in failures
     for name in FAILING:

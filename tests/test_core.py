@@ -233,7 +233,7 @@ RUNNER = textwrap.dedent(
     import sys
     from types import SimpleNamespace
     from medprep.errors import InputError
-    from medprep.step import run_step
+    from medprep.runner import run_step
 
     class Named(list):
         pass

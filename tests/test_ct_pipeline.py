@@ -163,12 +163,12 @@ def test_patches_table_and_summary(chest, tmp_path):
     summary = tiled["summary"]
     assert summary["status"] == "ok" and 0 < summary["patches"] < summary["candidates"]
     # default: coordinates only, no patch array
-    assert not (tmp_path / "tile/patches.npy").exists() and summary["dtype"] is None
+    assert not (tmp_path / "patches/patches.npy").exists() and summary["dtype"] is None
     assert "patches/patches.npy" not in {a["name"] for a in tiled["artifacts"]}
-    table = pd.read_parquet(tmp_path / "tile/patches.parquet")
+    table = pd.read_parquet(tmp_path / "patches/patches.parquet")
     hu_cfg = {**cfg, "patches": {**cfg["patches"], "materialise": "hu"}}
     run_chain(folder, tmp_path / "hu", hu_cfg)
-    array = np.load(tmp_path / "hu/tile/patches.npy", mmap_mode="r")
+    array = np.load(tmp_path / "hu/patches/patches.npy", mmap_mode="r")
     assert array.shape == (summary["patches"], 8, 8, 8) and array.dtype == np.int16
     assert (table["lung_fraction"] >= 0.2).all() and table["patch"].tolist() == list(
         range(len(table))
@@ -195,7 +195,7 @@ def test_patches_table_and_summary(chest, tmp_path):
         ]
     u8_cfg = {**cfg, "patches": {**cfg["patches"], "materialise": "uint8"}}
     run_chain(folder, tmp_path / "u8", u8_cfg)
-    as_u8 = np.load(tmp_path / "u8/tile/patches.npy")
+    as_u8 = np.load(tmp_path / "u8/patches/patches.npy")
     assert as_u8.dtype == np.uint8
     np.testing.assert_array_equal(as_u8, tile.window_uint8(array, [-1000, 400]))
     assert as_u8[array <= -1000].max() == 0 and as_u8.max() > 0
@@ -209,8 +209,8 @@ def test_no_lungs_gives_zero_patches_with_that_status(tmp_path):
     assert "no_lungs" in pre["summary"]["qc_flags"]
     assert tiled["summary"]["status"] == "no_lungs"
     assert tiled["summary"]["patches"] == 0 and tiled["summary"]["candidates"] == 0
-    assert not (tmp_path / "out/tile/patches.npy").exists()
-    assert len(pd.read_parquet(tmp_path / "out/tile/patches.parquet")) == 0
+    assert not (tmp_path / "out/patches/patches.npy").exists()
+    assert len(pd.read_parquet(tmp_path / "out/patches/patches.parquet")) == 0
 
 
 def test_crop_to_the_lungs_keeps_geometry(chest):
@@ -247,8 +247,23 @@ def test_no_identifiers_in_outputs_or_logs_unless_asked(chest, tmp_path, caplog)
 
 def test_shipped_config_ct_section_is_the_schema_defaults():
     config = yaml.safe_load((REPO / "config.yaml").read_text())["ct"]
-    assert config == settings.DEFAULTS == config_defaults("ct")
-    assert settings.ct_settings(None) == settings.DEFAULTS
+    assert config == config_defaults("ct") == settings.DEFAULTS.as_dict()
+    assert settings.ct_settings(config) == settings.ct_settings(None) == settings.DEFAULTS
+
+
+def test_ct_settings_reject_unknown_keys_and_values_beyond_the_schema_in_one_line():
+    with pytest.raises(ValueError) as error:
+        settings.ct_settings({"lung": {"closing_radius": 10}})
+    assert str(error.value).startswith("unknown key 'closing_radius' under ct.lung (did you")
+    with pytest.raises(ValueError, match=r"^unknown key 'patch' under ct \(did you mean"):
+        settings.ct_settings({"patch": {}})
+    with pytest.raises(ValueError, match=r"^ct\.patches\.materialise: 'float' is not one of"):
+        settings.ct_settings({"patches": {"materialise": "float"}})
+    partial = settings.ct_settings({"lung": {"dilation_mm": 2}})
+    assert partial["lung"]["dilation_mm"] == 2
+    assert partial["lung"]["grid_mm"] == config_defaults("ct", "lung", "grid_mm")
+    lung = settings.lung_settings(partial, x_towards_left=False)
+    assert lung.dilation_mm == 2.0 and not lung.x_towards_left and "x_towards_left" not in lung
 
 
 # ---------- the rule scripts, with a stand-in for Snakemake's `snakemake` object ----------
@@ -337,12 +352,12 @@ def test_rule_scripts_write_manifests_and_fail_in_one_line(tmp_path, monkeypatch
         "qc_flags",
     } <= set(summary)
     tile_out = {
-        "table": str(base / "tile/patches.parquet"),
-        "summary": str(base / "tile/summary.json"),
+        "table": str(base / "patches/patches.parquet"),
+        "summary": str(base / "patches/summary.json"),
         "manifest": str(base / "tile.json"),
     }
     tile_params = {
-        "patches": str(base / "tile/patches.npy"),
+        "patches": str(base / "patches/patches.npy"),
         "settings": {"slices_png": {"enabled": True}, "patches": {"size_mm": 16, "stride_mm": 16}},
     }
     run_script(

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from medprep.ct import hu, lung, memory, nifti, patches, resample, series
+from medprep.ct.settings import CtSettings
 from medprep.errors import InputError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -222,7 +223,11 @@ def test_padding_becomes_air_before_rescale():
 
 def test_normalisation_maps_the_reference_window():
     values = np.array([-2000, -1000, -300, 400, 1000], dtype=np.int16)
-    np.testing.assert_allclose(hu.normalise(values), [-0.25, -0.25, 0.25, 0.75, 0.75], atol=1e-6)
+    reference = {"min_hu": -1000, "max_hu": 400, "mean": 0.25}  # the schema's defaults
+    assert CtSettings().normalise.as_dict() == reference
+    np.testing.assert_allclose(
+        hu.normalise(values, **reference), [-0.25, -0.25, 0.25, 0.75, 0.75], atol=1e-6
+    )
     np.testing.assert_allclose(hu.normalise(values, -1200, 600, 0.0)[1], 200 / 1800, atol=1e-6)
 
 

@@ -117,7 +117,7 @@ def run(tmp_path_factory, tiny_data):
 
 
 def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
-    folder = run / "published" / "dataset"
+    folder = run / "published" / "dataset" / "samples"  # the run of samples.tsv
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {f["name"] for f in manifest["files"]} == set(dataset.TABLES)
     samples = pd.read_parquet(folder / "samples.parquet").set_index("sample")
@@ -139,7 +139,7 @@ def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
     assert {"sharpness", "pen_fraction", "fold_fraction", "gap_fraction"} <= set(tiles.columns)
     for name in set(tiles["file"]) | set(patches["volume"]):
         assert (run / "published" / name).is_file(), name
-    cohort = pd.read_csv(run / "results/cohort/cohort.csv", dtype=str).set_index("sample")
+    cohort = pd.read_csv(run / "results/cohort/samples/cohort.csv", dtype=str).set_index("sample")
     assert cohort["patient"].to_dict() == {s: g[1] for s, g in GROUPS.items()}
     assert (cohort["meta_site"] == "leeds").all()
     # no patient value in any log
@@ -225,7 +225,7 @@ def test_a_rerun_does_nothing_and_a_new_label_rebuilds_only_the_index(run):
         sheet.write_text(original.replace("\t1\tP1\t", "\t2\tP1\t", 1))
         relabel = run_snakemake(run)
         assert "rule dataset" in relabel.stderr and not relabel.ran()
-        samples = pd.read_parquet(run / "published/dataset/samples.parquet")
+        samples = pd.read_parquet(run / "published/dataset/samples/samples.parquet")
         assert "2" in set(samples["label"])
     finally:
         sheet.write_text(original)
@@ -257,9 +257,9 @@ def test_the_index_publishes_to_s3_and_reads_back_like_the_local_one(run, s3):
     for path in sorted(local.rglob("*")):  # the samples as upload published them
         if path.is_file() and "dataset" not in path.parts:
             client.upload_file(str(path), bucket, f"out/{path.relative_to(local).as_posix()}")
-    files = {n: str(local / "dataset" / n) for n in dataset.TABLES}
-    manifest = json.loads((local / "dataset/manifest.json").read_text())
-    dataset.publish(files, f"s3://{bucket}/out/dataset", manifest, settings=s3)
+    files = {n: str(local / "dataset" / "samples" / n) for n in dataset.TABLES}
+    manifest = json.loads((local / "dataset/samples/manifest.json").read_text())
+    dataset.publish(files, f"s3://{bucket}/out/dataset/samples", manifest, settings=s3)
     remote = open_dataset(f"s3://{bucket}/out", settings=s3)
     here = open_dataset(local)
     assert len(remote.tiles) == len(here.tiles) and len(remote.patches) == len(here.patches)

@@ -291,7 +291,7 @@ RUNNER = textwrap.dedent(
     from pathlib import Path
     from types import SimpleNamespace
     from medprep.errors import InputError
-    from medprep.step import run_step
+    from medprep.runner import run_step
 
     class Named(list):
         pass
@@ -335,7 +335,7 @@ def times_worked(tmp_path: Path) -> int:
 
 @pytest.fixture
 def runner(tmp_path):
-    from medprep.step import start_run
+    from medprep.runner import start_run
 
     (tmp_path / "runner.py").write_text(RUNNER)
     (tmp_path / "in.json").write_text("{}")
@@ -361,7 +361,7 @@ def test_a_retry_after_an_input_error_fails_at_once_with_the_same_line(runner):
 
 
 def test_a_new_run_or_changed_inputs_try_again(runner):
-    from medprep.step import start_run
+    from medprep.runner import start_run
 
     attempt(runner, "input")
     (runner / "in.json").write_text('{"changed": 1}')

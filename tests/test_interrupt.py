@@ -22,7 +22,7 @@ from workflow_support import (
 )
 from wsi_support import CMU
 
-from medprep import step
+from medprep import runner
 from medprep.wsi.synthetic import write_synthetic_slide
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def uninterrupted(slide_workdir, tmp_path_factory) -> Path:
 
 def tiles_being_written(workdir: Path) -> bool:
     """The tiling job has written tiles into its temporary pixel folder."""
-    tile_folder = workdir / "results" / "wsi" / SAMPLE / "tile"
+    tile_folder = workdir / "results" / "wsi" / SAMPLE / "tiles"
     try:
         return any(
             entry.stat().st_size > 0
@@ -128,7 +128,7 @@ def test_killed_tiling_rerun_completes_with_identical_outputs(
 
 
 def test_a_job_removes_the_temporaries_of_its_killed_attempt(tmp_path):
-    tile = tmp_path / "tile"
+    tile = tmp_path / "tiles"
     (tile / ".pixels.tmp-123-abcd1234").mkdir(parents=True)
     (tile / ".pixels.tmp-123-abcd1234" / "shard-000000.tar").write_bytes(b"x")
     (tile / ".tiles.tmp-123-abcd1234.parquet").write_bytes(b"x")
@@ -136,7 +136,7 @@ def test_a_job_removes_the_temporaries_of_its_killed_attempt(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / ".a.tmp-1-ffffffff.json").write_text("{}")  # not an output folder
 
-    removed = step.remove_leftovers([str(tile / "tiles.parquet"), str(tile / "overlay.png")])
+    removed = runner.remove_leftovers([str(tile / "tiles.parquet"), str(tile / "overlay.png")])
     assert removed == 2
     assert [p.name for p in tile.iterdir()] == ["kept.txt"]
     assert (tmp_path / "other" / ".a.tmp-1-ffffffff.json").exists()

@@ -57,7 +57,7 @@ def test_make_run_builds_the_demo_runs_it_and_prints_the_summary(checkout):
     for sample, modality in demo_samples:
         published = checkout / "results" / "published" / modality / sample / "manifest.json"
         assert json.loads(published.read_text())["sample"] == sample
-    dataset = checkout / "results" / "published" / "dataset"
+    dataset = checkout / "results" / "published" / "dataset" / "samples"
     assert json.loads((dataset / "manifest.json").read_text())["counts"]["samples"] == len(
         demo_samples
     )

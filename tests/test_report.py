@@ -24,7 +24,7 @@ from workflow_support import REPO, copy_workdir, run_snakemake, write_config, wr
 from medprep import cohort, cohort_html, cohort_plot
 
 MODALITY = {sample: modality for sample, modality, _ in TINY_SAMPLES}
-PICTURES = {"wsi": "tile/overlay.png", "ct": "preprocess/qc.png"}
+PICTURES = {"wsi": "tiles/overlay.png", "ct": "preprocess/qc.png"}
 CATEGORY = {"wsi": "Slides", "ct": "CT scans"}
 
 
@@ -40,7 +40,7 @@ def readme_report_commands() -> list[list[str]]:
 
 
 def read_cohort(workdir: Path) -> dict[str, dict[str, str]]:
-    with open(workdir / "results" / "cohort" / "cohort.csv", newline="") as f:
+    with open(workdir / "results" / "cohort" / "samples" / "cohort.csv", newline="") as f:
         return {row["sample"]: row for row in csv.DictReader(f)}
 
 
@@ -89,7 +89,7 @@ def test_report_holds_the_cohort_table_and_plot(reported):
     assert {row["status"] for row in rows} == {"ok"}
     page = decoded(cohort_files["cohort.html"]["data_uri"]).decode()
     assert all(f">{sample}<" in page for sample in MODALITY)
-    with Image.open(reported / "results" / "cohort" / "cohort.png") as plot:
+    with Image.open(reported / "results" / "cohort" / "samples" / "cohort.png") as plot:
         assert plot.width == cohort_plot.WIDTH and plot.height > cohort_plot.HEADER
 
 
@@ -133,12 +133,12 @@ def test_report_pictures_load_in_chromium(reported, browser, tmp_path):
 
     pictures = [item for item in shown if item["mime"] == "image/png"]
     expected = {f"results/{m}/{s}/{PICTURES[m]}" for s, m in MODALITY.items()}
-    assert {item["path"] for item in pictures} == expected | {"results/cohort/cohort.png"}
+    assert {item["path"] for item in pictures} == expected | {"results/cohort/samples/cohort.png"}
     for item in pictures:  # decoded by the browser, at the size of the file on disk
         with Image.open(reported / item["path"]) as image:
             assert (item["width"], item["height"]) == image.size, item
     tables = [item for item in shown if item["mime"] == "text/html"]
-    assert [item["path"] for item in tables] == ["results/cohort/cohort.html"]
+    assert [item["path"] for item in tables] == ["results/cohort/samples/cohort.html"]
     assert tables[0]["iframe"] > 100  # shown in a frame of the page, not an empty box
 
     show_result(browser, "Slides", "CMU-1-Small-Region")
@@ -235,7 +235,10 @@ def test_summary_command_counts_by_status_and_names_the_report(partly_failed):
     assert printed.splitlines()[0] == "3 samples: 2 ok, 1 failed"
     assert "broken: file " in printed and "empty file (0 bytes)" in printed
     assert f"report: {partly_failed / 'report.html'}" in printed
-    assert f"cohort table: {partly_failed / 'results' / 'cohort' / 'cohort.html'}" in printed
+    assert (
+        f"cohort table: {partly_failed / 'results' / 'cohort' / 'samples' / 'cohort.html'}"
+        in printed
+    )
 
 
 # ---- the table, page and plot on their own

@@ -58,7 +58,7 @@ def test_s3_to_s3_leaves_no_working_files_and_reruns_fetch_only_what_they_need(w
         left = local_files(world, sample)
         assert not [f for f in left if f.startswith("download/") and not f.startswith(".")]
         assert not {"preprocess/volume.nii.gz", "preprocess/lung_mask.nii.gz"} & left
-        assert "tile/patches.npy" not in left
+        assert "patches/patches.npy" not in left
         # what stays: step manifests, summaries, the QC picture the report shows
         assert {"download.json", "preprocess.json", "tile.json", "upload.json"} <= left
         assert "preprocess/qc.png" in left
@@ -88,7 +88,7 @@ def test_s3_to_s3_leaves_no_working_files_and_reruns_fetch_only_what_they_need(w
         after[f"ct/{CT[0]}"]["preprocess/volume.nii.gz"]
         == (published[f"ct/{CT[0]}"]["preprocess/volume.nii.gz"])
     )
-    assert "tile/patches.npy" not in local_files(world, CT[0])
+    assert "patches/patches.npy" not in local_files(world, CT[0])
 
     # A preprocess setting needs the raw series: it is downloaded again, once per sample.
     proxy = world.swap_proxy()

@@ -142,13 +142,13 @@ def assert_published_complete(world: World, samples) -> None:
         }
     # the dataset index of the destination, manifest.json last, listing the tables
     index = json.loads(
-        world.s3.get_object(Bucket=world.bucket, Key="published/dataset/manifest.json")[
+        world.s3.get_object(Bucket=world.bucket, Key="published/dataset/samples/manifest.json")[
             "Body"
         ].read()
     )
     assert index["counts"]["samples"] == len(samples)
     for entry in index["files"]:
-        key = f"published/dataset/{entry['name']}"
+        key = f"published/dataset/samples/{entry['name']}"
         data = world.s3.get_object(Bucket=world.bucket, Key=key)["Body"].read()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
 

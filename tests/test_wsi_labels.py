@@ -365,9 +365,9 @@ rule tile_wsi:
                           **({{"annotations": f"results/wsi/{{w.sample}}/annotations.json"}}
                              if w.sample == "A1" else {{}})}})
     output:
-        table="results/wsi/{{sample}}/tile/tiles.parquet",
-        overlay="results/wsi/{{sample}}/tile/overlay.png",
-        summary="results/wsi/{{sample}}/tile/summary.json",
+        table="results/wsi/{{sample}}/tiles/tiles.parquet",
+        overlay="results/wsi/{{sample}}/tiles/overlay.png",
+        summary="results/wsi/{{sample}}/tiles/summary.json",
         manifest="results/wsi/{{sample}}/tile.json",
     params:
         tile={{"min_tissue": 0.0, "container": "coords"}},
@@ -395,11 +395,11 @@ def test_rule_script_passes_the_annotations(preprocessed, tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    a1 = writers.read_table(tmp_path / "results/wsi/A1/tile/tiles.parquet")
-    p1 = writers.read_table(tmp_path / "results/wsi/P1/tile/tiles.parquet")
+    a1 = writers.read_table(tmp_path / "results/wsi/A1/tiles/tiles.parquet")
+    p1 = writers.read_table(tmp_path / "results/wsi/P1/tiles/tiles.parquet")
     assert {"Tumor", "Stroma", "Necrosis"} <= set(a1.label)
     assert "label" not in p1
-    assert json.loads((tmp_path / "results/wsi/A1/tile/summary.json").read_text())["labels"]
+    assert json.loads((tmp_path / "results/wsi/A1/tiles/summary.json").read_text())["labels"]
 
 
 def test_readme_example_is_read():

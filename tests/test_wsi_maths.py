@@ -100,11 +100,13 @@ def test_target_precedence_level_then_magnification_then_mpp():
 # --- settings ---------------------------------------------------------------------------
 
 
-def test_settings_defaults_match_the_config_schema():
+def test_settings_are_the_config_schemas_sections():
     wsi = config_defaults("wsi")
-    assert ResolutionSettings.from_config(None) == ResolutionSettings.from_config(wsi["resolution"])
-    assert TissueSettings.from_config(None) == TissueSettings.from_config(wsi["tissue"])
-    assert TileSettings.from_config(None) == TileSettings.from_config(wsi["tile"])
+    assert ResolutionSettings().as_dict() == wsi["resolution"]
+    assert TissueSettings().as_dict() == wsi["tissue"]
+    assert TileSettings().as_dict() == wsi["tile"]
+    assert TileSettings().filters == FilterSettings()
+    assert TileSettings.from_config({"filters": {"min_blur": 3}}).filters.min_blur == 3
 
 
 def test_shipped_config_wsi_section_is_accepted():
@@ -117,6 +119,17 @@ def test_shipped_config_wsi_section_is_accepted():
 def test_unknown_setting_is_an_error_not_ignored():
     with pytest.raises(ValueError, match="min_tisue"):
         TileSettings.from_config({"min_tisue": 0.3})
+    with pytest.raises(ValueError, match=r"^unknown key 'max_pen' under wsi\.tile\.filters"):
+        TileSettings.from_config({"filters": {"max_pen": 0.1}})
+
+
+def test_a_value_beyond_the_schemas_limits_fails_naming_the_key():
+    with pytest.raises(ValueError, match=r"^wsi\.tile\.size: 8 is less than the minimum of 16$"):
+        TileSettings(size=8)
+    with pytest.raises(ValueError, match=r"^wsi\.resolution\.tolerance: 0\.5 is greater than"):
+        ResolutionSettings.from_config({"tolerance": 0.5})
+    with pytest.raises(ValueError, match=r"^wsi\.tissue\.mode: 'dark' is not one of"):
+        TissueSettings(mode="dark")
 
 
 # --- tissue -----------------------------------------------------------------------------

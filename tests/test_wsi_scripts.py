@@ -41,9 +41,9 @@ rule tile_wsi:
         download="results/wsi/{{sample}}/download.json",
         preprocess="results/wsi/{{sample}}/preprocess.json",
     output:
-        table="results/wsi/{{sample}}/tile/tiles.parquet",
-        overlay="results/wsi/{{sample}}/tile/overlay.png",
-        summary="results/wsi/{{sample}}/tile/summary.json",
+        table="results/wsi/{{sample}}/tiles/tiles.parquet",
+        overlay="results/wsi/{{sample}}/tiles/overlay.png",
+        summary="results/wsi/{{sample}}/tiles/summary.json",
         manifest="results/wsi/{{sample}}/tile.json",
     params:
         tile={{"size": 128, "block_tiles": 2, "shard_max_tiles": 20}},
@@ -100,9 +100,9 @@ def test_scripts_run_under_snakemake_and_a_bad_slide_fails_alone(tmp_path):
         "rejected",
         "read_calls",
     }
-    table = pd.read_parquet(good / "tile" / "tiles.parquet")
+    table = pd.read_parquet(good / "tiles" / "tiles.parquet")
     assert len(table) == tiled["summary"]["tiles"] > 20
-    shards = sorted(p.name for p in (good / "tile" / "pixels").iterdir())
+    shards = sorted(p.name for p in (good / "tiles" / "pixels").iterdir())
     assert len(shards) > 1
     assert {f"tiles/pixels/{name}" for name in shards} <= {a["name"] for a in tiled["artifacts"]}
     # the pool's spawned workers re-import the script but do not run the step again

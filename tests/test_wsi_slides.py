@@ -170,7 +170,7 @@ def test_tiles_come_out_at_the_requested_mpp_within_one_percent(
     table = pd.read_parquet(outputs(folder)["table"])
     assert len(table) >= 4
     for row in table.iloc[:: max(1, len(table) // 4)].itertuples():
-        pixels = np.asarray(Image.open(folder / "tile" / row.file)).astype(float)
+        pixels = np.asarray(Image.open(folder / "tiles" / row.file)).astype(float)
         assert pixels.shape == (256, 256, 3)
         mpp_x = slide_mpp * period_x / measured_period(pixels[..., 0].mean(axis=0))
         mpp_y = slide_mpp * period_y / measured_period(pixels[..., 2].mean(axis=1))
@@ -187,7 +187,7 @@ def test_tile_pixels_match_the_slide_at_native_resolution(tmp_path, synthetic):
     handle = slides.open_slide(synthetic)
     for row in table.head(3).itertuples():
         region = np.asarray(handle.read_region((int(row.x), int(row.y)), 0, (256, 256)))[..., :3]
-        assert np.array_equal(np.asarray(Image.open(folder / "tile" / row.file)), region)
+        assert np.array_equal(np.asarray(Image.open(folder / "tiles" / row.file)), region)
     handle.close()
 
 
@@ -212,7 +212,7 @@ def test_counts_agree_between_summary_manifest_table_and_shards(tmp_path, synthe
         f"tiles/pixels/{p.name}" for p in shards
     } | {"tiles/tiles.parquet", "tiles/overlay.png", "tiles/summary.json"}
     first = table.iloc[0]
-    with tarfile.open(folder / "tile" / first.file) as tar:
+    with tarfile.open(folder / "tiles" / first.file) as tar:
         image = Image.open(io.BytesIO(tar.extractfile(first.member).read()))
         assert image.format == "JPEG" and image.size == (256, 256)
     assert table["tissue_fraction"].between(0, 1).all() and (table["blur"] >= 0).all()
@@ -317,7 +317,7 @@ def test_resampled_tiles_do_not_depend_on_how_tiles_are_grouped_into_reads(tmp_p
         assert summary["summary"]["read_calls"] < summary["summary"]["tiles"] or block_tiles == 1
         table = pd.read_parquet(outputs(folder)["table"])
         pixels[block_tiles] = {
-            row.file: np.asarray(Image.open(folder / "tile" / row.file)).astype(int)
+            row.file: np.asarray(Image.open(folder / "tiles" / row.file)).astype(int)
             for row in table.itertuples()
         }
     assert pixels[1].keys() == pixels[8].keys() and len(pixels[1]) > 4

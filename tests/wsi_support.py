@@ -98,11 +98,11 @@ def outputs(folder: Path) -> dict[str, Path]:
         "thumbnail": folder / "preprocess" / "thumbnail.png",
         "preprocess_summary": folder / "preprocess" / "summary.json",
         "preprocess_manifest": folder / "preprocess.json",
-        "table": folder / "tile" / "tiles.parquet",
-        "overlay": folder / "tile" / "overlay.png",
-        "tile_summary": folder / "tile" / "summary.json",
+        "table": folder / "tiles" / "tiles.parquet",
+        "overlay": folder / "tiles" / "overlay.png",
+        "tile_summary": folder / "tiles" / "summary.json",
         "tile_manifest": folder / "tile.json",
-        "pixels": folder / "tile" / "pixels",
+        "pixels": folder / "tiles" / "pixels",
     }
 
 

@@ -102,10 +102,9 @@ def to_hu(stored: np.ndarray, transform: ModalityTransform, padding: Padding) ->
     return SliceHU(out, int(np.count_nonzero(pad)), clamped)
 
 
-def normalise(
-    hu: np.ndarray, min_hu: float = -1000.0, max_hu: float = 400.0, mean: float = 0.25
-) -> np.ndarray:
-    """Scale [min_hu, max_hu] to [0, 1], clip, subtract ``mean`` (float32)."""
+def normalise(hu: np.ndarray, min_hu: float, max_hu: float, mean: float) -> np.ndarray:
+    """Scale [min_hu, max_hu] to [0, 1], clip, subtract ``mean`` (float32); the values
+    are the ``ct.normalise`` settings."""
     if max_hu <= min_hu:
         raise ValueError(f"normalise: max_hu ({max_hu}) must exceed min_hu ({min_hu})")
     out = hu.astype(np.float32)

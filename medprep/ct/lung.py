@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from medprep.ct.patches import bounding_box  # noqa: F401 (also used as lung.bounding_box)
+from medprep.schema import Settings, settings_section
 
 # A short scan through the chest holds little lung volume but a large cross-section; sinus
 # and mastoid air in a head CT has neither.
@@ -56,18 +57,12 @@ IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class LungSettings:
-    threshold_hu: float = -320.0
-    dilation_mm: float = 0.0
-    min_volume_ml: float = 500.0
-    max_volume_ml: float = 8000.0
-    no_lungs_below_ml: float = 100.0
-    second_lung_fraction: float = 0.2
-    closing_radius_mm: float = 15.0  # 0 disables pocket filling
-    fill_radius_mm: float = 40.0  # the ball that fills a found pocket (<= closing: none)
-    pocket_max_mm: float = 40.0
-    grid_mm: float = 3.0
+@settings_section("ct", "lung")
+class LungSettings(Settings):
+    """``ct.lung`` (fields and defaults from the schema: ``closing_radius_mm`` 0 disables
+    pocket filling; ``fill_radius_mm`` is the ball that fills a found pocket, none when not
+    larger than the closing's), plus what comes from the scan, not the config."""
+
     x_towards_left: bool = True  # array x (column) index grows towards the patient's left
 
 

@@ -1,44 +1,44 @@
-"""The ``ct:`` config section with its defaults (those of schemas/config.schema.yaml)."""
+"""The ``ct:`` config section as frozen dataclasses (``CtSettings``).
+
+Fields, defaults and limits are those of ``schemas/config.schema.yaml`` (see
+``medprep.schema.settings_section``): a key added there is a field here, with its default,
+without an edit. ``ct_settings`` fills in what a (partial) section leaves out and rejects
+unknown keys in one line. The sections are also read-only mappings, so the engine reads
+``cfg["patches"]["size_mm"]`` as it did the config's dicts.
+"""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
-from medprep.schema import config_defaults
-
-DEFAULTS: dict[str, Any] = config_defaults("ct")
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+from medprep.ct.lung import LungSettings  # the class of ct.lung (declared with the maths)
+from medprep.schema import Settings, settings_section
 
 
-def ct_settings(settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``settings`` (all or part of the ``ct:`` section) over the defaults."""
-    merged = _merge(DEFAULTS, dict(settings or {}))
-    if merged["gantry_tilt"] not in ("correct", "fail"):
-        raise ValueError(
-            f"ct.gantry_tilt must be 'correct' or 'fail', not {merged['gantry_tilt']!r}"
-        )
-    if int(merged["interpolation_order"]) not in (0, 1, 3):
-        raise ValueError("ct.interpolation_order must be 0, 1 or 3")
-    if merged["patches"]["materialise"] not in ("none", "hu", "uint8", "normalised"):
-        raise ValueError("ct.patches.materialise must be 'none', 'hu', 'uint8' or 'normalised'")
-    return merged
+@settings_section("ct")
+class CtSettings(Settings):
+    """``ct``: resampling, series choice, lung mask (``lung``: LungSettings), normalisation,
+    crop, outputs, patches and PNG slices."""
 
 
-def lung_settings(settings: dict[str, Any], **extra):
-    """``LungSettings`` from the ``ct.lung`` section (numbers), plus ``extra`` fields that
-    come from the scan rather than the config (``x_towards_left``)."""
-    from medprep.ct.lung import LungSettings
+DEFAULTS = CtSettings()
 
-    lung = settings["lung"]
-    fields = LungSettings.__dataclass_fields__
-    return LungSettings(**{k: float(v) for k, v in lung.items() if k in fields}, **extra)
+
+def ct_settings(settings: Mapping[str, Any] | None = None) -> CtSettings:
+    """``settings`` (all or part of the ``ct:`` section) over the schema's defaults."""
+    return CtSettings.from_config(settings)
+
+
+def lung_settings(settings: Mapping[str, Any], **extra: Any) -> LungSettings:
+    """``LungSettings`` from the ``ct.lung`` section of ``settings``, its numbers as floats,
+    plus ``extra`` fields that come from the scan rather than the config
+    (``x_towards_left``)."""
+    lung = LungSettings.from_config(settings["lung"])
+    numbers = {
+        k: float(v)
+        for k, v in lung.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    return dataclasses.replace(lung, **numbers, **extra)

@@ -143,7 +143,7 @@ def run_chain(
     threads: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both steps into ``out`` with the workflow's file layout (without Snakemake):
-    ``out/preprocess/...``, ``out/preprocess.json``, ``out/tile/...``, ``out/tile.json``.
+    ``out/preprocess/...``, ``out/preprocess.json``, ``out/patches/...``, ``out/tile.json``.
     Returns (preprocess manifest, tile manifest)."""
     out = Path(out)
     pre = run_preprocess(
@@ -161,12 +161,12 @@ def run_chain(
     )
     tiled = run_tile(
         pre,
-        patches_path=out / "tile/patches.npy",
-        table_path=out / "tile/patches.parquet",
-        summary_path=out / "tile/summary.json",
+        patches_path=out / "patches/patches.npy",
+        table_path=out / "patches/patches.parquet",
+        summary_path=out / "patches/summary.json",
         manifest_path=out / "tile.json",
         settings=settings,
-        slices_dir=out / "tile/slices",
+        slices_dir=out / "patches/slices",
         threads=threads,
     )
     return pre, tiled

@@ -1,8 +1,11 @@
-"""Read a published dataset for training: ``open_dataset(destination, split=None)``.
+"""Read a published dataset for training: ``open_dataset(destination, split=None, run=None)``.
 
 ``destination`` is the workflow's ``destination`` (a local folder or ``s3://bucket/prefix``)
-holding ``dataset/`` (see ``medprep.dataset``). The dataset is read only when its
-``manifest.json`` is there (written last).
+holding ``dataset/{run}/``, the index of one run's samples (see ``medprep.dataset``;
+``run`` is the workflow's run name, by default the sample sheet's file stem). Without
+``run``, the destination's only run is read (or a ``dataset/`` of earlier versions, which
+had no run folder). The dataset is read only when its ``manifest.json`` is there (written
+last).
 
 - ``ds.tiles[i]`` / ``ds.patches[i]`` return ``(array, row)``: the pixels and the row of
   the table as a dict (sample, patient, label, split, coordinates, ...).
@@ -37,30 +40,80 @@ DATASET_FOLDER = "dataset"
 
 
 class DatasetNotReady(FileNotFoundError):
-    """The destination has no complete dataset (no ``dataset/manifest.json``)."""
+    """The destination has no complete dataset (no ``dataset/{run}/manifest.json``)."""
 
 
 def open_dataset(
     destination: str | os.PathLike,
     split: str | None = None,
     *,
+    run: str | None = None,
     settings: dict[str, Any] | None = None,
     cache_volumes: int = 2,
 ) -> Dataset:
-    """The dataset published under ``destination``, restricted to ``split`` if given.
+    """The dataset of run ``run`` published under ``destination``, restricted to ``split``.
 
-    ``settings`` are the config's ``storage`` settings for s3:// (endpoint_url, region,
-    profile, max_attempts); credentials come from the standard AWS chain.
-    ``cache_volumes`` CT volumes are kept in memory (per process) for patches cut on the fly.
+    ``run``: the workflow's run name; None = the destination's only run (a ValueError
+    names them when there are several). ``settings`` are the config's ``storage`` settings
+    for s3:// (endpoint_url, region, profile, max_attempts); credentials come from the
+    standard AWS chain. ``cache_volumes`` CT volumes are kept in memory (per process) for
+    patches cut on the fly.
     """
-    return Dataset(os.fspath(destination), split, settings or {}, cache_volumes)
+    return Dataset(os.fspath(destination), split, settings or {}, cache_volumes, run=run)
+
+
+def dataset_runs(
+    destination: str | os.PathLike, settings: dict[str, Any] | None = None
+) -> list[str]:
+    """The runs with a complete dataset (its ``manifest.json``) under ``destination``."""
+    destination, settings = os.fspath(destination), settings or {}
+    if is_s3(destination):
+        from medprep.storage.s3_connect import parse_uri
+        from medprep.storage.s3_listing import list_objects
+
+        location = parse_uri(join(destination, DATASET_FOLDER) + "/")
+        keys = [o.key for o in list_objects(settings, location.bucket, location.key) or []]
+        relative = [key[len(location.key) :].split("/") for key in keys]
+        return sorted(parts[0] for parts in relative if parts[1:] == ["manifest.json"])
+    folder = os.path.join(destination, DATASET_FOLDER)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        entry.name
+        for entry in os.scandir(folder)
+        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "manifest.json"))
+    )
+
+
+def _dataset_folder(destination: str, run: str | None, settings: dict[str, Any]) -> str:
+    """``dataset/{run}``; without ``run``: the only run's, or the run-less earlier layout."""
+    if run is not None:
+        return f"{DATASET_FOLDER}/{run}"
+    runs = dataset_runs(destination, settings)
+    if len(runs) == 1:
+        return f"{DATASET_FOLDER}/{runs[0]}"
+    if len(runs) > 1:
+        raise ValueError(
+            f"{destination} holds the datasets of several runs ({', '.join(runs)}): "
+            "pass run=NAME to open_dataset"
+        )
+    return DATASET_FOLDER  # published by an earlier version: no run folder
 
 
 class Dataset:
-    def __init__(self, destination: str, split: str | None, settings: dict, cache: int) -> None:
+    def __init__(
+        self,
+        destination: str,
+        split: str | None,
+        settings: dict,
+        cache: int,
+        *,
+        run: str | None = None,
+    ) -> None:
         self.destination = destination
         self.settings = settings
-        manifest_uri = self.uri(f"{DATASET_FOLDER}/manifest.json")
+        self.folder = _dataset_folder(destination, run, settings)
+        manifest_uri = self.uri(f"{self.folder}/manifest.json")
         if not exists(manifest_uri, settings):
             raise DatasetNotReady(f"no dataset at {destination} (missing {manifest_uri})")
         self.manifest = json.loads(read_bytes(manifest_uri, settings=settings))
@@ -87,7 +140,7 @@ class Dataset:
     def _table(self, name: str):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(self.read(f"{DATASET_FOLDER}/{name}"))).to_pandas()
+        table = pq.read_table(io.BytesIO(self.read(f"{self.folder}/{name}"))).to_pandas()
         if self.split is not None:
             table = table[table["split"] == self.split].reset_index(drop=True)
         return table

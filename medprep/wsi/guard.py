@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medprep.errors import InputError
+from medprep.schema import Settings, settings_section
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Levels below this many pixels are cheap to read whatever they claim; not checked.
@@ -36,33 +37,18 @@ MIN_CHECKED_PIXELS = 2**22
 MAX_DIRECTORIES = 64
 
 
-@dataclass(frozen=True)
-class Limits:
+@settings_section("wsi", "limits")
+class Limits(Settings):
     """``wsi.limits``: what a slide may claim before it is refused unread.
 
-    ``max_pixels``: level-0 pixel budget. 6e10 is a whole 75 x 50 mm glass slide at
-    0.25 um/px (300000 x 200000); real scans of the tissue area are 1e9-2e10.
+    ``max_pixels``: level-0 pixel budget (the schema's default is a whole 75 x 50 mm glass
+    slide at 0.25 um/px, 300000 x 200000); real scans of the tissue area are 1e9-2e10.
     ``max_compression_ratio``: decoded bytes per stored byte. Baseline JPEG cannot beat
     about 250:1 even on blank glass (a 16 x 16 colour block costs at least ~3 bytes);
     whole slides measure 10-20:1 (the fixtures: CMU 10:1, the fluorescence NDPI 17:1).
-    5000 leaves room for JPEG 2000 or zstd on empty areas and still refuses a bomb,
-    which claims 1e5-1e6:1.
+    The default leaves room for JPEG 2000 or zstd on empty areas and still refuses a
+    bomb, which claims 1e5-1e6:1.
     """
-
-    max_pixels: float = 6e10
-    max_compression_ratio: float = 5000.0
-
-    def __post_init__(self) -> None:
-        if not self.max_pixels > 0 or not self.max_compression_ratio > 1:
-            raise ValueError(
-                "wsi.limits.max_pixels must be > 0 and wsi.limits.max_compression_ratio > 1"
-            )
-
-    @classmethod
-    def from_config(cls, config) -> Limits:
-        from medprep.wsi.settings import _from_mapping
-
-        return _from_mapping(cls, config, "wsi.limits")
 
 
 @contextlib.contextmanager

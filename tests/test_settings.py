@@ -1,0 +1,80 @@
+"""The engines' settings are views of the config schema: a key added to the schema is a
+field with its default, with no Python edit; limits come from the schema; a default
+restated in Python is refused."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import yaml
+
+from medprep.ct.settings import CtSettings
+from medprep.schema import Settings, config_defaults, settings_section
+from medprep.wsi.settings import TileSettings
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "engine": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "size": {"type": "integer", "minimum": 1, "default": 4},
+                "names": {"type": "array", "items": {"type": "string"}, "default": ["a"]},
+                "extra": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"on": {"type": "boolean", "default": False}},
+                },
+            },
+        }
+    },
+}
+
+
+@pytest.fixture
+def schema(tmp_path):
+    def write(**added):
+        node = yaml.safe_load(yaml.safe_dump(SCHEMA))
+        node["properties"]["engine"]["properties"].update(added)
+        path = tmp_path / f"schema-{len(added)}.yaml"
+        path.write_text(yaml.safe_dump(node))
+        return path
+
+    return write
+
+
+def test_a_key_added_to_the_schema_is_a_field_with_its_default(schema):
+    added = {"labels": {"type": ["string", "null"], "enum": ["xml", None], "default": None}}
+
+    @settings_section("engine", schema=schema(**added))
+    class Engine(Settings):
+        pass
+
+    engine = Engine()
+    assert engine.labels is None and engine.size == 4 and engine.names == ("a",)
+    assert engine.extra.on is False  # a nested section without a class of its own
+    assert Engine.from_config({"labels": "xml", "extra": {"on": True}}).extra.on is True
+    with pytest.raises(ValueError, match=r"^engine\.labels: 'json' is not one of"):
+        Engine.from_config({"labels": "json"})
+    assert Engine.from_config({"names": ["a"]}) == engine  # lists as tuples, either way
+
+
+def test_a_default_restated_in_python_is_refused(schema):
+    with pytest.raises(TypeError, match="restates the default of engine.size"):
+
+        @settings_section("engine", schema=schema())
+        class Engine(Settings):
+            size: int = 5
+
+
+def test_every_wsi_and_ct_section_holds_the_schemas_defaults():
+    assert CtSettings().as_dict() == config_defaults("ct")
+    assert TileSettings().as_dict() == config_defaults("wsi", "tile")
+
+
+def test_settings_cross_process_boundaries():
+    cfg = CtSettings.from_config({"normalise": {"mean": 0.0}})
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # nested classes made for the schema too
+    assert dict(cfg["normalise"]) == {**config_defaults("ct", "normalise"), "mean": 0.0}
