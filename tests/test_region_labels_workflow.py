@@ -1,0 +1,134 @@
+"""Region labels through the workflow, as the README's "Region labels" section runs them:
+its sample sheet and commands, annotation files fetched by their own jobs, labels in the
+dataset index, and a changed annotation file rerunning only the tile step of its sample."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+from test_ct_annotations import phantom_nodule
+from test_ct_nodules import SLAB
+from workflow_support import REPO, copy_workdir, run_snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split("## Region labels", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_blocks() -> tuple[str, list[str]]:
+    section = readme_section()
+    sheet = re.search(r"```tsv\n(.*?)```", section, re.S).group(1)
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    return sheet, commands
+
+
+def run_readme_commands(workdir: Path, commands: list[str], *extra: str, check: bool = True):
+    """The README's commands in ``workdir``: shell lines as they are, the snakemake line
+    through the tests' runner (which adds the workflow's path and its test config)."""
+    run = None
+    for line in commands:
+        words = shlex.split(line)
+        if words[0].endswith("snakemake"):
+            args = [w for w in words[1:] if w not in ("--cores", "all")]
+            run = run_snakemake(workdir, *args, *extra, check=check)
+        else:
+            subprocess.run(["bash", "-c", line], cwd=workdir, check=True)
+    return run
+
+
+def series_uid(folder: Path) -> str:
+    first = sorted(folder.glob("*.dcm"))[0]
+    return str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_data):
+    sheet, commands = readme_blocks()
+    workdir = tmp_path_factory.mktemp("labels")
+    shutil.copytree(SLAB, workdir / "scans/LIDC-IDRI-0001")
+    for name in ("chest-02", "chest-03"):
+        shutil.copytree(tiny_data / "ct/phantom-chest-01", workdir / f"scans/{name}")
+    # the demo phantom: shape (96, 96, 40), pixels 4 mm, slices 5 mm (tests/conftest.py)
+    centre, diameter = phantom_nodule(96, 96, 40, 4.0, 5.0)
+    uid = series_uid(workdir / "scans/chest-02")
+    row = f"{uid},{centre[0]:.3f},{centre[1]:.3f},{centre[2]:.3f}"
+    (workdir / "labels").mkdir()
+    (workdir / "labels/chest-02.csv").write_text(
+        f"seriesuid,coordX,coordY,coordZ,diameter_mm\n{row},{diameter:.3f}\n"
+    )
+    (workdir / "labels/candidates.csv").write_text(
+        f"seriesuid,coordX,coordY,coordZ,class\n{row},1\n1.2.3.4,0,0,0,0\n"
+    )
+    (workdir / "labelled.tsv").write_text(sheet)
+    write_config(workdir)
+    run = run_readme_commands(workdir, commands)
+    return workdir, commands, run
+
+
+def test_the_readme_commands_label_the_patches(labelled):
+    workdir, _, run = labelled
+    ran = run.ran()
+    assert ("tile_annotations", "LIDC-IDRI-0001") in ran
+    assert ("tile_annotations", "chest-02") in ran
+    assert ("tile_annotations", "chest-03") not in ran  # it takes the cohort's CSV
+    assert ("tile_annotations_cohort", "") in ran
+    index = pd.read_parquet(workdir / "published/dataset/patches.parquet")
+    centred = index[index.centred].set_index("sample")
+    assert sorted(centred.index) == ["LIDC-IDRI-0001", "chest-02", "chest-03"]
+    assert (centred.label == "1").all()  # the per-patch label, as text in the index
+    assert centred.loc["LIDC-IDRI-0001", "readers"] == 4
+    assert (centred.distance_mm <= 3.0).all()  # 3 mm voxels: half a diagonal is 2.6 mm
+    assert set(index.label) == {"0", "1"}
+    manifest = json.loads((workdir / "results/ct/chest-02/annotations.json").read_text())
+    assert manifest["scope"] == "sample" and manifest["files"][0]["key"] == "chest-02.csv"
+
+
+def test_changed_annotation_file_reruns_only_that_samples_tile_step(labelled, tmp_path):
+    workdir = copy_workdir(labelled[0], tmp_path / "copy")
+    commands = labelled[1]
+    assert run_readme_commands(workdir, commands, "--dry-run").ran() == set()
+    with open(workdir / "labels/chest-02.csv", "a") as f:
+        f.write("0,0,1000,4\n")  # a row without seriesuid: kept (outside the scan)
+    run = run_readme_commands(workdir, commands, "--dry-run")
+    assert run.ran() == {
+        ("tile_annotations", "chest-02"),
+        ("tile_ct", "chest-02"),
+        ("upload", "chest-02"),
+    }
+    assert "rule dataset:" in run.stdout  # the index is rebuilt from the tables
+
+    with open(workdir / "labels/candidates.csv", "a") as f:
+        f.write("1.2.3.5,0,0,0,0\n")
+    run = run_readme_commands(workdir, commands, "--dry-run")
+    assert run.ran() == {
+        ("tile_annotations", "chest-02"),
+        ("tile_ct", "chest-02"),
+        ("upload", "chest-02"),
+        ("tile_annotations_cohort", ""),
+        ("tile_ct", "chest-03"),
+        ("upload", "chest-03"),
+    }
+
+
+def test_a_missing_annotation_file_fails_that_sample_alone(labelled, tmp_path):
+    workdir = copy_workdir(labelled[0], tmp_path / "copy")
+    (workdir / "labels/chest-02.csv").unlink()
+    run = run_readme_commands(workdir, labelled[1], "--keep-going", check=False)
+    assert run.returncode != 0
+    assert ("tile_annotations", "chest-02") in run.ran()
+    assert ("tile_ct", "chest-02") not in run.ran()
+    record = json.loads((workdir / "logs/failures/chest-02.tile.json").read_text())
+    assert record["file"].endswith("labels/chest-02.csv") and "does not exist" in record["cause"]
+    assert "\n" not in record["message"]
+    assert "medprep error: sample chest-02: file " in run.stderr
