@@ -15,7 +15,7 @@ import pandas as pd
 import pydicom
 import pytest
 from test_ct_annotations import phantom_nodule
-from test_ct_nodules import SLAB
+from test_ct_nodules import SLAB, XML
 from workflow_support import REPO, copy_workdir, run_snakemake, write_config
 
 pytestmark = pytest.mark.slow
@@ -56,14 +56,17 @@ def series_uid(folder: Path) -> str:
 def labelled(tmp_path_factory, tiny_data):
     sheet, commands = readme_blocks()
     workdir = tmp_path_factory.mktemp("labels")
-    shutil.copytree(SLAB, workdir / "scans/LIDC-IDRI-0001")
+    (workdir / "scans/LIDC-IDRI-0001").mkdir(parents=True)
+    for dicom in SLAB.glob("*.dcm"):
+        shutil.copy2(dicom, workdir / "scans/LIDC-IDRI-0001")
+    (workdir / "labels/LIDC-IDRI-0001").mkdir(parents=True)
+    shutil.copy2(XML, workdir / "labels/LIDC-IDRI-0001/069.xml")
     for name in ("chest-02", "chest-03"):
         shutil.copytree(tiny_data / "ct/phantom-chest-01", workdir / f"scans/{name}")
     # the demo phantom: shape (96, 96, 40), pixels 4 mm, slices 5 mm (tests/conftest.py)
     centre, diameter = phantom_nodule(96, 96, 40, 4.0, 5.0)
     uid = series_uid(workdir / "scans/chest-02")
     row = f"{uid},{centre[0]:.3f},{centre[1]:.3f},{centre[2]:.3f}"
-    (workdir / "labels").mkdir()
     (workdir / "labels/chest-02.csv").write_text(
         f"seriesuid,coordX,coordY,coordZ,diameter_mm\n{row},{diameter:.3f}\n"
     )
@@ -108,10 +111,22 @@ def test_changed_annotation_file_reruns_only_that_samples_tile_step(labelled, tm
     }
     assert "rule dataset:" in run.stdout  # the index is rebuilt from the tables
 
+    xml = workdir / "labels/LIDC-IDRI-0001/069.xml"
+    xml.write_text(xml.read_text().replace("<imageZposition>-125.0", "<imageZposition>-125.00"))
+    run = run_readme_commands(workdir, commands, "--dry-run")
+    assert {s for r, s in run.ran() if r == "tile_annotations"} == {"chest-02", "LIDC-IDRI-0001"}
+    assert {r for r, s in run.ran() if s == "LIDC-IDRI-0001"} == {
+        "tile_annotations",
+        "tile_ct",
+        "upload",
+    }
+
     with open(workdir / "labels/candidates.csv", "a") as f:
         f.write("1.2.3.5,0,0,0,0\n")
     run = run_readme_commands(workdir, commands, "--dry-run")
-    assert run.ran() == {
+    assert run.ran() - {
+        (r, "LIDC-IDRI-0001") for r in ("tile_annotations", "tile_ct", "upload")
+    } == {
         ("tile_annotations", "chest-02"),
         ("tile_ct", "chest-02"),
         ("upload", "chest-02"),
