@@ -147,3 +147,40 @@ def test_a_missing_annotation_file_fails_that_sample_alone(labelled, tmp_path):
     assert record["file"].endswith("labels/chest-02.csv") and "does not exist" in record["cause"]
     assert "\n" not in record["message"]
     assert "medprep error: sample chest-02: file " in run.stderr
+
+
+def test_an_s3_annotation_file_is_fetched_and_a_new_etag_refetches_it(
+    tmp_path, tiny_data, moto_server
+):
+    from s3_support import fake_credentials, isolated_aws_environment, new_bucket_name, raw_client
+
+    env = isolated_aws_environment(tmp_path, fake_credentials())
+    s3 = raw_client(moto_server.url, env)
+    bucket = new_bucket_name()
+    s3.create_bucket(Bucket=bucket)
+    body = b"coordX,coordY,coordZ\n1,2,3\n"
+    s3.put_object(Bucket=bucket, Key="labels/chest.csv", Body=body)
+    workdir = tmp_path / "work"
+    shutil.copytree(tiny_data / "ct/phantom-chest-01", workdir / "scans/chest")
+    (workdir / "samples.tsv").write_text(
+        f"sample\tmodality\turi\tannotations\nchest\tct\tscans/chest\ts3://{bucket}/labels/chest.csv\n"
+    )
+    write_config(workdir, storage={"endpoint_url": moto_server.url, "region": "us-east-1"})
+    target = "results/ct/chest/annotations.json"
+
+    run = run_snakemake(workdir, target, env=env)
+    assert run.ran() == {("tile_annotations", "chest")}
+    manifest = json.loads((workdir / target).read_text())
+    (entry,) = manifest["files"]
+    local = Path(entry["path"])
+    assert local.parent == (workdir / "results/ct/chest/annotations").resolve()
+    assert local.read_bytes() == body and entry["etag"]
+    assert manifest["source"] == f"s3://{bucket}/labels/chest.csv"
+    logs = "".join(p.read_text() for p in (workdir / "logs").rglob("*.log"))
+    for text in (run.stdout + run.stderr + logs, (workdir / target).read_text()):
+        assert env["AWS_SECRET_ACCESS_KEY"] not in text
+
+    assert run_snakemake(workdir, target, "--dry-run", env=env).ran() == set()
+    s3.put_object(Bucket=bucket, Key="labels/chest.csv", Body=body + b"4,5,6\n")
+    run = run_snakemake(workdir, target, "--dry-run", env=env)
+    assert run.ran() == {("tile_annotations", "chest")}
