@@ -336,3 +336,22 @@ def test_sheet_column_checks_the_kind_of_annotation_file(tmp_path):
         f"sample sheet {sheet} line 2 (sample 'd'), column 'annotations': 'labels/d.geojson' "
         "is not a known annotation file for ct (expected .csv or .xml)"
     )
+
+
+def test_quoted_and_unquoted_csv_read_alike():
+    plain = (
+        "seriesuid,coordX,coordY,coordZ,class\n1.2.3,1.5,2,3,1\n\n1.2.4,4,5,6,0\n1.2.3,-7,8,-9,0\n"
+    )
+    quoted = plain.replace("1.2.3,", '"1.2.3",').replace("1.2.4,", '"1.2.4",')
+    keep = annotations.series_matcher(uid_hash("1.2.3"))
+    read = [annotations.parse_csv(t, keep_series=keep) for t in (plain, quoted)]
+    assert read[0] == read[1]
+    found, counts = read[0]
+    assert [(a.id, a.centre_lps, a.label) for a in found] == [
+        ("csv-2", (1.5, 2.0, 3.0), 1),
+        ("csv-5", (-7.0, 8.0, -9.0), 0),
+    ]
+    assert counts == {"rows": 3, "kept": 2, "other_series": 1}
+    # a volume input's series is its file name: <seriesuid>.mhd matches its seriesuid
+    volume = annotations.series_matcher(uid_hash("volume:1.2.4.mhd"))
+    assert [a.id for a in annotations.parse_csv(plain, keep_series=volume)[0]] == ["csv-4"]

@@ -89,57 +89,100 @@ def _number(text: str, column: str, where: str) -> float:
     return value
 
 
+def _split_rows(text: str) -> tuple[list[tuple[int, list[str]]], bool]:
+    """(line number, cells) of the non-blank rows, the header first, and whether the
+    text is unquoted. Unquoted rows (LUNA16's files) are split on commas lazily: this
+    returns them as (line number, text) and ``_cells`` splits the ones that are read."""
+    if '"' not in text:
+        lines = text.splitlines()
+        return [(n + 1, lines[n]) for n in range(len(lines)) if lines[n].strip()], True
+    reader = csv.reader(io.StringIO(text))
+    rows = []
+    for cells in reader:
+        if any(c.strip() for c in cells):
+            rows.append((reader.line_num, cells))
+    return rows, False
+
+
+def _cells(row: str | list[str]) -> list[str]:
+    return row.split(",") if isinstance(row, str) else row
+
+
+def _candidates(text: str, rows: list, column: int, keep_series, unquoted: bool) -> list:
+    """The rows that may be of the chosen series. In an unquoted file the series named
+    in ``column`` are found by one regular expression; rows whose text holds none of
+    the accepted ones are left out unsplit (a cohort's file: half a million rows)."""
+    if not unquoted:
+        return rows
+    import re
+
+    field = re.compile(rf"^[ \t]*(?:[^,\r\n]*,){{{column}}}([^,\r\n]*)", re.M)
+    wanted = [uid for uid in {m.strip() for m in field.findall(text)} if keep_series(uid)]
+    if not wanted:
+        return []
+    return sorted({row for uid in wanted for row in rows if uid in row[1]})
+
+
 def parse_csv(
     text: str, *, keep_series=None, require_series: bool = False
 ) -> tuple[list[Annotation], dict[str, int]]:
     """Annotations of a LUNA16-style CSV (the file's text).
 
     ``keep_series``: a function of a row's ``seriesuid`` that tells whether it names the
-    chosen series (None: keep every row); rows of other series are left out.
+    chosen series (None: keep every row); rows of other series are left out unread.
     ``require_series``: a file with a ``seriesuid`` column must have a row for the chosen
     series (a per-sample file naming only other series is the wrong file). Returns
     (annotations, counts of rows read, kept and left out). Raises ``ValueError`` naming
     the line and column.
     """
-    reader = csv.DictReader(io.StringIO(text))
-    header = [c.strip() for c in (reader.fieldnames or [])]
+    rows_of, unquoted = _split_rows(text)
+    header_line, first = rows_of[0] if rows_of else (1, [])
+    header = [c.strip() for c in _cells(first)]
     missing = [c for c in COORDINATES if c not in header]
     if missing:
         raise ValueError(
-            f"line 1: missing column(s) {', '.join(missing)} (a LUNA16-style CSV has "
-            f"seriesuid, coordX, coordY, coordZ and diameter_mm or class; found {header})"
+            f"line {header_line}: missing column(s) {', '.join(missing)} (a LUNA16-style "
+            f"CSV has seriesuid, coordX, coordY, coordZ and diameter_mm or class; found "
+            f"{header})"
         )
-    reader.fieldnames = header
     label_column = next((c for c in LABEL_COLUMNS if c in header), None)
-    by_series = keep_series is not None and "seriesuid" in header
+    uid_column = header.index("seriesuid") if "seriesuid" in header else None
+    by_series = keep_series is not None and uid_column is not None
+    data = rows_of[1:]
+    if by_series:
+        data = _candidates(text, data, uid_column, keep_series, unquoted)
+    rows = len(rows_of) - 1
     annotations = []
-    rows = other = 0
-    for line, row in enumerate(reader, start=2):
-        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-            continue
-        rows += 1
+    for line, raw in data:
+        cells = _cells(raw)
         where = f"line {line}"
-        if None in row:
+        if len(cells) > len(header):
             raise ValueError(f"{where}: more fields than the header's {len(header)} columns")
-        if by_series and not keep_series((row.get("seriesuid") or "").strip()):
-            other += 1
-            continue
-        centre = tuple(_number((row.get(c) or "").strip(), c, where) for c in COORDINATES)
+        if by_series:
+            uid = cells[uid_column].strip() if uid_column < len(cells) else ""
+            if not keep_series(uid):
+                continue
+        row = {name: value.strip() for name, value in zip(header, cells, strict=False)}
+        centre = tuple(_number(row.get(c, ""), c, where) for c in COORDINATES)
         diameter = None
-        text_d = (row.get("diameter_mm") or "").strip()
-        if text_d:
-            diameter = _number(text_d, "diameter_mm", where)
+        if row.get("diameter_mm"):
+            diameter = _number(row["diameter_mm"], "diameter_mm", where)
             if diameter < 0:
-                raise ValueError(f"{where}, column 'diameter_mm': {text_d!r} is negative")
+                raise ValueError(
+                    f"{where}, column 'diameter_mm': {row['diameter_mm']!r} is negative"
+                )
         label = DEFAULT_LABEL
-        if label_column and (row.get(label_column) or "").strip():
-            raw = row[label_column].strip()
-            value = _number(raw, label_column, where)
+        if label_column and row.get(label_column):
+            raw_label = row[label_column]
+            value = _number(raw_label, label_column, where)
             if value != int(value):
-                raise ValueError(f"{where}, column '{label_column}': {raw!r} is not an integer")
+                raise ValueError(
+                    f"{where}, column '{label_column}': {raw_label!r} is not an integer"
+                )
             label = int(value)
         annotations.append(Annotation(f"csv-{line}", centre, diameter, label, 0, "csv"))
-    if require_series and by_series and rows and other == rows:
+    other = rows - len(annotations) if by_series else 0
+    if require_series and by_series and rows and not annotations:
         raise ValueError(
             f"none of its {rows} rows names the chosen series (column 'seriesuid'): "
             "the annotations of another scan?"
