@@ -44,10 +44,13 @@ def annotation_manifest(folder: Path, source: Path, scope: str = "sample") -> Pa
     return path
 
 
-def tile_with(pre: dict, out: Path, annotations_manifest, download=None) -> pd.DataFrame:
+def tile_with(
+    pre: dict, out: Path, annotations_manifest, download=None, settings=None
+) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     steps.run_tile(
         pre,
+        settings=settings,
         patches_path=out / "patches.npy",
         table_path=out / "patches.parquet",
         summary_path=out / "summary.json",
@@ -355,3 +358,33 @@ def test_quoted_and_unquoted_csv_read_alike():
     # a volume input's series is its file name: <seriesuid>.mhd matches its seriesuid
     volume = annotations.series_matcher(uid_hash("volume:1.2.4.mhd"))
     assert [a.id for a in annotations.parse_csv(plain, keep_series=volume)[0]] == ["csv-4"]
+
+
+def test_materialised_patches_of_annotations_beyond_the_scan_are_air(chest, tmp_path):
+    from medprep.ct.hu import AIR_HU
+
+    out, truth, pre, (centre, diameter) = chest
+    csv_path = tmp_path / "far.csv"
+    csv_path.write_text(
+        "coordX,coordY,coordZ,diameter_mm\n"
+        f"{centre[0]},{centre[1]},{centre[2]},{diameter}\n"
+        "0,0,130,4\n"  # above the scan (z up to 88.5 mm), the patch wholly beyond it
+        "0,0,-150,4\n"  # below it: the patch ends at a negative index (not wrapped)
+        "-150.5,0,0,4\n"  # a patch that straddles the volume's side
+    )
+    settings = {"patches": {"materialise": "hu"}}
+    table = tile_with(pre, tmp_path / "t", annotation_manifest(tmp_path, csv_path), None, settings)
+    arrays = np.load(tmp_path / "t/patches.npy")
+    assert len(arrays) == len(table)
+    centred = table[table.centred].set_index("annotation_id")
+    for far in ("csv-3", "csv-4"):
+        assert centred.loc[far, "outside_scan"]
+        assert (arrays[centred.loc[far, "patch"]] == AIR_HU).all()
+        assert centred.loc[far, "lung_fraction"] == 0
+    side = arrays[centred.loc["csv-5", "patch"]]
+    assert (side == AIR_HU).any() and (side != AIR_HU).any()
+    volume = np.asanyarray(nib.load(out / "pre/volume.nii.gz").dataobj).transpose(2, 1, 0)
+    row = centred.loc["csv-2"]
+    assert np.array_equal(
+        arrays[row.patch], volume[row.z0 : row.z1, row.y0 : row.y1, row.x0 : row.x1]
+    )
