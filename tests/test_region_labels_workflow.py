@@ -184,3 +184,17 @@ def test_an_s3_annotation_file_is_fetched_and_a_new_etag_refetches_it(
     s3.put_object(Bucket=bucket, Key="labels/chest.csv", Body=body + b"4,5,6\n")
     run = run_snakemake(workdir, target, "--dry-run", env=env)
     assert run.ran() == {("tile_annotations", "chest")}
+
+
+def test_another_cohort_csv_reruns_only_the_tile_steps_that_take_it(labelled, tmp_path):
+    workdir = copy_workdir(labelled[0], tmp_path / "copy")
+    shutil.copy2(workdir / "labels/candidates.csv", workdir / "labels/candidates-v2.csv")
+    commands = [c.replace("labels/candidates.csv", "labels/candidates-v2.csv") for c in labelled[1]]
+    assert commands != labelled[1]
+    run = run_readme_commands(workdir, commands, "--dry-run")
+    # not preprocess_ct: the key is no setting of that step
+    assert run.ran() == {
+        ("tile_annotations_cohort", ""),
+        ("tile_ct", "chest-03"),
+        ("upload", "chest-03"),
+    }
