@@ -178,6 +178,20 @@ def test_lidc_xml_without_the_scan_fails_with_one_line(slab, tmp_path):
         tile_with(pre, tmp_path / "t", annotation_manifest(tmp_path, XML))
 
 
+def test_bad_or_foreign_lidc_xml_fails_with_one_line(slab, tmp_path):
+    _, files, pre, _ = slab
+    broken = tmp_path / "broken.xml"
+    broken.write_text(XML.read_text()[:4000])
+    other = tmp_path / "other.xml"
+    uid = lidc.parse_lidc_xml(XML).series_uid
+    other.write_text(XML.read_text().replace(uid, uid[:-1] + "9"))
+    for path, cause in ((broken, "not readable as LIDC XML"), (other, "annotates series")):
+        with pytest.raises(InputError, match=cause) as error:
+            tile_with(pre, tmp_path / path.stem, annotation_manifest(tmp_path, path), files)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+        assert not (tmp_path / path.stem / "tile.json").exists()
+
+
 def test_without_annotations_the_table_has_no_label_column(slab, tmp_path):
     _, _, pre, _ = slab
     table = tile_with(pre, tmp_path / "t", None)

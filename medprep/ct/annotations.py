@@ -19,7 +19,7 @@ World to voxel: the published NIfTI affine maps voxel (i, j, k) = (x, y, z) indi
 mm; LPS is RAS with x and y negated, so voxel = inverse(affine) @ diag(-1, -1, 1) @ lps,
 and the array index (z, y, x) is (k, j, i).
 
-Patches (``label_patches``): one patch per annotation, centred on the voxel nearest its
+Patches (``place``, ``grid_labels``): one patch per annotation, centred on the voxel nearest its
 centre (``distance_mm`` is the rounding, at most half a voxel diagonal). A grid patch gets
 the label of an annotation whose sphere (radius diameter / 2, a point without a diameter)
 meets the patch's centre region, the box of half the patch size per axis around its
@@ -299,13 +299,28 @@ def from_lidc(
 
 
 def read_lidc(
-    path: str | os.PathLike, dicom_files: Sequence[str], *, threads: int = 1
+    path: str | os.PathLike,
+    dicom_files: Sequence[str],
+    *,
+    series_uid_hash: str | None = None,
+    threads: int = 1,
 ) -> list[Annotation]:
-    """Nodules of the LIDC XML at ``path``, placed through the DICOM headers of the scan."""
+    """Nodules of the LIDC XML at ``path``, placed through the DICOM headers of the scan.
+
+    ``series_uid_hash``: the chosen series' (preprocess summary); an XML that names
+    another series is refused (the readers' outlines belong to other slices)."""
     from medprep.ct import dicom_io, lidc, series
 
     path = os.fspath(path)
     parsed = lidc.parse_lidc_xml(path)
+    if series_uid_hash and parsed.series_uid:
+        named = series.uid_hash(parsed.series_uid)
+        if named != series_uid_hash:
+            raise InputError(
+                f"the LIDC XML annotates series {named} (UID hash), not the chosen series "
+                f"{series_uid_hash}",
+                path=path,
+            )
     headers = [h for h in dicom_io.scan_headers(list(dicom_files), threads) if hasattr(h, "rows")]
     if not headers:
         raise InputError("LIDC XML needs the scan's DICOM slices (the input holds none)", path=path)

@@ -179,7 +179,9 @@ def load_annotations(
             raise InputError(
                 "an LIDC XML needs the scan's DICOM files (the download manifest)", path=path
             )
-        return annotations.read_lidc(path, dicom_files, threads=threads)
+        return annotations.read_lidc(
+            path, dicom_files, series_uid_hash=series_uid_hash, threads=threads
+        )
     raise InputError("not a CT annotation file (expected a .csv or an LIDC .xml)", path=path)
 
 
