@@ -73,3 +73,49 @@ def collect_artifacts(manifests: list[dict[str, Any]]) -> list[dict[str, str]]:
         for item in manifest["artifacts"]:
             by_name[item["name"]] = item
     return list(by_name.values())
+
+
+def annotation_file(annotations_manifest: str | os.PathLike | dict[str, Any]) -> str:
+    """The local path of the annotation file that a ``download_annotations`` manifest
+    (``results/{modality}/{sample}/annotations.json``, a path or the loaded dict) lists."""
+    loaded = (
+        annotations_manifest
+        if isinstance(annotations_manifest, dict)
+        else read_step_manifest(annotations_manifest)
+    )
+    files = loaded.get("files") or []
+    if len(files) != 1:
+        raise ValueError(
+            f"annotation manifest of {loaded.get('sample')} lists {len(files)} files, not one"
+        )
+    return files[0]["path"]
+
+
+def write_annotations_manifest(
+    path: str | os.PathLike,
+    *,
+    sample: str,
+    modality: str,
+    source: str,
+    files: list[dict[str, Any]],
+    fingerprint: str,
+    scope: str = "sample",
+) -> dict[str, Any]:
+    """The manifest of a fetched annotation file (rule ``download_annotations``).
+
+    ``files``: the one fetched file (``SourceFile.to_dict()``); ``scope``: ``sample``
+    (the sheet's ``annotations`` column) or ``cohort`` (``ct.annotations.csv``, one file
+    for every CT sample, matched by series). ``source`` must be redacted already."""
+    if scope not in ("sample", "cohort"):
+        raise ValueError(f"annotation scope must be 'sample' or 'cohort', not {scope!r}")
+    return write_step_manifest(
+        path,
+        sample=sample,
+        modality=modality,
+        step="annotations",
+        source=source,
+        scope=scope,
+        fingerprint=fingerprint,
+        files=files,
+        summary={"status": "ok", "warnings": [], "files": len(files)},
+    )

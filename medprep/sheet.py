@@ -14,7 +14,9 @@ from medprep.schema import load_schema
 
 NUMERIC_COLUMNS = ("mpp",)
 # optional columns added empty when missing
-OPTIONAL_COLUMNS = ("mpp", "series_uid", "label", "patient")
+OPTIONAL_COLUMNS = ("mpp", "series_uid", "label", "patient", "annotations")
+# the suffixes of the annotation files each modality reads (the ``annotations`` column)
+ANNOTATION_SUFFIXES = {"ct": (".csv", ".xml"), "wsi": (".geojson", ".json")}
 # columns whose values never appear in messages (they may be pseudonyms of patients)
 PRIVATE_COLUMNS = ("patient",)
 META_PREFIX = "meta_"
@@ -194,3 +196,12 @@ def _check_modality_columns(record: dict[str, Any], where: str) -> None:
         raise SampleSheetError(
             f"{where}, column 'series_uid': series_uid applies to ct samples only"
         )
+    annotations = record.get("annotations")
+    if annotations is not None:
+        suffixes = ANNOTATION_SUFFIXES[record["modality"]]
+        name = annotations.rstrip("/").rsplit("/", 1)[-1].lower()
+        if not name.endswith(suffixes):
+            raise SampleSheetError(
+                f"{where}, column 'annotations': {annotations!r} is not a known annotation "
+                f"file for {record['modality']} (expected {' or '.join(suffixes)})"
+            )

@@ -158,6 +158,7 @@ def with_discovered(
     )
     rows["mpp"] = None
     rows["series_uid"] = None
+    rows["annotations"] = None
     return pd.concat([samples, rows.set_index("sample", drop=False)])
 
 

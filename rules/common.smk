@@ -267,3 +267,57 @@ def sample_rule_outputs(wildcards):
     return [
         path.format(sample=wildcards.sample) for step in steps for path in step.output
     ]
+
+
+##### region labels (sheet column `annotations`, config ct.annotations.csv) #####
+
+# One CSV for every CT sample (ct.annotations.csv): fetched once, here.
+COHORT_ANNOTATIONS = "results/annotations/ct_cohort.json"
+
+
+def sample_annotations(wildcards):
+    """{} or {"annotations": the manifest of the sample's fetched annotation file}.
+
+    The sheet's `annotations` column wins; a CT sample without one takes the cohort CSV
+    of ct.annotations.csv when it is set. Rule scripts read input.get("annotations").
+    """
+    row = sample_table[wildcards.sample]
+    if row.get("annotations"):
+        return {
+            "annotations": f"results/{row['modality']}/{wildcards.sample}/annotations.json"
+        }
+    if row["modality"] == "ct" and (config["ct"].get("annotations") or {}).get("csv"):
+        return {"annotations": COHORT_ANNOTATIONS}
+    return {}
+
+
+def lidc_scan(wildcards):
+    """tile_ct of an LIDC XML reads the scan's DICOM headers: its download manifest."""
+    if (
+        str(sample_table[wildcards.sample].get("annotations") or "")
+        .lower()
+        .endswith(".xml")
+    ):
+        return {"scan": f"results/ct/{wildcards.sample}/download.json"}
+    return {}
+
+
+def annotations_uri(wildcards):
+    return sample_table[wildcards.sample]["annotations"]
+
+
+def annotations_fingerprint(wildcards):
+    # never raises: an error becomes a marker that fails this sample's annotations job
+    return mw.source_fingerprint(
+        annotations_uri(wildcards), config["storage"], sample=wildcards.sample
+    )
+
+
+def cohort_annotations_uri(wildcards):
+    return config["ct"]["annotations"]["csv"]
+
+
+def cohort_annotations_fingerprint(wildcards):
+    return mw.source_fingerprint(
+        cohort_annotations_uri(wildcards), config["storage"], sample="(cohort)"
+    )

@@ -56,7 +56,9 @@ rule preprocess_ct:
     params:
         volume="results/ct/{sample}/preprocess/volume.nii.gz",
         mask="results/ct/{sample}/preprocess/lung_mask.nii.gz",
-        settings=mw.settings_without(config["ct"], "patches", "slices_png"),
+        settings=mw.settings_without(
+            config["ct"], "patches", "slices_png", "annotations"
+        ),
         series_uid=sample_series_uid,
         include_identifiers=config["include_identifiers"],
         engine=mw.code_fingerprint("ct"),

@@ -1,5 +1,6 @@
 rule tile_wsi:
     input:
+        unpack(sample_annotations),
         download="results/wsi/{sample}/download.json",
         preprocess="results/wsi/{sample}/preprocess.json",
     output:
@@ -30,6 +31,8 @@ rule tile_wsi:
 
 rule tile_ct:
     input:
+        unpack(sample_annotations),
+        unpack(lidc_scan),
         preprocess="results/ct/{sample}/preprocess.json",
     # patches.npy is a working file (a param, listed in the manifest), not an output.
     output:

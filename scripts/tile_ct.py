@@ -18,6 +18,10 @@ def main(smk):
         settings=smk.params.settings,
         slices_dir=Path(smk.params.patches).parent / "slices",
         threads=smk.threads,
+        # region labels: the fetched annotation file's manifest (None without one), and
+        # for an LIDC XML the scan's download manifest (its DICOM headers place it)
+        annotations_manifest=smk.input.get("annotations"),
+        download_manifest=smk.input.get("scan"),
     )
 
 

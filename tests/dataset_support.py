@@ -55,7 +55,10 @@ def _wsi_table(sample: str, n: int, rng) -> dict[str, list]:
 def _ct_table(n: int, path: Path) -> None:
     import pandas as pd
 
-    rows = {c: np.zeros(n, dtype="bool" if t == "bool" else t) for c, t in PATCH_TABLE.items()}
+    rows = {
+        c: np.full(n, None, dtype=object) if t == "string" else np.zeros(n, dtype=t)
+        for c, t in PATCH_TABLE.items()
+    }
     rows["patch"] = np.arange(n)
     rows["z1"] = rows["y1"] = rows["x1"] = np.full(n, 64)
     with atomic.atomic_path(path) as tmp:

@@ -274,6 +274,9 @@ def smk(rule, tmp_path, *, inputs, outputs, params, threads=1):
         def items(self):
             return vars(self).items()
 
+        def get(self, key, default=None):  # as snakemake.io.Namedlist.get
+            return vars(self).get(key, default)
+
     return SimpleNamespace(
         rule=rule,
         input=Named(**inputs),

@@ -53,9 +53,15 @@ def candidate_starts(
 
 
 def _clipped(start: np.ndarray, size: Sequence[int], shape: Sequence[int]):
-    src = tuple(slice(max(a, 0), min(a + p, n)) for a, p, n in zip(start, size, shape, strict=True))
+    """The part of the patch inside the volume (``src``) and where it goes in the patch
+    (``dst``); both empty for a patch wholly outside (a patch centred on an annotation
+    beyond the scan), never a negative index that would wrap around."""
+    src = []
+    for a, p, n in zip(start, size, shape, strict=True):
+        lo = min(max(int(a), 0), n)
+        src.append(slice(lo, max(lo, min(int(a) + p, n))))
     dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start, strict=True))
-    return src, dst
+    return tuple(src), dst
 
 
 def lung_fractions(mask: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medprep import atomic, manifest
+from medprep.errors import InputError
 
 
 def fixed_mmap_threshold(limit_bytes: int = 1 << 20) -> bool:
@@ -100,11 +101,16 @@ def run_tile(
     settings: dict[str, Any] | None = None,
     slices_dir: str | os.PathLike | None = None,
     threads: int = 1,
+    annotations_manifest: str | os.PathLike | dict[str, Any] | None = None,
+    download_manifest: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """tile_ct: 3D patches over the lungs, their table, optional PNG slices.
 
     ``preprocess_manifest``: the preprocess step manifest (path or dict); ``slices_dir``
-    defaults to ``slices/`` beside the patches. Returns the step manifest."""
+    defaults to ``slices/`` beside the patches. ``annotations_manifest``: the sample's
+    ``download_annotations`` manifest (None: no region labels); ``download_manifest``
+    (or the DICOM files): the scan, read for the geometry of an LIDC XML. Returns the
+    step manifest."""
     from medprep.ct import tile
 
     fixed_mmap_threshold()
@@ -113,6 +119,14 @@ def run_tile(
         if isinstance(preprocess_manifest, dict)
         else manifest.read_step_manifest(preprocess_manifest)
     )
+    annotations = None
+    if annotations_manifest is not None:
+        annotations = load_annotations(
+            annotations_manifest,
+            series_uid_hash=previous.get("summary", {}).get("series_uid_hash"),
+            dicom_files=None if download_manifest is None else input_files(download_manifest),
+            threads=threads,
+        )
     artifacts, summary = tile.tile(
         previous,
         settings,
@@ -121,6 +135,7 @@ def run_tile(
         summary_path=summary_path,
         slices_dir=Path(patches_path).parent / "slices" if slices_dir is None else slices_dir,
         threads=threads,
+        annotations=annotations,
     )
     return manifest.write_step_manifest(
         manifest_path,
@@ -132,6 +147,44 @@ def run_tile(
     )
 
 
+def load_annotations(
+    annotations_manifest: str | os.PathLike | dict[str, Any],
+    *,
+    series_uid_hash: str | None,
+    dicom_files: Sequence[str] | None = None,
+    threads: int = 1,
+) -> list:
+    """The sample's annotations (``medprep.ct.annotations.Annotation``) from the file a
+    ``download_annotations`` manifest lists: a CSV (rows of the chosen series; a file of
+    the whole cohort, ``scope: cohort``, may have none) or an LIDC XML (placed through
+    the DICOM headers of ``dicom_files``)."""
+    from medprep.ct import annotations
+
+    loaded = (
+        annotations_manifest
+        if isinstance(annotations_manifest, dict)
+        else manifest.read_step_manifest(annotations_manifest)
+    )
+    path = manifest.annotation_file(loaded)
+    kind = annotations.kind_of(path)
+    if kind == "csv":
+        found, _counts = annotations.read_csv(
+            path,
+            series_uid_hash=series_uid_hash,
+            require_series=loaded.get("scope", "sample") == "sample",
+        )
+        return found
+    if kind == "xml":
+        if not dicom_files:
+            raise InputError(
+                "an LIDC XML needs the scan's DICOM files (the download manifest)", path=path
+            )
+        return annotations.read_lidc(
+            path, dicom_files, series_uid_hash=series_uid_hash, threads=threads
+        )
+    raise InputError("not a CT annotation file (expected a .csv or an LIDC .xml)", path=path)
+
+
 def run_chain(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -141,6 +194,7 @@ def run_chain(
     series_uid: str | None = None,
     include_identifiers: bool = False,
     threads: int = 1,
+    annotations_manifest: str | os.PathLike | dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both steps into ``out`` with the workflow's file layout (without Snakemake):
     ``out/preprocess/...``, ``out/preprocess.json``, ``out/patches/...``, ``out/tile.json``.
@@ -168,5 +222,7 @@ def run_chain(
         settings=settings,
         slices_dir=out / "patches/slices",
         threads=threads,
+        annotations_manifest=annotations_manifest,
+        download_manifest=inputs,
     )
     return pre, tiled

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from medprep import atomic
+from medprep.ct import annotations as regions
 from medprep.ct import hu, nifti, patches
 from medprep.ct.settings import ct_settings
 from medprep.manifest import artifact
@@ -52,7 +53,17 @@ TABLE_COLUMNS = {
     "center_lps_z_mm": "float64",
     "lung_fraction": "float64",
     "padded": "bool",
+    # region labels (medprep.ct.annotations); null / NaN / False without annotations
+    "centred": "bool",  # the patch is centred on its annotation (not a grid patch)
+    "annotation_id": "string",  # the centring or labelling annotation
+    "distance_mm": "float64",  # patch centre to the annotation's centre
+    "diameter_mm": "float64",  # the annotation's diameter (NaN: a point)
+    "readers": "int64",  # LIDC readers who marked the nodule (0: from a CSV)
+    "outside_scan": "bool",  # the annotation's centre lies outside the volume
+    "outside_lung": "bool",  # ... or outside the lung mask
 }
+# written only when the sample has annotations: it then wins over the sheet's label
+LABEL_COLUMN = "label"
 
 
 def _artifact_path(manifest: dict[str, Any], name: str) -> str:
@@ -69,14 +80,20 @@ def _write_table(path: str | os.PathLike, rows: dict[str, list]) -> None:
     import pyarrow.parquet as pq
 
     types = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+    columns = dict(TABLE_COLUMNS)
+    if LABEL_COLUMN in rows:
+        columns[LABEL_COLUMN] = "int64"
     arrays = []
-    for column, dtype in TABLE_COLUMNS.items():
+    for column, dtype in columns.items():
+        if dtype == "string":
+            arrays.append(pa.array(rows[column], type=pa.string()))
+            continue
         values = np.ascontiguousarray(np.asarray(rows[column], dtype=dtype))
         if dtype == "bool":
             values = np.packbits(values, bitorder="little")
         buffer = pa.py_buffer(values)
         arrays.append(pa.Array.from_buffers(types[dtype], len(rows[column]), [None, buffer]))
-    table = pa.Table.from_arrays(arrays, names=list(TABLE_COLUMNS))
+    table = pa.Table.from_arrays(arrays, names=list(columns))
     with atomic.atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -112,8 +129,13 @@ def tile(
     summary_path: str | os.PathLike,
     slices_dir: str | os.PathLike | None = None,
     threads: int = 1,
+    annotations: list[Any] | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """Write patches, table, summary (and PNG slices); return (artifacts, summary)."""
+    """Write patches, table, summary (and PNG slices); return (artifacts, summary).
+
+    ``annotations``: the sample's ``medprep.ct.annotations.Annotation`` list (None: the
+    sample has no annotation source, and the table no ``label`` column). Each gets a
+    patch centred on it after the grid's; grid patches get labels (see that module)."""
     cfg = ct_settings(settings)
     pcfg = cfg["patches"]
     norm = cfg["normalise"]
@@ -128,11 +150,16 @@ def tile(
     fill = convert(np.array([hu.AIR_HU], dtype=np.int16))[0].item() if dtype else hu.AIR_HU
     warnings: list[str] = []
     rows: dict[str, list] = {c: [] for c in TABLE_COLUMNS}
+    if annotations is not None:
+        rows[LABEL_COLUMN] = []
+    labelled: dict[str, Any] = {}
     candidates = 0
     slice_names: list[str] = []
 
     if status != "ok":
         warnings.append(f"preprocess status {status}: no patches")
+        if annotations:
+            warnings.append(f"{len(annotations)} annotation(s) not placed: no lungs")
         if dtype is not None:
             _save_array(patches_path, np.zeros((0, *size), dtype=dtype))
     else:
@@ -158,8 +185,16 @@ def tile(
                 f"no patch reaches min_lung_fraction {pcfg['min_lung_fraction']} "
                 f"({candidates} candidates)"
             )
-        for row, i in enumerate(keep):
-            start = starts[i]
+        placed = regions.place(annotations or [], affine, mask, size)
+        grid = starts[keep]
+        all_starts = np.concatenate(
+            [grid, np.array([p.start for p in placed], dtype=np.int64).reshape(-1, 3)]
+        )
+        all_fractions = np.concatenate(
+            [fractions[keep], patches.lung_fractions(mask, all_starts[len(grid) :], size)]
+        )
+        labels, which = regions.grid_labels(grid, size, spacing, placed)
+        for row, start in enumerate(all_starts):
             centre = _centre_lps(affine, start, size)
             for column, value in zip(
                 ("patch", "z0", "y0", "x0", "z1", "y1", "x1"),
@@ -173,10 +208,15 @@ def tile(
             rows["center_lps_x_mm"].append(round(float(centre[0]), 3))
             rows["center_lps_y_mm"].append(round(float(centre[1]), 3))
             rows["center_lps_z_mm"].append(round(float(centre[2]), 3))
-            rows["lung_fraction"].append(round(float(fractions[i]), 4))
+            rows["lung_fraction"].append(round(float(all_fractions[row]), 4))
             rows["padded"].append(patches.is_padded(start, size, volume.shape))
+            centred = row >= len(grid)
+            index = row - len(grid) if centred else int(which[row])
+            item = placed[index] if index >= 0 else None
+            _annotation_columns(rows, item, centred, centre, labels[row] if not centred else 0)
+        labelled = _label_summary(placed, labels, warnings) if annotations is not None else {}
         if dtype is not None:
-            _write_patches(patches_path, volume, starts[keep], size, dtype, convert)
+            _write_patches(patches_path, volume, all_starts, size, dtype, convert)
         if cfg["slices_png"]["enabled"] and slices_dir is not None:
             with atomic.staged_dir(slices_dir) as tmp_dir:
                 slice_names = _write_slices(
@@ -209,6 +249,8 @@ def tile(
         "min_lung_fraction": pcfg["min_lung_fraction"],
         "slices_png": len(slice_names),
     }
+    if annotations is not None:
+        summary["annotations"] = {"count": len(annotations), **labelled}
     atomic.write_json(summary_path, summary)
     artifacts = [artifact("patches/patches.npy", patches_path)] if dtype is not None else []
     artifacts += [
@@ -218,6 +260,46 @@ def tile(
     artifacts += [artifact(f"patches/slices/{n}", Path(slices_dir) / n) for n in slice_names]
     log.info("%d of %d candidate patches kept (status %s)", summary["patches"], candidates, status)
     return artifacts, summary
+
+
+def _annotation_columns(rows, item, centred: bool, centre_lps, grid_label: int) -> None:
+    """The region-label columns of one patch row (``item``: its PlacedAnnotation or None)."""
+    annotation = item.annotation if item is not None else None
+    if LABEL_COLUMN in rows:
+        rows[LABEL_COLUMN].append(int(annotation.label) if centred else int(grid_label))
+    rows["centred"].append(centred)
+    rows["annotation_id"].append(annotation.id if annotation is not None else None)
+    if item is None:
+        distance = float("nan")
+    elif centred:
+        distance = item.distance_mm
+    else:
+        distance = float(np.linalg.norm(np.asarray(centre_lps) - annotation.centre_lps))
+    rows["distance_mm"].append(round(distance, 3))
+    diameter = annotation.diameter_mm if annotation is not None else None
+    rows["diameter_mm"].append(float("nan") if diameter is None else round(diameter, 3))
+    rows["readers"].append(annotation.readers if annotation is not None else 0)
+    rows["outside_scan"].append(bool(centred and item.outside_scan))
+    rows["outside_lung"].append(bool(centred and item.outside_lung))
+
+
+def _label_summary(placed, labels: np.ndarray, warnings: list[str]) -> dict[str, Any]:
+    """Counts for the summary; a warning line per annotation outside the scan or lungs."""
+    for item in placed:
+        where = "the scan" if item.outside_scan else "the lung mask" if item.outside_lung else ""
+        if where:
+            warnings.append(
+                f"annotation {item.annotation.id} lies outside {where}: its patch is kept, "
+                f"flagged outside_{'scan' if item.outside_scan else 'lung'}"
+            )
+    values, counts = np.unique(labels, return_counts=True)
+    return {
+        "centred_patches": len(placed),
+        "outside_scan": sum(p.outside_scan for p in placed),
+        "outside_lung": sum(p.outside_lung for p in placed),
+        "grid_labels": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
+        "max_distance_mm": round(max((p.distance_mm for p in placed), default=0.0), 3),
+    }
 
 
 MATERIALISED_DTYPES = {"hu": np.int16, "uint8": np.uint8, "normalised": np.float32}
