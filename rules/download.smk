@@ -8,13 +8,13 @@ rule download:
     retries: 1
     conda:
         "../envs/storage.yaml"
-    # I/O, not CPU: the job holds no core of --cores (threads 0) and keeps
-    # storage.connections requests in flight; `transfers` (profiles/default) caps how
-    # many transfer jobs run at once, so CPU jobs keep every core. On a cluster the job
-    # asks for one CPU (cpus_per_task: SLURM has no zero-CPU job).
-    threads: 0
+    # I/O, not CPU: one core and storage.connections requests in flight; `transfers`
+    # (profiles/default) caps how many transfer jobs run at once. Holding the core is what
+    # bounds the samples downloaded ahead of the CPU steps: Snakemake frees a job's
+    # disk_mb when the job ends, so nothing else would (an upload, which finishes a
+    # sample and frees its disk, holds none).
+    threads: 1
     resources:
-        cpus_per_task=1,
         mem_mb=mem_download,
         disk_mb=disk_download,
         disk_need_mb=disk_download,

@@ -12,7 +12,8 @@ rule upload:
     retries: 1
     conda:
         "../envs/storage.yaml"
-    # I/O, not CPU: no core of --cores, one CPU on a cluster (see rule download).
+    # I/O, not CPU, and it frees the sample's disk: it holds no core of --cores, so it
+    # never waits for one; on a cluster it asks for one CPU (SLURM has no zero-CPU job).
     threads: 0
     resources:
         cpus_per_task=1,

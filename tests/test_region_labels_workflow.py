@@ -86,7 +86,7 @@ def test_the_readme_commands_label_the_patches(labelled):
     assert ("tile_annotations", "chest-02") in ran
     assert ("tile_annotations", "chest-03") not in ran  # it takes the cohort's CSV
     assert ("tile_annotations_cohort", "") in ran
-    index = pd.read_parquet(workdir / "published/dataset/patches.parquet")
+    index = pd.read_parquet(workdir / "published/dataset/labelled/patches.parquet")
     centred = index[index.centred].set_index("sample")
     assert sorted(centred.index) == ["LIDC-IDRI-0001", "chest-02", "chest-03"]
     assert (centred.label == "1").all()  # the per-patch label, as text in the index
