@@ -435,6 +435,6 @@ def test_workflow_labels_tiles_from_the_sheet_column(tmp_path):
     published = tmp_path / "published"
     a1 = writers.read_table(published / "wsi" / "A1" / "tiles" / "tiles.parquet")
     assert {"Necrosis", "Tumor", "Stroma"} <= set(a1.label)
-    index = pd.read_parquet(published / "dataset" / "tiles.parquet")
+    index = pd.read_parquet(published / "dataset" / "samples" / "tiles.parquet")
     assert set(index[index["sample"] == "P1"].label) == {"slide-label"}
     assert sorted(index[index["sample"] == "A1"].label) == sorted(a1.label)
