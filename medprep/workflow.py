@@ -19,8 +19,8 @@ from typing import Any
 import pandas as pd
 
 from medprep import atomic, errors, storage
-from medprep.sheet import read_sample_sheet
 from medprep.runner import DEFAULT_DISK_BUDGET_ENV
+from medprep.sheet import read_sample_sheet
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import wsi_support
 from wsi_support import CMU, outputs, preprocess, write_download
 
 from medprep import atomic, dataset
@@ -123,17 +124,7 @@ def run_tile(folder: Path, annotations: Path | None, **tile) -> tuple[pd.DataFra
     out = outputs(folder)
     tile.setdefault("min_tissue", 0.0)
     tile.setdefault("container", "coords")
-    steps.run_tile(
-        folder / "download.json",
-        out["preprocess_manifest"],
-        table_path=out["table"],
-        overlay_path=out["overlay"],
-        summary_path=out["tile_summary"],
-        manifest_path=out["tile_manifest"],
-        sample=folder.name,
-        tile=tile,
-        annotations_manifest=annotations,
-    )
+    wsi_support.tile(folder, annotations_manifest=annotations, **tile)
     return writers.read_table(out["table"]), atomic.read_json(out["tile_summary"])
 
 

@@ -136,7 +136,12 @@ def preprocess(
 
 
 def tile(
-    folder: Path, *, threads: int = 1, sample: str | None = None, **tile_settings: Any
+    folder: Path,
+    *,
+    threads: int = 1,
+    sample: str | None = None,
+    annotations_manifest: Path | None = None,
+    **tile_settings: Any,
 ) -> dict[str, Any]:
     out = outputs(folder)
     return steps.run_tile(
@@ -149,6 +154,7 @@ def tile(
         sample=sample or folder.name,
         tile=tile_settings,
         threads=threads,
+        annotations_manifest=annotations_manifest,
     )
 
 
