@@ -388,19 +388,27 @@ def main() -> None:
         )
     if len(thread_counts) > 1:
         other = runs[("medprep", thread_counts[1])]
-        same = all(
-            _sha(ours1["out"] / n) == _sha(other["out"] / n)
+        names = [
+            n
             for n in (
                 "volume.nii.gz",
                 "lung_mask.nii.gz",
                 "metadata.json",
                 "qc.png",
-                "patches.npy",
+                "patches.npy",  # only with ct.patches.materialise
                 "patches.parquet",
             )
+            if (ours1["out"] / n).exists() or (other["out"] / n).exists()
+        ]
+        same = all(
+            (ours1["out"] / n).exists()
+            and (other["out"] / n).exists()
+            and _sha(ours1["out"] / n) == _sha(other["out"] / n)
+            for n in names
         )
         print(
-            f"outputs byte-identical on {thread_counts[0]} and {thread_counts[1]} threads: {same}"
+            f"outputs byte-identical on {thread_counts[0]} and {thread_counts[1]} threads: {same} "
+            f"({', '.join(names)})"
         )
     for threads in thread_counts:
         r = runs[("medprep", threads)]
