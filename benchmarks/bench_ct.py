@@ -268,7 +268,10 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=512)
     parser.add_argument("--slices", type=int, default=300, help="lidc: 133 (real) or 265")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="runs per variant; the fastest counts"
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds (each runs every variant once, in turn); the fastest run counts",
     )
     parser.add_argument("--threads-list", default="1,2", help="thread counts to run")
     parser.add_argument(
@@ -301,19 +304,20 @@ def main() -> None:
         variants = [(v, t) for v, t in variants if t == thread_counts[0]]
     variants += [("medprep", t) for t in thread_counts]
     runs: dict[tuple[str, int], dict] = {}
-    for variant, threads in variants:
-        best = None
-        for _ in range(args.repeats):
+    # rounds: every variant once per round, in turn, so that a change of the machine's
+    # load falls on all of them; the fastest run of each variant counts
+    for round_ in range(args.repeats):
+        for variant, threads in variants:
+            best = runs.get((variant, threads))
             result = _run_child(variant, folder, threads)
             if best is None or result["seconds"] < best["seconds"]:
-                best = result
-        runs[(variant, threads)] = best
-        print(
-            f"  {variant:17s} {threads} thread(s): {best['seconds']:6.2f} s (+ imports "
-            f"{best['import_seconds']:.2f} s), peak RSS {best['peak_rss_mb']:7.0f} MB, load "
-            f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}",
-            flush=True,
-        )
+                runs[(variant, threads)] = best = result
+            print(
+                f"  {variant:17s} {threads} thread(s): {result['seconds']:6.2f} s (+ imports "
+                f"{result['import_seconds']:.2f} s), peak RSS {result['peak_rss_mb']:7.0f} MB, load "
+                f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} (round {round_ + 1})",
+                flush=True,
+            )
 
     first = thread_counts[0]
     ours1 = runs[("medprep", first)]
