@@ -476,7 +476,8 @@ def lung_mask(
         counts, first_is_left = sides
         per_side = [c * voxel_ml for c in counts]
         left_ml, right_ml = per_side if first_is_left else per_side[::-1]
-    per_slice = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    # slice by slice: count_nonzero(axis=...) makes a volume-sized temporary
+    per_slice = np.array([np.count_nonzero(plane) for plane in mask], dtype=np.int64)
     peak_area_cm2 = float(per_slice.max(initial=0)) * spacing[1] * spacing[2] / 100.0
     qc_flags: list[str] = []
     status = "ok"
