@@ -333,6 +333,52 @@ def test_both_separate_lungs_are_kept_and_vessels_filled():
     assert result.volume_ml == pytest.approx(truth.sum() * 0.125)
 
 
+def _inner_air_by_one_3d_labelling(hu_: np.ndarray, threshold: float) -> np.ndarray:
+    from scipy import ndimage
+
+    air = hu_ < threshold
+    labels, _ = ndimage.label(air)
+    faces = np.concatenate(
+        [f.ravel() for f in (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1])]
+    )
+    return air & ~np.isin(labels, faces[faces > 0])
+
+
+def test_inner_air_in_two_passes_equals_one_3d_labelling():
+    # outside air reaching the side faces only through slices above or below (tunnels,
+    # pockets closed in-plane) is found by the second pass
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    second_pass_used = 0
+    for _ in range(60):
+        shape = tuple(int(n) for n in rng.integers(3, 24, size=3))
+        noise = ndimage.gaussian_filter(rng.standard_normal(shape), rng.uniform(0.6, 1.5))
+        vol = np.where(noise > np.quantile(noise, rng.uniform(0.3, 0.7)), 40, -1000)
+        vol = vol.astype(np.int16)
+        expected = _inner_air_by_one_3d_labelling(vol, -320)
+        np.testing.assert_array_equal(lung.inner_air(vol, -320), expected)
+        per_slice = np.zeros(shape, dtype=bool)
+        for z in range(shape[0]):
+            per_slice[z] = _inner_air_by_one_3d_labelling(vol[z : z + 1], -320)[0]
+        second_pass_used += int(not np.array_equal(per_slice, expected))
+    assert second_pass_used > 10
+
+
+def test_hu_in_int16_or_int32_gives_the_same_values():
+    transform = hu.ModalityTransform.from_tags(1, -1024)
+    for stored in (
+        np.array([[0, 1024, 4095]], dtype=np.uint16),  # fits int16
+        np.array([[0, 1024, 40000]], dtype=np.uint16),  # above int16: int32 path
+        np.array([[-2000, 0, 32767]], dtype=np.int16),  # 32767 - 1024 fits
+    ):
+        expected = np.clip(stored.astype(np.int64) - 1024, hu.HU_FLOOR, hu.HU_CEILING)
+        expected[stored == -2000] = hu.AIR_HU
+        np.testing.assert_array_equal(hu.to_hu(stored, transform, hu.Padding()).hu, expected)
+    low = hu.to_hu(np.array([[-32768, 5]], np.int16), hu.ModalityTransform(1, -1024), hu.Padding())
+    np.testing.assert_array_equal(low.hu, [[hu.HU_FLOOR, -1019]])  # -33792 does not wrap
+
+
 def test_lungs_touching_the_top_face_are_not_outside_air():
     vol, truth = chest(top_cut=True)
     result = lung.lung_mask(vol, CHEST_MM)

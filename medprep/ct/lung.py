@@ -51,6 +51,7 @@ from medprep.schema import Settings, settings_section
 NO_LUNGS_MAX_AREA_CM2 = 40.0
 
 CHUNK_SLICES = 32  # slabs for element-wise passes over a whole volume
+SLAB_SLICES = 4  # slabs of per-slice labelling (temporaries below the mmap threshold)
 CAP_MIN_MM3 = 500.0  # pockets this large (a 10 mm sphere) are filled with the larger ball
 
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -98,11 +99,32 @@ def _border_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def inner_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
-    """Air below ``threshold_hu`` that is not connected to the volume's side faces.
+    """Air below ``threshold_hu`` that is not connected to the volume's side faces (a
+    whole-volume mask; see ``inner_air_box``)."""
+    box, sub = inner_air_box(hu, threshold_hu)
+    inner = np.zeros(hu.shape, dtype=bool)
+    if box is not None:
+        inner[box] = sub
+    return inner
 
-    Only the rows and columns holding tissue (plus one of air around them) are labelled:
+
+def inner_air_box(
+    hu: np.ndarray, threshold_hu: float
+) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
+    """(box, mask in the box) of the air below ``threshold_hu`` not connected (6-connected,
+    in 3D) to the volume's side faces; (None, empty) when there is none.
+
+    Only the rows and columns holding tissue (plus one of air around them) are looked at:
     what lies beyond them is air from top to bottom touching the side faces, so an air
-    component reaching the crop's side is outside, as it would be in the whole volume."""
+    component reaching the crop's side is outside, as it would be in the whole volume.
+
+    In two passes, so that no label array spans the crop: (1) slab by slab, the air of
+    each slice connected within the slice to its border (most of the outside air) is
+    removed; (2) the rest is labelled in 3D in its bounding box, and a component is
+    outside too if it touches removed air in the slice above or below (it cannot touch
+    it within a slice: it would belong to it). This is the 3D labelling of all air,
+    exactly, at a third less memory."""
+    empty = (None, np.zeros((0, 0, 0), dtype=bool))
     rows = np.zeros(hu.shape[1], dtype=bool)
     cols = np.zeros(hu.shape[2], dtype=bool)
     for z in range(0, hu.shape[0], CHUNK_SLICES):
@@ -110,30 +132,70 @@ def inner_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
         rows |= tissue.any(axis=(0, 2))
         cols |= tissue.any(axis=(0, 1))
     if not rows.any():
-        return np.zeros(hu.shape, dtype=bool)
+        return empty
     ys = np.flatnonzero(rows)
     xs = np.flatnonzero(cols)
     crop = (
-        slice(None),
         slice(max(int(ys[0]) - 1, 0), min(int(ys[-1]) + 2, hu.shape[1])),
         slice(max(int(xs[0]) - 1, 0), min(int(xs[-1]) + 2, hu.shape[2])),
     )
-    air = hu[crop] < threshold_hu
-    labels, count = label(air)
+    view = hu[:, crop[0], crop[1]]
+    rest = np.empty(view.shape, dtype=bool)  # air not joined to the border in its slice
+    for z in range(0, view.shape[0], SLAB_SLICES):
+        air = view[z : z + SLAB_SLICES] < threshold_hu
+        labels, count = label(air, structure=IN_PLANE)
+        border = np.zeros(count + 1, dtype=bool)
+        border[_border_labels(labels)] = True
+        np.logical_and(air, ~border[labels], out=rest[z : z + SLAB_SLICES])
+    box = bounding_box(rest)
+    if box is None:
+        return empty
+    sub = np.ascontiguousarray(rest[box])
+    del rest
+    labels, count = label(sub)
     outside = np.zeros(count + 1, dtype=bool)
-    outside[_border_labels(labels)] = True
-    for z in range(0, air.shape[0], CHUNK_SLICES):  # in slabs: no volume-sized temporary
-        air[z : z + CHUNK_SLICES] &= ~outside[labels[z : z + CHUNK_SLICES]]
+    # the box in the volume (sub index k is volume slice z0 + k)
+    full = (
+        box[0],
+        slice(crop[0].start + box[1].start, crop[0].start + box[1].stop),
+        slice(crop[1].start + box[2].start, crop[1].start + box[2].stop),
+    )
+    z0 = box[0].start
+    depth = sub.shape[0]
+    for k0 in range(0, depth, SLAB_SLICES):
+        k1 = min(k0 + SLAB_SLICES, depth)
+        for dz in (-1, 1):
+            # removed air in the neighbouring slices k + dz (sub index; the box holds all
+            # of the rest, so beyond it every air voxel was removed)
+            lo, hi = max(k0 + dz, -z0), min(k1 + dz, hu.shape[0] - z0)
+            if lo >= hi:
+                continue
+            removed = hu[z0 + lo : z0 + hi, full[1], full[2]] < threshold_hu
+            a, b = max(lo, 0), min(hi, depth)
+            if a < b:
+                removed[a - lo : b - lo] &= ~sub[a:b]
+            here = slice(lo - dz, hi - dz)
+            outside[labels[here][removed & sub[here]]] = True
+    outside[0] = False
+    if outside.any():
+        for z in range(0, depth, CHUNK_SLICES):
+            sub[z : z + CHUNK_SLICES] &= ~outside[labels[z : z + CHUNK_SLICES]]
     del labels
-    inner = np.zeros(hu.shape, dtype=bool)
-    inner[crop] = air
-    return inner
+    inner_box = bounding_box(sub)
+    if inner_box is None:
+        return empty
+    located = tuple(
+        slice(f.start + b.start, f.start + b.stop) for f, b in zip(full, inner_box, strict=True)
+    )
+    return located, np.ascontiguousarray(sub[inner_box])
 
 
 def _chunked_bincount(labels: np.ndarray, count: int) -> np.ndarray:
     sizes = np.zeros(count + 1, dtype=np.int64)
-    for z in range(0, labels.shape[0], CHUNK_SLICES):  # bincount copies to intp
-        sizes += np.bincount(labels[z : z + CHUNK_SLICES].ravel(), minlength=count + 1)
+    # bincount copies to intp: slabs of about 2**17 voxels (1 MB) keep the copy small
+    step = max(1, (1 << 17) // max(1, labels[0].size))
+    for z in range(0, labels.shape[0], step):
+        sizes += np.bincount(labels[z : z + step].ravel(), minlength=count + 1)
     return sizes
 
 
@@ -376,16 +438,13 @@ def lung_mask(
     """Lung mask of an HU volume (z, y, x) with voxel ``spacing`` (z, y, x mm)."""
     settings = settings or LungSettings()
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    inner = inner_air(hu, settings.threshold_hu)
-    box = bounding_box(inner)
+    box, candidates = inner_air_box(hu, settings.threshold_hu)
     components: list[dict] = []
     if box is not None:
-        candidates = fill_slices(inner[box], in_place=True)
+        fill_slices(candidates, in_place=True)
         labels, count = label(candidates)
         del candidates
-        inner[:] = False
-        mask = inner  # reuse the buffer
-        del inner
+        mask = np.zeros(hu.shape, dtype=bool)
         sizes = _chunked_bincount(labels, count)[1:]
         order = np.argsort(-sizes, kind="stable")
         keep = [int(order[0]) + 1]
@@ -402,7 +461,7 @@ def lung_mask(
             target[z : z + CHUNK_SLICES] = kept_lookup[labels[z : z + CHUNK_SLICES]]
         del labels
     else:
-        mask = inner
+        mask = np.zeros(hu.shape, dtype=bool)
     construction, sides = _pockets_and_sides(mask, spacing, settings)
     if settings.dilation_mm > 0:
         mask = _dilate(mask, spacing, settings.dilation_mm)
@@ -412,7 +471,8 @@ def lung_mask(
         counts, first_is_left = sides
         per_side = [c * voxel_ml for c in counts]
         left_ml, right_ml = per_side if first_is_left else per_side[::-1]
-    per_slice = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    # slice by slice: count_nonzero(axis=...) makes a volume-sized temporary
+    per_slice = np.array([np.count_nonzero(plane) for plane in mask], dtype=np.int64)
     peak_area_cm2 = float(per_slice.max(initial=0)) * spacing[1] * spacing[2] / 100.0
     qc_flags: list[str] = []
     status = "ok"

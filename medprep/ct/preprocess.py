@@ -323,7 +323,8 @@ def hu_statistics(volume: np.ndarray, mask: np.ndarray | None = None) -> dict[st
     counts = np.zeros(65536, dtype=np.int64)
     lung_sum = 0
     lung_count = 0
-    step = max(1, (1 << 22) // max(1, volume[0].size))
+    # slabs of about 2**17 voxels: bincount's intp copy of one (1 MB) stays in the cache
+    step = max(1, (1 << 17) // max(1, volume[0].size))
     for start in range(0, volume.shape[0], step):
         chunk = volume[start : start + step]
         counts += np.bincount((chunk.view(np.uint16) ^ 0x8000).ravel(), minlength=65536)

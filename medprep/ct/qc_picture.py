@@ -47,7 +47,8 @@ def qc_image(
     sagittal slices through its row and column with the most lung (the volume's centre
     without lungs); the mask is outlined. Coronal and sagittal views show the
     head end at the top."""
-    per_slice = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    # slice by slice: count_nonzero(axis=...) makes a volume-sized temporary
+    per_slice = np.array([np.count_nonzero(plane) for plane in mask], dtype=np.int64)
     if per_slice.any():
         z = int(np.argmax(per_slice))  # the slice with the most lung
         rows = np.count_nonzero(mask[z], axis=1)

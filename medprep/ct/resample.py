@@ -14,6 +14,7 @@ z along the normal, all in mm from the first slice's first pixel.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 
@@ -110,9 +111,24 @@ def tap_matrix(taps: tuple[np.ndarray, np.ndarray, np.ndarray], n_in: int):
     return matrix
 
 
+_BUFFERS = threading.local()
+
+
+def _as_float32(plane: np.ndarray) -> np.ndarray:
+    """``plane`` as float32 in this thread's reused buffer: a fresh 1 MB array per slice
+    is served by its own mapping (``steps.fixed_mmap_threshold``), page faults and all."""
+    if plane.dtype == np.float32:
+        return plane
+    buffer = getattr(_BUFFERS, "plane", None)
+    if buffer is None or buffer.shape != plane.shape:
+        buffer = _BUFFERS.plane = np.empty(plane.shape, dtype=np.float32)
+    np.copyto(buffer, plane)
+    return buffer
+
+
 def _resample_plane(plane, ymatrix, xmatrix, yvalid, xvalid, fill, out) -> None:
     # two sparse products (a few taps per output sample): rows, then columns
-    rows = ymatrix @ plane.astype(np.float32, copy=False)  # (ny, cols)
+    rows = ymatrix @ _as_float32(plane)  # (ny, cols)
     out[...] = (xmatrix @ np.ascontiguousarray(rows.T)).T  # (nx, ny) -> (ny, nx)
     if not yvalid.all():
         out[~yvalid, :] = fill

@@ -163,12 +163,16 @@ def tile(
         if dtype is not None:
             _save_array(patches_path, np.zeros((0, *size), dtype=dtype))
     else:
-        volume, affine = nifti.read_nifti(
-            _artifact_path(preprocess_manifest, "preprocess/volume.nii.gz")
-        )
-        mask, _ = nifti.read_nifti(
+        mask, affine = nifti.read_nifti(
             _artifact_path(preprocess_manifest, "preprocess/lung_mask.nii.gz")
         )
+        # the volume (same grid and affine as the mask) is inflated only when its values
+        # are used: materialised patches or PNG slices
+        volume = mask
+        if dtype is not None or (cfg["slices_png"]["enabled"] and slices_dir is not None):
+            volume, affine = nifti.read_nifti(
+                _artifact_path(preprocess_manifest, "preprocess/volume.nii.gz")
+            )
         if mask.dtype == np.uint8 and int(mask.max(initial=0)) <= 1:
             mask = mask.view(bool)  # 0/1: no copy
         box = patches.bounding_box(mask.astype(bool, copy=False))
