@@ -199,6 +199,19 @@ def tile_scores(
     )
 
 
+def pixel_filters_on(filters: FilterSettings) -> bool:
+    """Whether any filter on these scores is on (so tiles must be read to apply it)."""
+    return any(
+        value is not None
+        for value in (
+            filters.max_background,
+            filters.min_tissue_fraction,
+            filters.min_blur,
+            filters.min_sharpness,
+        )
+    )
+
+
 def rejection_reason(scores: TileScores, filters: FilterSettings) -> str | None:
     """The first filter ``scores`` fail, or None when the tile is kept."""
     if filters.max_background is not None and scores.background_fraction > filters.max_background:

@@ -120,6 +120,8 @@ class TileSettings:
     format: str = "jpeg"
     quality: int = 90
     container: str = "tar"
+    # coords container: read every tile for the pixel QC scores even with no pixel filter on
+    coords_scores: bool = False
     shard_max_tiles: int = 10000
     block_tiles: int = 8
     max_read_errors: int = 0
