@@ -172,3 +172,24 @@ def test_coordinates_only_reads_no_pixels_unless_a_pixel_filter_needs_them(tmp_p
 
     filtered, _ = run(container="coords", filters={"min_blur": 1.0})
     assert filtered["read_calls"] > 0 and filtered["pixel_scores"] is True
+
+
+def test_fast_ink_masks_equal_the_hsv_rules_pixel_for_pixel():
+    from medprep.wsi import artifacts
+
+    rng = np.random.default_rng(3)
+    tissue = np.asarray(Image.fromarray(_cmu_block(600)[..., :3]).reduce(4))
+    for rgb in (rng.integers(0, 256, (120, 90, 3), dtype=np.uint8), tissue):
+        hsv = artifacts.to_hsv(rgb)
+        masks, saturation, value = artifacts.fast_ink_masks(rgb)
+        assert np.array_equal(saturation, hsv.saturation) and np.array_equal(value, hsv.value)
+        reference = artifacts.ink_masks(hsv)
+        assert masks.keys() == reference.keys()
+        for name, mask in reference.items():
+            assert np.array_equal(masks[name], mask), name
+    # small ink components are dropped wherever they are, large ones kept
+    mask = np.zeros((50, 60), dtype=bool)
+    mask[3:5, 40:42] = True  # 4 pixels: kept
+    mask[30, 7] = True  # 1 pixel: dropped
+    kept = artifacts.remove_small(mask, artifacts.MIN_INK_PIXELS)
+    assert kept.sum() == 4 and kept[3:5, 40:42].all()
