@@ -108,11 +108,11 @@ def test_prereduced_resampling_stays_close_to_the_bicubic_path_on_real_tissue():
     bicubic = resample_tiles(rgba, _job(size, extent, 1), task)
     fast = resample_tiles(rgba, _job(size, extent, prereduce_factor(RATIO, 0.025)), task)
     psnr = _psnr(np.stack(fast)[..., :3], np.stack(bicubic)[..., :3])
-    assert psnr >= 34.0, psnr  # measured 35.5 dB
+    assert psnr >= 34.0, psnr  # measured 36.0 dB
     for a, b in zip(fast, bicubic, strict=True):
         blur_fast = qc.tile_scores(a, "brightfield", 20.0).blur
         blur_bicubic = qc.tile_scores(b, "brightfield", 20.0).blur
-        assert abs(blur_fast / blur_bicubic - 1) < 0.08, (blur_fast, blur_bicubic)
+        assert abs(blur_fast / blur_bicubic - 1) < 0.05, (blur_fast, blur_bicubic)  # <= 2.4%
         mean_diff = np.abs(a[..., :3].mean() - b[..., :3].mean())
         assert mean_diff < 0.5  # no brightness shift
 
