@@ -193,3 +193,20 @@ def test_fast_ink_masks_equal_the_hsv_rules_pixel_for_pixel():
     mask[30, 7] = True  # 1 pixel: dropped
     kept = artifacts.remove_small(mask, artifacts.MIN_INK_PIXELS)
     assert kept.sum() == 4 and kept[3:5, 40:42].all()
+
+
+def test_tint_blends_only_flagged_pixels_and_leaves_the_thumbnail_alone():
+    from medprep.wsi import artifacts
+
+    rng = np.random.default_rng(4)
+    thumbnail = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    before = thumbnail.copy()
+    flags = {"pen": rng.random((40, 50)) < 0.2, "fold": rng.random((40, 50)) < 0.2}
+    tinted = artifacts.tint(thumbnail, flags)
+    assert np.array_equal(thumbnail, before)
+    either = flags["pen"] | flags["fold"]
+    assert np.array_equal(tinted[~either], thumbnail[~either])
+    # a pen-only pixel: 55% of the way to magenta, rounded
+    y, x = np.argwhere(flags["pen"] & ~flags["fold"])[0]
+    expected = thumbnail[y, x] * 0.45 + np.array(artifacts.FLAG_COLOURS["pen"]) * 0.55
+    assert np.abs(tinted[y, x].astype(float) - expected).max() <= 0.5 + 1e-4

@@ -170,13 +170,19 @@ def detect_artifacts(
 
 def tint(thumbnail: np.ndarray, flags: dict[str, np.ndarray], alpha: float = 0.55) -> np.ndarray:
     """The thumbnail with flagged areas blended towards their colour (``FLAG_COLOURS``)."""
-    out = thumbnail[..., :3].astype(np.float32).copy()
-    for name, mask in flags.items():
-        if mask.shape != out.shape[:2] or not mask.any():
-            continue
+    out = np.array(thumbnail[..., :3])  # a copy: the caller's thumbnail is not changed
+    used = [(n, m) for n, m in flags.items() if m.shape == out.shape[:2] and m.any()]
+    if not used:
+        return out
+    # only flagged pixels change: blend those in float32 (in the order of ``flags``)
+    flagged = np.logical_or.reduce([mask for _, mask in used])
+    blended = out[flagged].astype(np.float32)
+    for name, mask in used:
         colour = np.asarray(FLAG_COLOURS[name], dtype=np.float32)
-        out[mask] = out[mask] * (1 - alpha) + colour * alpha
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        part = mask[flagged]
+        blended[part] = blended[part] * (1 - alpha) + colour * alpha
+    out[flagged] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def autocontrast(
