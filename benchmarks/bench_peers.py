@@ -9,9 +9,9 @@ least half of the tile is tissue (each tool's own tissue detection), written as 
 (quality 90 where the tool lets us choose):
 
 - medprep: ``preprocess_wsi`` + ``tile_wsi`` into tar shards, ``--workers`` processes;
-  coordinates-only: ``preprocess_wsi``, then the grid and each tile's tissue-mask coverage
-  (what ``tile_wsi`` computes before reading; its ``coords`` container still reads every
-  tile for the QC scores);
+  coordinates-only: ``preprocess_wsi`` + ``tile_wsi`` with the ``coords`` container, which
+  with no pixel filter on reads no pixels (the table has the grid, tissue-mask coverage
+  and the artifact fractions; the pixel score columns are null);
 - LazySlide 0.13: ``pp.find_tissues`` + ``pp.tile_tissues(mpp=0.5,
   background_fraction=0.5)``, then its slide reader on ``--workers`` forked processes,
   each tile JPEG-encoded (PIL, q90) into a tar; coordinates-only: up to ``tile_tissues``;
@@ -31,13 +31,14 @@ Each peer is installed from PyPI into its own virtual environment under
 cannot be installed or imported is skipped with the reason. Every variant runs in its own
 process; the table gives seconds, tiles, tiles/s, the peak resident memory of the process
 tree (sampled every 20 ms) and the ratio of medprep's speed to each. medprep runs before
-and after the peers and the faster run counts (on a shared machine other jobs only ever
-slow a run down). Not a test: installs take minutes and timings depend on the machine.
+and after the peers, and ``--rounds N`` repeats the whole sequence; the fastest run of each
+variant counts (on a shared machine other jobs only ever slow a run down). Not a test: installs take minutes and timings depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -271,45 +272,23 @@ def child_histolab(slide: str, out: Path, workers: int, coords: bool) -> dict:
     return {"seconds": time.perf_counter() - started, "tiles": kept, "note": note}
 
 
-def _medprep_coordinates(out: Path) -> dict:
-    """The tiles medprep would read, from the preprocess outputs alone: the grid at the
-    target resolution and each tile's tissue-mask coverage (what ``tile_slide`` computes
-    before any read), without reading pixels or scoring tiles."""
-    import numpy as np
-    from PIL import Image
-
-    from medprep import atomic
-    from medprep.wsi import grid as grids
-    from medprep.wsi.tiler import SlidePlan
-
-    started = time.perf_counter()
-    folder = out / "S"
-    summary = atomic.read_json(folder / "preprocess" / "summary.json")
-    plan = SlidePlan.from_summary(
-        atomic.read_json(folder / "download.json")["files"][0]["path"], summary
-    )
-    mask = np.asarray(Image.open(folder / "preprocess" / "mask.png")) > 0
-    grid = grids.make_grid(*plan.dimensions, plan.scale_x, plan.scale_y, TILE, TILE)
-    coverage = grids.mask_coverage(mask, grid, plan.mask_downsample_x, plan.mask_downsample_y)
-    rows, cols = np.nonzero(coverage >= MIN_TISSUE)
-    xy = np.column_stack([grid.xs[cols], grid.ys[rows]])
-    np.save(out / "coordinates.npy", xy)
-    return {"seconds": time.perf_counter() - started, "tiles": len(xy)}
-
-
 def child_medprep(slide: str, out: Path, workers: int, coords: bool) -> dict:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
     import bench_wsi
 
+    # "seconds" is the work after imports for every tool (the peers import theirs before
+    # the clock starts): medprep's steps import their engines lazily, so do it here
+    for module in MEDPREP_ENGINES:
+        importlib.import_module(module)
     pre = bench_wsi.run_preprocess(Path(slide), out, workers, MPP)
     if coords:
-        til = _medprep_coordinates(out)
+        til = bench_wsi.run_tile(out, workers, container="coords")
         return {
             "seconds": pre["seconds"] + til["seconds"],
             "tiles": til["tiles"],
-            "note": f"preprocess {pre['seconds']:.2f} s + grid and mask coverage "
-            f"{til['seconds']:.2f} s",
+            "note": f"preprocess {pre['seconds']:.2f} s + tile_wsi coords "
+            f"{til['seconds']:.2f} s ({til['reads']} reads)",
         }
     til = bench_wsi.run_tile(out, workers)
     return {
@@ -317,6 +296,21 @@ def child_medprep(slide: str, out: Path, workers: int, coords: bool) -> dict:
         "tiles": til["tiles"],
         "note": f"preprocess {pre['seconds']:.2f} s + tile {til['seconds']:.2f} s",
     }
+
+
+# What medprep's WSI steps import inside their functions (see medprep/wsi/steps.py).
+MEDPREP_ENGINES = (
+    "medprep.wsi.preprocess",
+    "medprep.wsi.tiler",
+    "medprep.wsi.artifacts",
+    "scipy.ndimage",
+    "PIL.Image",
+    "pyarrow.parquet",
+    "pandas",
+    "openslide",
+    "tifffile",
+    "imagecodecs",
+)
 
 
 def child_seed(slide: str, out: Path, workers: int, coords: bool) -> dict:
@@ -383,6 +377,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", action="append", choices=sorted(PEERS), help="peers to run")
     parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence")
+    parser.add_argument("--coords-only", action="store_true", help="coordinates-only variants")
     parser.add_argument("--install-only", action="store_true")
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--slide")
@@ -428,17 +424,20 @@ def main() -> None:
         summary = result.get("error") or f"{result['seconds']:.2f} s, {result['tiles']} tiles"
         print(f"  ran {label}: {summary}", flush=True)
 
-    for coords in (False, True):
-        run("medprep", coords)
-    for name in peers:
-        if pythons[name] is None:
-            continue
-        run(name, False, pythons[name])
-        if name != "histolab":
-            run(name, True, pythons[name])
-    for coords in (False, True):
-        run("medprep", coords)
-    if not args.skip_seed:
+    modes = (True,) if args.coords_only else (False, True)
+    for _ in range(args.rounds):
+        for coords in modes:
+            run("medprep", coords)
+        for name in peers:
+            if pythons[name] is None:
+                continue
+            if not args.coords_only:
+                run(name, False, pythons[name])
+            if name != "histolab":
+                run(name, True, pythons[name])
+        for coords in modes:
+            run("medprep", coords)
+    if not args.skip_seed and not args.coords_only:
         run("seed", False)
 
     honours = args.slide_mpp == MPP
@@ -448,7 +447,7 @@ def main() -> None:
         "start and imports included);\nratios: medprep's tiles/s over the variant's "
         "(higher = medprep faster)"
     )
-    for coords in (False, True):
+    for coords in modes:
         mode = "coordinates only (no pixels read or written)" if coords else "tiles written"
         ours = results[("medprep", coords)]
         our_rate = ours["tiles"] / ours["seconds"]

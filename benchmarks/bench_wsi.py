@@ -47,6 +47,8 @@ QUALITY = 90
 MIN_TISSUE = 0.5
 # the baseline's tissue test: grey level below this counts as tissue
 BASELINE_GRAY_THRESHOLD = 220
+# wsi.resolution.tolerance's default (config.yaml); the other variants use 0 on purpose
+DEFAULT_TOLERANCE = 0.025
 
 
 # --- building the slide -----------------------------------------------------------------
@@ -89,6 +91,17 @@ def build_slide(size: int, slide_tile: int = TILE, mpp: float = 0.5) -> Path:
 
 
 # --- variants (each runs in a child process) --------------------------------------------
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children (the pool
+    workers, reaped when the pool closes): on a shared machine the CPU a variant needs
+    varies far less than its wall time."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_baseline(slide: Path, out: Path) -> dict:
@@ -168,9 +181,14 @@ def run_read_only(slide: Path, table: Path, workers: int) -> dict:
     columns = pq.read_table(table, columns=["x", "y"]).to_pydict()
     coordinates = list(zip(columns["x"], columns["y"], strict=True))
     chunks = [coordinates[i : i + 64] for i in range(0, len(coordinates), 64)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     reads = sum(run_parallel(_read_tiles, chunks, workers, _open_for_reads, (str(slide),)))
-    return {"seconds": time.perf_counter() - started, "tiles": reads, "reads": reads}
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu": cpu_seconds() - cpu,
+        "tiles": reads,
+        "reads": reads,
+    }
 
 
 def run_read_cost(slide: Path, table: Path, out: Path, samples: int = 400) -> dict:
@@ -204,6 +222,15 @@ def run_read_cost(slide: Path, table: Path, out: Path, samples: int = 400) -> di
         handle.read_region((x, y), 0, (block, block))
     block_read = per_tile_ms(started, len(origins) * 64)
 
+    from medprep.wsi.slide import SlideReader
+
+    direct = SlideReader(slide, direct=True)
+    started = time.perf_counter()
+    for x, y in picked:
+        direct.read_rgba(0, x, y, TILE, TILE)
+    direct_read = per_tile_ms(started, len(picked))
+    direct.close()
+
     tiles = [np.asarray(handle.read_region((x, y), 0, (TILE, TILE))) for x, y in picked[:200]]
     started = time.perf_counter()
     encoded = [writers.encode_tile(t, "jpeg", QUALITY) for t in tiles]
@@ -230,6 +257,7 @@ def run_read_cost(slide: Path, table: Path, out: Path, samples: int = 400) -> di
         "ms_per_tile": {
             "read alone": tile_read,
             "read in 8 x 8 blocks": block_read,
+            "direct read (stored tiles decoded)": direct_read,
             "JPEG encode": encode,
             "grey image": gray,
             "QC scores": scores,
@@ -269,11 +297,12 @@ def run_preprocess(
 
 
 def run_tile(out: Path, workers: int, container: str = "tar") -> dict:
+    from medprep import atomic
     from medprep.wsi import steps
 
     folder = out / "S"
-    started = time.perf_counter()
-    summary = steps.run_tile(
+    started, cpu = time.perf_counter(), cpu_seconds()
+    manifest = steps.run_tile(
         folder / "download.json",
         folder / "preprocess.json",
         table_path=folder / "tiles" / "tiles.parquet",
@@ -289,12 +318,21 @@ def run_tile(out: Path, workers: int, container: str = "tar") -> dict:
             "min_tissue": MIN_TISSUE,
         },
         threads=workers,
-    )["summary"]
+    )
+    seconds = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu
+    summary = manifest["summary"]
+    detail = atomic.read_json(
+        next(a["path"] for a in manifest["artifacts"] if a["name"].endswith("/summary.json"))
+    )
     return {
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
+        "cpu": cpu,
         "tiles": summary["tiles"],
         "reads": summary["read_calls"],
         "candidates": summary["candidates"],
+        "tile_mpp": detail["tile_mpp"],
+        "prereduce": detail.get("resample_prereduce", 1),
     }
 
 
@@ -370,6 +408,7 @@ def measure(
     table: Path | None = None,
     *,
     mpp: float = 0.5,
+    tolerance: float = 0.0,
     direct: bool = True,
 ) -> dict:
     command = [
@@ -386,7 +425,7 @@ def measure(
     ]
     if table is not None:
         command += ["--table", str(table)]
-    command += ["--mpp", str(mpp)]
+    command += ["--mpp", str(mpp), "--tolerance", str(tolerance)]
     env = dict(os.environ, MEDPREP_DIRECT_READS="1" if direct else "0")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     peak = 0
@@ -418,6 +457,12 @@ def main() -> None:
     parser.add_argument("--slide-tile", type=int, default=TILE, help="the slide's JPEG tile edge")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the fast variants")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the variants the targets compare (2 workers, the 0.2527 slide, read-only "
+        "OpenSlide), preprocessing once; for a busy machine",
+    )
     parser.add_argument("--variant")
     parser.add_argument("--slide")
     parser.add_argument("--out")
@@ -459,37 +504,55 @@ def main() -> None:
     def record(key: str, result: dict) -> None:
         rounds.setdefault(key, []).append(result)
 
-    def tiling(key: str, source: Path, workers: int, mpp: float, direct: bool = True) -> None:
+    def tiling(
+        key: str, source: Path, workers: int, mpp: float, direct: bool = True, tolerance=0.0
+    ) -> None:
         folder = runs / key
-        record(
-            f"preprocess-{key}",
-            measure("preprocess", source, folder, workers, mpp=mpp, direct=direct),
-        )
+        if not (args.quick and f"preprocess-{key}" in rounds):  # --quick: preprocess once
+            record(
+                f"preprocess-{key}",
+                measure(
+                    "preprocess", source, folder, workers, mpp=mpp, tolerance=tolerance,
+                    direct=direct,
+                ),
+            )  # fmt: skip
         record(f"tile-{key}", measure("tile", source, folder, workers, direct=direct))
 
     resampled_mpp = 0.5 * 1.004  # like a 0.498 um/px scan served at 0.5: resampled, r ~ 1
     for _ in range(args.repeats):
-        for workers in (1, n):
+        for workers in (n,) if args.quick else (1, n):
             tiling(f"medprep-{workers}", slide, workers, 0.5)
-        tiling("openslide", slide, n, 0.5, direct=False)
-        tiling("near", slide, n, resampled_mpp)
+        if not args.quick:
+            tiling("openslide", slide, n, 0.5, direct=False)
+            tiling("near", slide, n, resampled_mpp)
         tiling("fine-native", fine, n, args.resample_mpp)
-        tiling("fine-resampled", fine, n, 0.5)
+        # the default tolerance (2.5%): box pre-reduction by 2 (0.5054 um), then Lanczos
+        tiling("fine-resampled", fine, n, 0.5, tolerance=DEFAULT_TOLERANCE)
+        # tolerance 0: nothing coarser than 0.5 um/px in between, one wide bicubic pass
+        tiling("fine-bicubic", fine, n, 0.5)
         table = runs / f"medprep-{n}" / "S" / "tiles" / "tiles.parquet"
         record("read_only", measure("read_only", slide, runs / "read-only", n, table))
-        record(
-            "read_only_direct",
-            measure("read_only_direct", slide, runs / "read-only-direct", n, table),
-        )
+        if not args.quick:
+            record(
+                "read_only_direct",
+                measure("read_only_direct", slide, runs / "read-only-direct", n, table),
+            )
 
-    def best(key: str) -> dict:
-        results = rounds[key]
+    def best(key: str) -> dict | None:
+        results = rounds.get(key)
+        if not results:
+            return None  # not run (--quick)
         chosen = dict(min(results, key=lambda r: r["seconds"]))
         chosen["peak_mb"] = max(r["peak_mb"] for r in results)
         chosen["all_seconds"] = [round(r["seconds"], 2) for r in results]
+        if all("cpu" in r for r in results):
+            chosen["cpu"] = min(r["cpu"] for r in results)
         return chosen
 
-    ours = {w: (best(f"preprocess-medprep-{w}"), best(f"tile-medprep-{w}")) for w in (1, n)}
+    ours = {
+        w: (best(f"preprocess-medprep-{w}"), best(f"tile-medprep-{w}"))
+        for w in ((n,) if args.quick else (1, n))
+    }
     read_only = best("read_only")
     read_direct = best("read_only_direct")
     baseline = None if args.skip_baseline else measure("baseline", slide, runs / "baseline")
@@ -500,7 +563,9 @@ def main() -> None:
         rate = f"{tiles / seconds:8.0f}" if tiles else f"{'':8}"
         print(f"{label:52} {seconds:8.2f} {tiles:6d} {reads:6d} {rate} {peak:8.0f}")
 
-    def result_row(label: str, result: dict) -> None:
+    def result_row(label: str, result: dict | None) -> None:
+        if result is None:
+            return
         row(label, result["seconds"], result["tiles"], result["reads"], result["peak_mb"])
 
     if baseline:
@@ -523,8 +588,13 @@ def main() -> None:
     result_row(f"4 medprep tile, {n}w, target {resampled_mpp:g} (resampled)", near)
     fine_native = best("tile-fine-native")
     fine_resampled = best("tile-fine-resampled")
+    fine_bicubic = best("tile-fine-bicubic")
     result_row(f"4 {args.resample_mpp} um/px slide, {n}w, native", fine_native)
-    result_row(f"4 {args.resample_mpp} um/px slide, {n}w, target 0.5 (resampled)", fine_resampled)
+    result_row(
+        f"4 {args.resample_mpp} slide, {n}w, to 0.5, box /{fine_resampled['prereduce']} + Lanczos",
+        fine_resampled,
+    )
+    result_row(f"4 {args.resample_mpp} slide, {n}w, to 0.5, tolerance 0 (bicubic)", fine_bicubic)
 
     def rate(result: dict) -> float:
         return result["tiles"] / result["seconds"]
@@ -542,31 +612,61 @@ def main() -> None:
             f"  medprep {n}w tile only vs baseline:                "
             f"{baseline['seconds'] / tile_n['seconds']:6.1f}x faster"
         )
-    print(
-        f"  direct read-only / OpenSlide read-only:            "
-        f"{rate(read_direct) / rate(read_only):6.2f}x"
-    )
+    if read_direct:
+        print(
+            f"  direct read-only / OpenSlide read-only:            "
+            f"{rate(read_direct) / rate(read_only):6.2f}x"
+        )
     print(
         f"  medprep {n}w tile throughput / OpenSlide read-only: "
         f"{rate(tile_n) / rate(read_only):6.2f}  (target >= 1.2)"
     )
-    print(
-        f"  medprep {n}w tile, direct / through OpenSlide:      "
-        f"{rate(tile_n) / rate(through_openslide):6.2f}x"
-    )
-    print(
-        f"  medprep tile 1 -> {n} workers:                      "
-        f"{ours[1][1]['seconds'] / tile_n['seconds']:6.2f}x (target >= 1.7)"
-    )
-    print(
-        f"  resampled (target {resampled_mpp:g}) / native tiles/s, 0.5 slide: "
-        f"{rate(near) / rate(tile_n):6.2f}  (target >= 0.7)"
-    )
+    if through_openslide:
+        print(
+            f"  medprep {n}w tile, direct / through OpenSlide:      "
+            f"{rate(tile_n) / rate(through_openslide):6.2f}x"
+        )
+    if 1 in ours:
+        print(
+            f"  medprep tile 1 -> {n} workers:                      "
+            f"{ours[1][1]['seconds'] / tile_n['seconds']:6.2f}x (target >= 1.7)"
+        )
+    if near:
+        print(
+            f"  resampled (target {resampled_mpp:g}) / native tiles/s, 0.5 slide: "
+            f"{rate(near) / rate(tile_n):6.2f}  (target >= 0.7)"
+        )
     area = (rate(fine_resampled) * 0.5**2) / (rate(fine_native) * args.resample_mpp**2)
     print(
         f"  {args.resample_mpp} slide, resampled to 0.5 / native: tiles/s "
         f"{rate(fine_resampled) / rate(fine_native):5.2f}, tissue area/s {area:5.2f}  "
-        "(target >= 0.7)"
+        f"(target >= 0.7; tile mpp {fine_resampled['tile_mpp']:g}, pre-reduction "
+        f"{fine_resampled['prereduce']}, averaged pixels "
+        f"{args.resample_mpp * fine_resampled['prereduce']:.4g} um)"
+    )
+    print(
+        f"  {args.resample_mpp} slide, bicubic (tolerance 0) / native: tiles/s "
+        f"{rate(fine_bicubic) / rate(fine_native):5.2f}; pre-reduced / bicubic "
+        f"{rate(fine_resampled) / rate(fine_bicubic):5.2f}x"
+    )
+    source_tiles = (0.5 / args.resample_mpp) ** 2
+    print(
+        f"  decode bound: a 0.5 um/px tile needs {source_tiles:.2f} stored 0.2527 um/px tiles "
+        f"decoded, so resampled / native tiles/s <= native tile cost / ({source_tiles:.2f} x "
+        "decode + the rest); see read_cost below"
+    )
+
+    def cpu_ms(result: dict) -> float:
+        return result["cpu"] * 1000 / result["tiles"]
+
+    print(
+        "  CPU ms per tile (all processes, least of the rounds; steadier than seconds on a "
+        f"busy machine): OpenSlide read-only {cpu_ms(read_only):.2f}, medprep tile "
+        f"{cpu_ms(tile_n):.2f} ({cpu_ms(read_only) / cpu_ms(tile_n):.2f}x less), 0.2527 native "
+        f"{cpu_ms(fine_native):.2f}, resampled {cpu_ms(fine_resampled):.2f} (tiles per CPU "
+        f"second {cpu_ms(fine_native) / cpu_ms(fine_resampled):.2f}x native), bicubic "
+        f"{cpu_ms(fine_bicubic):.2f} (pre-reduced {cpu_ms(fine_bicubic) / cpu_ms(fine_resampled):.2f}x "
+        "faster)"
     )
     peak = max(max(p["peak_mb"], t["peak_mb"]) for p, t in ours.values())
     print(f"  peak memory of medprep:                            {peak:6.0f} MB (target < 1500)")
@@ -580,16 +680,18 @@ def main() -> None:
     print(
         "  seconds of every round (best counts): "
         + ", ".join(
-            f"{key} {values}"
+            f"{key} {values['all_seconds']}"
             for key, values in (
-                ("read-only", read_only["all_seconds"]),
-                ("read-only direct", read_direct["all_seconds"]),
-                *((f"tile {w}w", t["all_seconds"]) for w, (_, t) in ours.items()),
-                ("tile via OpenSlide", through_openslide["all_seconds"]),
-                ("tile resampled", near["all_seconds"]),
-                ("fine native", fine_native["all_seconds"]),
-                ("fine resampled", fine_resampled["all_seconds"]),
+                ("read-only", read_only),
+                ("read-only direct", read_direct),
+                *((f"tile {w}w", t) for w, (_, t) in ours.items()),
+                ("tile via OpenSlide", through_openslide),
+                ("tile resampled", near),
+                ("fine native", fine_native),
+                ("fine resampled", fine_resampled),
+                ("fine bicubic", fine_bicubic),
             )
+            if values
         )
     )
     print()

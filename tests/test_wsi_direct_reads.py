@@ -196,7 +196,7 @@ def test_block_resampling_is_bit_identical_to_resizing_each_tile(scale, downsamp
     reference = _reference_tiles(rgba, job, task)
     assert len(ours) == len(reference) == 6
     for a, b in zip(ours, reference, strict=True):
-        assert a.shape == (size, size, 3)
+        assert a.shape == (size, size, 4) and (a[..., 3] == 255).all()
         assert np.array_equal(a[..., :3], b[..., :3])
 
 

@@ -20,6 +20,7 @@ clean H&E pixel of the CMU and TCGA slides passes the ink rules (see the tests).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,8 @@ def to_hsv(rgb: np.ndarray) -> Hsv:
     """HSV of an H x W x 3 uint8 image, as float32 arrays."""
     x = rgb[..., :3].astype(np.float32) / 255.0
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    high = x.max(axis=-1)
-    low = x.min(axis=-1)
+    high = np.maximum(np.maximum(r, g), b)  # x.max(axis=-1), without a slow 3-wide reduce
+    low = np.minimum(np.minimum(r, g), b)
     delta = high - low
     safe = np.where(delta > 0, delta, 1.0)
     hue = np.where(
@@ -76,16 +77,65 @@ def ink_masks(hsv: Hsv) -> dict[str, np.ndarray]:
     }
 
 
+# Ink needs at least this saturation and value (the loosest of the coloured rules above);
+# hue is computed only for such pixels (usually a minority: glass is unsaturated).
+HUE_MIN_SATURATION = 0.25
+HUE_MIN_VALUE = 0.15
+
+
+@functools.lru_cache(maxsize=1)
+def _saturation_value_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Saturation over (max channel, min channel) and value over the max channel, in
+    float32 exactly as ``to_hsv`` computes them per pixel (it depends on nothing else)."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    high = levels[:, None]
+    low = levels[None, :]
+    delta = high - low
+    saturation = np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0)
+    return saturation.astype(np.float32), levels
+
+
+def fast_ink_masks(rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """``ink_masks(to_hsv(rgb))`` and the saturation and value arrays, the same values:
+    saturation and value by table lookup, hue only where a coloured ink rule could pass."""
+    rgb = rgb[..., :3]
+    high = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    low = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    saturation_table, value_table = _saturation_value_tables()
+    s = saturation_table[high, low]
+    v = value_table[high]
+    candidates = np.flatnonzero((s > HUE_MIN_SATURATION) & (v > HUE_MIN_VALUE))
+    hue = to_hsv(rgb.reshape(-1, 3)[candidates][None]).hue[0]
+    cs, cv = s.ravel()[candidates], v.ravel()[candidates]
+    masks = {}
+    for name, (start, end, min_s, min_v) in {
+        "blue": (190, 250, 0.35, 0.15),
+        "green": (70, 175, 0.25, 0.15),
+        "red": (345, 15, 0.65, 0.3),
+    }.items():
+        flat = np.zeros(s.size, dtype=bool)
+        flat[candidates] = _hue_between(hue, start, end) & (cs > min_s) & (cv > min_v)
+        masks[name] = flat.reshape(s.shape)
+    masks["black"] = ((v < 0.3) & (s < 0.4)) | (v < 0.12)
+    return {k: masks[k] for k in ("blue", "green", "black", "red")}, s, v
+
+
 def remove_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     if min_pixels <= 1 or not mask.any():
         return mask
     from scipy import ndimage
 
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    # label only the bounding box of the mask (ink is usually a small part of a slide)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    labels, count = ndimage.label(mask[box], structure=np.ones((3, 3), dtype=bool))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     keep = sizes >= min_pixels
     keep[0] = False
-    return keep[labels]
+    out = np.zeros_like(mask)
+    out[box] = keep[labels]
+    return out
 
 
 def detect_artifacts(
@@ -101,8 +151,7 @@ def detect_artifacts(
     """
     if scanned is None:
         scanned = np.ones(rgb.shape[:2], dtype=bool)
-    hsv = to_hsv(rgb)
-    inks = ink_masks(hsv)
+    inks, saturation, value = fast_ink_masks(rgb)
     pen = np.zeros(rgb.shape[:2], dtype=bool)
     for mask in inks.values():
         pen |= mask
@@ -112,22 +161,28 @@ def detect_artifacts(
     fold = np.zeros_like(pen)
     if inside.any():
         # a fold is darker than nearly all of this slide's tissue and strongly stained
-        typical = float(np.median(hsv.value[inside]))
-        fold = inside & (hsv.value < min(0.5, typical - 0.3)) & (hsv.saturation > 0.6)
+        typical = float(np.median(value[inside]))
+        fold = inside & (value < min(0.5, typical - 0.3)) & (saturation > 0.6)
         fold = remove_small(fold, MIN_INK_PIXELS)
-    gap = inside & (hsv.saturation * 255 <= tissue_threshold) & (hsv.value > 0.75)
+    gap = inside & (saturation * 255 <= tissue_threshold) & (value > 0.75)
     return {"pen": pen, "fold": fold, "gap": gap}
 
 
 def tint(thumbnail: np.ndarray, flags: dict[str, np.ndarray], alpha: float = 0.55) -> np.ndarray:
     """The thumbnail with flagged areas blended towards their colour (``FLAG_COLOURS``)."""
-    out = thumbnail[..., :3].astype(np.float32).copy()
-    for name, mask in flags.items():
-        if mask.shape != out.shape[:2] or not mask.any():
-            continue
+    out = np.array(thumbnail[..., :3])  # a copy: the caller's thumbnail is not changed
+    used = [(n, m) for n, m in flags.items() if m.shape == out.shape[:2] and m.any()]
+    if not used:
+        return out
+    # only flagged pixels change: blend those in float32 (in the order of ``flags``)
+    flagged = np.logical_or.reduce([mask for _, mask in used])
+    blended = out[flagged].astype(np.float32)
+    for name, mask in used:
         colour = np.asarray(FLAG_COLOURS[name], dtype=np.float32)
-        out[mask] = out[mask] * (1 - alpha) + colour * alpha
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        part = mask[flagged]
+        blended[part] = blended[part] * (1 - alpha) + colour * alpha
+    out[flagged] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def autocontrast(

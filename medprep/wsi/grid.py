@@ -99,6 +99,9 @@ def mask_coverage(
     row_weights = _interval_weights(
         grid.ys / mask_downsample_y, grid.height_l0 / mask_downsample_y, height
     )
+    x0 = np.clip(x0, 0, width)
+    x1 = np.clip(x1, 0, width)
+    positions = np.arange(width + 1, dtype=np.float64)
     for r, (first, weights) in enumerate(row_weights):
         if weights.size == 0:
             continue
@@ -107,10 +110,7 @@ def mask_coverage(
         cumulative = np.concatenate(([0.0], np.cumsum(profile, dtype=np.float64)))
         # the integral of a piecewise-constant profile is the linear interpolation of its
         # cumulative sums at the (fractional) interval ends
-        positions = np.arange(width + 1, dtype=np.float64)
-        area = np.interp(np.clip(x1, 0, width), positions, cumulative) - np.interp(
-            np.clip(x0, 0, width), positions, cumulative
-        )
+        area = np.interp(x1, positions, cumulative) - np.interp(x0, positions, cumulative)
         coverage[r] = area / tile_area
     return np.clip(coverage, 0.0, 1.0)
 

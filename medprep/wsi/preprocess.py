@@ -263,6 +263,7 @@ def preprocess_slide(
         "level_downsample": plan.level_downsample,
         "scale": [plan.scale_x, plan.scale_y],
         "resample": plan.resample,
+        "tolerance": resolution.tolerance,  # the tiler's pre-reduction bound (workers.py)
         "tile_mpp": [tile_mpp_x, tile_mpp_y],
         "achieved_mpp": round((tile_mpp_x + tile_mpp_y) / 2, 6),
         "upsample": round(res.upsampling_factor(plan), 6),

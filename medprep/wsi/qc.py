@@ -89,11 +89,12 @@ def laplacian_stats(gray: np.ndarray) -> tuple[float, float]:
     if gray.shape[0] < 3 or gray.shape[1] < 3:
         return 0.0, 0.0
     g = gray.astype(np.int16)
-    neighbours = np.add(g[:-2, 1:-1], g[2:, 1:-1])
-    neighbours += g[1:-1, :-2]
-    neighbours += g[1:-1, 2:]
-    lap = np.multiply(g[1:-1, 1:-1], 4)
-    lap -= neighbours
+    # 4 g - neighbours in int16 (|lap| <= 1020), in place: one temporary, five passes
+    lap = np.multiply(g[1:-1, 1:-1], np.int16(4))
+    lap -= g[:-2, 1:-1]
+    lap -= g[2:, 1:-1]
+    lap -= g[1:-1, :-2]
+    lap -= g[1:-1, 2:]
     flat = lap.astype(np.float32).ravel()
     n = flat.size
     mean = float(flat.sum(dtype=np.float64)) / n
@@ -191,6 +192,19 @@ def tile_scores(
         float(black),
         blur,
         sharpness(blur, energy),
+    )
+
+
+def pixel_filters_on(filters: FilterSettings) -> bool:
+    """Whether any filter on these scores is on (so tiles must be read to apply it)."""
+    return any(
+        value is not None
+        for value in (
+            filters.max_background,
+            filters.min_tissue_fraction,
+            filters.min_blur,
+            filters.min_sharpness,
+        )
     )
 
 

@@ -310,10 +310,12 @@ class TiffTileReader:
         ds = self.level_downsamples[level]
         lx = int(np.floor(x / ds + 0.5)) if level else int(x)
         ly = int(np.floor(y / ds + 0.5)) if level else int(y)
-        out = np.zeros((height, width, 4), dtype=np.uint8)
         # the part of the region inside the level
         x0, x1 = max(lx, 0), min(lx + width, layout.width)
         y0, y1 = max(ly, 0), min(ly + height, layout.height)
+        inside = (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height)
+        # every pixel of a region inside the level is written below; others start at 0
+        out = (np.empty if inside else np.zeros)((height, width, 4), dtype=np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
         tw, th = layout.tile_width, layout.tile_height

@@ -31,7 +31,9 @@ from medprep.wsi.workers import (
     TileJob,
     close_worker,
     init_worker,
+    prereduce_factor,
     read_block,
+    unread_block,
     worker_died,
 )
 from medprep.wsi.writers import EXTENSIONS, make_container, tile_key
@@ -41,8 +43,11 @@ log = logging.getLogger(__name__)
 # Largest side, in pixels at the level read, of one block read (64 MiB of RGBA).
 MAX_READ_SIDE = 4096
 # Extra level pixels read around a block when resampling, per output pixel of reduction:
-# the bicubic filter reaches 2 source pixels per output pixel on each side.
+# the bicubic filter reaches 2 source pixels per output pixel on each side; after a
+# pre-reduction by k the Lanczos filter reaches 3 averaged pixels (of k level pixels), and
+# one averaged pixel more keeps the averaging cells at the block edges whole.
 RESAMPLE_SUPPORT = 2
+PREREDUCED_SUPPORT = 3
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,15 @@ class SlidePlan:
     mask_downsample_x: float
     mask_downsample_y: float
     dark_level: float | None = None  # fluorescence: signal as dark as the slide's glass
+    tolerance: float = 0.0  # wsi.resolution.tolerance (bounds the resampling pre-reduction)
+
+    @property
+    def prereduce(self) -> int:
+        """The box pre-reduction of resampled blocks (``workers.prereduce_factor``)."""
+        if not self.resample:
+            return 1
+        ratio = min(self.scale_x, self.scale_y) / self.level_downsample
+        return prereduce_factor(ratio, self.tolerance)
 
     @classmethod
     def from_summary(cls, slide_path: str | os.PathLike, summary: dict[str, Any]) -> SlidePlan:
@@ -94,6 +108,7 @@ class SlidePlan:
             mask_downsample_x=float(summary["mask"]["downsample"][0]),
             mask_downsample_y=float(summary["mask"]["downsample"][1]),
             dark_level=summary["thresholds"].get("dark_level"),
+            tolerance=float(summary.get("tolerance", 0.0)),
         )
 
 
@@ -116,7 +131,9 @@ def plan_blocks(
         block_tiles, grid.size, grid.step, plan.scale_x / ds, MAX_READ_SIDE
     )
     ratio = max(plan.scale_x, plan.scale_y) / ds
-    margin = math.ceil(RESAMPLE_SUPPORT * max(ratio, 1.0)) + 1 if plan.resample else 0
+    k = plan.prereduce
+    support = PREREDUCED_SUPPORT if k > 1 else RESAMPLE_SUPPORT
+    margin = math.ceil(support * max(ratio, k)) + k if plan.resample else 0
     level_w, level_h = plan.level_dimensions
     tasks = []
     indices = []
@@ -128,6 +145,12 @@ def plan_blocks(
         top = max(int(np.floor(ys.min() / ds)) - margin, 0)
         right = min(int(np.ceil((xs.max() + grid.width_l0) / ds)) + margin, level_w)
         bottom = min(int(np.ceil((ys.max() + grid.height_l0) / ds)) + margin, level_h)
+        if k > 1:
+            # averaging cells on one lattice of the level (every k-th pixel from 0), so a
+            # tile's pixels do not depend on which block it is read with
+            left, top = left // k * k, top // k * k
+            right = min(left + -(-(right - left) // k) * k, level_w)
+            bottom = min(top + -(-(bottom - top) // k) * k, level_h)
         right = max(right, left + 1)
         bottom = max(bottom, top + 1)
         read_x = round(left * ds)
@@ -217,6 +240,7 @@ def tile_slide(
         background=plan.background,
         filters=settings.filters,
         dark_level=plan.dark_level,
+        prereduce=plan.prereduce,
     )
     container = make_container(settings.container, pixels_dir, settings.shard_max_tiles)
     extension = EXTENSIONS[settings.format]
@@ -243,17 +267,27 @@ def tile_slide(
     read_calls = 0
     direct_reads = 0
     progress = Progress("tiles", candidates)
+    # coordinates only, no pixel filter: nothing needs the pixels, so none are read; the
+    # pixel score columns are null (mask coverage and artifact fractions are mask-based)
+    score_pixels = (
+        settings.container != "coords"
+        or settings.coords_scores
+        or qc.pixel_filters_on(settings.filters)
+    )
     try:
-        results = run_parallel(
-            read_block,
-            tasks,
-            workers,
-            init_worker,
-            (plan.slide_path, job),
-            max_in_flight=2 * max(workers, 1),
-        )
+        if score_pixels:
+            results = run_parallel(
+                read_block,
+                tasks,
+                workers,
+                init_worker,
+                (plan.slide_path, job),
+                max_in_flight=2 * max(workers, 1),
+            )
+        else:
+            results = (unread_block(task) for task in tasks)
         for result in results:
-            read_calls += 1
+            read_calls += score_pixels
             direct_reads += result.direct
             rows, cols = indices[result.index]
             task = tasks[result.index]
@@ -285,8 +319,9 @@ def tile_slide(
                 table["x"][kept] = x
                 table["y"][kept] = y
                 table["mask_coverage"][kept] = coverage[rows[k], cols[k]]
-                for name, value in zip(qc.SCORE_NAMES, result.scores[k], strict=True):
-                    table[name][kept] = value
+                if score_pixels:
+                    for name, value in zip(qc.SCORE_NAMES, result.scores[k], strict=True):
+                        table[name][kept] = value
                 for name, value in fractions.items():
                     table[f"{name}_fraction"][kept] = value
                 table["file"].append(file)
@@ -303,6 +338,8 @@ def tile_slide(
 
     for name in ("x", "y", "mask_coverage", *qc.SCORE_NAMES, *artifacts.FRACTION_NAMES):
         table[name] = table[name][:kept]
+    if not score_pixels:
+        table.update({name: [None] * kept for name in qc.SCORE_NAMES})
     table.update(
         tile_id=np.arange(kept, dtype=np.int64),
         sample=[sample] * kept,
@@ -330,10 +367,12 @@ def tile_slide(
         "flagged": flagged,
         "read_calls": read_calls,
         "direct_reads": direct_reads,
+        "pixel_scores": score_pixels,
         "target_mpp": plan.target_mpp,
         "tile_mpp": plan.tile_mpp,
         "level": plan.level,
         "resample": plan.resample,
+        "resample_prereduce": plan.prereduce,
         "size": settings.size,
         "step": settings.step,
         "min_tissue": settings.min_tissue,

@@ -9,6 +9,7 @@ the sample fails.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,9 @@ class TileJob:
     background: tuple[int, int, int]
     filters: FilterSettings = field(default_factory=FilterSettings)
     dark_level: float | None = None  # fluorescence: the slide's glass level (qc.dark_level)
+    # resampling: the block is first averaged over ``prereduce`` x ``prereduce`` level
+    # pixels (``prereduce_factor``), then resized to the tiles with ``RESAMPLE_FILTER``
+    prereduce: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,13 @@ _STATE: _WorkerState | None = None
 
 # PIL's bicubic resampling widens its support when reducing, so downsampling is antialiased.
 RESAMPLE_FILTER = "BICUBIC"
+# After a box pre-reduction (``prereduce_factor``) the rest of the resize is near 1:1, where
+# bicubic interpolation softens detail more than the wide bicubic it replaces; Lanczos (3
+# lobes) keeps the blur score of the tiles within a few % of the bicubic path. Measured on
+# CMU-1 tissue at 0.2527 -> 0.5 um/px: PSNR against the bicubic path 35.7-36.0 dB, blur
+# score 0.2-2.4% lower (box + bicubic: 34.6 dB, blur 18% lower); tests/test_wsi_fast_paths.py
+# holds both bounds.
+PREREDUCED_FILTER = "LANCZOS"
 
 
 def worker_died(slide_path: str):
@@ -136,6 +147,21 @@ def _source_span(origin: int, read_origin: int, extent_l0: float, ds: float, lim
     return max(start, 0.0), min(start + extent_l0 / ds, limit)
 
 
+def prereduce_factor(ratio: float, tolerance: float) -> int:
+    """The box pre-reduction of a resampled block: the largest whole factor ``k`` whose
+    averaged pixels are at most ``tolerance`` coarser than the output pixels.
+
+    ``ratio`` is level pixels per output pixel. Averaging ``k`` x ``k`` pixels (an area
+    filter, antialiased) and then resizing by ``ratio / k`` costs a fraction of one wide
+    bicubic pass over the whole block: at 0.2527 -> 0.5 um/px (ratio 1.98) the bicubic
+    pass filters 8 source pixels per output pixel along each axis, the Lanczos pass over
+    the averaged block 6, from a quarter of the pixels. ``k / ratio - 1`` is the relative coarsening, the same bound the resolution policy
+    allows when it uses a native level as it is (``wsi.resolution.tolerance``); with
+    tolerance 0, ``k`` never exceeds ``ratio`` (no intermediate is coarser than the output).
+    """
+    return max(1, math.floor(ratio * (1.0 + max(tolerance, 0.0)) + 1e-9))
+
+
 def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.ndarray]:
     """Every tile of the block resized from the block image over its exact footprint.
 
@@ -144,16 +170,26 @@ def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.n
     resizes a box the same way (horizontal, then vertical, with the same coefficients), so
     each tile is bit for bit what ``image.resize((size, size), box=footprint)`` gives,
     while no source row is filtered twice for tiles of one column. The block is opaque
-    (``make_opaque``), so it is resized as RGB (one unpacking copy of the block): PIL
-    would otherwise convert the whole block to premultiplied alpha and back for every
-    call, and RGB filters three channels instead of four. Tiles are H x W x 3.
+    (``make_opaque``) and is handed to PIL as RGBX over the same memory: no copy, and no
+    conversion to premultiplied alpha and back as PIL does for RGBA.
+
+    With ``job.prereduce`` = k > 1 the block is first averaged over k x k pixels
+    (``Image.reduce``, whole block, once) and the tiles are resized from that over the
+    same footprints (in averaged pixels) with ``PREREDUCED_FILTER``; see
+    ``prereduce_factor``. Tiles are H x W x 4
+    (the 4th byte 255, ignored by the scores and the encoder).
     """
     from PIL import Image
 
-    resample = getattr(Image.Resampling, RESAMPLE_FILTER)
-    ds = job.level_downsample
+    resample = getattr(
+        Image.Resampling, PREREDUCED_FILTER if job.prereduce > 1 else RESAMPLE_FILTER
+    )
+    ds = job.level_downsample * job.prereduce
     height, width = rgba.shape[:2]
-    image = _as_image(rgba).convert("RGB")
+    image = Image.frombuffer("RGBX", (width, height), rgba, "raw", "RGBX", 0, 1)
+    if job.prereduce > 1:
+        image = image.reduce(job.prereduce)
+        width, height = image.size
     strips = {}
     tiles = []
     for x, y in zip(task.xs, task.ys, strict=True):
@@ -219,6 +255,13 @@ def read_block(task: BlockTask) -> BlockResult:
         else:
             encoded.append(None)
     return BlockResult(task.index, scores, reasons, encoded, direct=direct)
+
+
+def unread_block(task: BlockTask) -> BlockResult:
+    """The result of a block whose pixels nobody needs (coordinates only, no pixel
+    filter): every tile kept, no scores, nothing read or encoded."""
+    n = len(task.xs)
+    return BlockResult(task.index, [], [None] * n, [None] * n)
 
 
 def read_chunk(task: ChunkTask) -> tuple[int, np.ndarray | str]:
