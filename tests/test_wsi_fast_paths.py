@@ -133,7 +133,7 @@ def test_prereduced_tiling_keeps_the_grid_and_does_not_depend_on_block_grouping(
         assert manifest["summary"]["tiles"] > 12
         table = pd.read_parquet(outputs(folder)["table"])
         pixels[block_tiles] = {
-            (row.x, row.y): np.asarray(Image.open(folder / "tile" / row.file))
+            (row.x, row.y): np.asarray(Image.open(folder / "tiles" / row.file))
             for row in table.itertuples()
         }
         assert set(table["mpp"]) == {0.5} and set(table["size"]) == {128}
