@@ -255,8 +255,12 @@ def test_wg04_lossless_syntaxes_give_the_reference_bit_for_bit(kind):
         np.testing.assert_array_equal(decoded, reference)
 
 
-def test_lossy_compression_is_refused_when_configured(tmp_path):
+def test_lossy_compression_is_refused_by_default_and_accepted_when_configured(tmp_path):
+    # lossy CT cannot give the HU of the uncompressed file: one line, unless accepted
     (path,) = SYNTAXES.glob("CT0012*")
     with pytest.raises(InputError, match="lossy compression .*JPEG Extended") as error:
-        pp.preprocess([str(path)], {"lossy_compression": "fail"})
+        pp.preprocess([str(path)], {})
     assert "ct.lossy_compression: accept" in str(error.value)
+    assert "\n" not in str(error.value)
+    accepted = pp.preprocess([str(path)], {"lossy_compression": "accept"})
+    assert any("lossy compression" in w for w in accepted.summary["warnings"])

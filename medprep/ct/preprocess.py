@@ -54,12 +54,13 @@ def load_series(
     include_identifiers: bool = False,
     threads: int = 1,
     series_preferences: dict[str, Any] | None = None,
-    lossy_compression: str = "accept",
+    lossy_compression: str = "fail",
 ) -> LoadedSeries:
     """Read headers, pick one CT series, sort it along its normal and decode it to HU.
 
     ``series_preferences``: the ``ct.series`` config section (how series are ranked);
-    ``lossy_compression``: ``accept`` (with a warning) or ``fail``.
+    ``lossy_compression``: ``fail`` (one line naming the syntax) or ``accept`` (with a
+    warning).
     """
     paths = [os.fspath(p) for p in paths]
     if not paths:
@@ -373,7 +374,7 @@ def preprocess(
         include_identifiers=include_identifiers,
         threads=threads,
         series_preferences=cfg.get("series"),
-        lossy_compression=cfg.get("lossy_compression", "accept"),
+        lossy_compression=cfg["lossy_compression"],
     )
     geometry = loaded.geometry
     spacing_out = tuple(float(s) for s in cfg["spacing"])
