@@ -5,7 +5,8 @@ streams them, sample by sample, into three Parquet files:
 
 - ``tiles.parquet``: one row per kept WSI tile: sample, patient, label, split, the
   per-sample tile table's columns (level-0 box ``x``, ``y``, ``width_l0``, ``height_l0``;
-  ``mpp`` achieved; QC scores) and where the pixels are: ``file`` relative to the
+  ``mpp`` achieved; QC scores; ``label_fraction`` for samples with region annotations,
+  null for the others) and where the pixels are: ``file`` relative to the
   destination (a tar shard or an image file), ``member`` (the tar member, = the
   WebDataset key + extension), ``offset`` and ``nbytes`` of the image data in ``file``
   (one ranged read gets a tile);
@@ -50,7 +51,12 @@ GROUP_COLUMNS = {"patient": "string", "label": "string", "split": "string"}
 
 # the per-sample tables' own columns, as their writers declare them, and for patches
 # where the pixels are (the published volume, or a materialised array and its row)
-TILE_COLUMNS = {k: v for k, v in WSI_TABLE_COLUMNS.items() if k != "sample"}
+# region-label columns that only the tables of annotated samples have (null elsewhere)
+OPTIONAL_TILE_COLUMNS = {"label_fraction": "float64"}
+TILE_COLUMNS = {
+    **{k: v for k, v in WSI_TABLE_COLUMNS.items() if k != "sample"},
+    **OPTIONAL_TILE_COLUMNS,
+}
 PATCH_COLUMNS = {**CT_TABLE_COLUMNS, "volume": "string", "array": "string", "array_row": "int64"}
 SAMPLE_COLUMNS = {
     "modality": "string",
@@ -224,6 +230,8 @@ def _sample_rows(
                 data[name] = value.cast(f.type)
             else:
                 data[name] = _constant(value, n, f.type)
+        elif name in OPTIONAL_TILE_COLUMNS and name not in table.column_names:
+            data[name] = pa.nulls(n, f.type)
         elif name in columns:
             if name not in table.column_names:
                 raise InputError(

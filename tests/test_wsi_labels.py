@@ -345,7 +345,11 @@ def test_dataset_index_takes_the_tile_labels(preprocessed, tmp_path):
     a1 = index[index["sample"] == "A1"].sort_values(["y", "x"])
     assert a1.label.tolist() == table.sort_values(["y", "x"]).label.tolist()
     assert set(a1.label) == {"Necrosis", "Tumor", "Stroma", "background"}
-    assert set(index[index["sample"] == "P1"].label) == {"slide-label"}
+    expected = table.sort_values(["y", "x"]).label_fraction.to_numpy()
+    np.testing.assert_allclose(a1.label_fraction.to_numpy(), expected)
+    p1 = index[index["sample"] == "P1"]
+    assert set(p1.label) == {"slide-label"}
+    assert p1.label_fraction.isna().all()  # not annotated: no share to give
 
 
 SNAKEFILE = """
