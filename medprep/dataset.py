@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medprep import atomic, splits
-from medprep.ct.tile import TABLE_COLUMNS as CT_TABLE_COLUMNS
+from medprep.ct.patches import TABLE_COLUMNS as CT_TABLE_COLUMNS
 from medprep.errors import InputError
 from medprep.parallel import thread_map
 from medprep.wsi.writers import TABLE_COLUMNS as WSI_TABLE_COLUMNS

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from medprep import atomic
-from medprep.ct.tile import TABLE_COLUMNS as PATCH_TABLE
+from medprep.ct.patches import TABLE_COLUMNS as PATCH_TABLE
 from medprep.dataset import SampleEntry
 from medprep.wsi import writers
 

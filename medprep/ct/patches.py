@@ -8,6 +8,33 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# the columns of patches.parquet (written by medprep.ct.tile, indexed by medprep.dataset)
+TABLE_COLUMNS = {
+    "patch": "int64",
+    "z0": "int64",
+    "y0": "int64",
+    "x0": "int64",
+    "z1": "int64",
+    "y1": "int64",
+    "x1": "int64",
+    "center_voxel_z": "float64",
+    "center_voxel_y": "float64",
+    "center_voxel_x": "float64",
+    "center_lps_x_mm": "float64",
+    "center_lps_y_mm": "float64",
+    "center_lps_z_mm": "float64",
+    "lung_fraction": "float64",
+    "padded": "bool",
+    # region labels (medprep.ct.annotations); null / NaN / False without annotations
+    "centred": "bool",  # the patch is centred on its annotation (not a grid patch)
+    "annotation_id": "string",  # the centring or labelling annotation
+    "distance_mm": "float64",  # patch centre to the annotation's centre
+    "diameter_mm": "float64",  # the annotation's diameter (NaN: a point)
+    "readers": "int64",  # LIDC readers who marked the nodule (0: from a CSV)
+    "outside_scan": "bool",  # the annotation's centre lies outside the volume
+    "outside_lung": "bool",  # ... or outside the lung mask
+}
+
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     """The smallest box holding every True voxel of a 3D mask, or None if there is none."""
