@@ -44,7 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from medprep.ct.patches import bounding_box  # noqa: F401 (also used as lung.bounding_box)
-from medprep.schema import Settings, settings_section
+from medprep.ct.settings import LungSettings  # noqa: F401 (also used as lung.LungSettings)
 
 # A short scan through the chest holds little lung volume but a large cross-section; sinus
 # and mastoid air in a head CT has neither.
@@ -56,15 +56,6 @@ CAP_MIN_MM3 = 500.0  # pockets this large (a 10 mm sphere) are filled with the l
 
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
-
-
-@settings_section("ct", "lung")
-class LungSettings(Settings):
-    """``ct.lung`` (fields and defaults from the schema: ``closing_radius_mm`` 0 disables
-    pocket filling; ``fill_radius_mm`` is the ball that fills a found pocket, none when not
-    larger than the closing's), plus what comes from the scan, not the config."""
-
-    x_towards_left: bool = True  # array x (column) index grows towards the patient's left
 
 
 @dataclasses.dataclass(frozen=True)

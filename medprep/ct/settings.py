@@ -13,8 +13,18 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from medprep.ct.lung import LungSettings  # the class of ct.lung (declared with the maths)
 from medprep.schema import Settings, settings_section
+
+
+# declared before CtSettings, whose ``lung`` field it is; here rather than in lung.py so
+# that reading settings does not import the mask's maths (scipy)
+@settings_section("ct", "lung")
+class LungSettings(Settings):
+    """``ct.lung`` (fields and defaults from the schema: ``closing_radius_mm`` 0 disables
+    pocket filling; ``fill_radius_mm`` is the ball that fills a found pocket, none when not
+    larger than the closing's), plus what comes from the scan, not the config."""
+
+    x_towards_left: bool = True  # array x (column) index grows towards the patient's left
 
 
 @settings_section("ct")
