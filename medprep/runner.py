@@ -25,10 +25,10 @@ log = logging.getLogger("medprep")
 FAILURES_DIR = Path("logs") / "failures"
 EXIT_INPUT_ERROR = 1
 EXIT_INTERNAL_ERROR = 2
-# Steps whose input manifests list working files they read (restored when removed after
-# upload); the cohort and dataset rules read manifests and tables, which always stay.
 # set by the workflow when it chose the disk budget itself (medprep.workflow)
 DEFAULT_DISK_BUDGET_ENV = "MEDPREP_DEFAULT_DISK_MB"
+# Steps whose input manifests list working files they read (restored when removed after
+# upload); the cohort and dataset rules read manifests and tables, which always stay.
 SCRATCH_STEPS = frozenset({"preprocess", "tile", "upload"})
 
 

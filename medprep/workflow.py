@@ -520,7 +520,7 @@ CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 # measured), plus its patches when materialised (float32: 1.7x, 105 MB measured; int16
 # half and uint8 a quarter of that); a slide its tiles.
 CT_VOLUME_AND_MASK = 0.25
-CT_PATCHES = {"none": 0.0, "uint8": 0.43, "hu": 0.85, "normalised": 1.7}
+CT_FLOAT32_PATCHES = 1.7
 WSI_RAW_TO_WORKING_SET = 3.0
 
 
@@ -528,7 +528,8 @@ def raw_to_working_set(modality: str, config: dict[str, Any]) -> float:
     """A sample's working set (raw download and artifacts) over its raw bytes, estimated
     before any step ran: what its download reserves of the disk budget."""
     if modality == "ct":
-        return 1.0 + CT_VOLUME_AND_MASK + CT_PATCHES[config["ct"]["patches"]["materialise"]]
+        per_voxel = CT_PATCH_BYTES[config["ct"]["patches"]["materialise"]]
+        return 1.0 + CT_VOLUME_AND_MASK + CT_FLOAT32_PATCHES * per_voxel / 4
     return WSI_RAW_TO_WORKING_SET
 
 
