@@ -172,22 +172,16 @@ def run_workflow(workdir: Path, bucket: str, endpoint: str, env: dict, args) -> 
 # ---------------------------------------------------------------- the seed's way
 
 
-def seed_sample(sample: str, uri: str, scratch: str, destination: str, config: dict) -> str:
-    """download -> preprocess -> tile -> upload of one sample in one process.
-
-    The same code as the workflow's: transfers with storage.connections requests in flight,
-    the CPU steps with one thread (a worker per sample is the seed's parallelism).
-    """
-    from medprep.ct import steps
-
+def _through_storage(sample, uri, scratch, destination, config, work, prefix) -> str:
+    """Fetch one sample, ``work(files, folder, config)`` -> artifacts, publish them under
+    ``prefix``, remove the sample's files: the transfers both pools share."""
     settings = config["storage"]
     folder = Path(scratch) / sample
     connections = settings["connections"]
     files = storage.fetch(uri, folder / "download", threads=connections, settings=settings)
-    pre, tiled = steps.run_chain([f.path for f in files], folder, config["ct"], sample=sample)
     storage.publish(
-        [*pre["artifacts"], *tiled["artifacts"]],
-        storage.join(destination, "ct", sample),
+        work(sample, files, folder, config),
+        storage.join(destination, prefix, sample),
         manifest={"sample": sample, "modality": "ct"},
         threads=connections,
         settings=settings,
@@ -196,15 +190,16 @@ def seed_sample(sample: str, uri: str, scratch: str, destination: str, config: d
     return sample
 
 
-def reference_sample(sample: str, uri: str, scratch: str, destination: str, config: dict) -> str:
-    """The seed's own steps (benchmarks/ct_reference.py, cubic zoom) for one sample, with
-    the same transfers: download, reference preprocessing to the same spacing, upload."""
+def _medprep_steps(sample, files, folder, config) -> list[dict]:
+    from medprep.ct import steps
+
+    pre, tiled = steps.run_chain([f.path for f in files], folder, config["ct"], sample=sample)
+    return [*pre["artifacts"], *tiled["artifacts"]]
+
+
+def _reference_steps(sample, files, folder, config) -> list[dict]:
     import ct_reference
 
-    settings = config["storage"]
-    folder = Path(scratch) / sample
-    connections = settings["connections"]
-    files = storage.fetch(uri, folder / "download", threads=connections, settings=settings)
     series = folder / "series"  # the seed reads every file of a folder: only the slices
     series.mkdir()
     for f in files:
@@ -217,15 +212,24 @@ def reference_sample(sample: str, uri: str, scratch: str, destination: str, conf
     out.mkdir()
     np.save(out / "normalised.npy", ct_reference.normalise(resampled))
     np.save(out / "mask.npy", mask)
-    storage.publish(
-        [{"path": str(p), "name": p.name} for p in sorted(out.iterdir())],
-        storage.join(destination, "reference", sample),
-        manifest={"sample": sample, "modality": "ct"},
-        threads=connections,
-        settings=settings,
+    return [{"path": str(p), "name": p.name} for p in sorted(out.iterdir())]
+
+
+def seed_sample(sample: str, uri: str, scratch: str, destination: str, config: dict) -> str:
+    """download -> preprocess -> tile -> upload of one sample in one process.
+
+    The same code as the workflow's: transfers with storage.connections requests in flight,
+    the CPU steps with one thread (a worker per sample is the seed's parallelism).
+    """
+    return _through_storage(sample, uri, scratch, destination, config, _medprep_steps, "ct")
+
+
+def reference_sample(sample: str, uri: str, scratch: str, destination: str, config: dict) -> str:
+    """The seed's own steps (benchmarks/ct_reference.py, cubic zoom) for one sample, with
+    the same transfers: download, reference preprocessing to the same spacing, upload."""
+    return _through_storage(
+        sample, uri, scratch, destination, config, _reference_steps, "reference"
     )
-    shutil.rmtree(folder)
-    return sample
 
 
 def run_pool(
