@@ -63,8 +63,11 @@ FIELD_OF_VIEW_MM = 358.4
 
 
 def ct_settings(args) -> dict:
-    """The ct: settings of both sides: the workflow's defaults unless --spacing says."""
-    return {"spacing": [args.spacing] * 3} if args.spacing else {}
+    """The ct: settings of both sides, whole: the workflow's defaults unless --spacing
+    says (the workflow's run gets all of them, so that none of the tests' fast settings
+    written by ``write_config`` remains)."""
+    chosen = {"spacing": [args.spacing] * 3} if args.spacing else {}
+    return deep_update(schema.config_defaults("ct"), chosen)
 
 
 SAMPLE_EVERY_S = 0.5
@@ -82,7 +85,44 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--spacing", type=float, default=None, help="output spacing in mm (default: config's)"
     )
     parser.add_argument("--snakemake-args", default="", help="extra arguments for the workflow run")
+    parser.add_argument("--child-chain", help=argparse.SUPPRESS)  # a series folder
     return parser.parse_args(argv)
+
+
+def child_chain(series: Path, args) -> None:
+    """Run one sample's preprocess + tile three times in this fresh process and print the
+    CPU seconds of each: the first pays what every workflow job pays (imports, first use
+    of its memory), the others what a warm pool worker pays."""
+    started = time.process_time()
+    from medprep.ct import steps
+
+    files = sorted(str(p) for p in series.iterdir())
+    seconds = []
+    for round_ in range(3):
+        steps.run_chain(files, series.parent / f"out{round_}", ct_settings(args), sample="c")
+        seconds.append(time.process_time() - started)
+        started = time.process_time()
+    print(json.dumps(seconds))
+
+
+def cold_and_warm(folder: Path, args) -> list[float]:
+    """CPU seconds of one sample's preprocess + tile: cold (a fresh process), then warm."""
+    from medprep.ct.phantom import write_chest_phantom
+
+    series = folder / "series"
+    write_chest_phantom(
+        series,
+        rows=args.rows,
+        cols=args.rows,
+        slices=args.slices,
+        pixel_mm=FIELD_OF_VIEW_MM / args.rows,
+        slice_mm=args.slice_mm,
+        seed=0,
+    )
+    command = [sys.executable, __file__, "--child-chain", str(series)]
+    command += ["--spacing", str(args.spacing)] if args.spacing else []
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def make_cohort(s3, bucket: str, folder: Path, args) -> int:
@@ -239,8 +279,8 @@ def run_pool(
     ``steps`` (default seed_sample: this project's steps) for one sample at a time."""
     steps = steps or seed_sample
     config = deep_update(
-        {"ct": schema.config_defaults("ct"), "storage": schema.config_defaults("storage")},
-        {"ct": ct_settings(args), "storage": {"endpoint_url": endpoint, "region": "us-east-1"}},
+        {"ct": ct_settings(args), "storage": schema.config_defaults("storage")},
+        {"storage": {"endpoint_url": endpoint, "region": "us-east-1"}},
     )
     scratch.mkdir()
     saved = dict(os.environ)
@@ -282,6 +322,9 @@ def run_pool(
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.child_chain:
+        child_chain(Path(args.child_chain), args)
+        return 0
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-cohort-") as tmp:
         tmp = Path(tmp)
@@ -299,6 +342,7 @@ def main(argv=None) -> int:
                 # after each run is that run's CPU time
                 seed = run_pool(tmp / "seed", bucket, proxy.url, env, args)
                 flow = run_workflow(tmp / "workflow", bucket, proxy.url, env, args)
+                flow["cold_warm"] = cold_and_warm(tmp / "cold-warm", args)
                 reference = run_pool(
                     tmp / "reference",
                     bucket,
@@ -326,7 +370,7 @@ def report(args, input_bytes, flow, seed, reference, load_before, load_after) ->
     print(
         f"input {input_bytes / mb:.1f} MB ({input_bytes / args.samples / mb:.1f} MB per sample,"
         f" {args.rows}x{args.rows}x{args.slices} int16 DICOM, output spacing "
-        f"{args.spacing or 'default'} mm); largest sample working set"
+        f"{ct_settings(args)['spacing'][0]} mm); largest sample working set"
         f" {flow['largest_working_set'] / mb:.1f} MB (raw + published artifacts)"
     )
     print(
@@ -369,6 +413,11 @@ def report(args, input_bytes, flow, seed, reference, load_before, load_after) ->
         f"workflow: all Snakemake processes together used {flow['all_cpu']:.1f} s CPU for "
         f"{jobs} jobs; beyond the same steps in the seed pool that is {overhead:.2f} s CPU "
         "per job (Snakemake's scheduling, each job's process start and imports)"
+    )
+    cold, *warm = flow["cold_warm"]
+    print(
+        f"one sample's preprocess + tile: {cold:.2f} s CPU in a fresh process (as each "
+        f"workflow job runs), {min(warm):.2f} s when run again in it (a warm pool worker)"
     )
     print("workflow jobs by rule (jobs, summed wall s, summed CPU s):")
     for rule, (wall, cpu, count) in sorted(flow["per_rule"].items()):

@@ -5,6 +5,9 @@ restated in Python is refused."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,3 +81,37 @@ def test_settings_cross_process_boundaries():
     cfg = CtSettings.from_config({"normalise": {"mean": 0.0}})
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # nested classes made for the schema too
     assert dict(cfg["normalise"]) == {**config_defaults("ct", "normalise"), "mean": 0.0}
+
+
+def test_the_schemas_defaults_are_valid_so_only_changed_values_are_checked():
+    import jsonschema
+
+    from medprep.schema import CONFIG_SCHEMA
+
+    schema = yaml.safe_load(Path(CONFIG_SCHEMA).read_text())
+    for section in ("ct", "wsi", "storage"):
+        node = schema["properties"][section]
+        errors = list(jsonschema.Draft202012Validator(node).iter_errors(config_defaults(section)))
+        assert not errors, [e.message for e in errors]
+
+
+def test_a_value_equal_to_its_default_in_another_type_is_still_checked(schema):
+    @settings_section("engine", schema=schema())
+    class Engine(Settings):
+        pass
+
+    with pytest.raises(ValueError, match=r"engine\.extra\.on: 0 is not of type 'boolean'"):
+        Engine.from_config({"extra": {"on": 0}})
+    with pytest.raises(ValueError, match=r"engine\.size: 0 is less than the minimum"):
+        Engine.from_config({"size": 0})
+
+
+def test_default_settings_need_no_jsonschema():
+    code = (
+        "import sys\n"
+        "from medprep.ct.settings import CtSettings\n"
+        "from medprep.wsi.settings import TileSettings\n"
+        "CtSettings(); TileSettings.from_config({'size': 256})\n"
+        "assert 'jsonschema' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

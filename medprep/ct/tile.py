@@ -50,26 +50,14 @@ def _artifact_path(manifest: dict[str, Any], name: str) -> str:
 
 
 def _write_table(path: str | os.PathLike, rows: dict[str, list]) -> None:
-    # pyarrow directly, its arrays built from numpy buffers: neither this step nor
-    # pa.array's conversion checks import pandas (about 2 s)
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    types = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+    from medprep.tables import arrow_table
+
     columns = dict(TABLE_COLUMNS)
     if LABEL_COLUMN in rows:
         columns[LABEL_COLUMN] = "int64"
-    arrays = []
-    for column, dtype in columns.items():
-        if dtype == "string":
-            arrays.append(pa.array(rows[column], type=pa.string()))
-            continue
-        values = np.ascontiguousarray(np.asarray(rows[column], dtype=dtype))
-        if dtype == "bool":
-            values = np.packbits(values, bitorder="little")
-        buffer = pa.py_buffer(values)
-        arrays.append(pa.Array.from_buffers(types[dtype], len(rows[column]), [None, buffer]))
-    table = pa.Table.from_arrays(arrays, names=list(columns))
+    table = arrow_table(rows, columns)
     with atomic.atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 

@@ -193,33 +193,16 @@ def _label_columns(columns: dict) -> dict[str, str]:
     return found
 
 
-def _arrow_schema(extra: dict[str, str] | None = None):
-    import pyarrow as pa
-
-    types = {
-        "int64": pa.int64(),
-        "int32": pa.int32(),
-        "float64": pa.float64(),
-        "string": pa.string(),
-    }
-    kinds = {**TABLE_COLUMNS, **(extra or {})}
-    return pa.schema([(name, types[kind]) for name, kind in kinds.items()])
-
-
 def write_table(columns: dict[str, list], path: str | os.PathLike) -> None:
     """Write the tile table (Parquet, or CSV if ``path`` ends in .csv) atomically: the
     ``TABLE_COLUMNS``, then the label columns that ``columns`` has."""
-    import pyarrow as pa
-
     from medprep.atomic import atomic_path
+    from medprep.tables import arrow_table
 
     missing = set(TABLE_COLUMNS) - set(columns)
     if missing:
         raise ValueError(f"tile table lacks columns {sorted(missing)}")
-    names = [*TABLE_COLUMNS, *_label_columns(columns)]
-    table = pa.table(
-        {name: columns[name] for name in names}, schema=_arrow_schema(_label_columns(columns))
-    )
+    table = arrow_table(columns, {**TABLE_COLUMNS, **_label_columns(columns)})
     with atomic_path(path) as tmp:
         if str(path).endswith(".csv"):
             import pyarrow.csv as pacsv
