@@ -516,11 +516,15 @@ CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 
 
 # Before its outputs are known, a sample is reserved its raw bytes times a factor. A CT
-# series at 1 mm holds its raw download plus 0.25x in volume and mask (61 MB -> 15 MB
-# measured), plus its patches when materialised (float32: 1.7x, 105 MB measured; int16
-# half and uint8 a quarter of that); a slide its tiles.
-CT_VOLUME_AND_MASK = 0.25
+# series of the usual 0.7 x 0.7 x 2.5 mm voxels resampled to 1 mm holds its raw download
+# plus about 0.5x in volume and mask (the cohort benchmark's 63 MB series: 31 MB;
+# tests/test_disk_estimate.py), plus its patches when materialised (float32: 1.7x, 105 MB
+# measured; int16 half and uint8 a quarter of that). Both are resampled to ct.spacing, so
+# they scale with its voxel count (1 / the voxel's volume in mm3); the QC picture, tables
+# and manifests do not. A slide holds its tiles.
+CT_VOLUME_AND_MASK = 0.55
 CT_FLOAT32_PATCHES = 1.7
+CT_FIXED = 0.02
 WSI_RAW_TO_WORKING_SET = 3.0
 
 
@@ -529,7 +533,9 @@ def raw_to_working_set(modality: str, config: dict[str, Any]) -> float:
     before any step ran: what its download reserves of the disk budget."""
     if modality == "ct":
         per_voxel = CT_PATCH_BYTES[config["ct"]["patches"]["materialise"]]
-        return 1.0 + CT_VOLUME_AND_MASK + CT_FLOAT32_PATCHES * per_voxel / 4
+        voxels_per_mm3 = 1.0 / math.prod(config["ct"]["spacing"])
+        resampled = CT_VOLUME_AND_MASK + CT_FLOAT32_PATCHES * per_voxel / 4
+        return 1.0 + CT_FIXED + resampled * voxels_per_mm3
     return WSI_RAW_TO_WORKING_SET
 
 
