@@ -491,6 +491,7 @@ def default_disk_budget(
             uri=row["uri"],
             settings=config["storage"],
             factor=raw_to_working_set(row["modality"], config),
+            least_artifacts=least_artifact_bytes(row["modality"], config),
         )
         for row in remote
     )
@@ -505,9 +506,7 @@ def default_disk_budget(
 
 ##### local disk #####
 
-# A CT series of ``b`` bytes (int16 DICOM) resampled to ``spacing_out``: int16 volume and
-# uint8 mask, uncompressed (gzip only makes them smaller), plus metadata and QC picture.
-CT_OUTPUT_BYTES_PER_VOXEL = 3
+# metadata, summaries and QC pictures of a step, at most
 SMALL_OUTPUTS_MB = 2
 # patches touching the lungs, over the lungs' volume at the patch stride: two lungs each
 # taken as a cube, widened by one patch on every side; bytes per voxel by
@@ -520,23 +519,46 @@ CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 # plus about 0.5x in volume and mask (the cohort benchmark's 63 MB series: 31 MB;
 # tests/test_disk_estimate.py), plus its patches when materialised (float32: 1.7x, 105 MB
 # measured; int16 half and uint8 a quarter of that). Both are resampled to ct.spacing, so
-# they scale with its voxel count (1 / the voxel's volume in mm3); the QC picture, tables
-# and manifests do not. A slide holds its tiles.
+# they scale with its voxel count (1 / the voxel's volume in mm3). A slide holds its tiles.
 CT_VOLUME_AND_MASK = 0.55
 CT_FLOAT32_PATCHES = 1.7
-CT_FIXED = 0.02
 WSI_RAW_TO_WORKING_SET = 3.0
+# Series of coarser voxels (thick slices) hold more than that factor says: what their
+# volume and mask take depends on the body's extent, not on the raw bytes. A chest field
+# (400 x 400 x 250 mm) at about 0.9 bytes per voxel (gzip, measured 0.8-0.9) is at least
+# what a CT sample is reserved, plus 0.25 MB of QC picture, tables and manifests.
+CT_SERIES_MM3 = 400 * 400 * 250
+CT_BYTES_PER_OUTPUT_VOXEL = 0.9
+CT_SMALL_OUTPUTS = 0.25 * 1024 * 1024
 
 
 def raw_to_working_set(modality: str, config: dict[str, Any]) -> float:
     """A sample's working set (raw download and artifacts) over its raw bytes, estimated
-    before any step ran: what its download reserves of the disk budget."""
+    before any step ran for series of the usual voxels (see ``least_artifact_bytes``)."""
     if modality == "ct":
         per_voxel = CT_PATCH_BYTES[config["ct"]["patches"]["materialise"]]
         voxels_per_mm3 = 1.0 / math.prod(config["ct"]["spacing"])
-        resampled = CT_VOLUME_AND_MASK + CT_FLOAT32_PATCHES * per_voxel / 4
-        return 1.0 + CT_FIXED + resampled * voxels_per_mm3
+        return 1.0 + (CT_VOLUME_AND_MASK + CT_FLOAT32_PATCHES * per_voxel / 4) * voxels_per_mm3
     return WSI_RAW_TO_WORKING_SET
+
+
+def least_artifact_bytes(modality: str, config: dict[str, Any]) -> float:
+    """The artifacts a sample is reserved at least, whatever its raw size: for CT, a chest
+    field's volume and mask at ``ct.spacing`` and the small outputs."""
+    if modality != "ct":
+        return 0.0
+    voxels = CT_SERIES_MM3 / math.prod(config["ct"]["spacing"])
+    return voxels * CT_BYTES_PER_OUTPUT_VOXEL + CT_SMALL_OUTPUTS
+
+
+def _working_set(raw: float, factor: float, least_artifacts: float) -> float:
+    return raw + max((factor - 1.0) * raw, least_artifacts)
+
+
+def estimated_working_set(modality: str, config: dict[str, Any], raw_bytes: float) -> float:
+    """The bytes a sample of ``raw_bytes`` is reserved before its outputs are known."""
+    factor = raw_to_working_set(modality, config)
+    return _working_set(raw_bytes, factor, least_artifact_bytes(modality, config))
 
 
 def disk_mb(step: str, **inputs: Any) -> int:
@@ -566,24 +588,23 @@ def _artifact_bytes(step_manifest: str | os.PathLike) -> int:
     return total
 
 
-def _disk_download(*, uri: str, settings: dict[str, Any], factor: float) -> float:
+def _disk_download(
+    *, uri: str, settings: dict[str, Any], factor: float, least_artifacts: float = 0.0
+) -> float:
     if not storage.is_s3(uri):
         return 0
     from medprep.storage import s3
 
-    return factor * s3.source_bytes(uri, settings)
+    return _working_set(s3.source_bytes(uri, settings), factor, least_artifacts)
 
 
-def _disk_preprocess_ct(
-    *, download_manifest: str, spacing_out: list[float], factor: float
-) -> float:
-    from medprep.ct import memory
-
+def _disk_preprocess_ct(*, download_manifest: str, factor: float, least_artifacts: float) -> float:
+    # the same estimate as the download's: an uncompressed bound (3 bytes per voxel) would
+    # hold a downloaded sample back while others run, and samples waiting between two
+    # jobs hold their disk unreserved (Snakemake reserves only for running jobs)
     total = int(atomic.read_json(download_manifest).get("total_bytes", 0))
-    voxels_out = total / 2.0 * memory.ASSUMED_INPUT_VOXEL_MM3 / math.prod(spacing_out)
-    outputs = CT_OUTPUT_BYTES_PER_VOXEL * voxels_out + SMALL_OUTPUTS_MB * MB
-    raw = _raw_bytes(download_manifest)
-    return max(raw + outputs, factor * raw)
+    artifacts = _working_set(total, factor, least_artifacts) - total
+    return _raw_bytes(download_manifest) + artifacts
 
 
 def _disk_preprocess_wsi(*, download_manifest: str, factor: float) -> float:

@@ -210,6 +210,7 @@ def disk_download(wildcards):
         uri=sample_uri(wildcards),
         settings=config["storage"],
         factor=mw.raw_to_working_set(wildcards.modality, config),
+        least_artifacts=mw.least_artifact_bytes(wildcards.modality, config),
     )
 
 
@@ -217,8 +218,8 @@ def disk_preprocess_ct(wildcards, input):
     return mw.disk_mb(
         "preprocess_ct",
         download_manifest=input.manifest,
-        spacing_out=config["ct"]["spacing"],
         factor=mw.raw_to_working_set("ct", config),
+        least_artifacts=mw.least_artifact_bytes("ct", config),
     )
 
 
