@@ -489,9 +489,8 @@ def default_disk_budget(
         disk_mb(
             "download",
             uri=row["uri"],
-            settings=config["storage"],
-            factor=raw_to_working_set(row["modality"], config),
-            least_artifacts=least_artifact_bytes(row["modality"], config),
+            modality=row["modality"],
+            config=config,
         )
         for row in remote
     )
@@ -551,14 +550,10 @@ def least_artifact_bytes(modality: str, config: dict[str, Any]) -> float:
     return voxels * CT_BYTES_PER_OUTPUT_VOXEL + CT_SMALL_OUTPUTS
 
 
-def _working_set(raw: float, factor: float, least_artifacts: float) -> float:
-    return raw + max((factor - 1.0) * raw, least_artifacts)
-
-
 def estimated_working_set(modality: str, config: dict[str, Any], raw_bytes: float) -> float:
     """The bytes a sample of ``raw_bytes`` is reserved before its outputs are known."""
     factor = raw_to_working_set(modality, config)
-    return _working_set(raw_bytes, factor, least_artifact_bytes(modality, config))
+    return raw_bytes + max((factor - 1.0) * raw_bytes, least_artifact_bytes(modality, config))
 
 
 def disk_mb(step: str, **inputs: Any) -> int:
@@ -588,28 +583,26 @@ def _artifact_bytes(step_manifest: str | os.PathLike) -> int:
     return total
 
 
-def _disk_download(
-    *, uri: str, settings: dict[str, Any], factor: float, least_artifacts: float = 0.0
-) -> float:
+def _disk_download(*, uri: str, modality: str, config: dict[str, Any]) -> float:
     if not storage.is_s3(uri):
         return 0
     from medprep.storage import s3
 
-    return _working_set(s3.source_bytes(uri, settings), factor, least_artifacts)
+    return estimated_working_set(modality, config, s3.source_bytes(uri, config["storage"]))
 
 
-def _disk_preprocess_ct(*, download_manifest: str, factor: float, least_artifacts: float) -> float:
-    # the same estimate as the download's: an uncompressed bound (3 bytes per voxel) would
-    # hold a downloaded sample back while others run, and samples waiting between two
-    # jobs hold their disk unreserved (Snakemake reserves only for running jobs)
+def _disk_preprocess_ct(*, download_manifest: str, config: dict[str, Any]) -> float:
+    # the download's estimate: an uncompressed bound (3 bytes per voxel) would hold a
+    # downloaded sample back while others run, and samples waiting between two jobs hold
+    # their disk unreserved (Snakemake reserves only for running jobs)
     total = int(atomic.read_json(download_manifest).get("total_bytes", 0))
-    artifacts = _working_set(total, factor, least_artifacts) - total
+    artifacts = estimated_working_set("ct", config, total) - total
     return _raw_bytes(download_manifest) + artifacts
 
 
-def _disk_preprocess_wsi(*, download_manifest: str, factor: float) -> float:
+def _disk_preprocess_wsi(*, download_manifest: str, config: dict[str, Any]) -> float:
     raw = _raw_bytes(download_manifest)
-    return max(raw + SMALL_OUTPUTS_MB * MB, factor * raw)
+    return max(raw + SMALL_OUTPUTS_MB * MB, raw_to_working_set("wsi", config) * raw)
 
 
 def _disk_tile_ct(

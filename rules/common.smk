@@ -208,9 +208,8 @@ def disk_download(wildcards):
     return mw.disk_mb(
         "download",
         uri=sample_uri(wildcards),
-        settings=config["storage"],
-        factor=mw.raw_to_working_set(wildcards.modality, config),
-        least_artifacts=mw.least_artifact_bytes(wildcards.modality, config),
+        modality=wildcards.modality,
+        config=config,
     )
 
 
@@ -218,8 +217,7 @@ def disk_preprocess_ct(wildcards, input):
     return mw.disk_mb(
         "preprocess_ct",
         download_manifest=input.manifest,
-        factor=mw.raw_to_working_set("ct", config),
-        least_artifacts=mw.least_artifact_bytes("ct", config),
+        config=config,
     )
 
 
@@ -227,7 +225,7 @@ def disk_preprocess_wsi(wildcards, input):
     return mw.disk_mb(
         "preprocess_wsi",
         download_manifest=input.manifest,
-        factor=mw.raw_to_working_set("wsi", config),
+        config=config,
     )
 
 
