@@ -105,11 +105,10 @@ def child_chain(series: Path, args) -> None:
     print(json.dumps(seconds))
 
 
-def cold_and_warm(folder: Path, args) -> list[float]:
-    """CPU seconds of one sample's preprocess + tile: cold (a fresh process), then warm."""
+def write_phantom(series: Path, args, seed: int) -> None:
+    """One sample's series, of the size the arguments ask for."""
     from medprep.ct.phantom import write_chest_phantom
 
-    series = folder / "series"
     write_chest_phantom(
         series,
         rows=args.rows,
@@ -117,8 +116,14 @@ def cold_and_warm(folder: Path, args) -> list[float]:
         slices=args.slices,
         pixel_mm=FIELD_OF_VIEW_MM / args.rows,
         slice_mm=args.slice_mm,
-        seed=0,
+        seed=seed,
     )
+
+
+def cold_and_warm(folder: Path, args) -> list[float]:
+    """CPU seconds of one sample's preprocess + tile: cold (a fresh process), then warm."""
+    series = folder / "series"
+    write_phantom(series, args, seed=0)
     command = [sys.executable, __file__, "--child-chain", str(series)]
     command += ["--spacing", str(args.spacing)] if args.spacing else []
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -126,20 +131,10 @@ def cold_and_warm(folder: Path, args) -> list[float]:
 
 
 def make_cohort(s3, bucket: str, folder: Path, args) -> int:
-    from medprep.ct.phantom import write_chest_phantom
-
     total = 0
     for index in range(args.samples):
         series = folder / f"c{index:02d}"
-        write_chest_phantom(
-            series,
-            rows=args.rows,
-            cols=args.rows,
-            slices=args.slices,
-            pixel_mm=FIELD_OF_VIEW_MM / args.rows,
-            slice_mm=args.slice_mm,
-            seed=index,
-        )
+        write_phantom(series, args, seed=index)
         for path in sorted(series.iterdir()):
             body = path.read_bytes()
             total += len(body)
