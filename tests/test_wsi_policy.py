@@ -60,6 +60,20 @@ def test_scanner_resolutions_outside_the_tolerance_are_resampled_to_the_target(m
     assert plan.scale_x >= 1  # downsampling from a finer level, never upsampling
 
 
+def test_a_whole_averaging_of_a_level_within_the_tolerance_is_used_as_a_level():
+    # Aperio 40x with levels 1, 4, 16: no level near 0.5 um/px, but 2 x 2 level-0 pixels
+    # are 0.5054 um (1.1% off), as a scanner's own 20x level would be
+    mpp = resolution.Mpp(0.2527, 0.2527, "metadata")
+    plan = resolution.plan_read((1, 4, 16), mpp, 0.5, DEFAULT_TOLERANCE)
+    assert plan.resample and (plan.level, plan.scale_x, plan.scale_y) == (0, 2.0, 2.0)
+    # no tolerance: resampled to the target exactly
+    exact = resolution.plan_read((1, 4, 16), mpp, 0.5, 0.0)
+    assert exact.scale_x * 0.2527 == pytest.approx(0.5)
+    # 0.2425 um/px: 2 x 2 pixels are 3% off, outside the tolerance
+    off = resolution.plan_read((1, 4, 16), resolution.Mpp(0.2425, 0.2425, "x"), 0.5, 0.025)
+    assert off.scale_x * 0.2425 == pytest.approx(0.5)
+
+
 def test_upsampling_beyond_the_limit_is_refused_with_the_options():
     mpp = resolution.Mpp(16.78, 16.78, "metadata")
     plan = resolution.plan_read((1,), mpp, 0.5, DEFAULT_TOLERANCE)

@@ -165,6 +165,10 @@ def plan_read(
 
     With ``tolerance`` > 0 a level within that relative difference of the target is used
     without resampling; the output resolution is then that level's (recorded by the caller).
+    So is a level averaged over k x k pixels (k whole) that lands within the tolerance, as
+    a scanner's own pyramid level would: a 0.2527 um/px scan without a 0.5 level gives
+    0.5054 um/px for a 0.5 target, each output pixel the mean of 2 x 2 level pixels, with
+    no further resizing (``workers.resample_tiles`` then only averages and cuts).
     """
     scale_x = target_mpp / mpp.x
     scale_y = target_mpp / mpp.y
@@ -179,6 +183,10 @@ def plan_read(
     )
     if exact or (tolerance > 0 and near):
         return ReadPlan(level, downsample, downsample, downsample, resample=False)
+    k = round(min(scale_x, scale_y) / downsample)
+    averaged = k * downsample
+    if k >= 2 and all(abs(s - averaged) <= tolerance * s for s in (scale_x, scale_y)):
+        return ReadPlan(level, downsample, averaged, averaged, resample=True)
     return ReadPlan(level, downsample, scale_x, scale_y, resample=True)
 
 

@@ -190,6 +190,10 @@ def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.n
     if job.prereduce > 1:
         image = image.reduce(job.prereduce)
         width, height = image.size
+    boxes = _whole_boxes(job, task, ds, width, height) if job.prereduce > 1 else None
+    if boxes is not None:
+        # the averaged pixels are the output pixels (resolution.plan_read): cut the tiles
+        return [np.asarray(image.crop(box)) for box in boxes]
     strips = {}
     tiles = []
     for x, y in zip(task.xs, task.ys, strict=True):
@@ -202,6 +206,24 @@ def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.n
         tile = strip.resize((job.size, job.size), resample, box=(0, top, job.size, bottom))
         tiles.append(np.asarray(tile))
     return tiles
+
+
+def _whole_boxes(job: TileJob, task: BlockTask, ds: float, width: int, height: int):
+    """The tiles' boxes in the image at ``ds`` level-0 pixels per pixel when each is
+    ``job.size`` whole pixels inside it (nothing left to resize), else None."""
+    boxes = []
+    for x, y in zip(task.xs, task.ys, strict=True):
+        box = [(x - task.read_x) / ds, (y - task.read_y) / ds]
+        box += [box[0] + job.width_l0 / ds, box[1] + job.height_l0 / ds]
+        whole = [round(v) for v in box]
+        if any(abs(v - w) > 1e-6 for v, w in zip(box, whole, strict=True)):
+            return None
+        if whole[2] - whole[0] != job.size or whole[3] - whole[1] != job.size:
+            return None
+        if whole[0] < 0 or whole[1] < 0 or whole[2] > width or whole[3] > height:
+            return None
+        boxes.append(tuple(whole))
+    return boxes
 
 
 def _as_image(rgba: np.ndarray):
