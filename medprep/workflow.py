@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from medprep import atomic, errors, storage
+from medprep.ct import memory as ct_memory
 from medprep.runner import DEFAULT_DISK_BUDGET_ENV
 from medprep.sheet import read_sample_sheet
 
@@ -351,17 +352,13 @@ def _download_bytes(download_manifest: str | os.PathLike | None) -> int:
 
 
 def _preprocess_ct_mb(*, download_manifest: str, spacing_out: list[float], threads: int) -> float:
-    from medprep.ct import memory
-
-    return memory.preprocess_ct_mb(
+    return ct_memory.preprocess_ct_mb(
         _download_bytes(download_manifest), threads=threads, spacing_out=spacing_out
     )
 
 
 def _tile_ct_mb(*, preprocess_manifest: str, threads: int) -> float:
-    from medprep.ct import memory
-
-    return memory.tile_ct_mb(_read_manifest(preprocess_manifest), threads=threads)
+    return ct_memory.tile_ct_mb(_read_manifest(preprocess_manifest), threads=threads)
 
 
 def _preprocess_wsi_mb(*, download_manifest: str, mask_mpp: float, threads: int) -> float:
@@ -514,20 +511,22 @@ CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 
 
 # Before its outputs are known, a sample is reserved its raw bytes times a factor. A CT
-# series of the usual 0.7 x 0.7 x 2.5 mm voxels resampled to 1 mm holds its raw download
-# plus about 0.5x in volume and mask (the cohort benchmark's 63 MB series: 31 MB;
-# tests/test_disk_estimate.py), plus its patches when materialised (float32: 1.7x, 105 MB
-# measured; int16 half and uint8 a quarter of that). Both are resampled to ct.spacing, so
-# they scale with its voxel count (1 / the voxel's volume in mm3). A slide holds its tiles.
-CT_VOLUME_AND_MASK = 0.55
+# series' volume and mask take about 0.9 bytes per output voxel (gzip; measured 0.8-0.9:
+# the cohort benchmark's 63 MB series of 0.7 x 0.7 x 2.5 mm voxels holds 31 MB at 1 mm;
+# tests/test_disk_estimate.py). Its raw int16 bytes are taken to be voxels of the volume
+# the memory estimates assume (medprep.ct.memory), so at 1 mm that is 0.55x the raw bytes,
+# plus the patches when materialised (float32: 1.7x, 105 MB measured; int16 half and
+# uint8 a quarter of that). Both scale with ct.spacing's voxel count (1 / its volume in
+# mm3). A slide holds its tiles.
+CT_BYTES_PER_OUTPUT_VOXEL = 0.9
+CT_VOLUME_AND_MASK = CT_BYTES_PER_OUTPUT_VOXEL * ct_memory.ASSUMED_INPUT_VOXEL_MM3 / 2
 CT_FLOAT32_PATCHES = 1.7
 WSI_RAW_TO_WORKING_SET = 3.0
 # Series of coarser voxels (thick slices) hold more than that factor says: what their
 # volume and mask take depends on the body's extent, not on the raw bytes. A chest field
-# (400 x 400 x 250 mm) at about 0.9 bytes per voxel (gzip, measured 0.8-0.9) is at least
-# what a CT sample is reserved, plus 0.25 MB of QC picture, tables and manifests.
+# (400 x 400 x 250 mm) at CT_BYTES_PER_OUTPUT_VOXEL is at least what a CT sample is
+# reserved, plus 0.25 MB of QC picture, tables and manifests.
 CT_SERIES_MM3 = 400 * 400 * 250
-CT_BYTES_PER_OUTPUT_VOXEL = 0.9
 CT_SMALL_OUTPUTS = 0.25 * 1024 * 1024
 
 
