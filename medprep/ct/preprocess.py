@@ -67,7 +67,7 @@ def load_series(
         raise InputError("no input files")
     volume_path = volume_io.volume_input(paths)
     if volume_path is not None:
-        return _load_volume(volume_path, gantry_tilt, include_identifiers)
+        return _load_volume(volume_path, paths, gantry_tilt, include_identifiers)
     scanned = dicom_io.scan_headers(paths, threads)
     rejected: list[series.Rejected] = []
     candidates: list[series.SliceHeader] = []
@@ -210,9 +210,11 @@ def load_series(
     return LoadedSeries(volume, geometry, selection, rejected, warnings, info)
 
 
-def _load_volume(path: str, gantry_tilt: str, include_identifiers: bool) -> LoadedSeries:
+def _load_volume(
+    path: str, sample_files: Sequence[str], gantry_tilt: str, include_identifiers: bool
+) -> LoadedSeries:
     """A MetaImage or NIfTI volume, as if it were a sorted DICOM series (see volume_io)."""
-    raw, group = volume_io.read_volume(path)
+    raw, group = volume_io.read_volume(path, sample_files)
     geometry = series.stack_geometry(group)
     order = [h.index for h in geometry.slices]
     values = raw.values if order == list(range(len(order))) else raw.values[order]

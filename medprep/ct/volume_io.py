@@ -17,15 +17,17 @@ values normalised to 0-1, or an MR volume).
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from medprep.ct import hu, series
+from medprep import claims
+from medprep.ct import hu, metaimage, series
 from medprep.errors import InputError
-from medprep.storage import METAIMAGE_DATA_SUFFIXES
 
 AIR_WINDOW_HU = (-1100.0, -900.0)
 MIN_AIR_FRACTION = 0.001
@@ -55,9 +57,12 @@ def volume_input(paths: Sequence[str]) -> str | None:
             "give each volume its own sample",
             path=os.path.dirname(volumes[0]),
         )
-    others = [
-        p for p in paths if p not in volumes and not p.lower().endswith(METAIMAGE_DATA_SUFFIXES)
-    ]
+    data_files: set[str] = set()
+    if volume_kind(volumes[0]) == "MetaImage":
+        # the header's own data files, checked to be the sample's files (see metaimage)
+        header = metaimage.read_header(volumes[0], paths)
+        data_files = {os.path.realpath(p) for p in header.data_files}
+    others = [p for p in paths if p not in volumes and os.path.realpath(p) not in data_files]
     if others:
         raise InputError(
             f"a volume file and {len(others)} other file(s) in one sample (e.g. "
@@ -80,15 +85,30 @@ class RawVolume:
     info: dict[str, Any]
 
 
-def read_metaimage(path: str) -> RawVolume:
+def read_metaimage(path: str, sample_files: Sequence[str]) -> RawVolume:
+    """Voxels of the MetaImage at ``path``, whose data files must be among ``sample_files``
+    (see ``medprep.ct.metaimage``: SimpleITK reads a header written by medprep)."""
+    import tempfile
+
     import SimpleITK as sitk
 
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        cause = next((line for line in first if "ERROR" in line or "rror" in line), "")
-        raise InputError(f"cannot read MetaImage: {cause.strip()[:200]}", path=path) from error
+    header = metaimage.read_header(path, sample_files)
+    metaimage.check_claim(header)
+    with tempfile.TemporaryDirectory(prefix="medprep-mhd-") as folder:
+        checked = os.path.join(folder, "checked.mhd")
+        with open(checked, "w", encoding="latin-1") as f:
+            f.write(metaimage.sanitised_header(header))
+        try:
+            image = sitk.ReadImage(checked)
+        except RuntimeError as error:
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+            cause = next(
+                (line for line in reversed(lines) if "rror" in line), lines[-1] if lines else ""
+            )
+            cause = cause.replace(checked, os.path.basename(path))
+            raise InputError(
+                f"cannot read MetaImage: {cause[:200] or 'SimpleITK gave no reason'}", path=path
+            ) from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"MetaImage is not a 3D greyscale volume ({image.GetDimension()}D, "
@@ -111,7 +131,10 @@ def read_nifti(path: str) -> RawVolume:
 
     try:
         image = nib.load(path)
+        check_nifti_claim(image.header, path)
         values = np.asanyarray(image.dataobj)  # scl_slope / scl_inter applied
+    except InputError:
+        raise
     except Exception as error:  # noqa: BLE001 - nibabel raises many kinds on bad files
         raise InputError(
             f"cannot read NIfTI: {type(error).__name__}: {error}", path=path
@@ -135,6 +158,39 @@ def read_nifti(path: str) -> RawVolume:
             "datatype": str(image.get_data_dtype()),
             "sform_code": int(image.header["sform_code"]),
         },
+    )
+
+
+def check_nifti_claim(header: Any, path: str) -> None:
+    """Refuse a NIfTI header whose voxels its file cannot back, before they are read.
+
+    A single ``.nii`` holds its voxels after ``vox_offset``; a pair header (``ni1``, whose
+    voxels live in a separate ``.img``) named ``.nii`` is refused, not read as voxels.
+    """
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(348)
+    # nibabel reports a single file's magic whatever the file holds: read it there
+    magic = head[4:8] if head[:4] in (b"\x1c\x02\0\0", b"\0\0\x02\x1c") else head[344:348]
+    magic = magic.rstrip(b"\0")
+    if magic not in (b"n+1", b"n+2"):
+        raise InputError(
+            f"not a single-file NIfTI (magic {magic!r}; a .hdr/.img pair is not read)", path=path
+        )
+    ndim = int(header["dim"][0])
+    dims = [int(n) for n in header["dim"][1 : 1 + ndim]] if 1 <= ndim <= 7 else []
+    if not dims or any(n < 1 for n in dims):
+        raise InputError(f"NIfTI dimensions are not usable: {header['dim'].tolist()}", path=path)
+    bytes_per_voxel = max(1, int(header["bitpix"]) // 8)
+    claimed = math.prod(dims) * bytes_per_voxel
+    size = os.path.getsize(path)
+    compressed = path.lower().endswith(".gz")
+    claims.check_claim(
+        claimed,
+        what=f"{' x '.join(str(n) for n in dims)} voxels of {bytes_per_voxel} byte(s)",
+        path=path,
+        stored_bytes=size if compressed else size - int(header["vox_offset"]),
+        max_ratio=claims.DEFLATE_MAX_RATIO if compressed else None,
     )
 
 
@@ -210,8 +266,9 @@ def stack_of(volume: RawVolume, path: str) -> tuple[np.ndarray, series.SeriesGro
     return volume.values, group
 
 
-def read_volume(path: str) -> tuple[RawVolume, series.SeriesGroup]:
+def read_volume(path: str, sample_files: Sequence[str]) -> tuple[RawVolume, series.SeriesGroup]:
+    """The volume at ``path``, one of ``sample_files`` (the files it may refer to)."""
     kind = volume_kind(path)
-    raw = read_metaimage(path) if kind == "MetaImage" else read_nifti(path)
+    raw = read_metaimage(path, sample_files) if kind == "MetaImage" else read_nifti(path)
     values, group = stack_of(raw, path)
     return raw, group

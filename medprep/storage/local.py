@@ -116,40 +116,20 @@ def _file_entries(folder: Path) -> list[tuple[str, int, int]]:
     ]
 
 
-def metaimage_data_file(header: Path) -> Path | None:
-    """The data file a MetaImage header (``.mhd``) names in ``ElementDataFile``, if it is a
-    separate file next to it (LUNA16's ``.raw``); None for LOCAL (data inside) or lists."""
-    if header.suffix.lower() != ".mhd":
-        return None
-    try:
-        with open(header, "rb") as f:
-            text = f.read(1 << 16).decode("latin-1")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "ElementDataFile":
-            value = value.strip()
-            if (
-                value.upper() in ("LOCAL", "LIST")
-                or value.upper().startswith("LIST ")
-                or "%" in value
-            ):
-                return None
-            return header.parent / value
-    return None
-
-
 def _single_file_inputs(path: Path) -> list[Path]:
-    """A file given as a sample's uri, with its MetaImage data file when it has one."""
-    data = metaimage_data_file(path)
-    if data is None:
+    """A file given as a sample's uri, with the data files of a MetaImage header (which
+    must sit in the header's folder: ``medprep.ct.metaimage``)."""
+    if path.suffix.lower() != ".mhd":
         return [path]
-    if not data.is_file():
-        raise InputError(
-            f"MetaImage data file {data.name} (ElementDataFile) not found", path=str(path)
-        )
-    return [path, data]
+    from medprep.ct import metaimage
+
+    data = [Path(p) for p in metaimage.read_header(str(path)).data_files]
+    for file in data:
+        if not file.is_file():
+            raise InputError(
+                f"MetaImage data file {file.name} (ElementDataFile) not found", path=str(path)
+            )
+    return [path, *data]
 
 
 def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medprep.errors import InputError
+from medprep.wsi.companions import check_named_files
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def open_slide(path: str | os.PathLike):
         raise InputError("is a folder, not a slide file", path=str(path))
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes)", path=str(path))
+    check_named_files(path)
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError as error:
@@ -419,6 +421,7 @@ def pick_slide_file(paths: Iterable[str | os.PathLike]) -> Path:
     for path in sorted(files, key=rank):
         if path.suffix.lower() == ".dat":  # MIRAX data files are never the entry point
             continue
+        check_named_files(path)
         try:
             if path.stat().st_size > 0 and openslide.OpenSlide.detect_format(str(path)):
                 return path

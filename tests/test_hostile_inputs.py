@@ -1,0 +1,296 @@
+"""Inputs made to hurt: files that refer to other files, headers that claim what they do
+not hold. Each fails its own sample with one line naming the file and the cause, and
+nothing outside a sample is ever read."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_storage_workflow import aws_env, world  # noqa: F401 - the S3 workflow fixtures
+
+from medprep import storage
+from medprep.ct import preprocess as pp
+from medprep.ct import volume_io
+from medprep.errors import InputError
+
+SHAPE = (6, 10, 12)  # z, y, x
+HEADER = (
+    "ObjectType = Image\nNDims = 3\nDimSize = {x} {y} {z}\nElementType = MET_SHORT\n"
+    "ElementSpacing = 1 1 2\nOffset = 0 0 0\nTransformMatrix = 1 0 0 0 1 0 0 0 1\n"
+)
+
+
+def voxels(seed: int = 0) -> np.ndarray:
+    """An int16 volume in HU with air in it (so that its values pass as HU)."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(-1000, 400, size=SHAPE).astype(np.int16)
+    values[:, :3] = -1000
+    return values
+
+
+def header_text(element_data_file: str, *, dims=None, extra: str = "") -> str:
+    z, y, x = dims or SHAPE
+    return HEADER.format(x=x, y=y, z=z) + extra + f"ElementDataFile = {element_data_file}\n"
+
+
+def write_header(path: Path, element_data_file: str, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header_text(element_data_file, **kwargs))
+    return path
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    """A file outside every sample, exactly the size of a volume's voxels."""
+    path = tmp_path / "elsewhere" / "secret.bin"
+    path.parent.mkdir()
+    path.write_bytes(b"AWS_SECRET_ACCESS_KEY=do-not-publish-me\n".ljust(voxels().nbytes, b"#"))
+    return path
+
+
+def read(paths) -> np.ndarray:
+    files = [str(p) for p in paths]
+    raw, _ = volume_io.read_volume(volume_io.volume_input(files), files)
+    return raw.values
+
+
+##### MetaImage data files stay inside the sample
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "{secret}",  # an absolute path
+        "../elsewhere/secret.bin",  # a path climbing out of the sample
+        "LIST\n{secret}",  # a list naming an absolute path
+        "LIST 2D\nslice0.raw\n../elsewhere/secret.bin",
+        "../elsewhere/secret%d.bin 0 0 1",  # a numbered pattern climbing out
+    ],
+    ids=["absolute", "dotdot", "list-absolute", "list-dotdot", "pattern-dotdot"],
+)
+def test_a_metaimage_naming_a_file_outside_its_sample_is_refused(tmp_path, secret, reference):
+    reference = reference.format(secret=secret)
+    header = write_header(tmp_path / "sample" / "scan.mhd", reference)
+    (tmp_path / "sample" / "slice0.raw").write_bytes(voxels()[0].tobytes())
+    # a single .mhd as the sample's uri: download refuses it, naming the header
+    with pytest.raises(InputError) as download:
+        storage.fetch(str(header), tmp_path / "download", threads=1, settings={})
+    assert download.value.path == str(header)
+    assert "ElementDataFile" in download.value.cause
+    # the folder as the sample's uri: preprocess refuses it, before SimpleITK reads a byte
+    files = storage.fetch(str(header.parent), tmp_path / "download", threads=1, settings={})
+    with pytest.raises(InputError) as preprocess:
+        pp.load_series([f.path for f in files])
+    assert preprocess.value.path.endswith("scan.mhd")
+    assert "ElementDataFile" in preprocess.value.cause
+
+
+def test_a_data_file_that_is_not_one_of_the_samples_files_is_refused(tmp_path):
+    """An S3 sample brings its header and the data file of the same name only: a header
+    naming another name (here: a file that a previous download left beside it) fails."""
+    folder = tmp_path / "download"
+    header = write_header(folder / "scan.mhd", "other.raw")
+    (folder / "scan.raw").write_bytes(voxels().tobytes())
+    (folder / "other.raw").write_bytes(voxels(1).tobytes())
+    with pytest.raises(InputError, match="not one of the sample's files"):
+        read([header, folder / "scan.raw"])
+
+
+def test_every_legitimate_form_of_element_data_file_reads_the_same_voxels(tmp_path):
+    values = voxels()
+    forms = tmp_path / "forms"
+    forms.mkdir()
+    (forms / "one.raw").write_bytes(values.tobytes())
+    for k, plane in enumerate(values):
+        (forms / f"slice{k:02d}.raw").write_bytes(plane.tobytes())
+    compressed = zlib.compress(values.tobytes())
+    (forms / "one.zraw").write_bytes(compressed)
+    local = header_text("LOCAL").encode() + values.tobytes()
+    slices = [forms / f"slice{k:02d}.raw" for k in range(SHAPE[0])]
+    cases = {
+        "single": ("one.raw", "", [forms / "one.raw"]),
+        "list": ("LIST 2D\n" + "\n".join(p.name for p in slices), "", slices),
+        "pattern": (f"slice%02d.raw 0 {SHAPE[0] - 1} 1 2", "", slices),
+        "zraw": (
+            "one.zraw",
+            f"CompressedData = True\nCompressedDataSize = {len(compressed)}\n",
+            [forms / "one.zraw"],
+        ),
+    }
+    for name, (reference, extra, data) in cases.items():
+        header = write_header(forms / f"{name}.mhd", reference, extra=extra)
+        np.testing.assert_array_equal(read([header, *data]), values, err_msg=name)
+    (tmp_path / "local.mhd").write_bytes(local)
+    np.testing.assert_array_equal(read([tmp_path / "local.mhd"]), values)
+
+
+def test_a_metaimage_claiming_more_than_its_data_is_refused_with_the_claim(tmp_path):
+    folder = tmp_path / "bomb"
+    header = write_header(folder / "scan.mhd", "scan.raw", dims=(500, 65535, 65535))
+    (folder / "scan.raw").write_bytes(b"\0" * 64)
+    with pytest.raises(InputError) as error:
+        read([header, folder / "scan.raw"])
+    assert "claims 65535 x 65535 x 500 voxels of MET_SHORT" in error.value.cause
+    assert "stores only 64 B" in error.value.cause
+    # compressed: deflate cannot expand 64 bytes into gigabytes
+    zheader = write_header(
+        folder / "z.mhd",
+        "z.zraw",
+        dims=(500, 4096, 4096),
+        extra="CompressedData = True\nCompressedDataSize = 64\n",
+    )
+    (folder / "z.zraw").write_bytes(zlib.compress(b"\0" * 1000)[:64].ljust(64, b"\0"))
+    with pytest.raises(InputError, match="1032:1"):
+        read([zheader, folder / "z.zraw"])
+
+
+def test_a_metaimage_that_claims_more_than_memory_is_refused_before_reading(tmp_path):
+    from medprep.ct import metaimage
+
+    folder = tmp_path / "big"
+    header = write_header(folder / "scan.mhd", "scan.raw")
+    (folder / "scan.raw").write_bytes(voxels().tobytes())
+    parsed = metaimage.read_header(str(header), [str(header), str(folder / "scan.raw")])
+    metaimage.check_claim(parsed, memory_bytes=10**9)
+    with pytest.raises(InputError, match="of memory this job can have"):
+        metaimage.check_claim(parsed, memory_bytes=1000)
+
+
+def test_a_nifti_pair_header_named_nii_is_refused(tmp_path):
+    nib.save(nib.Nifti1Pair(voxels().transpose(2, 1, 0), np.eye(4)), tmp_path / "pair.img")
+    fake = tmp_path / "scan.nii"
+    fake.write_bytes((tmp_path / "pair.hdr").read_bytes())
+    with pytest.raises(InputError, match="not a single-file NIfTI"):
+        read([fake])
+
+
+def test_a_nifti_claiming_more_than_its_compressed_bytes_is_refused(tmp_path):
+    image = nib.Nifti1Image(voxels().transpose(2, 1, 0), np.eye(4))
+    image.header.set_data_shape((30000, 30000, 400))
+    raw = image.header.binaryblock + b"\0" * 4 + b"\0" * 1024
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(gzip.compress(raw))
+    with pytest.raises(InputError) as error:
+        read([path])
+    assert "claims 30000 x 30000 x 400 voxels" in error.value.cause
+
+
+##### slide formats whose index file names other files
+
+
+def write_vms(folder: Path, image_file: str) -> Path:
+    """A Hamamatsu VMS index (an INI file) naming its JPEG and map image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "slide.vms"
+    path.write_text(
+        "[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=1\nNoJpegRows=1\n"
+        f"ImageFile={image_file}\nMapFile=map.jpg\n"
+        "PhysicalWidth=1000000\nPhysicalHeight=1000000\n"
+    )
+    return path
+
+
+def write_jpeg(path: Path, shape: tuple[int, int]) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (*shape, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90, restart_marker_rows=1)
+
+
+def test_a_vms_naming_an_image_outside_its_folder_is_refused_before_openslide(tmp_path):
+    import openslide
+
+    from medprep.wsi.slide import open_slide, pick_slide_file
+
+    write_jpeg(tmp_path / "elsewhere" / "secret.jpg", (512, 768))
+    write_jpeg(tmp_path / "sample" / "map.jpg", (64, 96))
+    write_jpeg(tmp_path / "sample" / "own.jpg", (256, 256))
+    evil = write_vms(tmp_path / "sample", "../elsewhere/secret.jpg")
+    # OpenSlide itself follows the name: the slide takes the outside file's size
+    assert openslide.OpenSlide(str(evil)).dimensions == (768, 512)
+    for call in (open_slide, lambda p: pick_slide_file([p, tmp_path / "sample" / "map.jpg"])):
+        with pytest.raises(InputError) as error:
+            call(evil)
+        assert error.value.path == str(evil)
+        assert "ImageFile names '../elsewhere/secret.jpg', outside the slide's folder" in str(
+            error.value
+        )
+    good = write_vms(tmp_path / "sample", "own.jpg")
+    assert open_slide(good).dimensions == (256, 256)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("INDEXFILE", "../../Index.dat"), ("FILE_1", "/etc/passwd")]
+)
+def test_a_mirax_naming_data_outside_its_folder_is_refused(tmp_path, key, value):
+    from medprep.wsi.slide import open_slide
+
+    slide = tmp_path / "slide.mrxs"
+    slide.write_bytes(b"not read")
+    (tmp_path / "slide").mkdir()
+    names = {"INDEXFILE": "Index.dat", "FILE_0": "Data0000.dat", "FILE_1": "Data0001.dat"}
+    names[key] = value
+    (tmp_path / "slide" / "Slidedat.ini").write_text(
+        "[GENERAL]\nSLIDE_ID=x\n"
+        f"[HIERARCHICAL]\nINDEXFILE={names['INDEXFILE']}\n"
+        f"[DATAFILE]\nFILE_COUNT=2\nFILE_0={names['FILE_0']}\nFILE_1={names['FILE_1']}\n"
+    )
+    with pytest.raises(InputError) as error:
+        open_slide(slide)
+    assert error.value.path == str(tmp_path / "slide" / "Slidedat.ini")
+    assert f"{key} names {value!r}" in error.value.cause
+
+
+##### the same through the workflow, from S3: nothing of the worker's is published
+
+
+@pytest.mark.slow
+def test_a_metaimage_from_s3_listing_local_files_publishes_nothing_of_them(world):  # noqa: F811
+    from workflow_support import write_config, write_samples
+
+    world.upload("ct/phantom-chest-01")
+    values = voxels()
+    listing = "LIST 2D\n/proc/self/environ\n/etc/passwd\n" + "\n".join(
+        "scan.raw" for _ in range(SHAPE[0] - 2)
+    )
+    world.s3.put_object(
+        Bucket=world.bucket, Key="evil/scan.mhd", Body=header_text(listing).encode()
+    )
+    world.s3.put_object(Bucket=world.bucket, Key="evil/scan.raw", Body=values.tobytes())
+    write_samples(
+        world.workdir,
+        [
+            ("evil", "ct", f"s3://{world.bucket}/evil/scan.mhd"),
+            ("good", "ct", world.uri("ct/phantom-chest-01")),
+        ],
+    )
+    write_config(
+        world.workdir,
+        destination=f"s3://{world.bucket}/published",
+        storage={"endpoint_url": world.endpoint, "region": "us-east-1"},
+    )
+    run = world.run("--keep-going", check=False)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("medprep error:")]
+    evil = [line for line in lines if "sample evil" in line]
+    assert evil and "scan.mhd" in evil[0] and "ElementDataFile" in evil[0], lines
+    assert "/proc/self/environ" in evil[0] and "absolute path" in evil[0]
+    published = world.published()
+    assert "ct/good" in published and not [k for k in published if k.endswith("/evil")]
+    secret = world.env["AWS_SECRET_ACCESS_KEY"].encode()
+    for page in world.s3.get_paginator("list_objects_v2").paginate(Bucket=world.bucket):
+        for entry in page.get("Contents", []):
+            body = world.s3.get_object(Bucket=world.bucket, Key=entry["Key"])["Body"].read()
+            if entry["Key"].endswith(".gz"):
+                body = gzip.decompress(body)
+            assert secret not in body, entry["Key"]
+            assert b"root:x:0:0" not in body, entry["Key"]
+    failure = json.loads((world.workdir / "logs/failures/evil.preprocess.json").read_text())
+    assert failure["kind"] == "input"
