@@ -56,7 +56,9 @@ from workflow_support import (  # noqa: E402
     write_samples,
 )
 
-from medprep import manifest, schema, storage  # noqa: E402
+from medprep import storage  # noqa: E402
+from medprep.common import settings as schema  # noqa: E402
+from medprep.workflow import manifest  # noqa: E402
 
 # the phantoms span a 358 mm field of view, as a chest CT does
 FIELD_OF_VIEW_MM = 358.4
@@ -107,7 +109,7 @@ def child_chain(series: Path, args) -> None:
 
 def write_phantom(series: Path, args, seed: int) -> None:
     """One sample's series, of the size the arguments ask for."""
-    from medprep.ct.phantom import write_chest_phantom
+    from medprep.demo.ct_phantom import write_chest_phantom
 
     write_chest_phantom(
         series,

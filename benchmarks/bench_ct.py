@@ -235,7 +235,7 @@ def lidc_scan(slices: int) -> tuple[Path, dict]:
 
 
 def _phantom(args) -> tuple[Path, dict]:
-    from medprep.ct.phantom import write_chest_phantom
+    from medprep.demo.ct_phantom import write_chest_phantom
 
     folder = OUT / f"phantom-{args.rows}x{args.cols}x{args.slices}"
     truth_file = folder.with_suffix(".json")

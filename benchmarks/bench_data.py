@@ -36,7 +36,8 @@ from s3_support import (  # noqa: E402
     raw_client,
 )
 
-from medprep import atomic, dataset  # noqa: E402
+from medprep.common import atomic  # noqa: E402
+from medprep.data import index as dataset  # noqa: E402
 from medprep.data import open_dataset  # noqa: E402
 from medprep.wsi import writers  # noqa: E402
 

@@ -39,7 +39,7 @@ def build_once(folder: str, n: int, tiles: int, patches: int) -> None:
     """Child process: build the index of the first ``n`` samples and print a JSON line."""
     from dataset_support import write_cohort
 
-    from medprep import dataset
+    from medprep.data import index as dataset
 
     entries = write_cohort(Path(folder) / "results", cohort_rows(n), tiles=tiles, patches=patches)
     started, cpu = time.perf_counter(), time.process_time()

@@ -41,8 +41,8 @@ from s3_support import (  # noqa: E402
 )
 
 from medprep import storage  # noqa: E402
-from medprep import workflow as mw  # noqa: E402
 from medprep.storage import published  # noqa: E402
+from medprep.workflow import parse as mw  # noqa: E402
 
 REPO = HERE.parent
 

@@ -55,7 +55,7 @@ DEFAULT_TOLERANCE = 0.025
 
 
 def build_slide(size: int, slide_tile: int = TILE, mpp: float = 0.5) -> Path:
-    from medprep.wsi.synthetic import write_synthetic_slide
+    from medprep.demo.synthetic_slide import write_synthetic_slide
 
     OUT.mkdir(parents=True, exist_ok=True)
     name = f"bench-{size}"
@@ -163,7 +163,7 @@ def run_read_only_direct(slide: Path, table: Path, workers: int) -> dict:
     """The read-only limit of the direct path: the same tiles, one direct read each."""
     import pyarrow.parquet as pq
 
-    from medprep.parallel import run_parallel
+    from medprep.common.parallel import run_parallel
 
     columns = pq.read_table(table, columns=["x", "y"]).to_pydict()
     coordinates = list(zip(columns["x"], columns["y"], strict=True))
@@ -176,7 +176,7 @@ def run_read_only_direct(slide: Path, table: Path, workers: int) -> dict:
 def run_read_only(slide: Path, table: Path, workers: int) -> dict:
     import pyarrow.parquet as pq
 
-    from medprep.parallel import run_parallel
+    from medprep.common.parallel import run_parallel
 
     columns = pq.read_table(table, columns=["x", "y"]).to_pydict()
     coordinates = list(zip(columns["x"], columns["y"], strict=True))
@@ -269,7 +269,7 @@ def run_read_cost(slide: Path, table: Path, out: Path, samples: int = 400) -> di
 def run_preprocess(
     slide: Path, out: Path, workers: int, mpp: float = 0.5, tolerance: float = 0.0
 ) -> dict:
-    from medprep import atomic
+    from medprep.common import atomic
     from medprep.wsi import steps
 
     folder = out / "S"
@@ -297,7 +297,7 @@ def run_preprocess(
 
 
 def run_tile(out: Path, workers: int, container: str = "tar") -> dict:
-    from medprep import atomic
+    from medprep.common import atomic
     from medprep.wsi import steps
 
     folder = out / "S"

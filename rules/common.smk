@@ -6,7 +6,8 @@ from snakemake.utils import min_version, validate
 # sys.path on to rule scripts, so they import it too, also inside per-rule conda envs.
 sys.path.insert(0, workflow.basedir)
 
-from medprep import workflow as mw
+from medprep.workflow import parse as mw
+from medprep.workflow import resources as mr
 
 min_version("9.0")
 
@@ -23,12 +24,12 @@ RUN = mw.run_name(config)
 
 # Memory guarded by default: a local run without --resources mem_mb=N gets the memory
 # the machine has available; `transfers` (profiles/default) gets a default too.
-mw.default_global_resources(workflow)
+mr.default_global_resources(workflow)
 
 mw.build_demo_if_requested(config)
 
 # A new identity for this run: a retry of a job that failed on bad input in this run
-# fails at once (medprep.runner), a new run tries again.
+# fails at once (medprep.workflow.runner), a new run tries again.
 if workflow.is_main_process:
     mw.start_run()
 
@@ -46,7 +47,7 @@ mw.storage.expect_sources(
 # ... and those of the published samples, for the check of `upload` (see below).
 mw.expect_published(sample_table, config)
 # S3 inputs: local disk bounded by default (--resources disk_mb=N sets another budget).
-mw.default_disk_budget(workflow, list(sample_table.values()), config)
+mr.default_disk_budget(workflow, list(sample_table.values()), config)
 
 
 wildcard_constraints:
@@ -126,7 +127,7 @@ def cpu_threads(most):
     """
 
     def threads(wildcards):
-        return mw.cpu_job_threads(
+        return mr.cpu_job_threads(
             most,
             samples=len(sample_table),
             cores=workflow.global_resources["_cores"].value,
@@ -136,12 +137,12 @@ def cpu_threads(most):
     return threads
 
 
-##### resources (mem_mb from input sizes; see medprep/workflow.py for the formulas) #####
+##### resources (mem_mb from input sizes; see medprep/workflow/ for the formulas) #####
 
 
 def job_mem_mb(step, threads, attempt, **inputs):
     """mem_mb of one job; on a cluster it includes the Snakemake processes running it."""
-    return mw.mem_mb(
+    return mr.mem_mb(
         step,
         threads=threads,
         attempt=attempt,
@@ -205,7 +206,7 @@ def mem_upload(wildcards, threads, attempt):
 
 
 def disk_download(wildcards):
-    return mw.disk_mb(
+    return mr.disk_mb(
         "download",
         uri=sample_uri(wildcards),
         modality=wildcards.modality,
@@ -214,7 +215,7 @@ def disk_download(wildcards):
 
 
 def disk_preprocess_ct(wildcards, input):
-    return mw.disk_mb(
+    return mr.disk_mb(
         "preprocess_ct",
         download_manifest=input.manifest,
         config=config,
@@ -222,7 +223,7 @@ def disk_preprocess_ct(wildcards, input):
 
 
 def disk_preprocess_wsi(wildcards, input):
-    return mw.disk_mb(
+    return mr.disk_mb(
         "preprocess_wsi",
         download_manifest=input.manifest,
         config=config,
@@ -230,7 +231,7 @@ def disk_preprocess_wsi(wildcards, input):
 
 
 def disk_tile_ct(wildcards, input):
-    return mw.disk_mb(
+    return mr.disk_mb(
         "tile_ct",
         download_manifest=step_manifest("download")(wildcards),
         preprocess_manifest=input.preprocess,
@@ -239,7 +240,7 @@ def disk_tile_ct(wildcards, input):
 
 
 def disk_tile_wsi(wildcards, input):
-    return mw.disk_mb(
+    return mr.disk_mb(
         "tile_wsi",
         download_manifest=input.download,
         preprocess_manifest=input.preprocess,
@@ -248,7 +249,7 @@ def disk_tile_wsi(wildcards, input):
 
 
 def disk_upload(wildcards, input):
-    return mw.disk_mb(
+    return mr.disk_mb(
         "upload",
         download_manifest=step_manifest("download")(wildcards),
         step_manifests=list(input.manifests),

@@ -1,4 +1,4 @@
-from medprep import dataset as medprep_dataset
+from medprep.data import index as medprep_dataset
 
 # sample, modality, label, patient and meta_* of every sample, in sheet order
 DATASET_SAMPLES = medprep_dataset.sheet_records(sample_table)

@@ -49,7 +49,7 @@ rule tile_annotations:
     threads: 1
     resources:
         mem_mb=mem_download,
-        disk_mb=mw.SMALL_OUTPUTS_MB,
+        disk_mb=mr.SMALL_OUTPUTS_MB,
         transfers=1,
         runtime="10m",
     params:
@@ -76,7 +76,7 @@ rule tile_annotations_cohort:
     threads: 1
     resources:
         mem_mb=mem_download,
-        disk_mb=mw.SMALL_OUTPUTS_MB,
+        disk_mb=mr.SMALL_OUTPUTS_MB,
         transfers=1,
         runtime="10m",
     params:

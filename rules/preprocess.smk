@@ -34,7 +34,7 @@ rule preprocess_ct:
     input:
         manifest="results/ct/{sample}/download.json",
     # The volume and the lung mask are working files (params, listed in the manifest),
-    # not outputs: removed after upload for s3:// inputs (see medprep/scratch.py).
+    # not outputs: removed after upload for s3:// inputs (see medprep/workflow/working_files.py).
     output:
         metadata="results/ct/{sample}/preprocess/metadata.json",
         qc="results/ct/{sample}/preprocess/qc.png",

@@ -1,5 +1,5 @@
-from medprep import cohort as medprep_cohort
-from medprep import dataset as medprep_dataset
+from medprep.cohort import table as medprep_cohort
+from medprep.data import index as medprep_dataset
 
 # This run's cohort (results/cohort/{RUN}/); `--report` of a run without one stops here.
 COHORT_OUTPUTS = mw.cohort_outputs(RUN)
@@ -38,7 +38,7 @@ rule cohort:
     input:
         receipts=get_final_outputs(),
         # each sample's QC picture, registered for the report when it exists (see
-        # medprep.cohort.qc_pictures)
+        # medprep.cohort.table.qc_pictures)
         pictures=lambda wildcards: medprep_cohort.qc_pictures(
             COHORT_SAMPLES, QC_PICTURES, report
         ),

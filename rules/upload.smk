@@ -25,7 +25,7 @@ rule upload:
     params:
         destination=publish_destination,
         published_generation=published_generation,
-        # what stays in results/ when working files are removed (medprep/scratch.py);
+        # what stays in results/ when working files are removed (medprep/workflow/working_files.py);
         # config["keep_working_files"] is read by the script: changing it reruns nothing
         rule_outputs=sample_rule_outputs,
         download="results/{modality}/{sample}/download.json",

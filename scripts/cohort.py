@@ -2,10 +2,10 @@
 
 import logging
 
-from medprep import cohort
-from medprep.runner import run_step
+from medprep.cohort import table as cohort
+from medprep.workflow.runner import run_step
 
-log = logging.getLogger("medprep.cohort")
+log = logging.getLogger("medprep.cohort.table")
 
 
 def main(smk):

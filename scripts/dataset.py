@@ -2,8 +2,10 @@
 
 import os
 
-from medprep import __version__, atomic, dataset
-from medprep.runner import run_step
+from medprep import __version__
+from medprep.common import atomic
+from medprep.data import index as dataset
+from medprep.workflow.runner import run_step
 
 
 def main(smk):

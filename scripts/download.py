@@ -2,10 +2,11 @@
 
 import logging
 
-from medprep import manifest, storage
-from medprep.errors import undefer
-from medprep.redact import redact
-from medprep.runner import run_step
+from medprep import storage
+from medprep.common.errors import undefer
+from medprep.common.redact import redact
+from medprep.workflow import manifest
+from medprep.workflow.runner import run_step
 
 log = logging.getLogger("medprep.download")
 

@@ -1,9 +1,10 @@
 """Rules `tile_annotations(_cohort)`: fetch an annotation file and describe it."""
 
-from medprep import manifest, storage
-from medprep.errors import InputError, undefer
-from medprep.redact import redact
-from medprep.runner import run_step
+from medprep import storage
+from medprep.common.errors import InputError, undefer
+from medprep.common.redact import redact
+from medprep.workflow import manifest
+from medprep.workflow.runner import run_step
 
 
 def main(smk):

@@ -1,7 +1,7 @@
 """Rule `preprocess_ct`: a sample's DICOM files to an HU volume, lung mask, metadata and QC."""
 
 from medprep.ct.steps import run_preprocess
-from medprep.runner import run_step
+from medprep.workflow.runner import run_step
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 """Rule `preprocess_wsi`: resolution, level choice, tissue mask and thumbnail of one slide."""
 
-from medprep.runner import run_step
+from medprep.workflow.runner import run_step
 from medprep.wsi.steps import run_preprocess
 
 

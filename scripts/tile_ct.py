@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from medprep.ct.steps import run_tile
-from medprep.runner import run_step
+from medprep.workflow.runner import run_step
 
 
 def main(smk):

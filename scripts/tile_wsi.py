@@ -1,6 +1,6 @@
 """Rule `tile_wsi`: tiles of one slide where it has tissue, with QC scores and a table."""
 
-from medprep.runner import run_step
+from medprep.workflow.runner import run_step
 from medprep.wsi.steps import run_tile
 
 

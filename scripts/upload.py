@@ -3,10 +3,13 @@
 import logging
 import sys
 
-from medprep import __version__, atomic, manifest, scratch, storage
-from medprep.redact import redact
-from medprep.runner import run_step
+from medprep import __version__, storage
+from medprep.common import atomic
+from medprep.common.redact import redact
 from medprep.storage import published as published_check
+from medprep.workflow import manifest
+from medprep.workflow import working_files as scratch
+from medprep.workflow.runner import run_step
 
 log = logging.getLogger("medprep.upload")
 
@@ -44,7 +47,7 @@ def main(smk):
 
 
 def remove_working_files(smk, steps):
-    """Published: the sample's working files go unless keep_working_files (medprep/scratch.py)."""
+    """Published: the sample's working files go unless keep_working_files (medprep/workflow/working_files.py)."""
     download = manifest.read_step_manifest(smk.params.download)
     source = download.get("source", "")
     if scratch.keep_working_files(smk.config.get("keep_working_files"), source):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medprep import atomic
+from medprep.common import atomic
 from medprep.ct.patches import TABLE_COLUMNS as PATCH_TABLE
-from medprep.dataset import SampleEntry
+from medprep.data.index import SampleEntry
 from medprep.wsi import writers
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from workflow_support import REPO, run_snakemake, write_config
 
-from medprep.schema import CONFIG_SCHEMA, load_schema, unknown_keys
+from medprep.common.settings import CONFIG_SCHEMA, load_schema, unknown_keys
 
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 

@@ -11,9 +11,10 @@ import textwrap
 
 import pytest
 
-from medprep import atomic, manifest, parallel
-from medprep.errors import InputError
-from medprep.redact import RedactingFilter, redact
+from medprep.common import atomic, parallel
+from medprep.common.errors import InputError
+from medprep.common.redact import RedactingFilter, redact
+from medprep.workflow import manifest
 
 ##### atomic writes #####
 
@@ -232,8 +233,8 @@ RUNNER = textwrap.dedent(
     """
     import sys
     from types import SimpleNamespace
-    from medprep.errors import InputError
-    from medprep.runner import run_step
+    from medprep.common.errors import InputError
+    from medprep.workflow.runner import run_step
 
     class Named(list):
         pass
@@ -289,7 +290,7 @@ def test_run_step_success_clears_old_failure_record(tmp_path):
 
 
 def test_code_fingerprint_follows_the_engine_code_only(tmp_path):
-    from medprep.workflow import code_fingerprint
+    from medprep.workflow.parse import code_fingerprint
 
     (tmp_path / "wsi" / "sub").mkdir(parents=True)
     (tmp_path / "ct").mkdir()
@@ -305,7 +306,7 @@ def test_code_fingerprint_follows_the_engine_code_only(tmp_path):
 
 
 def test_settings_split_gives_each_rule_only_its_part():
-    from medprep.workflow import settings_only, settings_without
+    from medprep.workflow.parse import settings_only, settings_without
 
     ct = {"spacing": [1, 1, 1], "patches": {"size_mm": 64}, "normalise": {"mean": 0.25}}
     assert settings_without(ct, "patches") == {"spacing": [1, 1, 1], "normalise": {"mean": 0.25}}

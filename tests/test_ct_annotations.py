@@ -17,12 +17,14 @@ import pandas as pd
 import pytest
 from test_ct_nodules import SLAB, XML, dicom_frames
 
-from medprep import manifest, storage
-from medprep.ct import annotations, lidc, phantom, steps
+from medprep import storage
+from medprep.common.errors import InputError
+from medprep.ct import annotations, lidc, steps
 from medprep.ct.nifti import LPS_TO_RAS
 from medprep.ct.series import uid_hash
-from medprep.errors import InputError
-from medprep.sheet import SampleSheetError, read_sample_sheet
+from medprep.demo import ct_phantom as phantom
+from medprep.workflow import manifest
+from medprep.workflow.sheet import SampleSheetError, read_sample_sheet
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES_SCHEMA = REPO / "schemas/samples.schema.yaml"

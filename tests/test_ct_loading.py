@@ -20,10 +20,10 @@ from ct_support import (
     without_preamble,
 )
 
+from medprep.common.errors import InputError
 from medprep.ct import dicom_io, lung
 from medprep.ct import preprocess as pp
 from medprep.ct.hu import ModalityTransform, Padding, to_hu
-from medprep.errors import InputError
 
 
 def files(folder):

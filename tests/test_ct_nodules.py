@@ -18,9 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from medprep.common.errors import InputError
 from medprep.ct import lidc, steps
 from medprep.ct.nifti import LPS_TO_RAS
-from medprep.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SLAB = REPO / "tests/data/ct/lidc-idri-0001-slab"

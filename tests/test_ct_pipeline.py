@@ -20,10 +20,11 @@ import pytest
 import yaml
 from ct_support import CT_3SLICE, dicom_files, edited_copy
 
-from medprep.ct import hu, nifti, phantom, settings, steps, tile
+from medprep.common.settings import config_defaults
+from medprep.ct import hu, nifti, settings, steps, tile
 from medprep.ct import preprocess as pp
-from medprep.manifest import read_step_manifest
-from medprep.schema import config_defaults
+from medprep.demo import ct_phantom as phantom
+from medprep.workflow.manifest import read_step_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(rows=64, cols=64, slices=40, pixel_mm=6.0, slice_mm=8.0)
@@ -316,7 +317,7 @@ def test_rule_scripts_write_manifests_and_fail_in_one_line(tmp_path, monkeypatch
         "manifest": str(base / "preprocess.json"),
     }
     params = {
-        # working files: params, not outputs (removed after upload; see medprep.scratch)
+        # working files: params, not outputs (removed after upload; see medprep.workflow.working_files)
         "volume": str(base / "preprocess/volume.nii.gz"),
         "mask": str(base / "preprocess/lung_mask.nii.gz"),
         "settings": {**COARSE, "spacing": [1.0, 1.0, 1.0]},

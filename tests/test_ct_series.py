@@ -10,11 +10,11 @@ import pydicom
 import pytest
 from ct_support import CT_3SLICE, TEST_DATA, dicom_files
 
+from medprep.common.errors import InputError
 from medprep.ct import dicom_io, series
 from medprep.ct import preprocess as pp
 from medprep.ct.hu import ModalityTransform, Padding, to_hu
 from medprep.ct.settings import ct_settings
-from medprep.errors import InputError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 BLANK_UIDS = TEST_DATA / "siemens-j2k-blank-uids"

@@ -10,9 +10,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from medprep.common.errors import InputError
 from medprep.ct import hu, lung, memory, nifti, patches, resample, series
 from medprep.ct.settings import CtSettings
-from medprep.errors import InputError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

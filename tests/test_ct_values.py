@@ -10,9 +10,9 @@ import pydicom
 import pytest
 from ct_support import CT_3SLICE, copy_folder, dicom_files
 
-from medprep import atomic
+from medprep.common import atomic
+from medprep.common.errors import InputError
 from medprep.ct import preprocess as pp
-from medprep.errors import InputError
 
 
 def edited_series(tmp_path, keyword, value, which=("02.dcm",)):

@@ -12,8 +12,8 @@ import SimpleITK as sitk
 from ct_support import CT_3SLICE, TEST_DATA, dicom_files
 
 from medprep import storage
+from medprep.common.errors import InputError
 from medprep.ct import preprocess as pp
-from medprep.errors import InputError
 
 NIFTI = TEST_DATA / "volumes" / "totalseg-example-ct-3mm.nii.gz"
 # three real slices hold little lung: lower the no-lungs floor so the mask is compared
@@ -110,7 +110,7 @@ def test_discovery_takes_each_volume_file_as_one_sample(tmp_path):
 def test_the_sheet_accepts_a_uid_its_hash_or_a_series_number(tmp_path):
     from workflow_support import REPO
 
-    from medprep.sheet import SampleSheetError, read_sample_sheet
+    from medprep.workflow.sheet import SampleSheetError, read_sample_sheet
 
     schema = REPO / "schemas" / "samples.schema.yaml"
     sheet = tmp_path / "samples.tsv"

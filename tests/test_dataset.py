@@ -17,9 +17,9 @@ from conftest import TINY_SAMPLES
 from dataset_support import write_cohort
 from workflow_support import REPO, run_snakemake, write_config
 
-from medprep import dataset, splits
 from medprep.ct import nifti
-from medprep.data import DatasetNotReady, open_dataset
+from medprep.data import DatasetNotReady, open_dataset, splits
+from medprep.data import index as dataset
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 

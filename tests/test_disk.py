@@ -20,7 +20,7 @@ from s3_support import (
 from slurm_support import JobEvent, job_events
 from workflow_support import DiskSampler, folder_bytes, run_snakemake, write_config, write_samples
 
-from medprep.ct.phantom import write_chest_phantom
+from medprep.demo.ct_phantom import write_chest_phantom
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """The disk a CT sample's download reserves before its outputs are known
-(``medprep.workflow.estimated_working_set``) covers what the sample then really holds."""
+(``medprep.workflow.resources.estimated_working_set``) covers what the sample then really holds."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from medprep import schema
-from medprep import workflow as mw
+from medprep.common import settings as schema
 from medprep.ct import steps
-from medprep.ct.phantom import write_chest_phantom
+from medprep.demo.ct_phantom import write_chest_phantom
+from medprep.workflow import resources as mw
 
 # (rows and columns, pixel mm, slices, slice mm): the usual chest CT voxels of 512 x 512 px
 # over 358 mm; and the coarse voxels of 2.5 mm pixels and 5 mm slices (the series' own

@@ -15,9 +15,9 @@ import pytest
 from test_storage_workflow import aws_env, world  # noqa: F401 - the S3 workflow fixtures
 
 from medprep import storage
+from medprep.common.errors import InputError
 from medprep.ct import preprocess as pp
 from medprep.ct import volume_io
-from medprep.errors import InputError
 
 SHAPE = (6, 10, 12)  # z, y, x
 HEADER = (

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from medprep import storage
-from medprep.errors import InputError, defer, undefer
-from medprep.sheet import SampleSheetError, read_sample_sheet
+from medprep.common.errors import InputError, defer, undefer
 from medprep.storage import local
-from medprep.workflow import source_fingerprint
+from medprep.workflow.parse import source_fingerprint
+from medprep.workflow.sheet import SampleSheetError, read_sample_sheet
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
 
@@ -290,8 +290,8 @@ RUNNER = textwrap.dedent(
     import sys
     from pathlib import Path
     from types import SimpleNamespace
-    from medprep.errors import InputError
-    from medprep.runner import run_step
+    from medprep.common.errors import InputError
+    from medprep.workflow.runner import run_step
 
     class Named(list):
         pass
@@ -335,7 +335,7 @@ def times_worked(tmp_path: Path) -> int:
 
 @pytest.fixture
 def runner(tmp_path):
-    from medprep.runner import start_run
+    from medprep.workflow.runner import start_run
 
     (tmp_path / "runner.py").write_text(RUNNER)
     (tmp_path / "in.json").write_text("{}")
@@ -361,7 +361,7 @@ def test_a_retry_after_an_input_error_fails_at_once_with_the_same_line(runner):
 
 
 def test_a_new_run_or_changed_inputs_try_again(runner):
-    from medprep.runner import start_run
+    from medprep.workflow.runner import start_run
 
     attempt(runner, "input")
     (runner / "in.json").write_text('{"changed": 1}')
@@ -418,7 +418,7 @@ EXTRA = {
     ],
 )
 def test_a_memory_estimate_falls_back_instead_of_stopping_the_run(tmp_path, step, key, content):
-    from medprep.workflow import mem_mb
+    from medprep.workflow.resources import mem_mb
 
     manifest = tmp_path / "step.json"
     manifest.write_text(content)

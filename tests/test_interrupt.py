@@ -22,8 +22,8 @@ from workflow_support import (
 )
 from wsi_support import CMU
 
-from medprep import runner
-from medprep.wsi.synthetic import write_synthetic_slide
+from medprep.demo.synthetic_slide import write_synthetic_slide
+from medprep.workflow import runner
 
 pytestmark = pytest.mark.slow
 

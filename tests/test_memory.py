@@ -16,7 +16,7 @@ from conftest import TINY_SAMPLES
 from slurm_support import JobEvent, job_events
 from workflow_support import copy_workdir, run_snakemake
 
-from medprep import workflow as mw
+from medprep.workflow import resources as mw
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
-"""Progress lines of long steps (medprep.progress)."""
+"""Progress lines of long steps (medprep.common.progress)."""
 
-from medprep.progress import Progress, format_duration, progress_line
+from medprep.common.progress import Progress, format_duration, progress_line
 
 
 class FakeClock:

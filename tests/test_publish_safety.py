@@ -42,8 +42,9 @@ from workflow_support import (
     write_samples,
 )
 
-from medprep import atomic, storage
-from medprep.errors import InputError
+from medprep import storage
+from medprep.common import atomic
+from medprep.common.errors import InputError
 
 MB = 1024 * 1024
 CT = ("real-dcmqi-3slice", "ct", "data/ct/real-dcmqi-3slice")

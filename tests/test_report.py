@@ -21,7 +21,9 @@ from PIL import Image
 from report_support import Chromium, find_chromium, report_data, show_category, show_result
 from workflow_support import REPO, copy_workdir, run_snakemake, write_config, write_samples
 
-from medprep import cohort, cohort_html, cohort_plot
+from medprep.cohort import html as cohort_html
+from medprep.cohort import plot as cohort_plot
+from medprep.cohort import table as cohort
 
 MODALITY = {sample: modality for sample, modality, _ in TINY_SAMPLES}
 PICTURES = {"wsi": "tiles/overlay.png", "ct": "preprocess/qc.png"}
@@ -226,7 +228,7 @@ def test_removing_the_failed_sample_rebuilds_the_table(partly_failed, tmp_path):
 def test_summary_command_counts_by_status_and_names_the_report(partly_failed):
     (partly_failed / "report.html").write_text("<html></html>")  # only its path is printed
     printed = subprocess.run(
-        [sys.executable, "-m", "medprep.cohort", "--report", "report.html"],
+        [sys.executable, "-m", "medprep.cohort.table", "--report", "report.html"],
         cwd=partly_failed,
         capture_output=True,
         text=True,

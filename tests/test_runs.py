@@ -13,8 +13,8 @@ import pytest
 from report_support import report_data
 from workflow_support import run_snakemake, write_config
 
-from medprep import workflow
 from medprep.data import dataset_runs, open_dataset
+from medprep.workflow import parse as workflow
 
 SLIDES = {"synthetic-01": "synthetic-01.tiff", "CMU-1-Small-Region": "CMU-1-Small-Region.svs"}
 

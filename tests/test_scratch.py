@@ -161,7 +161,7 @@ def test_a_destination_on_another_device_gets_real_copies(tmp_path):
 
 
 def test_which_working_files_go_after_upload(tmp_path):
-    from medprep import scratch
+    from medprep.workflow import working_files as scratch
 
     assert scratch.keep_working_files(None, "/data/ct/S1") is True
     assert scratch.keep_working_files(None, "s3://bucket/ct/S1/") is False
@@ -188,8 +188,8 @@ def test_which_working_files_go_after_upload(tmp_path):
 
 
 def test_a_working_file_missing_from_the_destination_fails_with_a_clear_line(tmp_path):
-    from medprep import scratch
-    from medprep.errors import InputError
+    from medprep.common.errors import InputError
+    from medprep.workflow import working_files as scratch
 
     step = {
         "step": "preprocess",
@@ -202,7 +202,7 @@ def test_a_working_file_missing_from_the_destination_fails_with_a_clear_line(tmp
 
 
 def test_cpu_jobs_take_one_core_in_a_local_cohort_of_at_least_as_many_samples_as_cores():
-    from medprep.workflow import cpu_job_threads
+    from medprep.workflow.resources import cpu_job_threads
 
     assert cpu_job_threads(2, samples=12, cores=2, on_cluster=False) == 1
     assert cpu_job_threads(2, samples=1, cores=2, on_cluster=False) == 2

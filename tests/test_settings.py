@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medprep.common.settings import Settings, config_defaults, settings_section
 from medprep.ct.settings import CtSettings
-from medprep.schema import Settings, config_defaults, settings_section
 from medprep.wsi.settings import TileSettings
 
 SCHEMA = {
@@ -86,7 +86,7 @@ def test_settings_cross_process_boundaries():
 def test_the_schemas_defaults_are_valid_so_only_changed_values_are_checked():
     import jsonschema
 
-    from medprep.schema import CONFIG_SCHEMA
+    from medprep.common.settings import CONFIG_SCHEMA
 
     schema = yaml.safe_load(Path(CONFIG_SCHEMA).read_text())
     for section in ("ct", "wsi", "storage"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medprep.sheet import SampleSheetError, carried_columns, read_sample_sheet
+from medprep.workflow.sheet import SampleSheetError, carried_columns, read_sample_sheet
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
 

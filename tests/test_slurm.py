@@ -25,7 +25,7 @@ from slurm_support import (
 )
 from workflow_support import REPO, Run, run_snakemake, tree_digest, write_config, write_samples
 
-from medprep.workflow import CLUSTER_JOB_OVERHEAD_MB
+from medprep.workflow.resources import CLUSTER_JOB_OVERHEAD_MB
 
 pytestmark = pytest.mark.slow
 

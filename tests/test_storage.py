@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from medprep import atomic, storage
-from medprep.errors import InputError
+from medprep import storage
+from medprep.common import atomic
+from medprep.common.errors import InputError
 from medprep.storage import local
 from medprep.storage.s3_listing import RemoteObject, parent_prefix, select_for_key
 from medprep.storage.s3_transfer import describe_local, file_part_md5s, multipart_etag

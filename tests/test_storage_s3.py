@@ -22,9 +22,10 @@ from s3_support import (
 )
 from workflow_support import make_artifacts
 
-from medprep import atomic, storage
-from medprep.errors import InputError
-from medprep.redact import RedactingFilter
+from medprep import storage
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.common.redact import RedactingFilter
 from medprep.storage import s3_listing
 from medprep.storage.s3 import DOWNLOAD_STATE, StorageUnavailable
 from medprep.storage.s3_connect import TransferCorrupt

@@ -1,4 +1,4 @@
-"""medprep.tables: the tile and patch tables' arrays, built without pyarrow's Python
+"""medprep.common.tables: the tile and patch tables' arrays, built without pyarrow's Python
 conversion (which imports pandas in every tile job)."""
 
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medprep.tables import arrow_table
+from medprep.common.tables import arrow_table
 
 KINDS = {"i": "int64", "j": "int32", "f": "float64", "b": "bool", "s": "string"}
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 from wsi_support import CMU, DAPI, TCGA_NO_MPP, outputs, preprocess, tile
 
-from medprep import atomic
+from medprep.common import atomic
+from medprep.demo.synthetic_slide import write_pyramidal_tiff
 from medprep.wsi import artifacts, qc
-from medprep.wsi.synthetic import write_pyramidal_tiff
 from medprep.wsi.writers import read_table
 
 # Marker inks as transmittances (ink absorbs: the slide's colour is multiplied by these).

@@ -18,8 +18,8 @@ from wsi_support import (
     zero_bytes,
 )
 
-from medprep.errors import InputError
-from medprep.wsi.synthetic import write_pyramidal_tiff
+from medprep.common.errors import InputError
+from medprep.demo.synthetic_slide import write_pyramidal_tiff
 
 
 def plain_tiff(folder: Path) -> Path:

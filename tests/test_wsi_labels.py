@@ -17,8 +17,9 @@ import pytest
 import wsi_support
 from wsi_support import CMU, outputs, preprocess, write_download
 
-from medprep import atomic, dataset
-from medprep.errors import InputError
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.data import index as dataset
 from medprep.wsi import labels, steps, writers
 
 REPO = Path(__file__).resolve().parent.parent

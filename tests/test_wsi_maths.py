@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from medprep.errors import InputError
-from medprep.schema import config_defaults
+from medprep.common.errors import InputError
+from medprep.common.settings import config_defaults
 from medprep.wsi import grid, memory, qc, resolution, tissue, writers
 from medprep.wsi.settings import FilterSettings, ResolutionSettings, TileSettings, TissueSettings
 

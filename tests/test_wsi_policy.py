@@ -18,8 +18,8 @@ from wsi_support import (
     tile,
 )
 
-from medprep import atomic
-from medprep.errors import InputError
+from medprep.common import atomic
+from medprep.common.errors import InputError
 from medprep.wsi import guard, resolution
 from medprep.wsi.settings import ResolutionSettings
 from medprep.wsi.writers import read_table
@@ -251,7 +251,7 @@ def test_vendor_files_openslide_cannot_tile_are_named_with_what_to_do(tmp_path, 
 def test_new_settings_defaults_match_the_schema_and_the_shipped_config():
     import yaml
 
-    from medprep.schema import config_defaults
+    from medprep.common.settings import config_defaults
 
     wsi = config_defaults("wsi")
     assert guard.Limits.from_config(None) == guard.Limits.from_config(wsi["limits"])

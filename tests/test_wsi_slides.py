@@ -23,8 +23,8 @@ from wsi_support import (
     write_stripes_slide,
 )
 
-from medprep import atomic
-from medprep.errors import InputError
+from medprep.common import atomic
+from medprep.common.errors import InputError
 from medprep.wsi import slide as slides
 from medprep.wsi.preprocess import preprocess_slide
 from medprep.wsi.settings import ResolutionSettings
@@ -223,9 +223,9 @@ def test_counts_agree_between_summary_manifest_table_and_shards(tmp_path, synthe
 def test_tiling_logs_its_progress_in_tiles(tmp_path, synthetic, caplog):
     folder = tmp_path / "S"
     preprocess(folder, synthetic)
-    with caplog.at_level("INFO", logger="medprep.progress"):
+    with caplog.at_level("INFO", logger="medprep.common.progress"):
         summary = tile(folder, container="coords")["summary"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "medprep.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "medprep.common.progress"]
     candidates = summary["candidates"]
     assert lines and lines[-1].startswith(f"tiles {candidates:,}/{candidates:,} (100%), ")
     assert lines[-1].endswith(" tiles/s")

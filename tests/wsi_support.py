@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from medprep import atomic
+from medprep.common import atomic
+from medprep.demo.synthetic_slide import write_pyramidal_tiff, write_synthetic_slide
 from medprep.wsi import steps
-from medprep.wsi.synthetic import write_pyramidal_tiff, write_synthetic_slide
 
 DATA = Path(__file__).resolve().parent / "data" / "wsi"
 CMU = DATA / "CMU-1-Small-Region.svs"  # Aperio, 0.499 um/px, H&E

@@ -39,8 +39,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from medprep.common.errors import InputError
 from medprep.ct.nifti import LPS_TO_RAS
-from medprep.errors import InputError
 
 BACKGROUND = 0
 DEFAULT_LABEL = 1

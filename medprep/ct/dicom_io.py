@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medprep.common.errors import InputError
+from medprep.common.parallel import thread_map
 from medprep.ct.series import Rejected, SliceHeader
-from medprep.errors import InputError
-from medprep.parallel import thread_map
 
 # Values longer than this are left on disk while reading headers (pixel data, big private tags).
 DEFER_BYTES = 4096

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 
 SMALL_NODULE_MM = 3.0  # LIDC: nodules below this size are marked by one point
 

@@ -18,8 +18,8 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from medprep import claims
-from medprep.errors import InputError
+from medprep.common import claims
+from medprep.common.errors import InputError
 
 # Headers are a few hundred bytes; a LIST of one file per slice stays well under this.
 MAX_HEADER_BYTES = 1 << 20

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medprep import atomic
-from medprep.parallel import thread_map
+from medprep.common import atomic
+from medprep.common.parallel import thread_map
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 BLOCK_BYTES = 8 << 20

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# the columns of patches.parquet (written by medprep.ct.tile, indexed by medprep.dataset)
+# the columns of patches.parquet (written by medprep.ct.tile, indexed by medprep.data.index)
 TABLE_COLUMNS = {
     "patch": "int64",
     "z0": "int64",

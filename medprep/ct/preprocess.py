@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from medprep import atomic
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.common.parallel import thread_map
+from medprep.common.progress import Progress
 from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series, volume_io
 from medprep.ct.settings import ct_settings, lung_settings
-from medprep.errors import InputError
-from medprep.parallel import thread_map
-from medprep.progress import Progress
 
 log = logging.getLogger("medprep.ct")
 
@@ -534,7 +534,7 @@ def write_outputs(
     threads: int = 1,
 ) -> list[dict[str, str]]:
     """Write the volume, mask, metadata, QC picture (and ``arrays.npz`` if configured)."""
-    from medprep.manifest import artifact
+    from medprep.workflow.manifest import artifact
 
     nifti.write_nifti(volume, result.hu, result.affine_ras, threads)
     nifti.write_nifti(mask, result.mask, result.affine_ras, threads)

@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from medprep.parallel import thread_map
+from medprep.common.parallel import thread_map
 
 ORDERS = (0, 1, 3)
 OUTPUT_CHUNK = 16  # output slices computed together (threads share the work within one)

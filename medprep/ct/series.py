@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 STRUCTURED_REPORT_PREFIX = "1.2.840.10008.5.1.4.1.1.88"

@@ -1,7 +1,7 @@
 """The ``ct:`` config section as frozen dataclasses (``CtSettings``).
 
 Fields, defaults and limits are those of ``schemas/config.schema.yaml`` (see
-``medprep.schema.settings_section``): a key added there is a field here, with its default,
+``medprep.common.settings.settings_section``): a key added there is a field here, with its default,
 without an edit. ``ct_settings`` fills in what a (partial) section leaves out and rejects
 unknown keys in one line. The sections are also read-only mappings, so the engine reads
 ``cfg["patches"]["size_mm"]`` as it did the config's dicts.
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from medprep.schema import Settings, settings_section
+from medprep.common.settings import Settings, settings_section
 
 
 # declared before CtSettings, whose ``lung`` field it is; here rather than in lung.py so

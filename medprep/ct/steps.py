@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medprep import atomic, manifest
-from medprep.errors import InputError
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.workflow import manifest
 
 
 def fixed_mmap_threshold(limit_bytes: int = 1 << 20, trim_bytes: int = 4 << 20) -> bool:

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from medprep import atomic
+from medprep.common import atomic
+from medprep.common.parallel import thread_map
 from medprep.ct import annotations as regions
 from medprep.ct import hu, nifti, patches
 from medprep.ct.patches import TABLE_COLUMNS
 from medprep.ct.settings import ct_settings
-from medprep.manifest import artifact
-from medprep.parallel import thread_map
+from medprep.workflow.manifest import artifact
 
 log = logging.getLogger("medprep.ct")
 
@@ -52,7 +52,7 @@ def _artifact_path(manifest: dict[str, Any], name: str) -> str:
 def _write_table(path: str | os.PathLike, rows: dict[str, list]) -> None:
     import pyarrow.parquet as pq
 
-    from medprep.tables import arrow_table
+    from medprep.common.tables import arrow_table
 
     columns = dict(TABLE_COLUMNS)
     if LABEL_COLUMN in rows:

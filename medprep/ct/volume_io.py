@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from medprep import claims
+from medprep.common import claims
+from medprep.common.errors import InputError
 from medprep.ct import hu, metaimage, series
-from medprep.errors import InputError
 
 AIR_WINDOW_HU = (-1100.0, -900.0)
 MIN_AIR_FRACTION = 0.001

@@ -127,7 +127,7 @@ def check_artifact_names(artifacts: list[dict[str, str]]) -> None:
 
 def refusal(sample: str | None, where: str, cause: str) -> str:
     """The one line that says what publishing refused to touch, and why."""
-    from medprep.errors import InputError
+    from medprep.common.errors import InputError
 
     return str(InputError(cause, path=where, sample=sample))
 
@@ -168,7 +168,7 @@ def safe_sample_name(raw: str, where: str = "") -> str:
     """A sample name from a folder, prefix or file name: characters outside
     ``[A-Za-z0-9._-]`` become ``_``, leading non-alphanumerics go, at most 128 characters.
     """
-    from medprep.errors import InputError
+    from medprep.common.errors import InputError
 
     name = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
     name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128]

@@ -11,9 +11,9 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
-from medprep import atomic
-from medprep.errors import InputError, defer
-from medprep.parallel import thread_map
+from medprep.common import atomic
+from medprep.common.errors import InputError, defer
+from medprep.common.parallel import thread_map
 from medprep.storage import (
     IGNORED_NAMES,
     PUBLISHED_MANIFEST,

@@ -35,8 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medprep import atomic
-from medprep.redact import redact
+from medprep.common import atomic
+from medprep.common.redact import redact
 from medprep.storage import PUBLISHED_MANIFEST, _backend, join, refusal
 
 log = logging.getLogger(__name__)

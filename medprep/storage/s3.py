@@ -18,11 +18,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medprep import atomic
-from medprep.errors import InputError
-from medprep.parallel import thread_map
-from medprep.progress import Progress
-from medprep.redact import redact
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.common.parallel import thread_map
+from medprep.common.progress import Progress
+from medprep.common.redact import redact
 from medprep.storage import (
     METAIMAGE_DATA_SUFFIXES,
     PUBLISHED_MANIFEST,
@@ -298,7 +298,7 @@ def _download_all(
 
 
 def _download_item(bucket: str, obj: RemoteObject, final: Path) -> transfer.Download:
-    # the naming of medprep.atomic: hidden, so half-written files never look like data
+    # the naming of medprep.common.atomic: hidden, so half-written files never look like data
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     return transfer.Download(bucket=bucket, obj=obj, final=final, tmp=tmp)
 

@@ -4,7 +4,7 @@ Clients come from the standard configuration chain (environment, shared config a
 credentials files, instance roles); ``settings`` (the config's ``storage`` section) may
 name an ``endpoint_url`` (any S3-compatible store), a ``region`` and a ``profile``.
 Credentials are never read from the workflow config, and whatever the chain yields is
-registered with :mod:`medprep.redact` so it never reaches a log, manifest or message.
+registered with :mod:`medprep.common.redact` so it never reaches a log, manifest or message.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from medprep.redact import redact, register_secret
+from medprep.common.redact import redact, register_secret
 
 log = logging.getLogger(__name__)
 

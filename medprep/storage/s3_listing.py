@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from medprep.redact import redact
+from medprep.common.redact import redact
 from medprep.storage.s3_connect import S3Location, client, connection_key, parse_uri
 
 log = logging.getLogger(__name__)

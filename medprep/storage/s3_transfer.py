@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medprep.errors import InputError
-from medprep.redact import redact
+from medprep.common.errors import InputError
+from medprep.common.redact import redact
 from medprep.storage.s3_connect import (
     TransferCorrupt,
     describe_error,

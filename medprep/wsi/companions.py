@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 
 MAX_INDEX_BYTES = 1 << 20  # OpenSlide's own limit for Slidedat.ini
 _VMS_KEYS = ("ImageFile", "MapFile", "OptimisationFile", "MacroImage")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medprep.errors import InputError
-from medprep.schema import Settings, settings_section
+from medprep.common.errors import InputError
+from medprep.common.settings import Settings, settings_section
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Levels below this many pixels are cheap to read whatever they claim; not checked.

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 
 # make_valid's repair of an invalid polygon is accepted when it changes the polygon's area
 # (GEOS: |shell| - |holes|) by at most this fraction: it then only removed slivers, spikes
@@ -520,7 +520,7 @@ def outlines(annotations: Annotations) -> list[tuple[tuple[int, int, int], list[
 
 def annotation_file(manifest_path: str | os.PathLike) -> Path:
     """The annotation file a download-style manifest lists (InputError unless one)."""
-    from medprep import atomic
+    from medprep.common import atomic
 
     files = [entry["path"] for entry in atomic.read_json(manifest_path)["files"]]
     if len(files) != 1:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from medprep.errors import InputError
-from medprep.parallel import run_parallel
+from medprep.common.errors import InputError
+from medprep.common.parallel import run_parallel
 from medprep.wsi import guard, qc, vendors
 from medprep.wsi import resolution as res
 from medprep.wsi.artifacts import autocontrast

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 from medprep.wsi.settings import ResolutionSettings
 
 MPP_SOURCES = ("metadata", "sample_sheet", "config_fallback")

@@ -1,7 +1,7 @@
 """The ``wsi:`` settings of config.yaml as frozen dataclasses.
 
 Their fields, defaults and limits are those of ``schemas/config.schema.yaml`` (see
-``medprep.schema.settings_section``): nothing is restated here. Rules pass plain dicts
+``medprep.common.settings.settings_section``): nothing is restated here. Rules pass plain dicts
 (``config["wsi"]["tile"]`` and so on); ``from_config`` fills in the defaults and rejects
 unknown keys in one line, so a typo in a config key fails instead of being silently
 ignored; building one with a value outside the schema's limits fails the same way.
@@ -9,7 +9,7 @@ ignored; building one with a value outside the schema's limits fails the same wa
 
 from __future__ import annotations
 
-from medprep.schema import Settings, settings_section
+from medprep.common.settings import Settings, settings_section
 
 
 @settings_section("wsi", "resolution")

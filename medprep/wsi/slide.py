@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 from medprep.wsi.companions import check_named_files
 
 log = logging.getLogger(__name__)

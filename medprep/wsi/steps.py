@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from medprep import atomic, manifest
-from medprep.errors import InputError
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.workflow import manifest
 from medprep.wsi.settings import ResolutionSettings, TileSettings, TissueSettings
 from medprep.wsi.slide import pick_slide_file
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from medprep.errors import InputError
-from medprep.parallel import run_parallel
-from medprep.progress import Progress
+from medprep.common.errors import InputError
+from medprep.common.parallel import run_parallel
+from medprep.common.progress import Progress
 from medprep.wsi import artifacts, labels, qc
 from medprep.wsi import grid as grids
 from medprep.wsi.settings import TileSettings

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 
 QPI_MARKER = "PerkinElmer-QPI-ImageDescription"
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage

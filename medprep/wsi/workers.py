@@ -1,7 +1,7 @@
 """What runs inside pool workers: one slide handle per worker, opened by the initializer.
 
 OpenSlide handles cannot be pickled and are costly to open, so each worker opens the
-slide once in ``init_worker`` (run by ``medprep.parallel`` under fork or spawn; with one
+slide once in ``init_worker`` (run by ``medprep.common.parallel`` under fork or spawn; with one
 worker it runs in the calling process). Tasks and results are small picklable dataclasses;
 a failed read comes back as a result carrying the error, so the caller decides whether
 the sample fails.
@@ -102,7 +102,7 @@ PREREDUCED_FILTER = "LANCZOS"
 
 def worker_died(slide_path: str):
     """The error for a pool whose worker process died mid-read."""
-    from medprep.errors import InputError
+    from medprep.common.errors import InputError
 
     return InputError(
         "a worker process died while reading the slide (out of memory, or the slide "

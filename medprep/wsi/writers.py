@@ -1,6 +1,6 @@
 """Tile encoders, pixel containers (tar shards, a folder of files, none) and the tile table.
 
-Containers write into a folder the caller owns (a ``medprep.atomic.staged_dir``), one tile
+Containers write into a folder the caller owns (a ``medprep.common.atomic.staged_dir``), one tile
 at a time, in the order given: their output depends only on that order and the bytes.
 Tar shards are deterministic (fixed mtime, owner and mode) and WebDataset-style: each tile
 is one member ``<key>.<ext>`` whose key has no dots.
@@ -196,8 +196,8 @@ def _label_columns(columns: dict) -> dict[str, str]:
 def write_table(columns: dict[str, list], path: str | os.PathLike) -> None:
     """Write the tile table (Parquet, or CSV if ``path`` ends in .csv) atomically: the
     ``TABLE_COLUMNS``, then the label columns that ``columns`` has."""
-    from medprep.atomic import atomic_path
-    from medprep.tables import arrow_table
+    from medprep.common.atomic import atomic_path
+    from medprep.common.tables import arrow_table
 
     missing = set(TABLE_COLUMNS) - set(columns)
     if missing:

@@ -7,8 +7,8 @@ import html
 import os
 from typing import Any
 
-from medprep import atomic
-from medprep.statuses import FAILED, status_counts
+from medprep.cohort.statuses import FAILED, status_counts
+from medprep.common import atomic
 
 # (column, heading) of the full table, in order
 HEADINGS = [

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medprep import __version__, atomic
+from medprep import __version__
+from medprep.common import atomic
 
 MANIFEST_FORMAT = 1
 

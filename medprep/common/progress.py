@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("medprep.progress")
+log = logging.getLogger("medprep.common.progress")
 
 
 def format_duration(seconds: float) -> str:
@@ -49,7 +49,7 @@ class Progress:
     unit : what is counted, plural ("tiles", "slices", "MB").
     total : how many there are, or None when unknown.
     every_s : seconds between two lines.
-    emit : where lines go (default: the ``medprep.progress`` logger at INFO).
+    emit : where lines go (default: the ``medprep.common.progress`` logger at INFO).
     clock : a monotonic clock in seconds (for tests).
     """
 

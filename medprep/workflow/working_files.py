@@ -22,9 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from medprep import atomic, storage
-from medprep.errors import InputError
-from medprep.redact import redact
+from medprep import storage
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.common.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from medprep.schema import load_schema
+from medprep.common.settings import load_schema
 
 NUMERIC_COLUMNS = ("mpp",)
 # optional columns added empty when missing

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 CONFIG_SCHEMA = SCHEMAS / "config.schema.yaml"
 SAMPLES_SCHEMA = SCHEMAS / "samples.schema.yaml"
 

@@ -16,9 +16,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from medprep import atomic
+from medprep.common import atomic
 
-TEST_DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+TEST_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
 REAL_CT_SERIES = TEST_DATA / "ct" / "dcmqi-ct-3slice"
 REAL_SLIDE = TEST_DATA / "wsi" / "CMU-1-Small-Region.svs"
 
@@ -40,9 +40,9 @@ folder to rebuild it.
 
 | sample | what | licence |
 |---|---|---|
-| phantom-chest-01 | synthetic chest CT phantom (body, lungs, vessels, trachea, spine, table, padded field of view) written as DICOM by `medprep.ct.phantom` | generated, no patient data |
+| phantom-chest-01 | synthetic chest CT phantom (body, lungs, vessels, trachea, spine, table, padded field of view) written as DICOM by `medprep.demo.ct_phantom` | generated, no patient data |
 | real-dcmqi-3slice | 3 real CT slices (GE), from QIICR dcmqi `data/segmentations/ct-3slice` | BSD-3-Clause |
-| synthetic-01 | synthetic pyramidal TIFF slide, H&E texture cut from CMU-1-Small-Region, written by `medprep.wsi.synthetic` | derived from CC0 data |
+| synthetic-01 | synthetic pyramidal TIFF slide, H&E texture cut from CMU-1-Small-Region, written by `medprep.demo.synthetic_slide` | derived from CC0 data |
 | CMU-1-Small-Region | real Aperio SVS slide, OpenSlide test data (Carnegie Mellon) | CC0 |
 
 See `tests/data/*/README.md` in the medprep checkout for full provenance.
@@ -62,8 +62,8 @@ def build(
     of the synthetic CT; ``slide_size`` the edge of the synthetic slide in pixels. Tests
     build a smaller dataset with the same code.
     """
-    from medprep.ct.phantom import write_chest_phantom
-    from medprep.wsi.synthetic import write_synthetic_slide
+    from medprep.demo.ct_phantom import write_chest_phantom
+    from medprep.demo.synthetic_slide import write_synthetic_slide
 
     folder = Path(folder)
     if (folder / "samples.tsv").exists():
@@ -113,7 +113,3 @@ def main(argv: list[str] | None = None) -> int:
     built = build(args.folder)
     print(f"demo dataset ready in {built}/ (sample sheet: {built}/samples.tsv)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

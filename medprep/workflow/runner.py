@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medprep import atomic
-from medprep.errors import InputError
-from medprep.redact import RedactingFilter, redact
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.common.redact import RedactingFilter, redact
 
 log = logging.getLogger("medprep")
 
@@ -86,7 +86,7 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
         remove_leftovers(_output_paths(smk))
         check_disk_budget(smk)
         if step in SCRATCH_STEPS and "destination" in getattr(smk, "config", {}):
-            from medprep import scratch
+            from medprep.workflow import working_files as scratch
 
             scratch.restore_inputs(smk)
         main(smk)

@@ -24,7 +24,7 @@ class InputError(Exception):
         self.path = path
         self.sample = sample
         # True when trying again may succeed (the source changed while it was read);
-        # otherwise a retry of the job in the same run fails at once (medprep.runner)
+        # otherwise a retry of the job in the same run fails at once (medprep.workflow.runner)
         self.retryable = retryable
 
     def with_context(self, *, sample: str | None = None, path: str | None = None) -> InputError:
@@ -56,7 +56,7 @@ def defer(error: BaseException, *, path: str | None = None) -> str:
     """
     import json
 
-    from medprep.redact import redact
+    from medprep.common.redact import redact
 
     if isinstance(error, InputError):
         cause, where = error.cause, error.path or path

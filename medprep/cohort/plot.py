@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from medprep import atomic
-from medprep.statuses import FAILED, status_counts
+from medprep.cohort.statuses import FAILED, status_counts
+from medprep.common import atomic
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ streams them, sample by sample, into three Parquet files:
 
 The sheet's ``label``, ``patient`` and ``meta_*`` columns are added to every row (a
 ``label`` column of a per-sample table, per tile or patch, takes precedence over the
-sheet's); splits come from ``medprep.splits``. Rows are written in row groups as they come, so memory is
+sheet's); splits come from ``medprep.data.splits``. Rows are written in row groups as they come, so memory is
 bounded by the largest sample plus one row group, whatever the cohort size.
 """
 
@@ -33,13 +33,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from medprep import atomic, splits
+from medprep.common import atomic
+from medprep.common.errors import InputError
+from medprep.common.parallel import thread_map
 from medprep.ct.patches import TABLE_COLUMNS as CT_TABLE_COLUMNS
-from medprep.errors import InputError
-from medprep.parallel import thread_map
+from medprep.data import splits
 from medprep.wsi.writers import TABLE_COLUMNS as WSI_TABLE_COLUMNS
 
-log = logging.getLogger("medprep.dataset")
+log = logging.getLogger("medprep.data.index")
 
 FORMAT = 1
 ROW_GROUP_ROWS = 131_072
@@ -467,7 +468,7 @@ def publish(
     through ``medprep.storage``: the tables first, ``manifest.json`` last; the receipt
     with credentials redacted."""
     from medprep import storage
-    from medprep.redact import redact
+    from medprep.common.redact import redact
 
     artifacts = [{"name": name, "path": path} for name, path in files.items()]
     receipt = storage.publish(

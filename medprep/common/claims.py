@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from medprep.errors import InputError
+from medprep.common.errors import InputError
 
 # deflate (zlib, gzip) cannot expand one stored byte into more than 1032 decoded bytes
 DEFLATE_MAX_RATIO = 1032

@@ -3,7 +3,7 @@
 Built from the step manifests under ``results/`` and the failure records under
 ``logs/failures/``, so it can be made after a run that failed for some samples: the
 ``cohort`` rule writes it after a complete run, the Snakefile's ``onerror`` handler after a
-run with failures (``write_cohort`` in both cases). ``python -m medprep.cohort`` prints the
+run with failures (``write_cohort`` in both cases). ``python -m medprep.cohort.table`` prints the
 short text summary that ``make run`` ends with.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medprep import atomic
-from medprep.runner import FAILURES_DIR
-from medprep.statuses import FAILED, status_counts
+from medprep.cohort.statuses import FAILED, status_counts
+from medprep.common import atomic
+from medprep.workflow.runner import FAILURES_DIR
 
 STEPS = ("download", "preprocess", "tile", "upload")
 BENCHMARK_RULES = {
@@ -241,7 +241,8 @@ def write_cohort(
 ) -> list[dict[str, Any]]:
     """Write the cohort table as CSV and HTML and the cohort plot; return the rows."""
     # imported here: numpy and Pillow are not needed where the Snakefile is parsed
-    from medprep import cohort_html, cohort_plot
+    from medprep.cohort import html as cohort_html
+    from medprep.cohort import plot as cohort_plot
 
     rows = cohort_table(samples, results, logs, sheet)
     write_csv(rows, table)
@@ -350,8 +351,8 @@ def _read_config(config_path: str) -> dict[str, Any]:
 
 
 def _samples_from_config(config_path: str) -> list[tuple[str, str]]:
-    from medprep.schema import SAMPLES_SCHEMA
-    from medprep.sheet import read_sample_sheet
+    from medprep.common.settings import SAMPLES_SCHEMA
+    from medprep.workflow.sheet import read_sample_sheet
 
     sheet = read_sample_sheet(_read_config(config_path)["samples"], SAMPLES_SCHEMA)
     return list(zip(sheet["sample"], sheet["modality"], strict=True))
@@ -359,7 +360,7 @@ def _samples_from_config(config_path: str) -> list[tuple[str, str]]:
 
 def _run_table(config_path: str) -> str:
     """The cohort table of the run of the config at ``config_path``."""
-    from medprep.workflow import cohort_outputs, run_name
+    from medprep.workflow.parse import cohort_outputs, run_name
 
     return cohort_outputs(run_name(_read_config(config_path)))["table"]
 
