@@ -7,7 +7,7 @@ CORES ?= all
 SNAKEMAKE_ARGS ?=
 REPORT ?= results/report.html
 
-.PHONY: setup demo run test lint format report lock bench bench-peers clean
+.PHONY: setup demo run test test-fast lint format report lock bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ run: demo
 
 test: setup
 	$(BIN)/pytest
+
+# Everything but the end-to-end Snakemake runs (tests marked slow): a few minutes.
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -41,7 +41,7 @@ OUT = HERE / "out"
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-TEXTURE = REPO / "tests" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+TEXTURE = REPO / "tests" / "fixtures" / "wsi" / "CMU-1-Small-Region.svs"
 TILE = 256
 QUALITY = 90
 MIN_TISSUE = 0.5

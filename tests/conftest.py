@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from s3_workflow_support import aws_env, world  # noqa: F401 - fixtures of the S3 workflow tests
 from workflow_support import write_config, write_samples
 
 # The demo dataset, small: a 96 x 96 x 40 chest phantom at 4 mm / 5 mm, a 1536 px
-# synthetic slide, plus the real CT series and the real slide from tests/data.
+# synthetic slide, plus the real CT series and the real slide from tests/fixtures.
 TINY_SAMPLES = [
     ("phantom-chest-01", "ct", "data/ct/phantom-chest-01"),
     ("real-dcmqi-3slice", "ct", "data/ct/real-dcmqi-3slice"),

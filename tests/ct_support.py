@@ -18,7 +18,13 @@ import pydicom
 from pydicom import uid
 from pydicom.encaps import encapsulate
 
-TEST_DATA = Path(__file__).parent / "data" / "ct"
+from medprep.ct import lidc
+from medprep.demo import ct_phantom as phantom
+
+TEST_DATA = Path(__file__).parent / "fixtures" / "ct"
+# LIDC-IDRI-0001: the 9 slices its large nodule spans, and one reader's XML (069.xml)
+SLAB = TEST_DATA / "lidc-idri-0001-slab"
+XML = SLAB / "069.xml"
 CT_3SLICE = TEST_DATA / "dcmqi-ct-3slice"
 CT_TILT = TEST_DATA / "ge-hispeed-gantry-tilt"
 CT_DUPLICATES = TEST_DATA / "kits-duplicate-positions"
@@ -134,3 +140,27 @@ def linked_copy(src: Path, dst: Path, link_target: str) -> Path:
     copy_folder(src, dst)
     os.symlink(link_target, dst / "link")
     return dst
+
+
+def dicom_frames(folder: Path) -> dict[str, lidc.SliceFrame]:
+    frames = {}
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        orientation = [float(v) for v in ds.ImageOrientationPatient]
+        frames[str(ds.SOPInstanceUID)] = lidc.SliceFrame(
+            origin=tuple(float(v) for v in ds.ImagePositionPatient),
+            row_cosine=tuple(orientation[:3]),
+            col_cosine=tuple(orientation[3:]),
+            pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
+            shape=(int(ds.Rows), int(ds.Columns)),
+        )
+    return frames
+
+
+def phantom_nodule(rows: int, cols: int, slices: int, pixel_mm: float, slice_mm: float):
+    """The nodule's centre (LPS mm) and diameter from the phantom's documented layout:
+    x, y scaled from a 360 mm field of view, z a fraction of the lungs' half height."""
+    scale = min(rows, cols) * pixel_mm / 360.0
+    half = min(0.4 * (slices - 1) * slice_mm, 125.0)
+    x, y, z_fraction, radius = phantom.NODULE
+    return np.array([x * scale, y * scale, z_fraction * half]), 2 * radius * scale

@@ -12,7 +12,7 @@ from medprep.common import atomic
 from medprep.demo.synthetic_slide import write_pyramidal_tiff, write_synthetic_slide
 from medprep.wsi import steps
 
-DATA = Path(__file__).resolve().parent / "data" / "wsi"
+DATA = Path(__file__).resolve().parent / "fixtures" / "wsi"
 CMU = DATA / "CMU-1-Small-Region.svs"  # Aperio, 0.499 um/px, H&E
 TCGA_NO_MPP = DATA / "TCGA-CR-7395-01A-01-TS1-crop.svs"  # Aperio, no resolution metadata
 DAPI = DATA / "test3-DAPI-2-387.ndpi"  # Hamamatsu, 0.228 um/px, fluorescence

@@ -1,9 +1,9 @@
 """The built-in demo dataset: runs offline, needs nothing but this checkout.
 
 - ``ct/phantom-chest-01``: a synthetic chest CT written as real DICOM slices
-- ``ct/real-dcmqi-3slice``: a short real CT series (from ``tests/data/ct``)
+- ``ct/real-dcmqi-3slice``: a short real CT series (from ``tests/fixtures/ct``)
 - ``wsi/synthetic-01.tiff``: a synthetic pyramidal slide with real H&E texture
-- ``wsi/CMU-1-Small-Region.svs``: a small real Aperio slide (from ``tests/data/wsi``)
+- ``wsi/CMU-1-Small-Region.svs``: a small real Aperio slide (from ``tests/fixtures/wsi``)
 
 Usage: ``python -m medprep.demo [FOLDER]`` (default ``demo``); does nothing if the
 folder already holds a complete demo (its ``samples.tsv`` is written last).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medprep.common import atomic
 
-TEST_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
+TEST_DATA = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 REAL_CT_SERIES = TEST_DATA / "ct" / "dcmqi-ct-3slice"
 REAL_SLIDE = TEST_DATA / "wsi" / "CMU-1-Small-Region.svs"
 
@@ -45,7 +45,7 @@ folder to rebuild it.
 | synthetic-01 | synthetic pyramidal TIFF slide, H&E texture cut from CMU-1-Small-Region, written by `medprep.demo.synthetic_slide` | derived from CC0 data |
 | CMU-1-Small-Region | real Aperio SVS slide, OpenSlide test data (Carnegie Mellon) | CC0 |
 
-See `tests/data/*/README.md` in the medprep checkout for full provenance.
+See `tests/fixtures/*/README.md` in the medprep checkout for full provenance.
 """
 
 

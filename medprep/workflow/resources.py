@@ -255,7 +255,7 @@ CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 # Before its outputs are known, a sample is reserved its raw bytes times a factor. A CT
 # series' volume and mask take about 0.9 bytes per output voxel (gzip; measured 0.8-0.9:
 # the cohort benchmark's 63 MB series of 0.7 x 0.7 x 2.5 mm voxels holds 31 MB at 1 mm;
-# tests/test_disk_estimate.py). Its raw int16 bytes are taken to be voxels of the volume
+# tests/workflow/test_resources_disk_estimate.py). Its raw int16 bytes are taken to be voxels of the volume
 # the memory estimates assume (medprep.ct.memory), so at 1 mm that is 0.55x the raw bytes,
 # plus the patches when materialised (float32: 1.7x, 105 MB measured; int16 half and
 # uint8 a quarter of that). Both scale with ct.spacing's voxel count (1 / its volume in

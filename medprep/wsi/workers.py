@@ -95,7 +95,7 @@ RESAMPLE_FILTER = "BICUBIC"
 # bicubic interpolation softens detail more than the wide bicubic it replaces; Lanczos (3
 # lobes) keeps the blur score of the tiles within a few % of the bicubic path. Measured on
 # CMU-1 tissue at 0.2527 -> 0.5 um/px: PSNR against the bicubic path 35.7-36.0 dB, blur
-# score 0.2-2.4% lower (box + bicubic: 34.6 dB, blur 18% lower); tests/test_wsi_fast_paths.py
+# score 0.2-2.4% lower (box + bicubic: 34.6 dB, blur 18% lower); tests/wsi/test_wsi_fast_paths.py
 # holds both bounds.
 PREREDUCED_FILTER = "LANCZOS"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from wsi_support import CMU, write_download
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 SNAKEFILE = """

@@ -1,6 +1,6 @@
 """Hostile input folders with an S3 destination (a real moto_server process), and sheets
 that must fail before any job runs (the rest of the bad-input matrix, with a local
-destination, is tests/test_bad_input.py)."""
+destination, is tests/workflow/test_bad_input.py)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_storage_workflow import CT, NEW_CT, World, aws_env, chain  # noqa: F401
+from s3_workflow_support import CT, NEW_CT, World, chain
 from workflow_support import write_config
 
 from medprep import storage

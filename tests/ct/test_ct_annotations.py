@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from test_ct_nodules import SLAB, XML, dicom_frames
+from ct_support import SLAB, XML, dicom_frames, phantom_nodule
 
 from medprep import storage
 from medprep.common.errors import InputError
@@ -26,7 +26,7 @@ from medprep.demo import ct_phantom as phantom
 from medprep.workflow import manifest
 from medprep.workflow.sheet import SampleSheetError, read_sample_sheet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES_SCHEMA = REPO / "schemas/samples.schema.yaml"
 
 
@@ -202,15 +202,6 @@ def test_without_annotations_the_table_has_no_label_column(slab, tmp_path):
 
 
 # ---- a phantom whose nodule is where its geometry says
-
-
-def phantom_nodule(rows: int, cols: int, slices: int, pixel_mm: float, slice_mm: float):
-    """The nodule's centre (LPS mm) and diameter from the phantom's documented layout:
-    x, y scaled from a 360 mm field of view, z a fraction of the lungs' half height."""
-    scale = min(rows, cols) * pixel_mm / 360.0
-    half = min(0.4 * (slices - 1) * slice_mm, 125.0)
-    x, y, z_fraction, radius = phantom.NODULE
-    return np.array([x * scale, y * scale, z_fraction * half]), 2 * radius * scale
 
 
 @pytest.fixture(scope="module")

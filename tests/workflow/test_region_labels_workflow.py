@@ -14,8 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import pytest
-from test_ct_annotations import phantom_nodule
-from test_ct_nodules import SLAB, XML
+from ct_support import SLAB, XML, phantom_nodule
 from workflow_support import REPO, copy_workdir, run_snakemake, write_config
 
 pytestmark = pytest.mark.slow

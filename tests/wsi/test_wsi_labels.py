@@ -22,7 +22,7 @@ from medprep.common.errors import InputError
 from medprep.data import index as dataset
 from medprep.wsi import labels, steps, writers
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # CMU-1-Small-Region is 2220 x 2967 level-0 pixels at 0.499 um/px: at 0.5 um/px tiles of
 # 256 output pixels are 256 x 256 level-0 pixels, an 8 x 11 grid (min_tissue 0: all).

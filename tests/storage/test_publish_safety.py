@@ -28,7 +28,7 @@ from s3_support import (
     isolated_aws_environment,
     new_bucket_name,
 )
-from test_storage_workflow import (
+from s3_workflow_support import (
     World,
     assert_no_credentials_anywhere,
     assert_published_complete,

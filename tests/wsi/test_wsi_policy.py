@@ -257,7 +257,7 @@ def test_new_settings_defaults_match_the_schema_and_the_shipped_config():
     assert guard.Limits.from_config(None) == guard.Limits.from_config(wsi["limits"])
     assert wsi["resolution"]["tolerance"] == DEFAULT_TOLERANCE == 0.025
     assert wsi["resolution"]["max_upsample"] == ResolutionSettings().max_upsample == 1.0
-    shipped = yaml.safe_load((Path(__file__).parent.parent / "config.yaml").read_text())["wsi"]
+    shipped = yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())["wsi"]
     assert guard.Limits.from_config(shipped["limits"]) == guard.Limits()
     assert ResolutionSettings.from_config(shipped["resolution"]) == ResolutionSettings()
     with pytest.raises(ValueError, match="unknown key"):

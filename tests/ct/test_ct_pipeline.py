@@ -26,7 +26,7 @@ from medprep.ct import preprocess as pp
 from medprep.demo import ct_phantom as phantom
 from medprep.workflow.manifest import read_step_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(rows=64, cols=64, slices=40, pixel_mm=6.0, slice_mm=8.0)
 COARSE = {"spacing": [6.0, 6.0, 6.0]}
 

@@ -9,7 +9,7 @@ import pytest
 
 from medprep.workflow.sheet import SampleSheetError, carried_columns, read_sample_sheet
 
-SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "samples.schema.yaml"
 
 
 def write_sheet(tmp_path, text):

@@ -1,6 +1,6 @@
 """Inputs listed safely, sample names Snakemake accepts, sheet errors by line and column,
 and bad input that costs one attempt (unit level; the workflow runs are in
-tests/test_bad_input.py and tests/test_inputs_workflow.py)."""
+tests/workflow/test_bad_input.py and tests/workflow/test_inputs_workflow.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from medprep.storage import local
 from medprep.workflow.parse import source_fingerprint
 from medprep.workflow.sheet import SampleSheetError, read_sample_sheet
 
-SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "samples.schema.yaml"
 
 
 def sample_folder(tmp_path: Path) -> Path:

@@ -15,32 +15,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
+from ct_support import SLAB, XML, dicom_frames
 
 from medprep.common.errors import InputError
 from medprep.ct import lidc, steps
 from medprep.ct.nifti import LPS_TO_RAS
 
-REPO = Path(__file__).resolve().parents[1]
-SLAB = REPO / "tests/data/ct/lidc-idri-0001-slab"
+REPO = Path(__file__).resolve().parents[2]
 FULL = REPO / ".." / "shared" / "data" / "ct" / "lidc-idri-0001"
-XML = SLAB / "069.xml"
-
-
-def dicom_frames(folder: Path) -> dict[str, lidc.SliceFrame]:
-    frames = {}
-    for path in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        orientation = [float(v) for v in ds.ImageOrientationPatient]
-        frames[str(ds.SOPInstanceUID)] = lidc.SliceFrame(
-            origin=tuple(float(v) for v in ds.ImagePositionPatient),
-            row_cosine=tuple(orientation[:3]),
-            col_cosine=tuple(orientation[3:]),
-            pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
-            shape=(int(ds.Rows), int(ds.Columns)),
-        )
-    return frames
 
 
 def outline_coverage(mask_path: Path, annotations, frames) -> list[dict]:

@@ -225,7 +225,7 @@ def test_the_benchmark_commands_the_readme_shows_have_their_options():
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).parents[1]
+    repo = Path(__file__).parents[2]
     readme = (repo / "README.md").read_text()
     commands = re.findall(
         r"^\.venv/bin/python (benchmarks/bench_(?:wsi|peers)\.py)(.*)$", readme, re.M

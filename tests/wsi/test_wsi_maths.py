@@ -16,7 +16,7 @@ from medprep.common.settings import config_defaults
 from medprep.wsi import grid, memory, qc, resolution, tissue, writers
 from medprep.wsi.settings import FilterSettings, ResolutionSettings, TileSettings, TissueSettings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # --- resolution -------------------------------------------------------------------------
 
@@ -219,7 +219,7 @@ def test_closing_is_the_same_by_direct_morphology_and_by_distance_transforms():
 def test_both_closings_give_one_tissue_mask_on_a_real_slide(monkeypatch):
     import openslide
 
-    slide = openslide.OpenSlide(str(REPO / "tests" / "data" / "wsi" / "CMU-1-Small-Region.svs"))
+    slide = openslide.OpenSlide(str(REPO / "tests" / "fixtures" / "wsi" / "CMU-1-Small-Region.svs"))
     rgb = np.asarray(slide.get_thumbnail((554, 740)).convert("RGB"))  # about 2 um/px
     settings = TissueSettings(closing_um=16.0, min_object_um2=2000.0)  # radius 8 px
     by_footprint = tissue.detect_tissue(rgb, settings, mask_mpp=2.0).mask

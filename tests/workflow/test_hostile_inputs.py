@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_storage_workflow import aws_env, world  # noqa: F401 - the S3 workflow fixtures
 
 from medprep import storage
 from medprep.common.errors import InputError
@@ -252,7 +251,7 @@ def test_a_mirax_naming_data_outside_its_folder_is_refused(tmp_path, key, value)
 
 
 @pytest.mark.slow
-def test_a_metaimage_from_s3_listing_local_files_publishes_nothing_of_them(world):  # noqa: F811
+def test_a_metaimage_from_s3_listing_local_files_publishes_nothing_of_them(world):
     from workflow_support import write_config, write_samples
 
     world.upload("ct/phantom-chest-01")
