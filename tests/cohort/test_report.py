@@ -1,4 +1,4 @@
-"""The quality report: the commands the README shows build it; its QC pictures and cohort
+"""The quality report: the commands docs/running.md shows build it; its QC pictures and cohort
 table are there and load in a real browser; it still builds after a run with failed
 samples, whose cohort table lists them; a later run rebuilds that table."""
 
@@ -31,13 +31,13 @@ CATEGORY = {"wsi": "Slides", "ct": "CT scans"}
 
 
 def readme_report_commands() -> list[list[str]]:
-    """The snakemake command lines of the README's report section, without the program."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Quality report", 1)[1].split("\n## ", 1)[0]
+    """The snakemake command lines of the report section of docs/running.md, without the program."""
+    page = (REPO / "docs" / "running.md").read_text()
+    section = page.split("## Quality report", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     commands = [line.split() for block in blocks for line in block.splitlines()]
     commands = [c for c in commands if c and c[0].endswith("snakemake")]
-    assert commands, "the README's report section shows no snakemake command"
+    assert commands, "the report section of docs/running.md shows no snakemake command"
     return [c[1:] for c in commands]
 
 
@@ -55,7 +55,7 @@ def decoded(data_uri: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory, tiny_data) -> Path:
-    """A working directory after a complete run and the README's report commands."""
+    """A working directory after a complete run and the documented report commands."""
     workdir = tmp_path_factory.mktemp("reported")
     shutil.copytree(tiny_data, workdir / "data")
     write_samples(workdir, TINY_SAMPLES)

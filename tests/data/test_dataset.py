@@ -1,5 +1,5 @@
 """The dataset index: patient-level splits, the tables of a real run, the readers
-(local and a real S3 server), the WebDataset view of the shards, and the README example."""
+(local and a real S3 server), the WebDataset view of the shards, and the example of docs/training-data.md."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def test_materialised_patches_are_read_by_range_on_s3(tmp_path, s3):
     )
 
 
-# --- torch and the README example --------------------------------------------------------
+# --- torch and the example of docs/training-data.md --------------------------------------------------------
 
 
 def test_torch_datasets(run):
@@ -312,12 +312,11 @@ def test_torch_datasets(run):
 
 
 def readme_example() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Training on the outputs", 1)[1]
+    section = (REPO / "docs" / "training-data.md").read_text()
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_example_runs(run, monkeypatch):
+def test_the_documented_example_runs(run, monkeypatch):
     code = readme_example()
     assert 'open_dataset("results/published"' in code
     monkeypatch.chdir(run)
@@ -325,5 +324,5 @@ def test_the_readme_example_runs(run, monkeypatch):
     if not (run / "results/published").exists():
         (run / "results/published").symlink_to(run / "published")
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/training-data.md", "exec"), namespace)
     assert len(namespace["batch"]) > 0

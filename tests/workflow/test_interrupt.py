@@ -114,7 +114,7 @@ def test_killed_tiling_rerun_completes_with_identical_outputs(
     assert not (results / "upload.json").exists()
     assert not (workdir / "published" / "wsi" / SAMPLE / "manifest.json").exists()
 
-    # Snakemake's lock survives SIGKILL: the next run stops with the message the README
+    # Snakemake's lock survives SIGKILL: the next run stops with the message docs/failures.md
     # explains, and `--unlock` (what a user then does) releases it.
     locked = run_snakemake(workdir, check=False)
     assert locked.returncode != 0 and "Directory cannot be locked" in locked.stderr

@@ -1,4 +1,4 @@
-"""Region labels through the workflow, as the README's "Region labels" section runs them:
+"""Region labels through the workflow, as docs/region-labels.md runs them:
 its sample sheet and commands, annotation files fetched by their own jobs, labels in the
 dataset index, and a changed annotation file rerunning only the tile step of its sample."""
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 def readme_section() -> str:
-    text = (REPO / "README.md").read_text()
-    return text.split("## Region labels", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs" / "region-labels.md").read_text()
+    return text.split("# Region labels", 1)[1].split("\n## ", 1)[0]
 
 
 def readme_blocks() -> tuple[str, list[str]]:
@@ -33,7 +33,7 @@ def readme_blocks() -> tuple[str, list[str]]:
 
 
 def run_readme_commands(workdir: Path, commands: list[str], *extra: str, check: bool = True):
-    """The README's commands in ``workdir``: shell lines as they are, the snakemake line
+    """The documented commands in ``workdir``: shell lines as they are, the snakemake line
     through the tests' runner (which adds the workflow's path and its test config)."""
     run = None
     for line in commands:

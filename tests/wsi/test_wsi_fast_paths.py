@@ -217,27 +217,3 @@ def test_tint_blends_only_flagged_pixels_and_leaves_the_thumbnail_alone():
     y, x = np.argwhere(flags["pen"] & ~flags["fold"])[0]
     expected = thumbnail[y, x] * 0.45 + np.array(artifacts.FLAG_COLOURS["pen"]) * 0.55
     assert np.abs(tinted[y, x].astype(float) - expected).max() <= 0.5 + 1e-4
-
-
-def test_the_benchmark_commands_the_readme_shows_have_their_options():
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).parents[2]
-    readme = (repo / "README.md").read_text()
-    commands = re.findall(
-        r"^\.venv/bin/python (benchmarks/bench_(?:wsi|peers)\.py)(.*)$", readme, re.M
-    )
-    assert len(commands) >= 2
-    for script, options in commands:
-        shown = set(re.findall(r"--[a-z-]+", options))
-        helped = subprocess.run(
-            [sys.executable, str(repo / script), "--help"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=repo,
-        ).stdout
-        assert shown <= set(re.findall(r"--[a-z-]+", helped)), (script, shown)

@@ -399,10 +399,10 @@ def test_rule_script_passes_the_annotations(preprocessed, tmp_path):
 
 
 def test_readme_example_is_read():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### WSI region labels", 1)[1].split("\n### ", 1)[0]
+    page = (REPO / "docs" / "region-labels.md").read_text()
+    section = page.split("## Slides: labels per tile", 1)[1].split("\n## ", 1)[0]
     example = section.split("```json", 1)[1].split("```", 1)[0]
-    regions, warnings = labels.parse_features(json.loads(example), "README.md")
+    regions, warnings = labels.parse_features(json.loads(example), "region-labels.md")
     assert [r.label for r in regions] == ["Tumor"] and not warnings
     assert labels.build(regions).colours["Tumor"] == (200, 0, 0)
 
