@@ -562,7 +562,3 @@ def write_outputs(
         artifact("preprocess/qc.png", qc),
     ]
     return artifacts
-
-
-def paths_from_download_manifest(manifest: dict[str, Any]) -> list[str]:
-    return [f["path"] for f in manifest.get("files", [])]

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medprep.common import atomic
 from medprep.common.errors import InputError
 from medprep.workflow import manifest
 
@@ -44,7 +43,7 @@ def input_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     """The sample's local files: from a download manifest (a path to ``download.json``)
     or given directly as a list of paths."""
     if isinstance(inputs, (str, os.PathLike)):
-        return [f["path"] for f in atomic.read_json(inputs).get("files", [])]
+        return manifest.input_files(inputs)
     return [os.fspath(p) for p in inputs]
 
 
@@ -171,7 +170,7 @@ def load_annotations(
         if isinstance(annotations_manifest, dict)
         else manifest.read_step_manifest(annotations_manifest)
     )
-    path = manifest.annotation_file(loaded)
+    path = manifest.annotation_file(annotations_manifest)
     kind = annotations.kind_of(path)
     if kind == "csv":
         found, _counts = annotations.read_csv(

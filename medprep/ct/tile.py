@@ -34,19 +34,12 @@ from medprep.ct import annotations as regions
 from medprep.ct import hu, nifti, patches
 from medprep.ct.patches import TABLE_COLUMNS
 from medprep.ct.settings import ct_settings
-from medprep.workflow.manifest import artifact
+from medprep.workflow.manifest import artifact, artifact_path
 
 log = logging.getLogger("medprep.ct")
 
 # written only when the sample has annotations: it then wins over the sheet's label
 LABEL_COLUMN = "label"
-
-
-def _artifact_path(manifest: dict[str, Any], name: str) -> str:
-    for item in manifest.get("artifacts", []):
-        if item["name"] == name:
-            return item["path"]
-    raise ValueError(f"preprocess manifest of {manifest.get('sample')} lists no {name}")
 
 
 def _write_table(path: str | os.PathLike, rows: dict[str, list]) -> None:
@@ -128,14 +121,14 @@ def tile(
             _save_array(patches_path, np.zeros((0, *size), dtype=dtype))
     else:
         mask, affine = nifti.read_nifti(
-            _artifact_path(preprocess_manifest, "preprocess/lung_mask.nii.gz")
+            artifact_path(preprocess_manifest, "preprocess/lung_mask.nii.gz")
         )
         # the volume (same grid and affine as the mask) is inflated only when its values
         # are used: materialised patches or PNG slices
         volume = mask
         if dtype is not None or (cfg["slices_png"]["enabled"] and slices_dir is not None):
             volume, affine = nifti.read_nifti(
-                _artifact_path(preprocess_manifest, "preprocess/volume.nii.gz")
+                artifact_path(preprocess_manifest, "preprocess/volume.nii.gz")
             )
         if mask.dtype == np.uint8 and int(mask.max(initial=0)) <= 1:
             mask = mask.view(bool)  # 0/1: no copy

@@ -14,6 +14,7 @@ from typing import Any
 
 from medprep import __version__
 from medprep.common import atomic
+from medprep.common.errors import InputError
 
 MANIFEST_FORMAT = 1
 
@@ -67,6 +68,28 @@ def read_step_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _loaded(manifest: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    return manifest if isinstance(manifest, dict) else read_step_manifest(manifest)
+
+
+def artifact_path(step_manifest: str | os.PathLike | dict[str, Any], name: str) -> str:
+    """The local path of the artifact ``name`` (e.g. ``preprocess/lung_mask.nii.gz``) that a
+    step manifest (a path or the loaded dict) lists."""
+    loaded = _loaded(step_manifest)
+    for item in loaded.get("artifacts", []):
+        if item["name"] == name:
+            return item["path"]
+    raise ValueError(
+        f"{loaded.get('step')} manifest of sample {loaded.get('sample')} lists no {name}: "
+        "rerun that step"
+    )
+
+
+def input_files(download_manifest: str | os.PathLike | dict[str, Any]) -> list[str]:
+    """The local paths of a sample's input files, as its download manifest lists them."""
+    return [entry["path"] for entry in _loaded(download_manifest).get("files", [])]
+
+
 def collect_artifacts(manifests: list[dict[str, Any]]) -> list[dict[str, str]]:
     """All artifacts of several step manifests, in order; a later name replaces an earlier one."""
     by_name: dict[str, dict[str, str]] = {}
@@ -78,18 +101,18 @@ def collect_artifacts(manifests: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def annotation_file(annotations_manifest: str | os.PathLike | dict[str, Any]) -> str:
     """The local path of the annotation file that a ``download_annotations`` manifest
-    (``results/{modality}/{sample}/annotations.json``, a path or the loaded dict) lists."""
-    loaded = (
-        annotations_manifest
-        if isinstance(annotations_manifest, dict)
-        else read_step_manifest(annotations_manifest)
-    )
-    files = loaded.get("files") or []
+    (``results/{modality}/{sample}/annotations.json``, a path or the loaded dict) lists;
+    ``InputError`` unless it lists exactly one."""
+    loaded = _loaded(annotations_manifest)
+    files = input_files(loaded)
     if len(files) != 1:
-        raise ValueError(
-            f"annotation manifest of {loaded.get('sample')} lists {len(files)} files, not one"
+        where = None if isinstance(annotations_manifest, dict) else os.fspath(annotations_manifest)
+        raise InputError(
+            f"the annotation manifest of sample {loaded.get('sample')} lists {len(files)} "
+            "files, not one",
+            path=where,
         )
-    return files[0]["path"]
+    return files[0]
 
 
 def write_annotations_manifest(

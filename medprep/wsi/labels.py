@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -516,16 +515,3 @@ def outlines(annotations: Annotations) -> list[tuple[tuple[int, int, int], list[
             rings += [np.asarray(hole.coords) for hole in polygon.interiors]
         drawn.append((annotations.colours[region.label], rings))
     return drawn
-
-
-def annotation_file(manifest_path: str | os.PathLike) -> Path:
-    """The annotation file a download-style manifest lists (InputError unless one)."""
-    from medprep.common import atomic
-
-    files = [entry["path"] for entry in atomic.read_json(manifest_path)["files"]]
-    if len(files) != 1:
-        raise InputError(
-            f"expected one annotation file, the manifest lists {len(files)}",
-            path=os.fspath(manifest_path),
-        )
-    return Path(files[0])

@@ -48,8 +48,7 @@ TILE_SUMMARY_KEYS = (
 
 def slide_from_download(download_manifest: str | os.PathLike) -> Path:
     """The slide file of a sample, from its download manifest."""
-    files = [entry["path"] for entry in atomic.read_json(download_manifest)["files"]]
-    return pick_slide_file(files)
+    return pick_slide_file(manifest.input_files(download_manifest))
 
 
 def sample_sheet_mpp(value: Any) -> float | None:
@@ -125,13 +124,6 @@ def artifact_flags(
     )
 
 
-def _artifact_path(step_manifest: dict[str, Any], name: str) -> str:
-    for item in step_manifest["artifacts"]:
-        if item["name"] == name:
-            return item["path"]
-    raise ValueError(f"step manifest of {step_manifest.get('step')} has no artifact {name}")
-
-
 def run_tile(
     download_manifest: str | os.PathLike,
     preprocess_manifest: str | os.PathLike,
@@ -154,20 +146,20 @@ def run_tile(
     settings = TileSettings.from_config(tile)
     slide = slide_from_download(download_manifest)
     previous = manifest.read_step_manifest(preprocess_manifest)
-    summary = atomic.read_json(_artifact_path(previous, PREPROCESS_ARTIFACTS["summary"]))
+    summary = atomic.read_json(manifest.artifact_path(previous, PREPROCESS_ARTIFACTS["summary"]))
     plan = SlidePlan.from_summary(slide, summary)
-    mask = read_png(_artifact_path(previous, PREPROCESS_ARTIFACTS["mask"])) > 127
+    mask = read_png(manifest.artifact_path(previous, PREPROCESS_ARTIFACTS["mask"])) > 127
     if mask.shape != (summary["mask"]["height"], summary["mask"]["width"]):
         raise InputError(
             f"tissue mask is {mask.shape[1]} x {mask.shape[0]}, the preprocess summary says "
             f"{summary['mask']['width']} x {summary['mask']['height']}: rerun preprocess",
-            path=_artifact_path(previous, PREPROCESS_ARTIFACTS["mask"]),
+            path=manifest.artifact_path(previous, PREPROCESS_ARTIFACTS["mask"]),
         )
-    thumbnail = read_png(_artifact_path(previous, PREPROCESS_ARTIFACTS["thumbnail"]))
+    thumbnail = read_png(manifest.artifact_path(previous, PREPROCESS_ARTIFACTS["thumbnail"]))
     flags = artifact_flags(thumbnail, mask, summary)
     annotations = None
     if annotations_manifest is not None:
-        annotation_path = labels.annotation_file(annotations_manifest)
+        annotation_path = manifest.annotation_file(annotations_manifest)
         annotations = labels.read_annotations(annotation_path)
         annotations.warnings.extend(
             labels.check_extent(annotations, *plan.dimensions, os.fspath(annotation_path))

@@ -311,3 +311,30 @@ def test_settings_split_gives_each_rule_only_its_part():
     ct = {"spacing": [1, 1, 1], "patches": {"size_mm": 64}, "normalise": {"mean": 0.25}}
     assert settings_without(ct, "patches") == {"spacing": [1, 1, 1], "normalise": {"mean": 0.25}}
     assert settings_only(ct, "patches", "slices_png") == {"patches": {"size_mm": 64}}
+
+
+##### step manifests: one reader per question
+
+
+def test_the_manifest_readers_answer_from_a_path_or_a_dict(tmp_path):
+    volume = tmp_path / "volume.nii.gz"
+    volume.write_bytes(b"v")
+    path = tmp_path / "preprocess.json"
+    written = manifest.write_step_manifest(
+        path,
+        sample="S1",
+        modality="ct",
+        step="preprocess",
+        artifacts=[manifest.artifact("preprocess/volume.nii.gz", volume)],
+    )
+    for source in (path, written):
+        assert manifest.artifact_path(source, "preprocess/volume.nii.gz") == str(volume)
+    with pytest.raises(
+        ValueError, match="preprocess manifest of sample S1 lists no preprocess/qc.png"
+    ):
+        manifest.artifact_path(path, "preprocess/qc.png")
+    download = {"sample": "S1", "files": [{"path": "/a/1.dcm"}, {"path": "/a/2.dcm"}]}
+    assert manifest.input_files(download) == ["/a/1.dcm", "/a/2.dcm"]
+    with pytest.raises(InputError, match="lists 2 files, not one"):
+        manifest.annotation_file(download)
+    assert manifest.annotation_file({"sample": "S1", "files": [{"path": "/a/x.csv"}]}) == "/a/x.csv"

@@ -20,6 +20,7 @@ from wsi_support import CMU, outputs, preprocess, write_download
 from medprep.common import atomic
 from medprep.common.errors import InputError
 from medprep.data import index as dataset
+from medprep.workflow import manifest as manifest_module
 from medprep.wsi import labels, steps, writers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -292,7 +293,7 @@ SPIKE = [[0, 0], [1000, 0], [1000, 1000], [500, 1000], [500, 1400], [500, 1000],
 )
 def test_bad_annotation_files_fail_with_one_line(tmp_path, document, expected):
     manifest = write_annotations(tmp_path, document)
-    path = labels.annotation_file(manifest)
+    path = Path(manifest_module.annotation_file(manifest))
     with pytest.raises(InputError) as caught:
         labels.read_annotations(path)
     message = str(caught.value)
