@@ -7,6 +7,7 @@ Snakemake calls once per download job while building the DAG.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -267,14 +268,64 @@ def settings_only(settings: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: settings[k] for k in keys if k in settings}
 
 
-def code_fingerprint(engine: str, package_dir: Path = PACKAGE_DIR) -> str:
-    """A digest of the engine's source code (``medprep/<engine>/**/*.py``).
+# Code that no rule of an engine runs: editing it must not rerun any sample.
+NOT_ENGINE_CODE = ("demo",)
 
-    Passed as a rule parameter so that changing the engine reruns the rules that use it,
-    as Snakemake already does for changes to the rule scripts themselves.
+
+def _imported_modules(path: Path) -> set[str]:
+    """The ``medprep`` modules a source file imports (anywhere in it, lazily or not)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from medprep.x import y`: y may be a module of medprep.x or a name in it
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name == "medprep" or name.startswith("medprep.")}
+
+
+def _module_files(name: str, package_dir: Path) -> list[Path]:
+    """The files Python runs to import module ``name``: its package ``__init__`` files
+    (not medprep's own, which holds the version) and the module itself, if they exist."""
+    parts = name.split(".")[1:]
+    if not parts or parts[0] in NOT_ENGINE_CODE:
+        return []
+    files = [package_dir.joinpath(*parts[:n], "__init__.py") for n in range(1, len(parts) + 1)]
+    files.append(package_dir.joinpath(*parts).with_suffix(".py"))
+    return [f for f in files if f.is_file()]
+
+
+def engine_modules(engine: str, package_dir: Path = PACKAGE_DIR) -> list[Path]:
+    """The source files an engine's rules run: ``medprep/<engine>/`` and every medprep
+    module those import, followed through the imports (the demo data generators are not
+    engine code)."""
+    todo = sorted((package_dir / engine).rglob("*.py"))
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imported_modules(path):
+            todo.extend(f for f in _module_files(name, package_dir) if f not in seen)
+    return sorted(seen)
+
+
+@functools.cache
+def code_fingerprint(engine: str, package_dir: Path = PACKAGE_DIR) -> str:
+    """A digest of the code an engine's rules run (``engine_modules``).
+
+    Passed as a rule parameter so that changing that code reruns the rules that use it,
+    as Snakemake already does for changes to the rule scripts themselves: the engine's
+    own package, and the shared modules it imports (manifests, tables, atomic writes,
+    storage, ...). Code the engine does not import (the cohort report, the demo data)
+    reruns nothing.
     """
     digest = hashlib.sha256()
-    for path in sorted((package_dir / engine).rglob("*.py")):
+    for path in engine_modules(engine, package_dir):
         digest.update(path.relative_to(package_dir).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -289,20 +289,50 @@ def test_run_step_success_clears_old_failure_record(tmp_path):
 ##### workflow helpers #####
 
 
-def test_code_fingerprint_follows_the_engine_code_only(tmp_path):
+def test_code_fingerprint_follows_what_the_engine_imports(tmp_path):
     from medprep.workflow.parse import code_fingerprint
 
-    (tmp_path / "wsi" / "sub").mkdir(parents=True)
-    (tmp_path / "ct").mkdir()
-    (tmp_path / "wsi" / "tiler.py").write_text("x = 1\n")
-    (tmp_path / "wsi" / "sub" / "qc.py").write_text("y = 2\n")
+    def fingerprint():
+        code_fingerprint.cache_clear()
+        return code_fingerprint("wsi", tmp_path)
+
+    for folder in ("wsi/sub", "ct", "common", "workflow", "cohort", "demo"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "wsi" / "tiler.py").write_text("from medprep.common import tables\nx = 1\n")
+    (tmp_path / "wsi" / "sub" / "qc.py").write_text(
+        "def f():\n    from medprep.workflow.manifest import artifact\n"
+    )
+    (tmp_path / "common" / "tables.py").write_text("from medprep.common.atomic import write\n")
+    (tmp_path / "common" / "atomic.py").write_text("def write(): pass\n")
+    (tmp_path / "workflow" / "manifest.py").write_text("def artifact(): pass\n")
+    (tmp_path / "cohort" / "html.py").write_text("from medprep.wsi import tiler\n")
+    (tmp_path / "demo" / "synthetic_slide.py").write_text("from medprep.wsi import tiler\n")
     (tmp_path / "ct" / "lung.py").write_text("z = 3\n")
-    before = code_fingerprint("wsi", tmp_path)
-    (tmp_path / "ct" / "lung.py").write_text("z = 4\n")
-    (tmp_path / "wsi" / "notes.txt").write_text("not code")
-    assert code_fingerprint("wsi", tmp_path) == before
-    (tmp_path / "wsi" / "sub" / "qc.py").write_text("y = 3\n")
-    assert code_fingerprint("wsi", tmp_path) != before
+    before = fingerprint()
+    # what the engine does not import reruns nothing: another engine, the report, the demo
+    for path, text in (
+        ("ct/lung.py", "z = 4\n"),
+        ("cohort/html.py", "# edited\n"),
+        ("demo/synthetic_slide.py", "# edited\n"),
+        ("wsi/notes.txt", "not code"),
+    ):
+        (tmp_path / path).write_text(text)
+        assert fingerprint() == before, path
+    # its own code, and shared code it imports directly, lazily or through another module
+    for path in ("wsi/sub/qc.py", "common/tables.py", "common/atomic.py", "workflow/manifest.py"):
+        (tmp_path / path).write_text((tmp_path / path).read_text() + "# edited\n")
+        assert fingerprint() != before, path
+        before = fingerprint()
+
+
+def test_the_real_engines_include_their_shared_helpers_and_not_the_demo():
+    from medprep.workflow.parse import PACKAGE_DIR, engine_modules
+
+    for engine in ("ct", "wsi"):
+        names = {p.relative_to(PACKAGE_DIR).as_posix() for p in engine_modules(engine)}
+        assert {"common/tables.py", "common/atomic.py", "workflow/manifest.py"} <= names
+        assert not [n for n in names if n.startswith(("demo/", "cohort/"))], names
 
 
 def test_settings_split_gives_each_rule_only_its_part():
