@@ -3,6 +3,7 @@
 import logging
 
 from medprep import storage
+from medprep.common import statuses
 from medprep.common.errors import undefer
 from medprep.common.redact import redact
 from medprep.workflow import manifest
@@ -36,7 +37,7 @@ def main(smk):
         fingerprint=fingerprint,
         files=[f.to_dict() for f in files],
         total_bytes=total,
-        summary={"status": "ok", "warnings": [], "files": len(files), "bytes": total},
+        summary={"status": statuses.OK, "warnings": [], "files": len(files), "bytes": total},
     )
 
 

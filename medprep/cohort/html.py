@@ -7,8 +7,8 @@ import html
 import os
 from typing import Any
 
-from medprep.cohort.statuses import FAILED, status_counts
 from medprep.common import atomic
+from medprep.common.statuses import FAILED, OK, status_counts
 
 # (column, heading) of the full table, in order
 HEADINGS = [
@@ -51,7 +51,7 @@ tr:nth-child(even) td { background: #fafbfc; }
 
 
 def _status_class(status: str) -> str:
-    if status == "ok":
+    if status == OK:
         return "status-ok"
     return "status-failed" if status == FAILED else "status-other"
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from medprep.cohort.statuses import FAILED, status_counts
 from medprep.common import atomic
+from medprep.common.statuses import FAILED, status_counts
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medprep.cohort.statuses import FAILED, status_counts
 from medprep.common import atomic
+from medprep.common.statuses import FAILED, OK, status_counts
 from medprep.workflow.runner import FAILURES_DIR
 
 STEPS = ("download", "preprocess", "tile", "upload")
@@ -190,10 +190,10 @@ def mem_mb(samples: int, attempt: int = 1) -> int:
 
 def _outcome(*summaries: dict[str, Any]) -> str:
     for summary in summaries:
-        status = summary.get("status", "ok")
-        if status != "ok":
+        status = summary.get("status", OK)
+        if status != OK:
             return status
-    return "ok"
+    return OK
 
 
 def cohort_table(
@@ -312,7 +312,7 @@ def text_summary(
     lines = [
         f"{len(rows)} samples: " + ", ".join(f"{n} {status}" for status, n in status_counts(rows))
     ]
-    listed = rows if len(rows) <= LIST_ALL_UP_TO else [r for r in rows if r["status"] != "ok"]
+    listed = rows if len(rows) <= LIST_ALL_UP_TO else [r for r in rows if r["status"] != OK]
     for row in listed[:LIST_ALL_UP_TO]:
         lines.append(
             f"  {row['sample']:<24} {row['modality']:<4} {row['status']:<12} {_detail(row)}"

@@ -34,6 +34,20 @@ def load_schema(path: str | os.PathLike) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+@functools.cache
+def sample_name_pattern() -> str:
+    """What a sample name (and a run name) may be, as a regular expression without anchors:
+    the samples schema's ``sample`` pattern, the one place it is written."""
+    pattern = load_schema(SAMPLES_SCHEMA)["properties"]["sample"]["pattern"]
+    return pattern.removeprefix("^").removesuffix("$")
+
+
+# The periodic-suffix rule beside it: Snakemake refuses a wildcard value ending in a unit
+# repeated 20 or more times (its PeriodicWildcardError stops the whole run).
+def periodic_suffix_pattern() -> str:
+    return load_schema(SAMPLES_SCHEMA)["properties"]["sample"]["not"]["pattern"]
+
+
 def config_defaults(*section: str) -> dict[str, Any]:
     """The defaults of a config section as nested dicts, e.g. ``config_defaults("ct")``.
 

@@ -43,6 +43,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from medprep.common import statuses
 from medprep.ct.patches import bounding_box  # noqa: F401 (also used as lung.bounding_box)
 from medprep.ct.settings import LungSettings  # noqa: F401 (also used as lung.LungSettings)
 
@@ -61,7 +62,7 @@ IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 @dataclasses.dataclass(frozen=True)
 class LungResult:
     mask: np.ndarray  # uint8, 1 = lung
-    status: str  # "ok" or "no_lungs"
+    status: str  # statuses.OK or statuses.NO_LUNGS
     volume_ml: float
     components: list[dict]  # the largest candidate components: volume_ml, kept
     peak_area_cm2: float  # largest axial cross-section of the kept components
@@ -466,10 +467,10 @@ def lung_mask(
     per_slice = np.array([np.count_nonzero(plane) for plane in mask], dtype=np.int64)
     peak_area_cm2 = float(per_slice.max(initial=0)) * spacing[1] * spacing[2] / 100.0
     qc_flags: list[str] = []
-    status = "ok"
+    status = statuses.OK
     if volume_ml < settings.no_lungs_below_ml and peak_area_cm2 < NO_LUNGS_MAX_AREA_CM2:
-        status = "no_lungs"
-        qc_flags.append("no_lungs")
+        status = statuses.NO_LUNGS
+        qc_flags.append(statuses.NO_LUNGS)
         mask[:] = False
         volume_ml = 0.0
     else:
@@ -486,10 +487,10 @@ def lung_mask(
         components=components,
         peak_area_cm2=round(peak_area_cm2, 2),
         qc_flags=qc_flags,
-        bbox=bounding_box(mask) if status == "ok" else None,
+        bbox=bounding_box(mask) if status == statuses.OK else None,
         construction=construction,
-        left_volume_ml=None if status != "ok" or left_ml is None else round(left_ml, 1),
-        right_volume_ml=None if status != "ok" or right_ml is None else round(right_ml, 1),
+        left_volume_ml=None if status != statuses.OK or left_ml is None else round(left_ml, 1),
+        right_volume_ml=None if status != statuses.OK or right_ml is None else round(right_ml, 1),
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medprep.common import atomic
+from medprep.common import atomic, statuses
 from medprep.common.errors import InputError
 from medprep.common.parallel import thread_map
 from medprep.common.progress import Progress
@@ -423,7 +423,7 @@ def preprocess(
     affine = nifti.affine_ras(
         origin, geometry.row_cosine, geometry.col_cosine, geometry.normal, spacing_out
     )
-    if lungs.status == "no_lungs":
+    if lungs.status == statuses.NO_LUNGS:
         largest = lungs.components[0]["volume_ml"] if lungs.components else 0
         warnings.append(
             f"no lungs found (enclosed air {largest} mL < {cfg['lung']['no_lungs_below_ml']} mL, "

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from medprep.common import atomic
+from medprep.common import atomic, statuses
 from medprep.common.parallel import thread_map
 from medprep.ct import annotations as regions
 from medprep.ct import hu, nifti, patches
@@ -97,7 +97,7 @@ def tile(
     pcfg = cfg["patches"]
     norm = cfg["normalise"]
     pre = preprocess_manifest.get("summary", {})
-    status = pre.get("status", "ok")
+    status = pre.get("status", statuses.OK)
     spacing = [float(s) for s in pre["spacing_out"]]
     size, stride = patches.patch_voxels(pcfg["size_mm"], pcfg["stride_mm"], spacing)
     materialise = pcfg["materialise"]
@@ -113,7 +113,7 @@ def tile(
     candidates = 0
     slice_names: list[str] = []
 
-    if status != "ok":
+    if status != statuses.OK:
         warnings.append(f"preprocess status {status}: no patches")
         if annotations:
             warnings.append(f"{len(annotations)} annotation(s) not placed: no lungs")

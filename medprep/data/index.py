@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from medprep.common import atomic
+from medprep.common import atomic, statuses
 from medprep.common.errors import InputError
 from medprep.common.parallel import thread_map
 from medprep.ct.patches import TABLE_COLUMNS as CT_TABLE_COLUMNS
@@ -320,7 +320,7 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
     rows = _sample_rows(entry, table, columns, schemas[kind], split, patient, extra)
     sample_values = {
         "modality": entry.modality,
-        "status": summary.get("status", "ok"),
+        "status": summary.get("status", statuses.OK),
         "tiles": rows.num_rows if kind == "tiles" else 0,
         "patches": rows.num_rows if kind == "patches" else 0,
         "candidates": summary.get("candidates"),

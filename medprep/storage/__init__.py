@@ -37,11 +37,6 @@ SLIDE_SUFFIXES = (
     ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif",
 )  # fmt: skip
 
-SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Snakemake refuses a wildcard value ending in a unit repeated 20 or more times (its
-# PeriodicWildcardError stops the whole run); the sample sheet schema holds the same rule.
-PERIODIC_SUFFIX = re.compile(r"(.+)\1{19}$")
-
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith(S3_SCHEME)
@@ -172,9 +167,11 @@ def safe_sample_name(raw: str, where: str = "") -> str:
 
     name = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
     name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128]
-    if not SAMPLE_NAME.match(name):
+    from medprep.common.settings import periodic_suffix_pattern, sample_name_pattern
+
+    if not re.fullmatch(sample_name_pattern(), name):
         raise InputError(f"cannot make a sample name from {raw!r}", path=where or None)
-    if PERIODIC_SUFFIX.search(name):
+    if re.search(periodic_suffix_pattern(), name):
         raise InputError(
             f"sample name {name!r} ends in a part repeated 20 or more times, which Snakemake "
             "refuses as a wildcard value (PeriodicWildcardError); rename the source",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medprep import __version__
-from medprep.common import atomic
+from medprep.common import atomic, statuses
 from medprep.common.errors import InputError
 
 MANIFEST_FORMAT = 1
@@ -141,5 +141,5 @@ def write_annotations_manifest(
         scope=scope,
         fingerprint=fingerprint,
         files=files,
-        summary={"status": "ok", "warnings": [], "files": len(files)},
+        summary={"status": statuses.OK, "warnings": [], "files": len(files)},
     )

@@ -19,12 +19,12 @@ from typing import Any
 import pandas as pd
 
 from medprep import storage
-from medprep.common import atomic, errors
+from medprep.common import atomic, errors, settings
 from medprep.workflow.sheet import read_sample_sheet
 
 log = logging.getLogger(__name__)
 
-SAMPLE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+SAMPLE_PATTERN = settings.sample_name_pattern()
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medprep.common import statuses
 from medprep.common.errors import InputError
 from medprep.common.parallel import run_parallel
 from medprep.wsi import guard, qc, vendors
@@ -237,9 +238,9 @@ def preprocess_slide(
 
     mask_pixel_mm2 = (geometry.downsample_x * mpp.x) * (geometry.downsample_y * mpp.y) / 1e6
     tissue_area_mm2 = float(result.mask.sum()) * mask_pixel_mm2
-    status = "ok"
+    status = statuses.OK
     if not result.mask.any():
-        status = "no_tissue"
+        status = statuses.NO_TISSUE
         warnings.append(
             f"no tissue found ({result.mode}, threshold {result.threshold:.1f}); "
             "check wsi.tissue.mode and wsi.tissue.threshold"

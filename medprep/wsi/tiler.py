@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medprep.common import statuses
 from medprep.common.errors import InputError
 from medprep.common.parallel import run_parallel
 from medprep.common.progress import Progress
@@ -354,7 +355,7 @@ def tile_slide(
         kept_labels = region_labels.at(grid, table["x"], table["y"])
         table.update(kept_labels.columns(settings.labels.class_fractions))
     warnings = [f"skipped a region that could not be read: {e}" for e in read_errors]
-    status = "ok" if kept else "no_tiles"
+    status = statuses.OK if kept else statuses.NO_TILES
     if not kept:
         warnings.append(f"no tiles kept ({candidates} candidates of {grid.count} grid positions)")
     summary = {

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import pytest
 
 from medprep import storage
 from medprep.common import atomic
 from medprep.common.errors import InputError
+from medprep.common.settings import sample_name_pattern
 from medprep.storage import local
 from medprep.storage.s3_listing import RemoteObject, parent_prefix, select_for_key
 from medprep.storage.s3_transfer import describe_local, file_part_md5s, multipart_etag
@@ -44,7 +46,7 @@ LONG_NAME = "".join(f"s{i}" for i in range(100))  # 290 characters, cut to 128
 )
 def test_sample_names_are_made_safe(raw, name):
     assert storage.safe_sample_name(raw) == name
-    assert storage.SAMPLE_NAME.match(name)
+    assert re.fullmatch(sample_name_pattern(), name)
 
 
 @pytest.mark.parametrize("raw", ["", "___", "..", "é"])

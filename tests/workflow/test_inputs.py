@@ -18,6 +18,7 @@ import yaml
 
 from medprep import storage
 from medprep.common.errors import InputError, defer, undefer
+from medprep.common.settings import periodic_suffix_pattern, sample_name_pattern
 from medprep.storage import local
 from medprep.workflow.parse import source_fingerprint
 from medprep.workflow.sheet import SampleSheetError, read_sample_sheet
@@ -175,16 +176,26 @@ def candidate_names() -> list[str]:
                 names.append(name + "q")
     alphabet = "01ab.-_"
     names += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 128))) for _ in range(300)]
-    return [n for n in names if storage.SAMPLE_NAME.match(n)]
+    return [n for n in names if re.fullmatch(sample_name_pattern(), n)]
 
 
 def test_our_periodic_rule_is_snakemakes():
     names = candidate_names()
     refused = {n for n in names if snakemake_refuses(n)}
     assert refused and len(refused) < len(names)  # both outcomes are exercised
-    assert {n for n in names if storage.PERIODIC_SUFFIX.search(n)} == refused
-    schema_rule = yaml.safe_load(SCHEMA.read_text())["properties"]["sample"]["not"]["pattern"]
-    assert schema_rule == storage.PERIODIC_SUFFIX.pattern
+    assert {n for n in names if re.search(periodic_suffix_pattern(), n)} == refused
+
+
+def test_the_sample_name_pattern_is_written_once():
+    """The samples schema holds it; the run name, the wildcard constraint and discovery
+    use the same one."""
+    from medprep.workflow.parse import SAMPLE_PATTERN
+
+    sample = yaml.safe_load(SCHEMA.read_text())["properties"]["sample"]["pattern"]
+    config = yaml.safe_load((SCHEMA.parent / "config.schema.yaml").read_text())
+    assert config["properties"]["run_name"]["pattern"] == sample
+    assert f"^{SAMPLE_PATTERN}$" == f"^{sample_name_pattern()}$" == sample
+    assert not re.fullmatch(SAMPLE_PATTERN, "x" * 129) and re.fullmatch(SAMPLE_PATTERN, "x" * 128)
 
 
 def test_discovery_refuses_a_folder_name_snakemake_would_refuse(tmp_path):

@@ -1,4 +1,6 @@
-"""Sample statuses shared by the cohort table, its HTML page and its plot."""
+"""The ``status`` of a step summary and of a sample in the cohort table: ``OK``, one of the
+documented outcomes that are not failures (no lungs, no tissue, no tiles), or ``FAILED``
+(only in the cohort table: a failed step writes no summary)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,9 @@ from collections import Counter
 from typing import Any
 
 OK = "ok"
+NO_LUNGS = "no_lungs"
+NO_TISSUE = "no_tissue"
+NO_TILES = "no_tiles"
 FAILED = "failed"
 
 
