@@ -302,7 +302,7 @@ def child_medprep(slide: str, out: Path, workers: int, coords: bool) -> dict:
 MEDPREP_ENGINES = (
     "medprep.wsi.preprocess",
     "medprep.wsi.tiler",
-    "medprep.wsi.artifacts",
+    "medprep.wsi.marks",
     "scipy.ndimage",
     "PIL.Image",
     "pyarrow.parquet",

@@ -543,7 +543,7 @@ def write_outputs(
         artifact("preprocess/volume.nii.gz", volume),
         artifact("preprocess/lung_mask.nii.gz", mask),
     ]
-    if result.settings["outputs"]["npy"]:
+    if result.settings["outputs"]["npz"]:
         npz = Path(volume).with_name("arrays.npz")
         norm = result.settings["normalise"]
         write_npz(

@@ -22,7 +22,7 @@ from medprep.common.errors import InputError
 from medprep.common.parallel import run_parallel
 from medprep.wsi import guard, qc, vendors
 from medprep.wsi import resolution as res
-from medprep.wsi.artifacts import autocontrast
+from medprep.wsi.marks import autocontrast
 from medprep.wsi.settings import ResolutionSettings, TissueSettings
 from medprep.wsi.slide import SlideInfo, inspect_slide
 from medprep.wsi.tissue import TissueResult, detect_tissue, max_channel

@@ -111,15 +111,15 @@ def run_preprocess(
     )
 
 
-def artifact_flags(
+def mark_flags(
     thumbnail: np.ndarray, mask: np.ndarray, summary: dict[str, Any]
 ) -> dict[str, np.ndarray]:
     """Pen, fold and gap masks of a brightfield slide's thumbnail (none for fluorescence)."""
-    from medprep.wsi import artifacts
+    from medprep.wsi import marks
 
     if summary["tissue_mode"] != "brightfield" or thumbnail.shape[:2] != mask.shape:
         return {}
-    return artifacts.detect_artifacts(
+    return marks.detect_marks(
         thumbnail[..., :3], mask, tissue_threshold=summary["thresholds"]["threshold"]
     )
 
@@ -140,7 +140,7 @@ def run_tile(
     """Tile a preprocessed slide. ``annotations_manifest``: a download-style manifest
     listing the sample's GeoJSON annotation file (``medprep.wsi.labels``), or None: then
     the table has no label columns and the sheet's label applies to every tile."""
-    from medprep.wsi import artifacts, labels, writers
+    from medprep.wsi import labels, marks, writers
     from medprep.wsi.tiler import SlidePlan, draw_overlay, tile_slide
 
     settings = TileSettings.from_config(tile)
@@ -156,7 +156,7 @@ def run_tile(
             path=manifest.artifact_path(previous, PREPROCESS_ARTIFACTS["mask"]),
         )
     thumbnail = read_png(manifest.artifact_path(previous, PREPROCESS_ARTIFACTS["thumbnail"]))
-    flags = artifact_flags(thumbnail, mask, summary)
+    flags = mark_flags(thumbnail, mask, summary)
     annotations = None
     if annotations_manifest is not None:
         annotation_path = manifest.annotation_file(annotations_manifest)
@@ -181,7 +181,7 @@ def run_tile(
         result.summary["warnings"] += annotations.warnings
     writers.write_table(result.table, table_path)
     overlay = draw_overlay(
-        artifacts.tint(thumbnail, flags),
+        marks.tint(thumbnail, flags),
         result.kept_boxes,
         result.rejected_boxes,
         plan.mask_downsample_x,

@@ -23,8 +23,8 @@ from medprep.common import statuses
 from medprep.common.errors import InputError
 from medprep.common.parallel import run_parallel
 from medprep.common.progress import Progress
-from medprep.wsi import artifacts, labels, qc
 from medprep.wsi import grid as grids
+from medprep.wsi import labels, marks, qc
 from medprep.wsi.settings import TileSettings
 from medprep.wsi.slide import inspect_slide
 from medprep.wsi.workers import (
@@ -186,7 +186,7 @@ def tile_slide(
 
     Pixels go into ``pixels_dir`` (a folder the caller stages; ignored for ``coords``).
     The table's ``file`` column is relative to the parent of ``pixels_dir``. ``flags``:
-    artifact masks at mask resolution (``artifacts.FLAG_NAMES``; missing = none found),
+    artifact masks at mask resolution (``marks.FLAG_NAMES``; missing = none found),
     mapped to tiles as ``<name>_fraction`` columns and filtered by ``max_<name>_fraction``.
     ``annotations``: region labels (``medprep.wsi.labels``) as ``label`` columns; with
     ``settings.annotated_only`` the candidates labelled background are not read.
@@ -209,7 +209,7 @@ def tile_slide(
         region_labels = labels.label_grid(annotations, grid, selected, settings.labels.background)
         if settings.annotated_only:
             unannotated = region_labels.drop_unannotated(selected)
-    flag_cover = artifacts.flag_coverage(
+    flag_cover = marks.flag_coverage(
         flags or {}, grid, plan.mask_downsample_x, plan.mask_downsample_y, mask.shape
     )
     tasks, indices, side = plan_blocks(plan, grid, selected, settings.block_tiles)
@@ -252,16 +252,14 @@ def tile_slide(
         "y": np.zeros(n, np.int64),
         "mask_coverage": np.zeros(n, np.float64),
         **{name: np.zeros(n, np.float64) for name in qc.SCORE_NAMES},
-        **{name: np.zeros(n, np.float64) for name in artifacts.FRACTION_NAMES},
+        **{name: np.zeros(n, np.float64) for name in marks.FRACTION_NAMES},
         "file": [],
         "member": [],
         "offset": [],
         "nbytes": [],
     }
-    rejected = {
-        reason: 0 for reason in (*qc.REJECT_REASONS, *artifacts.REJECT_REASONS, "read_error")
-    }
-    flagged = {name: 0 for name in artifacts.FLAG_NAMES}
+    rejected = {reason: 0 for reason in (*qc.REJECT_REASONS, *marks.REJECT_REASONS, "read_error")}
+    flagged = {name: 0 for name in marks.FLAG_NAMES}
     rejected_boxes: list[tuple[int, int]] = []
     read_errors: list[str] = []
     kept = 0
@@ -303,10 +301,8 @@ def tile_slide(
             for k in range(len(task.xs)):
                 x, y = task.xs[k], task.ys[k]
                 fractions = {name: cover[rows[k], cols[k]] for name, cover in flag_cover.items()}
-                reason = result.reasons[k] or artifacts.rejection_reason(
-                    fractions, settings.filters
-                )
-                for name in artifacts.flagged(fractions):
+                reason = result.reasons[k] or marks.rejection_reason(fractions, settings.filters)
+                for name in marks.flagged(fractions):
                     flagged[name] += 1
                 if reason is not None:
                     rejected[reason] += 1
@@ -337,7 +333,7 @@ def tile_slide(
         close_worker()
     progress.finish()
 
-    for name in ("x", "y", "mask_coverage", *qc.SCORE_NAMES, *artifacts.FRACTION_NAMES):
+    for name in ("x", "y", "mask_coverage", *qc.SCORE_NAMES, *marks.FRACTION_NAMES):
         table[name] = table[name][:kept]
     if not score_pixels:
         table.update({name: [None] * kept for name in qc.SCORE_NAMES})

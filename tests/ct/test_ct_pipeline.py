@@ -143,7 +143,7 @@ def test_padding_never_leaks_into_the_volume(chest, order):
 
 def test_outputs_are_byte_identical_on_one_and_two_threads(chest, tmp_path):
     folder, _ = chest
-    cfg = {**COARSE, "slices_png": {"enabled": True, "every_mm": 24}, "outputs": {"npy": True}}
+    cfg = {**COARSE, "slices_png": {"enabled": True, "every_mm": 24}, "outputs": {"npz": True}}
     one = run_chain(folder, tmp_path / "one", cfg, threads=1)
     two = run_chain(folder, tmp_path / "two", cfg, threads=2)
     names = [a["name"] for a in one[0]["artifacts"] + one[1]["artifacts"]]

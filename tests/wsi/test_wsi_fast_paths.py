@@ -182,15 +182,15 @@ def test_coordinates_only_reads_no_pixels_unless_a_pixel_filter_needs_them(tmp_p
 
 
 def test_fast_ink_masks_equal_the_hsv_rules_pixel_for_pixel():
-    from medprep.wsi import artifacts
+    from medprep.wsi import marks
 
     rng = np.random.default_rng(3)
     tissue = np.asarray(Image.fromarray(_cmu_block(600)[..., :3]).reduce(4))
     for rgb in (rng.integers(0, 256, (120, 90, 3), dtype=np.uint8), tissue):
-        hsv = artifacts.to_hsv(rgb)
-        masks, saturation, value = artifacts.fast_ink_masks(rgb)
+        hsv = marks.to_hsv(rgb)
+        masks, saturation, value = marks.fast_ink_masks(rgb)
         assert np.array_equal(saturation, hsv.saturation) and np.array_equal(value, hsv.value)
-        reference = artifacts.ink_masks(hsv)
+        reference = marks.ink_masks(hsv)
         assert masks.keys() == reference.keys()
         for name, mask in reference.items():
             assert np.array_equal(masks[name], mask), name
@@ -198,22 +198,22 @@ def test_fast_ink_masks_equal_the_hsv_rules_pixel_for_pixel():
     mask = np.zeros((50, 60), dtype=bool)
     mask[3:5, 40:42] = True  # 4 pixels: kept
     mask[30, 7] = True  # 1 pixel: dropped
-    kept = artifacts.remove_small(mask, artifacts.MIN_INK_PIXELS)
+    kept = marks.remove_small(mask, marks.MIN_INK_PIXELS)
     assert kept.sum() == 4 and kept[3:5, 40:42].all()
 
 
 def test_tint_blends_only_flagged_pixels_and_leaves_the_thumbnail_alone():
-    from medprep.wsi import artifacts
+    from medprep.wsi import marks
 
     rng = np.random.default_rng(4)
     thumbnail = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     before = thumbnail.copy()
     flags = {"pen": rng.random((40, 50)) < 0.2, "fold": rng.random((40, 50)) < 0.2}
-    tinted = artifacts.tint(thumbnail, flags)
+    tinted = marks.tint(thumbnail, flags)
     assert np.array_equal(thumbnail, before)
     either = flags["pen"] | flags["fold"]
     assert np.array_equal(tinted[~either], thumbnail[~either])
     # a pen-only pixel: 55% of the way to magenta, rounded
     y, x = np.argwhere(flags["pen"] & ~flags["fold"])[0]
-    expected = thumbnail[y, x] * 0.45 + np.array(artifacts.FLAG_COLOURS["pen"]) * 0.55
+    expected = thumbnail[y, x] * 0.45 + np.array(marks.FLAG_COLOURS["pen"]) * 0.55
     assert np.abs(tinted[y, x].astype(float) - expected).max() <= 0.5 + 1e-4

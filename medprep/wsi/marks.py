@@ -1,4 +1,5 @@
-"""Pen marks and slide artifacts on the mask-resolution image: numpy arrays in and out.
+"""Marks on the slide (pen ink, tissue folds, gaps) found on the mask-resolution image:
+numpy arrays in and out.
 
 Classical colour rules on the thumbnail (``wsi.tissue.mask_mpp``, 8 um/px by default),
 cheap enough to run on every slide; the tiler maps each mask to tiles as the fraction of
@@ -138,7 +139,7 @@ def remove_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     return out
 
 
-def detect_artifacts(
+def detect_marks(
     rgb: np.ndarray,
     tissue: np.ndarray,
     scanned: np.ndarray | None = None,

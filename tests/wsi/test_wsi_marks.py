@@ -12,7 +12,7 @@ from wsi_support import CMU, DAPI, TCGA_NO_MPP, outputs, preprocess, tile
 
 from medprep.common import atomic
 from medprep.demo.synthetic_slide import write_pyramidal_tiff
-from medprep.wsi import artifacts, qc
+from medprep.wsi import marks, qc
 from medprep.wsi.writers import read_table
 
 # Marker inks as transmittances (ink absorbs: the slide's colour is multiplied by these).
@@ -142,12 +142,12 @@ def test_ink_strokes_are_found_on_the_mask_resolution_image_and_clean_tissue_is_
     mask = np.asarray(Image.open(outputs(folder)["mask"])) > 127
     summary = atomic.read_json(outputs(folder)["preprocess_summary"])
     threshold = summary["thresholds"]["threshold"]
-    clean = artifacts.detect_artifacts(thumbnail, mask, tissue_threshold=threshold)
+    clean = marks.detect_marks(thumbnail, mask, tissue_threshold=threshold)
     assert not clean["pen"].any()
     scale = summary["mask"]["downsample"][0]
     strokes = stroke_masks(2220, 2967, scale)
     strokes = {k: v[: mask.shape[0], : mask.shape[1]] for k, v in strokes.items()}
-    flags = artifacts.detect_artifacts(ink(thumbnail, strokes), mask, tissue_threshold=threshold)
+    flags = marks.detect_marks(ink(thumbnail, strokes), mask, tissue_threshold=threshold)
     for name, stroke in strokes.items():
         found = flags["pen"][stroke].mean()
         assert found > 0.9, f"{name} ink: {found:.0%} of its pixels flagged"
@@ -163,7 +163,7 @@ def test_clean_he_slides_raise_no_pen_flags():
         from medprep.wsi.settings import ResolutionSettings
 
         result = preprocess_slide(slide, ResolutionSettings(mpp_fallback=mpp))
-        flags = artifacts.detect_artifacts(
+        flags = marks.detect_marks(
             result.thumbnail,
             result.mask,
             tissue_threshold=result.summary["thresholds"]["threshold"],
@@ -207,8 +207,8 @@ def test_tiles_under_a_stroke_are_flagged_end_to_end(tmp_path):
     under = [r for r in table.itertuples() if stroke_cover(r) >= 0.25]
     clean = [r for r in table.itertuples() if stroke_cover(r, margin) == 0]
     assert len(under) >= 15 and len(clean) >= 40
-    hit = np.mean([r.pen_fraction >= artifacts.FLAG_MIN_FRACTION for r in under])
-    false = np.mean([r.pen_fraction >= artifacts.FLAG_MIN_FRACTION for r in clean])
+    hit = np.mean([r.pen_fraction >= marks.FLAG_MIN_FRACTION for r in under])
+    false = np.mean([r.pen_fraction >= marks.FLAG_MIN_FRACTION for r in clean])
     print(
         f"under a stroke: {len(under)} tiles, {hit:.0%} flagged; clean: {len(clean)}, {false:.0%}"
     )
