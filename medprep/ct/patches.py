@@ -25,7 +25,7 @@ TABLE_COLUMNS = {
     "center_lps_z_mm": "float64",
     "lung_fraction": "float64",
     "padded": "bool",
-    # region labels (medprep.ct.annotations); null / NaN / False without annotations
+    # region labels (medprep.ct.labels); null / NaN / False without annotations
     "centred": "bool",  # the patch is centred on its annotation (not a grid patch)
     "annotation_id": "string",  # the centring or labelling annotation
     "distance_mm": "float64",  # patch centre to the annotation's centre

@@ -159,11 +159,11 @@ def load_annotations(
     dicom_files: Sequence[str] | None = None,
     threads: int = 1,
 ) -> list:
-    """The sample's annotations (``medprep.ct.annotations.Annotation``) from the file a
+    """The sample's annotations (``medprep.ct.labels.Annotation``) from the file a
     ``download_annotations`` manifest lists: a CSV (rows of the chosen series; a file of
     the whole cohort, ``scope: cohort``, may have none) or an LIDC XML (placed through
     the DICOM headers of ``dicom_files``)."""
-    from medprep.ct import annotations
+    from medprep.ct import labels
 
     loaded = (
         annotations_manifest
@@ -171,9 +171,9 @@ def load_annotations(
         else manifest.read_step_manifest(annotations_manifest)
     )
     path = manifest.annotation_file(annotations_manifest)
-    kind = annotations.kind_of(path)
+    kind = labels.kind_of(path)
     if kind == "csv":
-        found, _counts = annotations.read_csv(
+        found, _counts = labels.read_csv(
             path,
             series_uid_hash=series_uid_hash,
             require_series=loaded.get("scope", "sample") == "sample",
@@ -184,9 +184,7 @@ def load_annotations(
             raise InputError(
                 "an LIDC XML needs the scan's DICOM files (the download manifest)", path=path
             )
-        return annotations.read_lidc(
-            path, dicom_files, series_uid_hash=series_uid_hash, threads=threads
-        )
+        return labels.read_lidc(path, dicom_files, series_uid_hash=series_uid_hash, threads=threads)
     raise InputError("not a CT annotation file (expected a .csv or an LIDC .xml)", path=path)
 
 

@@ -30,8 +30,7 @@ import numpy as np
 
 from medprep.common import atomic, statuses
 from medprep.common.parallel import thread_map
-from medprep.ct import annotations as regions
-from medprep.ct import hu, nifti, patches
+from medprep.ct import hu, labels, nifti, patches
 from medprep.ct.patches import TABLE_COLUMNS
 from medprep.ct.settings import ct_settings
 from medprep.workflow.manifest import artifact, artifact_path
@@ -90,7 +89,7 @@ def tile(
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Write patches, table, summary (and PNG slices); return (artifacts, summary).
 
-    ``annotations``: the sample's ``medprep.ct.annotations.Annotation`` list (None: the
+    ``annotations``: the sample's ``medprep.ct.labels.Annotation`` list (None: the
     sample has no annotation source, and the table no ``label`` column). Each gets a
     patch centred on it after the grid's; grid patches get labels (see that module)."""
     cfg = ct_settings(settings)
@@ -146,7 +145,7 @@ def tile(
                 f"no patch reaches min_lung_fraction {pcfg['min_lung_fraction']} "
                 f"({candidates} candidates)"
             )
-        placed = regions.place(annotations or [], affine, mask, size)
+        placed = labels.place(annotations or [], affine, mask, size)
         grid = starts[keep]
         all_starts = np.concatenate(
             [grid, np.array([p.start for p in placed], dtype=np.int64).reshape(-1, 3)]
@@ -154,7 +153,7 @@ def tile(
         all_fractions = np.concatenate(
             [fractions[keep], patches.lung_fractions(mask, all_starts[len(grid) :], size)]
         )
-        labels, which = regions.grid_labels(grid, size, spacing, placed)
+        patch_labels, which = labels.grid_labels(grid, size, spacing, placed)
         for row, start in enumerate(all_starts):
             centre = _centre_lps(affine, start, size)
             for column, value in zip(
@@ -174,8 +173,10 @@ def tile(
             centred = row >= len(grid)
             index = row - len(grid) if centred else int(which[row])
             item = placed[index] if index >= 0 else None
-            _annotation_columns(rows, item, centred, centre, labels[row] if not centred else 0)
-        labelled = _label_summary(placed, labels, warnings) if annotations is not None else {}
+            _annotation_columns(
+                rows, item, centred, centre, patch_labels[row] if not centred else 0
+            )
+        labelled = _label_summary(placed, patch_labels, warnings) if annotations is not None else {}
         if dtype is not None:
             _write_patches(patches_path, volume, all_starts, size, dtype, convert)
         if cfg["slices_png"]["enabled"] and slices_dir is not None:

@@ -19,7 +19,7 @@ from ct_support import SLAB, XML, dicom_frames, phantom_nodule
 
 from medprep import storage
 from medprep.common.errors import InputError
-from medprep.ct import annotations, lidc, steps
+from medprep.ct import labels, lidc, steps
 from medprep.ct.nifti import LPS_TO_RAS
 from medprep.ct.series import uid_hash
 from medprep.demo import ct_phantom as phantom
@@ -270,10 +270,10 @@ def test_world_to_voxel_is_the_inverse_of_the_published_affine(chest):
     image = nib.load(out / "pre/volume.nii.gz")
     rng = np.random.default_rng(0)
     voxels = rng.uniform(0, 50, size=(20, 3))  # (z, y, x)
-    lps = annotations.voxel_to_world(image.affine, voxels)
+    lps = labels.voxel_to_world(image.affine, voxels)
     expected = (LPS_TO_RAS[:3, :3] @ nib.affines.apply_affine(image.affine, voxels[:, ::-1]).T).T
     assert np.allclose(lps, expected)
-    assert np.allclose(annotations.world_to_voxel(image.affine, lps), voxels)
+    assert np.allclose(labels.world_to_voxel(image.affine, lps), voxels)
 
 
 # ---- the rules on plain data
@@ -282,28 +282,24 @@ def test_world_to_voxel_is_the_inverse_of_the_published_affine(chest):
 def test_grid_label_rule_on_numbers():
     # patches of 8 voxels at 1 mm: centre region +-2 mm around the centre (3.5, 3.5, 3.5)
     starts = np.array([[0, 0, 0], [0, 0, 8]])
-    near = annotations.Annotation("a", (0.0, 0.0, 0.0), 3.0, 5)  # radius 1.5
+    near = labels.Annotation("a", (0.0, 0.0, 0.0), 3.0, 5)  # radius 1.5
     placed = [
-        annotations.PlacedAnnotation(
-            near, np.array([3.5, 3.5, 6.5]), np.zeros(3), 0.0, False, False
-        )
+        labels.PlacedAnnotation(near, np.array([3.5, 3.5, 6.5]), np.zeros(3), 0.0, False, False)
     ]
-    labels, which = annotations.grid_labels(starts, (8, 8, 8), (1.0, 1.0, 1.0), placed)
+    found, which = labels.grid_labels(starts, (8, 8, 8), (1.0, 1.0, 1.0), placed)
     # x 6.5 is 3 mm from the first centre (1 mm beyond its region: met by a 1.5 mm
     # radius), 5 mm from the second (3 mm beyond: not met)
-    assert labels.tolist() == [5, 0] and which.tolist() == [0, -1]
-    small = annotations.Annotation("b", (0.0, 0.0, 0.0), 1.0, 5)  # radius 0.5: not met
-    placed = [
-        annotations.PlacedAnnotation(small, placed[0].voxel_zyx, np.zeros(3), 0, False, False)
-    ]
-    assert annotations.grid_labels(starts, (8, 8, 8), (1.0, 1.0, 1.0), placed)[0].tolist() == [0, 0]
+    assert found.tolist() == [5, 0] and which.tolist() == [0, -1]
+    small = labels.Annotation("b", (0.0, 0.0, 0.0), 1.0, 5)  # radius 0.5: not met
+    placed = [labels.PlacedAnnotation(small, placed[0].voxel_zyx, np.zeros(3), 0, False, False)]
+    assert labels.grid_labels(starts, (8, 8, 8), (1.0, 1.0, 1.0), placed)[0].tolist() == [0, 0]
 
 
 def test_readings_of_one_nodule_merge_and_two_nodules_do_not():
     def extent(x, diameter=6.0):
         return lidc.ReadingExtent((x, 0.0, 0.0), np.pi / 6 * diameter**3, diameter, diameter, 3)
 
-    groups = annotations.merge_readings(
+    groups = labels.merge_readings(
         [(0, extent(0.0)), (1, extent(1.5)), (2, extent(40.0)), (1, extent(41.0)), (0, extent(2))]
     )
     # reader 0 has two readings near x=0: one nodule counts each reader once
@@ -324,7 +320,7 @@ def test_malformed_csv_is_one_line_naming_the_file(tmp_path, text, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(InputError, match=message) as error:
-        annotations.read_csv(path, series_uid_hash=None, require_series=True)
+        labels.read_csv(path, series_uid_hash=None, require_series=True)
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -353,8 +349,8 @@ def test_quoted_and_unquoted_csv_read_alike():
         "seriesuid,coordX,coordY,coordZ,class\n1.2.3,1.5,2,3,1\n\n1.2.4,4,5,6,0\n1.2.3,-7,8,-9,0\n"
     )
     quoted = plain.replace("1.2.3,", '"1.2.3",').replace("1.2.4,", '"1.2.4",')
-    keep = annotations.series_matcher(uid_hash("1.2.3"))
-    read = [annotations.parse_csv(t, keep_series=keep) for t in (plain, quoted)]
+    keep = labels.series_matcher(uid_hash("1.2.3"))
+    read = [labels.parse_csv(t, keep_series=keep) for t in (plain, quoted)]
     assert read[0] == read[1]
     found, counts = read[0]
     assert [(a.id, a.centre_lps, a.label) for a in found] == [
@@ -363,8 +359,8 @@ def test_quoted_and_unquoted_csv_read_alike():
     ]
     assert counts == {"rows": 3, "kept": 2, "other_series": 1}
     # a volume input's series is its file name: <seriesuid>.mhd matches its seriesuid
-    volume = annotations.series_matcher(uid_hash("volume:1.2.4.mhd"))
-    assert [a.id for a in annotations.parse_csv(plain, keep_series=volume)[0]] == ["csv-4"]
+    volume = labels.series_matcher(uid_hash("volume:1.2.4.mhd"))
+    assert [a.id for a in labels.parse_csv(plain, keep_series=volume)[0]] == ["csv-4"]
 
 
 def test_materialised_patches_of_annotations_beyond_the_scan_are_air(chest, tmp_path):
