@@ -23,7 +23,7 @@ least half of the tile is tissue (each tool's own tissue detection), written as 
   (``cannot write mode RGBA as JPEG``: its tiles are RGBA and the Pillow 10 its pins allow
   refuses them); it tiles only at a pyramid level, so it honours 0.5 um/px only on a
   slide scanned at 0.5; no coordinates-only mode in its public API;
-- seed-style: bench_wsi's baseline, one process, ``read_region`` of every grid tile,
+- the usual script: bench_wsi's baseline, one process, ``read_region`` of every grid tile,
   grey threshold, one PNG per kept tile (as the project's first script did).
 
 Each peer is installed from PyPI into its own virtual environment under
@@ -313,7 +313,7 @@ MEDPREP_ENGINES = (
 )
 
 
-def child_seed(slide: str, out: Path, workers: int, coords: bool) -> dict:
+def child_script(slide: str, out: Path, workers: int, coords: bool) -> dict:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
     import bench_wsi
@@ -327,7 +327,7 @@ CHILDREN = {
     "tiatoolbox": child_tiatoolbox,
     "histolab": child_histolab,
     "medprep": child_medprep,
-    "seed": child_seed,
+    "script": child_script,
 }
 
 
@@ -376,7 +376,9 @@ def main() -> None:
     parser.add_argument("--slide-mpp", type=float, default=MPP)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", action="append", choices=sorted(PEERS), help="peers to run")
-    parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument(
+        "--skip-script", action="store_true", help="skip the usual one-process script"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence")
     parser.add_argument("--coords-only", action="store_true", help="coordinates-only variants")
     parser.add_argument("--install-only", action="store_true")
@@ -437,8 +439,8 @@ def main() -> None:
                 run(name, True, pythons[name])
         for coords in modes:
             run("medprep", coords)
-    if not args.skip_seed and not args.coords_only:
-        run("seed", False)
+    if not args.skip_script and not args.coords_only:
+        run("script", False)
 
     honours = args.slide_mpp == MPP
     print()
@@ -458,7 +460,7 @@ def main() -> None:
             f"{'peak MB':>8} {'ratio':>6} {'ratio (process)':>15}  notes"
         )
         fastest = None
-        for variant in ("medprep", *peers, "seed"):
+        for variant in ("medprep", *peers, "script"):
             if variant in PEERS and pythons.get(variant) is None:
                 if not coords:
                     print(f"  {variant:11} skipped: {reasons[variant]}")
@@ -490,10 +492,10 @@ def main() -> None:
                 f"tiles/s, {our_process_rate / fastest[2]:.2f}x with process start "
                 f"(target >= {target}x)"
             )
-        seed = results.get(("seed", False))
-        if not coords and seed and "seconds" in seed:
+        script = results.get(("script", False))
+        if not coords and script and "seconds" in script:
             print(
-                f"  medprep vs seed-style: {seed['seconds'] / ours['seconds']:.1f}x faster "
+                f"  medprep vs the usual script: {script['seconds'] / ours['seconds']:.1f}x faster "
                 "(target >= 10x)"
             )
         print()

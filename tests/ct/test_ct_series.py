@@ -1,5 +1,5 @@
 """Series choice (ranking, preferences, sheet selection, blank UIDs, jitter), free text kept
-out of outputs, Enhanced CT frames and every transfer syntax (issue 11.2, 11.3, 11.5)."""
+out of outputs, Enhanced CT frames and every transfer syntax."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Numbers that enter CT geometry or HU are checked (issue 10): a bad value fails the sample
+"""Numbers that enter CT geometry or HU are checked: a bad value fails the sample
 with one line naming the file, the tag and the value; metadata is strict JSON."""
 
 from __future__ import annotations

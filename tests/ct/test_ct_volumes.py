@@ -1,4 +1,4 @@
-"""CT volumes as input (issue 11.4): MetaImage (.mhd + .raw, as LUNA16 ships) and NIfTI go
+"""CT volumes as input: MetaImage (.mhd + .raw, as LUNA16 ships) and NIfTI go
 through the same steps as DICOM, keep their world coordinates, and must hold HU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""QC per stain type (fluorescence and brightfield), pen marks and artifacts (issue 14)."""
+"""QC per stain type (fluorescence and brightfield), pen marks and artifacts."""
 
 from __future__ import annotations
 

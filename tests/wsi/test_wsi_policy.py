@@ -1,4 +1,4 @@
-"""Resolution policy for real scanners and refusal of decompression bombs (issues 14, 10)."""
+"""Resolution policy for real scanners and refusal of decompression bombs."""
 
 from __future__ import annotations
 
