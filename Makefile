@@ -49,6 +49,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format .

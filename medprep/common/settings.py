@@ -1,12 +1,15 @@
 """The YAML JSON-schemas under ``schemas/``, the config defaults they declare, and the
-settings views the engines build from them.
+typed settings the engines build from them.
 
 ``schemas/config.schema.yaml`` is the one place a setting's default and limits are
 written down. ``settings_section("wsi", "tile")`` turns a class into a frozen dataclass
 whose fields are the keys of that schema section, with the schema's defaults; building one
 validates the values against the schema's limits (one line naming the key), and
-``from_config`` refuses unknown keys (one line naming the key and its parent). A key added
-to the schema is a field of its section's class, with its default, without a Python edit.
+``from_config`` refuses unknown keys (one line naming the key and its parent).
+
+A section's class declares its fields with their types (``size: int``) and no defaults, so
+that readers and type checkers see them; a test checks the declarations against the
+schema, and ``python -m medprep.common.settings wsi tile`` prints them for a section.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import difflib
 import functools
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -152,18 +155,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class Settings(Mapping):
-    """A config section as a frozen dataclass (see ``settings_section``).
+class Settings:
+    """A config section as a frozen dataclass (see ``settings_section``): read its values
+    as attributes (``cfg.lung.grid_mm``); ``as_dict()`` gives plain dicts for JSON.
 
-    Also a read-only mapping of the section's config keys (``cfg["lung"]["grid_mm"]``,
-    ``dict(cfg["normalise"])``), so code written for the config's dicts reads it too.
     Fields that are not config keys (declared in the class body with a default, e.g. a
-    value that comes from the scan) are attributes only.
+    value that comes from the scan) are attributes too, but not part of ``as_dict``.
     """
 
     _section: ClassVar[tuple[str, ...]] = ()
     _node: ClassVar[dict[str, Any]] = {}
     _keys: ClassVar[tuple[str, ...]] = ()
+    # the type each config key is declared with in the class body (None: not declared)
+    _declared: ClassVar[dict[str, str | None]] = {}
+    _schema: ClassVar[str] = os.fspath(CONFIG_SCHEMA)
     _children: ClassVar[dict[str, type[Settings]]] = {}
     _default_json: ClassVar[dict[str, str | None]] = {}
 
@@ -212,17 +217,6 @@ class Settings(Mapping):
         """The section as plain nested dicts and lists (JSON-ready)."""
         return {key: _plain(getattr(self, key)) for key in self._keys}
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._keys:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
 
 @functools.cache
 def _validator(cls: type[Settings]) -> Any:
@@ -254,6 +248,7 @@ def _build(cls: type, section: tuple[str, ...], schema: str) -> type[Settings]:
     node = section_node(*section, schema=schema)
     where = ".".join(section)
     own = dict(cls.__dict__.get("__annotations__", {}))
+    declared = {key: own.get(key) for key in node["properties"]}
     annotations: dict[str, Any] = {}
     children: dict[str, type[Settings]] = {}
     for key, child in node["properties"].items():
@@ -291,8 +286,10 @@ def _build(cls: type, section: tuple[str, ...], schema: str) -> type[Settings]:
     cls.__annotations__ = {**annotations, **own}
     built = dataclasses.dataclass(frozen=True)(cls)
     built._section = section
+    built._schema = schema
     built._node = node
     built._keys = tuple(node["properties"])
+    built._declared = {k: v if v is None else str(v) for k, v in declared.items()}
     built._children = children
     built._default_json = {
         key: _as_json(child.get("default"))
@@ -301,3 +298,66 @@ def _build(cls: type, section: tuple[str, ...], schema: str) -> type[Settings]:
     }
     _SECTIONS[(schema, section)] = built
     return built
+
+
+def field_type(node: dict[str, Any], section: tuple[str, ...] = ()) -> str:
+    """The type a settings class declares for a schema key: ``int``, ``float | None``,
+    ``tuple[str, ...]``, ``dict[str, float]``, or the class of a nested section."""
+    if _is_section(node):
+        return "".join(p.title() for p in section[-1].split("_")) + "Settings"
+    kinds = node.get("type", "object")
+    names = []
+    for kind in kinds if isinstance(kinds, list) else [kinds]:
+        if kind == "array":
+            item = node.get("items", {})
+            inner = _TYPES.get(item.get("type"), "Any") if isinstance(item, dict) else "Any"
+            fixed = node.get("minItems") is not None and node.get("minItems") == node.get(
+                "maxItems"
+            )
+            names.append(
+                f"tuple[{', '.join([inner] * node['minItems'])}]"
+                if fixed
+                else f"tuple[{inner}, ...]"
+            )
+        elif kind == "object":
+            extra = node.get("additionalProperties")
+            value = _TYPES.get(extra.get("type"), "Any") if isinstance(extra, dict) else "Any"
+            names.append(f"dict[str, {value}]")
+        else:
+            names.append("None" if kind == "null" else _TYPES.get(kind, "Any"))
+    return " | ".join(names)
+
+
+def declarations(*section: str, schema: str | os.PathLike = CONFIG_SCHEMA) -> list[str]:
+    """The field lines of the class of config ``section`` (``name: type``), schema order."""
+    node = section_node(*section, schema=schema)
+    return [
+        f"{key}: {field_type(child, (*section, key))}" for key, child in node["properties"].items()
+    ]
+
+
+def declaration_problems(cls: type[Settings]) -> list[str]:
+    """What a settings class declares differently from its schema section (empty: none)."""
+    where = ".".join(cls._section)
+    expected = dict(line.split(": ", 1) for line in declarations(*cls._section, schema=cls._schema))
+    expected.update({key: child.__name__ for key, child in cls._children.items()})
+    problems = []
+    for key, kind in expected.items():
+        have = cls._declared.get(key)
+        if have is None:
+            problems.append(f"{cls.__name__} does not declare {where}.{key}: add `{key}: {kind}`")
+        elif have.replace("'", "") != kind:
+            problems.append(f"{cls.__name__}.{key} is declared {have}, the schema says {kind}")
+    return problems
+
+
+def sections() -> list[type[Settings]]:
+    """Every settings class built so far (import the engines' settings modules first)."""
+    return list(_SECTIONS.values())
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m medprep.common.settings ct lung: the field lines to paste into a class body
+    print("\n".join(f"    {line}" for line in declarations(*sys.argv[1:])))

@@ -48,6 +48,16 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     return (slice(z0, z1), slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1))
 
 
+# dtype of each patch value by ct.patches.materialise (none: patches are coordinates only)
+MATERIALISED_DTYPES = {"hu": np.int16, "uint8": np.uint8, "normalised": np.float32}
+
+
+def bytes_per_patch_voxel(materialise: str) -> int:
+    """Bytes a materialised patch takes per voxel (0: not materialised)."""
+    dtype = MATERIALISED_DTYPES.get(materialise)
+    return 0 if dtype is None else np.dtype(dtype).itemsize
+
+
 def patch_voxels(
     size_mm: float, stride_mm: float, spacing: Sequence[float]
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -22,7 +22,7 @@ from medprep.common.errors import InputError
 from medprep.common.parallel import thread_map
 from medprep.common.progress import Progress
 from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series, volume_io
-from medprep.ct.settings import ct_settings, lung_settings
+from medprep.ct.settings import SeriesSettings, ct_settings, lung_settings
 
 log = logging.getLogger("medprep.ct")
 
@@ -53,7 +53,7 @@ def load_series(
     gantry_tilt: str = "correct",
     include_identifiers: bool = False,
     threads: int = 1,
-    series_preferences: dict[str, Any] | None = None,
+    series_preferences: SeriesSettings | dict[str, Any] | None = None,
     lossy_compression: str = "fail",
 ) -> LoadedSeries:
     """Read headers, pick one CT series, sort it along its normal and decode it to HU.
@@ -92,7 +92,7 @@ def load_series(
         )
     try:
         selection = series.select_series(
-            groups, series_uid, series.SeriesPreferences.from_config(series_preferences)
+            groups, series_uid, SeriesSettings.from_config(series_preferences)
         )
     except InputError as error:
         raise error.with_context(path=_common_folder(paths)) from None
@@ -372,15 +372,15 @@ def preprocess(
     loaded = load_series(
         paths,
         series_uid=series_uid,
-        gantry_tilt=cfg["gantry_tilt"],
+        gantry_tilt=cfg.gantry_tilt,
         include_identifiers=include_identifiers,
         threads=threads,
-        series_preferences=cfg.get("series"),
-        lossy_compression=cfg["lossy_compression"],
+        series_preferences=cfg.series,
+        lossy_compression=cfg.lossy_compression,
     )
     geometry = loaded.geometry
-    spacing_out = tuple(float(s) for s in cfg["spacing"])
-    order = int(cfg["interpolation_order"])
+    spacing_out = tuple(float(s) for s in cfg.spacing)
+    order = int(cfg.interpolation_order)
     shape_in = loaded.volume.shape
     volume, grid = resample.resample_stack(
         loaded.volume,
@@ -400,11 +400,11 @@ def preprocess(
     warnings = list(loaded.warnings)
     start = np.array(grid.start)  # slice-frame z, y, x of voxel 0
     crop_box = None
-    if cfg["crop"]["enabled"]:
+    if cfg.crop.enabled:
         if lungs.bbox is None:
             warnings.append("crop to the lungs skipped: no lungs")
         else:
-            margin = [int(np.ceil(cfg["crop"]["margin_mm"] / s)) for s in spacing_out]
+            margin = [int(np.ceil(cfg.crop.margin_mm / s)) for s in spacing_out]
             lo = [max(b.start - m, 0) for b, m in zip(lungs.bbox, margin, strict=True)]
             hi = [
                 min(b.stop + m, n) for b, m, n in zip(lungs.bbox, margin, volume.shape, strict=True)
@@ -413,7 +413,7 @@ def preprocess(
             volume = np.ascontiguousarray(volume[box])
             mask = np.ascontiguousarray(mask[box])
             start = start + np.array(lo) * np.array(spacing_out)
-            crop_box = {"start": lo, "stop": hi, "margin_mm": cfg["crop"]["margin_mm"]}
+            crop_box = {"start": lo, "stop": hi, "margin_mm": cfg.crop.margin_mm}
     origin = (
         geometry.origin
         + start[2] * geometry.row_cosine
@@ -426,7 +426,7 @@ def preprocess(
     if lungs.status == statuses.NO_LUNGS:
         largest = lungs.components[0]["volume_ml"] if lungs.components else 0
         warnings.append(
-            f"no lungs found (enclosed air {largest} mL < {cfg['lung']['no_lungs_below_ml']} mL, "
+            f"no lungs found (enclosed air {largest} mL < {cfg.lung.no_lungs_below_ml} mL, "
             f"largest cross-section {lungs.peak_area_cm2} cm2 < {lung.NO_LUNGS_MAX_AREA_CM2:g} cm2): "
             "the mask is empty and tile_ct writes no patches"
         )
@@ -434,7 +434,7 @@ def preprocess(
         if flag in ("lung_volume_low", "lung_volume_high"):
             warnings.append(
                 f"QC {flag}: lung volume {lungs.volume_ml:.0f} mL outside "
-                f"[{cfg['lung']['min_volume_ml']}, {cfg['lung']['max_volume_ml']}] mL"
+                f"[{cfg.lung.min_volume_ml}, {cfg.lung.max_volume_ml}] mL"
             )
     spacing_in = (
         round(geometry.median_step, 4),
@@ -489,9 +489,9 @@ def preprocess(
             "components": lungs.components,
             "peak_axial_area_cm2": lungs.peak_area_cm2,
             "qc_flags": lungs.qc_flags,
-            "settings": cfg["lung"].as_dict(),
+            "settings": cfg.lung.as_dict(),
         },
-        "normalise": cfg["normalise"].as_dict(),
+        "normalise": cfg.normalise.as_dict(),
         "warnings": warnings,
         "identifiers_included": include_identifiers,
         "versions": dicom_io.library_versions(),
@@ -543,13 +543,13 @@ def write_outputs(
         artifact("preprocess/volume.nii.gz", volume),
         artifact("preprocess/lung_mask.nii.gz", mask),
     ]
-    if result.settings["outputs"]["npz"]:
+    if result.settings.outputs.npz:
         npz = Path(volume).with_name("arrays.npz")
-        norm = result.settings["normalise"]
+        norm = result.settings.normalise
         write_npz(
             npz,
             {
-                "normalised": hu.normalise(result.hu, norm["min_hu"], norm["max_hu"], norm["mean"]),
+                "normalised": hu.normalise(result.hu, norm.min_hu, norm.max_hu, norm.mean),
                 "mask": result.mask,
                 "spacing": np.asarray(result.spacing_out),
                 "affine_ras": result.affine_ras,

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from medprep.common.errors import InputError
+from medprep.ct.settings import SeriesSettings
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 STRUCTURED_REPORT_PREFIX = "1.2.840.10008.5.1.4.1.1.88"
@@ -373,47 +374,6 @@ def group_series(headers: Iterable[SliceHeader]) -> list[SeriesGroup]:
     return groups
 
 
-@dataclasses.dataclass(frozen=True)
-class SeriesPreferences:
-    """How candidate series are ranked (the ``ct.series`` config section).
-
-    Patterns are case-insensitive regular expressions searched in ConvolutionKernel (values
-    joined with a backslash) or SeriesDescription. Without arguments: no patterns, thinnest
-    slices, derived images ranked after original ones.
-    """
-
-    prefer_kernels: tuple[str, ...] = ()
-    avoid_kernels: tuple[str, ...] = ()
-    prefer_descriptions: tuple[str, ...] = ()
-    avoid_descriptions: tuple[str, ...] = ()
-    slice_thickness: str = "thinnest"
-    avoid_derived: bool = True
-
-    @classmethod
-    def from_config(cls, section: dict | None) -> SeriesPreferences:
-        section = dict(section or {})
-        out = cls(
-            **{
-                k: tuple(section[k]) if isinstance(section.get(k), list | tuple) else section[k]
-                for k in cls.__dataclass_fields__
-                if k in section
-            }
-        )
-        if out.slice_thickness not in ("thinnest", "thickest"):
-            raise ValueError("ct.series.slice_thickness must be 'thinnest' or 'thickest'")
-        for pattern in (
-            *out.prefer_kernels,
-            *out.avoid_kernels,
-            *out.prefer_descriptions,
-            *out.avoid_descriptions,
-        ):
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"ct.series: bad pattern {pattern!r}: {error}") from error
-        return out
-
-
 def _matches(patterns: Sequence[str], text: str) -> bool:
     return bool(text) and any(re.search(p, text, re.IGNORECASE) for p in patterns)
 
@@ -427,7 +387,7 @@ PARTIAL_COVERAGE = 0.5
 NEAR_TIE = 0.1
 
 
-def _facts(group: SeriesGroup, prefs: SeriesPreferences, by_sheet: bool) -> dict:
+def _facts(group: SeriesGroup, prefs: SeriesSettings, by_sheet: bool) -> dict:
     description = group.slices[0].series_description
     avoided_kernel = _matches(prefs.avoid_kernels, group.kernel)
     avoided_description = _matches(prefs.avoid_descriptions, description)
@@ -445,7 +405,7 @@ def _facts(group: SeriesGroup, prefs: SeriesPreferences, by_sheet: bool) -> dict
     }
 
 
-def _score(facts: dict, prefs: SeriesPreferences, longest: float) -> tuple:
+def _score(facts: dict, prefs: SeriesSettings, longest: float) -> tuple:
     group = facts["group"]
     thickness = facts["thickness"] if facts["thickness"] is not None else 1e6
     sign = -1 if prefs.slice_thickness == "thinnest" else 1
@@ -465,7 +425,7 @@ def _mm(value: float | None) -> str:
     return "unknown" if value is None else f"{value:g} mm"
 
 
-def _loss(criterion: str, loser: dict, winner: dict, prefs: SeriesPreferences) -> str:
+def _loss(criterion: str, loser: dict, winner: dict, prefs: SeriesSettings) -> str:
     """Why ``loser`` ranks below ``winner`` at ``criterion`` (no free text quoted)."""
     g, w = loser["group"], winner["group"]
     if criterion == "eligible":
@@ -524,7 +484,7 @@ def _single_slice_message(groups: Sequence[SeriesGroup]) -> str:
 def select_series(
     groups: Sequence[SeriesGroup],
     series_uid: str | None = None,
-    preferences: SeriesPreferences | None = None,
+    preferences: SeriesSettings | None = None,
 ) -> Selection:
     """Rank the series and take the best, or the one the sample sheet names.
 
@@ -534,7 +494,7 @@ def select_series(
     the longest extent; thinnest (or thickest) slices; most slices; finest pixels; then UID
     hash (stable, independent of file order).
     """
-    prefs = preferences or SeriesPreferences()
+    prefs = preferences or SeriesSettings()
     if not groups:
         raise InputError("no usable CT series")
     matched: dict[int, str] = {}

@@ -31,8 +31,8 @@ import numpy as np
 from medprep.common import atomic, statuses
 from medprep.common.parallel import thread_map
 from medprep.ct import hu, labels, nifti, patches
-from medprep.ct.patches import TABLE_COLUMNS
-from medprep.ct.settings import ct_settings
+from medprep.ct.patches import MATERIALISED_DTYPES, TABLE_COLUMNS
+from medprep.ct.settings import NormaliseSettings, ct_settings
 from medprep.workflow.manifest import artifact, artifact_path
 
 log = logging.getLogger("medprep.ct")
@@ -93,15 +93,15 @@ def tile(
     sample has no annotation source, and the table no ``label`` column). Each gets a
     patch centred on it after the grid's; grid patches get labels (see that module)."""
     cfg = ct_settings(settings)
-    pcfg = cfg["patches"]
-    norm = cfg["normalise"]
+    pcfg = cfg.patches
+    norm = cfg.normalise
     pre = preprocess_manifest.get("summary", {})
     status = pre.get("status", statuses.OK)
     spacing = [float(s) for s in pre["spacing_out"]]
-    size, stride = patches.patch_voxels(pcfg["size_mm"], pcfg["stride_mm"], spacing)
-    materialise = pcfg["materialise"]
+    size, stride = patches.patch_voxels(pcfg.size_mm, pcfg.stride_mm, spacing)
+    materialise = pcfg.materialise
     dtype = MATERIALISED_DTYPES.get(materialise)
-    window = [float(v) for v in pcfg["window"]]
+    window = [float(v) for v in pcfg.window]
     convert = _converter(materialise, norm, window)
     fill = convert(np.array([hu.AIR_HU], dtype=np.int16))[0].item() if dtype else hu.AIR_HU
     warnings: list[str] = []
@@ -125,7 +125,7 @@ def tile(
         # the volume (same grid and affine as the mask) is inflated only when its values
         # are used: materialised patches or PNG slices
         volume = mask
-        if dtype is not None or (cfg["slices_png"]["enabled"] and slices_dir is not None):
+        if dtype is not None or (cfg.slices_png.enabled and slices_dir is not None):
             volume, affine = nifti.read_nifti(
                 artifact_path(preprocess_manifest, "preprocess/volume.nii.gz")
             )
@@ -139,10 +139,10 @@ def tile(
         )
         candidates = len(starts)
         fractions = patches.lung_fractions(mask, starts, size)
-        keep = np.flatnonzero((fractions >= pcfg["min_lung_fraction"]) & (fractions > 0))
+        keep = np.flatnonzero((fractions >= pcfg.min_lung_fraction) & (fractions > 0))
         if candidates and not keep.size:
             warnings.append(
-                f"no patch reaches min_lung_fraction {pcfg['min_lung_fraction']} "
+                f"no patch reaches min_lung_fraction {pcfg.min_lung_fraction} "
                 f"({candidates} candidates)"
             )
         placed = labels.place(annotations or [], affine, mask, size)
@@ -179,14 +179,14 @@ def tile(
         labelled = _label_summary(placed, patch_labels, warnings) if annotations is not None else {}
         if dtype is not None:
             _write_patches(patches_path, volume, all_starts, size, dtype, convert)
-        if cfg["slices_png"]["enabled"] and slices_dir is not None:
+        if cfg.slices_png.enabled and slices_dir is not None:
             with atomic.staged_dir(slices_dir) as tmp_dir:
                 slice_names = _write_slices(
                     tmp_dir,
                     volume,
                     spacing[0],
-                    cfg["slices_png"]["window"],
-                    cfg["slices_png"]["every_mm"],
+                    cfg.slices_png.window,
+                    cfg.slices_png.every_mm,
                     threads,
                 )
     if dtype is None and Path(patches_path).exists():
@@ -206,9 +206,9 @@ def tile(
         "dtype": np.dtype(dtype).name if dtype is not None else None,
         "axes": "n, z, y, x" if dtype is not None else None,
         "fill_value": fill,
-        "normalise": norm,
+        "normalise": norm.as_dict(),
         "window": window,
-        "min_lung_fraction": pcfg["min_lung_fraction"],
+        "min_lung_fraction": pcfg.min_lung_fraction,
         "slices_png": len(slice_names),
     }
     if annotations is not None:
@@ -264,9 +264,6 @@ def _label_summary(placed, labels: np.ndarray, warnings: list[str]) -> dict[str,
     }
 
 
-MATERIALISED_DTYPES = {"hu": np.int16, "uint8": np.uint8, "normalised": np.float32}
-
-
 def window_uint8(values: np.ndarray, window: list[float]) -> np.ndarray:
     """HU to uint8: ``window`` [low, high] mapped linearly onto 0-255, clipped, rounded."""
     low, high = window
@@ -274,12 +271,12 @@ def window_uint8(values: np.ndarray, window: list[float]) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _converter(materialise: str, norm: dict[str, Any], window: list[float]):
+def _converter(materialise: str, norm: NormaliseSettings, window: list[float]):
     """The function from an int16 HU patch to the stored values."""
     if materialise == "uint8":
         return lambda patch: window_uint8(patch, window)
     if materialise == "normalised":
-        return lambda patch: hu.normalise(patch, **norm)
+        return lambda patch: hu.normalise(patch, norm.min_hu, norm.max_hu, norm.mean)
     return lambda patch: patch
 
 

@@ -343,18 +343,22 @@ def build(
     out_dir: str | os.PathLike,
     *,
     fractions: dict[str, float] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Write ``tiles.parquet``, ``patches.parquet`` and ``samples.parquet`` into
     ``out_dir``; return the content of the dataset's manifest.json (without files).
+
+    ``fractions`` and ``seed``: the ``dataset`` settings (None: the schema's defaults).
 
     ``threads`` read the per-sample tables ahead (in order, a bounded number at a time).
     """
     import pyarrow as pa
 
     entries = list(entries)
-    fractions = splits.check_fractions(fractions or splits.DEFAULT_FRACTIONS)
+    defaults = splits.DatasetSettings()
+    fractions = splits.check_fractions(fractions or defaults.splits)
+    seed = defaults.seed if seed is None else seed
     meta_columns = sorted({k for e in entries for k in e.meta})
     schemas = {
         "tiles": _schema(TILE_COLUMNS, meta_columns),

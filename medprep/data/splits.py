@@ -22,7 +22,17 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 
-DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+from medprep.common.settings import Settings, settings_section
+
+
+@settings_section("dataset")
+class DatasetSettings(Settings):
+    """``dataset``: the split names and fractions of patients, and the seed of the hash."""
+
+    splits: dict[str, float]
+    seed: int
+
+
 FRACTION_SUM_TOLERANCE = 1e-6
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from medprep import storage
 from medprep.common import atomic
 from medprep.ct import memory as ct_memory
+from medprep.ct.patches import bytes_per_patch_voxel, patch_voxels
 from medprep.workflow.runner import DEFAULT_DISK_BUDGET_ENV
 
 log = logging.getLogger(__name__)
@@ -131,23 +132,26 @@ def _slide_geometry(download_manifest: str) -> tuple[tuple[int, int] | None, flo
 
 def _tile_wsi_mb(*, preprocess_manifest: str, tile_settings: dict[str, Any], threads: int) -> float:
     from medprep.wsi import memory
+    from medprep.wsi.settings import TileSettings
 
+    settings = TileSettings.from_config(tile_settings)
     summary = _read_manifest(preprocess_manifest).get("summary", {})
     return memory.estimate_tile_mem_mb(
         threads,
-        tile_settings["size"],
-        tile_settings["block_tiles"],
-        image_format=None if tile_settings["container"] == "coords" else tile_settings["format"],
-        tiles=_expected_tiles(summary, tile_settings),
+        settings.size,
+        settings.block_tiles,
+        image_format=settings.image_format,
+        tiles=_expected_tiles(summary, settings),
     )
 
 
-def _expected_tiles(summary: dict[str, Any], tile_settings: dict[str, Any]) -> int | None:
-    """Tiles on the slide's tissue at the tile grid's step (None if not known)."""
+def _expected_tiles(summary: dict[str, Any], settings: Any) -> int | None:
+    """Tiles on the slide's tissue at the tile grid's step (None if not known);
+    ``settings``: the ``wsi.tile`` settings (``TileSettings``)."""
     area_mm2, target_mpp = summary.get("tissue_area_mm2"), summary.get("target_mpp")
     if area_mm2 is None or not target_mpp:
         return None
-    step_mm = (tile_settings.get("stride") or tile_settings["size"]) * target_mpp / 1000
+    step_mm = settings.step * target_mpp / 1000
     return math.ceil(area_mm2 / step_mm**2)
 
 
@@ -246,10 +250,6 @@ def default_disk_budget(
 
 # metadata, summaries and QC pictures of a step, at most
 SMALL_OUTPUTS_MB = 2
-# patches touching the lungs, over the lungs' volume at the patch stride: two lungs each
-# taken as a cube, widened by one patch on every side; bytes per voxel by
-# ct.patches.materialise (none: only the table, the patches are cut from the volume)
-CT_PATCH_BYTES = {"none": 0, "uint8": 1, "hu": 2, "normalised": 4}
 
 
 # Before its outputs are known, a sample is reserved its raw bytes times a factor. A CT
@@ -276,7 +276,7 @@ def raw_to_working_set(modality: str, config: dict[str, Any]) -> float:
     """A sample's working set (raw download and artifacts) over its raw bytes, estimated
     before any step ran for series of the usual voxels (see ``least_artifact_bytes``)."""
     if modality == "ct":
-        per_voxel = CT_PATCH_BYTES[config["ct"]["patches"]["materialise"]]
+        per_voxel = bytes_per_patch_voxel(config["ct"]["patches"]["materialise"])
         voxels_per_mm3 = 1.0 / math.prod(config["ct"]["spacing"])
         return 1.0 + (CT_VOLUME_AND_MASK + CT_FLOAT32_PATCHES * per_voxel / 4) * voxels_per_mm3
     return WSI_RAW_TO_WORKING_SET
@@ -349,14 +349,19 @@ def _disk_preprocess_wsi(*, download_manifest: str, config: dict[str, Any]) -> f
 def _disk_tile_ct(
     *, download_manifest: str, preprocess_manifest: str, patch_settings: dict[str, Any]
 ) -> float:
+    from medprep.ct.settings import PatchesSettings
+
+    settings = PatchesSettings.from_config(patch_settings)
     summary = atomic.read_json(preprocess_manifest).get("summary", {})
     spacing = summary.get("spacing_out") or [1.0, 1.0, 1.0]
-    size_mm, stride_mm = float(patch_settings["size_mm"]), float(patch_settings["stride_mm"])
+    size_mm, stride_mm = float(settings.size_mm), float(settings.stride_mm)
     lung_mm3 = float(summary.get("lung_volume_ml") or 0) * 1000
     per_lung_side = (lung_mm3 / 2) ** (1 / 3) if lung_mm3 else 0
+    # patches touching the lungs, over the lungs' volume at the patch stride: two lungs
+    # each taken as a cube, widened by one patch on every side
     patches = 2 * math.ceil((per_lung_side + size_mm) / stride_mm) ** 3 if lung_mm3 else 0
-    voxels = math.prod(math.ceil(size_mm / s) for s in spacing)
-    per_value = CT_PATCH_BYTES[patch_settings.get("materialise", "none")]
+    voxels = math.prod(patch_voxels(size_mm, stride_mm, spacing)[0])
+    per_value = bytes_per_patch_voxel(settings.materialise)
     return (
         _raw_bytes(download_manifest)
         + _artifact_bytes(preprocess_manifest)
@@ -368,10 +373,13 @@ def _disk_tile_ct(
 def _disk_tile_wsi(
     *, download_manifest: str, preprocess_manifest: str, tile_settings: dict[str, Any]
 ) -> float:
+    from medprep.wsi.settings import TileSettings
+
+    settings = TileSettings.from_config(tile_settings)
     summary = atomic.read_json(preprocess_manifest).get("summary", {})
-    tiles = _expected_tiles(summary, tile_settings) or 0
+    tiles = _expected_tiles(summary, settings) or 0
     # an encoded tile is at most its raw RGB size (coords: no pixels written)
-    per_tile = 0 if tile_settings["container"] == "coords" else 3 * tile_settings["size"] ** 2
+    per_tile = 0 if settings.image_format is None else 3 * settings.size**2
     return (
         _raw_bytes(download_manifest)
         + _artifact_bytes(preprocess_manifest)

@@ -50,6 +50,9 @@ class Limits(Settings):
     bomb, which claims 1e5-1e6:1.
     """
 
+    max_pixels: float
+    max_compression_ratio: float
+
 
 @contextlib.contextmanager
 def quiet_tifffile() -> Iterator[None]:

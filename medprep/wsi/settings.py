@@ -1,10 +1,11 @@
-"""The ``wsi:`` settings of config.yaml as frozen dataclasses.
+"""The ``wsi:`` settings of config.yaml as typed, frozen dataclasses.
 
-Their fields, defaults and limits are those of ``schemas/config.schema.yaml`` (see
-``medprep.common.settings.settings_section``): nothing is restated here. Rules pass plain dicts
-(``config["wsi"]["tile"]`` and so on); ``from_config`` fills in the defaults and rejects
-unknown keys in one line, so a typo in a config key fails instead of being silently
-ignored; building one with a value outside the schema's limits fails the same way.
+Defaults and limits are those of ``schemas/config.schema.yaml`` (see
+``medprep.common.settings.settings_section``): the classes declare each field's type, a
+test checks them against the schema, and no default is restated here. Rules pass plain
+dicts (``config["wsi"]["tile"]`` and so on); ``from_config`` fills in the defaults and
+rejects unknown keys in one line, so a typo in a config key fails instead of being
+silently ignored; building one with a value outside the schema's limits fails the same way.
 """
 
 from __future__ import annotations
@@ -22,22 +23,72 @@ class ResolutionSettings(Settings):
     slide is refused.
     """
 
+    mpp: float
+    magnification: float | None
+    level: int | None
+    mpp_fallback: float | None
+    tolerance: float
+    max_upsample: float
+
 
 @settings_section("wsi", "tissue")
 class TissueSettings(Settings):
     """``wsi.tissue``: how the low-resolution tissue mask is computed."""
+
+    mask_mpp: float
+    mode: str
+    threshold: float | None
+    min_threshold: float
+    closing_um: float
+    min_object_um2: float
+    fill_holes: bool
 
 
 @settings_section("wsi", "tile", "filters")
 class FilterSettings(Settings):
     """``wsi.tile.filters``: optional QC filters; ``None`` = off."""
 
+    max_background: float | None
+    min_blur: float | None
+    min_tissue_fraction: float | None
+    min_sharpness: float | None
+    max_pen_fraction: float | None
+    max_fold_fraction: float | None
+    max_gap_fraction: float | None
+
+
+@settings_section("wsi", "tile", "labels")
+class LabelSettings(Settings):
+    """``wsi.tile.labels``: region labels of tiles from the sample's annotations."""
+
+    background: str
+    class_fractions: bool
+
 
 @settings_section("wsi", "tile")
 class TileSettings(Settings):
-    """``wsi.tile``: the grid, the QC filters (``filters``: FilterSettings) and how pixels
-    are written."""
+    """``wsi.tile``: the grid, the QC filters and how pixels are written."""
+
+    size: int
+    stride: int | None
+    min_tissue: float
+    format: str
+    quality: int
+    container: str
+    coords_scores: bool
+    shard_max_tiles: int
+    block_tiles: int
+    max_read_errors: int
+    annotated_only: bool
+    labels: LabelSettings
+    filters: FilterSettings
 
     @property
     def step(self) -> int:
+        """The grid's step in target pixels: the stride, or the tile size."""
         return self.stride or self.size
+
+    @property
+    def image_format(self) -> str | None:
+        """The encoding of the tiles' pixels, None when only coordinates are written."""
+        return None if self.container == "coords" else self.format

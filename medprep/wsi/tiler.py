@@ -225,7 +225,7 @@ def tile_slide(
         side,
         workers,
     )
-    image_format = settings.format if settings.container != "coords" else None
+    image_format = settings.image_format
     job = TileJob(
         slide_path=plan.slide_path,
         level=plan.level,

@@ -80,7 +80,7 @@ def test_every_wsi_and_ct_section_holds_the_schemas_defaults():
 def test_settings_cross_process_boundaries():
     cfg = CtSettings.from_config({"normalise": {"mean": 0.0}})
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # nested classes made for the schema too
-    assert dict(cfg["normalise"]) == {**config_defaults("ct", "normalise"), "mean": 0.0}
+    assert cfg.normalise.as_dict() == {**config_defaults("ct", "normalise"), "mean": 0.0}
 
 
 def test_the_schemas_defaults_are_valid_so_only_changed_values_are_checked():
@@ -115,3 +115,36 @@ def test_default_settings_need_no_jsonschema():
         "assert 'jsonschema' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_settings_class_declares_its_fields_as_the_schema_types_them():
+    """Readers and type checkers see the fields: each class declares every key of its
+    schema section with the type the schema gives it (``python -m
+    medprep.common.settings SECTION...`` prints the lines to paste)."""
+    import medprep.ct.settings
+    import medprep.data.splits
+    import medprep.wsi.guard
+    import medprep.wsi.settings  # noqa: F401 - the sections register when imported
+    from medprep.common.settings import declaration_problems, sections
+
+    built = {".".join(cls._section) for cls in sections() if cls.__module__.startswith("medprep")}
+    assert {"ct", "ct.lung", "ct.series", "wsi.tile", "wsi.tile.filters", "dataset"} <= built
+    problems = [
+        p
+        for cls in sections()
+        if cls.__module__.startswith("medprep")
+        for p in declaration_problems(cls)
+    ]
+    assert not problems, problems
+
+
+def test_a_missing_or_mistyped_declaration_is_found(schema):
+    from medprep.common.settings import declaration_problems
+
+    @settings_section("engine", schema=schema())
+    class Engine(Settings):
+        size: str
+
+    problems = declaration_problems(Engine)
+    assert "Engine.size is declared str, the schema says int" in problems
+    assert any(p.startswith("Engine does not declare engine.names") for p in problems)

@@ -261,10 +261,11 @@ def test_ct_settings_reject_unknown_keys_and_values_beyond_the_schema_in_one_lin
     with pytest.raises(ValueError, match=r"^ct\.patches\.materialise: 'float' is not one of"):
         settings.ct_settings({"patches": {"materialise": "float"}})
     partial = settings.ct_settings({"lung": {"dilation_mm": 2}})
-    assert partial["lung"]["dilation_mm"] == 2
-    assert partial["lung"]["grid_mm"] == config_defaults("ct", "lung", "grid_mm")
+    assert partial.lung.dilation_mm == 2
+    assert partial.lung.grid_mm == config_defaults("ct", "lung", "grid_mm")
     lung = settings.lung_settings(partial, x_towards_left=False)
-    assert lung.dilation_mm == 2.0 and not lung.x_towards_left and "x_towards_left" not in lung
+    assert lung.dilation_mm == 2.0 and not lung.x_towards_left
+    assert "x_towards_left" not in lung.as_dict()  # from the scan, not a config key
 
 
 # ---------- the rule scripts, with a stand-in for Snakemake's `snakemake` object ----------

@@ -14,13 +14,13 @@ from medprep.common.errors import InputError
 from medprep.ct import dicom_io, series
 from medprep.ct import preprocess as pp
 from medprep.ct.hu import ModalityTransform, Padding, to_hu
-from medprep.ct.settings import ct_settings
+from medprep.ct.settings import SeriesSettings, ct_settings
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 BLANK_UIDS = TEST_DATA / "siemens-j2k-blank-uids"
 SYNTAXES = TEST_DATA / "ge-chest-slice-transfer-syntaxes"
 WG04 = TEST_DATA / "wg04-compressed"
-DEFAULT_PREFS = series.SeriesPreferences.from_config(ct_settings()["series"])
+DEFAULT_PREFS = ct_settings().series
 
 
 def header(index, z, **kw):
@@ -117,9 +117,13 @@ def test_standard_kernel_beats_bone_of_equal_size_with_a_near_tie_warning():
     assert warning.startswith("near-tie between series")
     assert "SeriesNumber 3" in warning and series.uid_hash("1.5.1") in warning
     # without preferences the same pair is an exact tie: still chosen stably, and said so
-    neutral = series.select_series(groups)
+    no_patterns = SeriesSettings(
+        prefer_kernels=(), avoid_kernels=(), prefer_descriptions=(), avoid_descriptions=()
+    )
+    neutral = series.select_series(groups, preferences=no_patterns)
     assert "order by UID hash" in neutral.warnings[0]
-    assert neutral.group is series.select_series(list(reversed(groups))).group
+    reversed_order = series.select_series(list(reversed(groups)), preferences=no_patterns)
+    assert neutral.group is reversed_order.group
 
 
 def test_thinnest_slices_win_then_most_slices_and_derived_reformats_go_last():
@@ -134,7 +138,7 @@ def test_thinnest_slices_win_then_most_slices_and_derived_reformats_go_last():
         "not chosen: thicker slices (5 mm against 1.25 mm)"
     )
     assert reasons[series.uid_hash("1.6.3")].startswith("not chosen: derived image")
-    thickest = series.SeriesPreferences(slice_thickness="thickest")
+    thickest = SeriesSettings(slice_thickness="thickest")
     pick = series.select_series(series.group_series(thick + thin), None, thickest)
     assert pick.group.series_uid == "1.6.1"
 
