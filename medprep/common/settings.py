@@ -20,9 +20,9 @@ import difflib
 import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 CONFIG_SCHEMA = SCHEMAS / "config.schema.yaml"
@@ -30,7 +30,7 @@ SAMPLES_SCHEMA = SCHEMAS / "samples.schema.yaml"
 
 
 @functools.cache
-def load_schema(path: str | os.PathLike) -> dict[str, Any]:
+def load_schema(path: str | Path) -> dict[str, Any]:
     import yaml
 
     with open(path, encoding="utf-8") as f:
@@ -91,9 +91,10 @@ def unknown_keys(config: Any, node: dict[str, Any] | None = None, parent: str = 
     return lines
 
 
-def unknown_key_line(key: Any, parent: str, known: Mapping[str, Any] | list[str]) -> str:
+def unknown_key_line(key: Any, parent: str, known: Iterable[str]) -> str:
     """``unknown key 'sise' under wsi.tile (did you mean size?); known keys: ...``."""
-    close = difflib.get_close_matches(str(key), list(known), n=3, cutoff=0.6)
+    known = list(known)
+    close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (
         f"unknown key '{key}' under {parent or 'the top level'}{hint}; "
@@ -104,15 +105,27 @@ def unknown_key_line(key: Any, parent: str, known: Mapping[str, Any] | list[str]
 ##### settings views: dataclasses whose fields and defaults are those of the schema #####
 
 S = TypeVar("S", bound="Settings")
+
+
+class _FromSchema:
+    """The default of a settings field that is a config key: the schema's."""
+
+    def __repr__(self) -> str:
+        return "FROM_SCHEMA"
+
+
+# ``size: int = FROM_SCHEMA`` in a settings class: the field's default is the schema's (its
+# type is Any so that type checkers take it for any field's default)
+FROM_SCHEMA: Any = _FromSchema()
 # (schema file, section path) -> the class of that section, so a parent section takes the
 # class its module named (e.g. ``wsi.tile.filters`` -> FilterSettings) for its field
 _SECTIONS: dict[tuple[str, tuple[str, ...]], type[Settings]] = {}
 _TYPES = {"number": "float", "integer": "int", "string": "str", "boolean": "bool"}
 
 
-def section_node(*section: str, schema: str | os.PathLike = CONFIG_SCHEMA) -> dict[str, Any]:
+def section_node(*section: str, schema: str | os.PathLike[str] = CONFIG_SCHEMA) -> dict[str, Any]:
     """The schema node of a config section, e.g. ``section_node("wsi", "tile")``."""
-    node = load_schema(schema)
+    node = load_schema(os.fspath(schema))
     for key in section:
         node = node["properties"][key]
     return node
@@ -198,7 +211,7 @@ class Settings:
             )
 
     @classmethod
-    def from_config(cls: type[S], config: Mapping[str, Any] | None = None) -> S:
+    def from_config(cls: type[S], config: Mapping[str, Any] | Settings | None = None) -> S:
         """The section from (all or part of) its config mapping, the rest from the schema;
         an unknown key raises ValueError in one line naming it and its parent."""
         if isinstance(config, cls):
@@ -218,26 +231,35 @@ class Settings:
         return {key: _plain(getattr(self, key)) for key in self._keys}
 
 
-@functools.cache
+_VALIDATORS: dict[type[Settings], Any] = {}
+
+
 def _validator(cls: type[Settings]) -> Any:
-    import jsonschema
+    if cls not in _VALIDATORS:
+        import jsonschema
 
-    properties = {k: v for k, v in cls._node["properties"].items() if k not in cls._children}
-    return jsonschema.Draft202012Validator({"type": "object", "properties": properties})
+        properties = {k: v for k, v in cls._node["properties"].items() if k not in cls._children}
+        schema = {"type": "object", "properties": properties}
+        _VALIDATORS[cls] = jsonschema.Draft202012Validator(schema)
+    return _VALIDATORS[cls]
 
 
-def settings_section(*section: str, schema: str | os.PathLike = CONFIG_SCHEMA):
+@dataclass_transform(frozen_default=True)
+def settings_section(
+    *section: str, schema: str | os.PathLike[str] = CONFIG_SCHEMA
+) -> Callable[[type[S]], type[S]]:
     """Class decorator: the class becomes the frozen dataclass of config ``section``.
 
     Its fields are the section's keys in schema order with the schema's defaults (a
     nested section is a field holding that section's class: the one a module declared
-    with this decorator, or one made here). The class body adds methods and properties,
-    and may add fields that are not config keys (with a default); it does not restate a
-    config key's default (a different one is an error at import).
+    with this decorator, or one made here). The class body declares each key's type with
+    ``= FROM_SCHEMA`` as its default; it may add methods, properties and fields that are
+    not config keys (with a default of their own); it does not restate a config key's
+    default (a different one is an error at import).
     """
 
-    def build(cls: type) -> type[Settings]:
-        return _build(cls, tuple(section), os.fspath(schema))
+    def build(cls: type[S]) -> type[S]:
+        return _build(cls, tuple(section), os.fspath(schema))  # type: ignore[return-value]
 
     return build
 
@@ -254,12 +276,14 @@ def _build(cls: type, section: tuple[str, ...], schema: str) -> type[Settings]:
     for key, child in node["properties"].items():
         annotations[key] = own.pop(key, None)
         default = cls.__dict__.get(key, dataclasses.MISSING)
+        if default is FROM_SCHEMA:
+            default = dataclasses.MISSING
         if _is_section(child):
             nested = _SECTIONS.get((schema, (*section, key)))
             if nested is None:
                 name = "".join(p.title() for p in key.split("_")) + "Settings"
                 doc = {"__doc__": f"``{where}.{key}`` (schemas/config.schema.yaml)."}
-                nested = _build(type(Settings)(name, (Settings,), doc), (*section, key), schema)
+                nested = _build(type(name, (Settings,), doc), (*section, key), schema)
                 nested.__module__ = cls.__module__
                 nested.__qualname__ = f"{cls.__qualname__}.{name}"
                 setattr(cls, name, nested)  # so that pickle finds it
@@ -310,7 +334,7 @@ def field_type(node: dict[str, Any], section: tuple[str, ...] = ()) -> str:
     for kind in kinds if isinstance(kinds, list) else [kinds]:
         if kind == "array":
             item = node.get("items", {})
-            inner = _TYPES.get(item.get("type"), "Any") if isinstance(item, dict) else "Any"
+            inner = _TYPES.get(str(item.get("type")), "Any") if isinstance(item, dict) else "Any"
             fixed = node.get("minItems") is not None and node.get("minItems") == node.get(
                 "maxItems"
             )
@@ -321,25 +345,27 @@ def field_type(node: dict[str, Any], section: tuple[str, ...] = ()) -> str:
             )
         elif kind == "object":
             extra = node.get("additionalProperties")
-            value = _TYPES.get(extra.get("type"), "Any") if isinstance(extra, dict) else "Any"
+            value = _TYPES.get(str(extra.get("type")), "Any") if isinstance(extra, dict) else "Any"
             names.append(f"dict[str, {value}]")
         else:
             names.append("None" if kind == "null" else _TYPES.get(kind, "Any"))
     return " | ".join(names)
 
 
-def declarations(*section: str, schema: str | os.PathLike = CONFIG_SCHEMA) -> list[str]:
+def declarations(*section: str, schema: str | os.PathLike[str] = CONFIG_SCHEMA) -> list[str]:
     """The field lines of the class of config ``section`` (``name: type``), schema order."""
     node = section_node(*section, schema=schema)
     return [
-        f"{key}: {field_type(child, (*section, key))}" for key, child in node["properties"].items()
+        f"{key}: {field_type(child, (*section, key))} = FROM_SCHEMA"
+        for key, child in node["properties"].items()
     ]
 
 
 def declaration_problems(cls: type[Settings]) -> list[str]:
     """What a settings class declares differently from its schema section (empty: none)."""
     where = ".".join(cls._section)
-    expected = dict(line.split(": ", 1) for line in declarations(*cls._section, schema=cls._schema))
+    lines = declarations(*cls._section, schema=cls._schema)
+    expected = dict(line.removesuffix(" = FROM_SCHEMA").split(": ", 1) for line in lines)
     expected.update({key: child.__name__ for key, child in cls._children.items()})
     problems = []
     for key, kind in expected.items():

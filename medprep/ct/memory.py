@@ -45,14 +45,14 @@ def preprocess_ct_mb(
     input_slice_mm: float | None = None,
 ) -> float:
     """Estimated peak MB of preprocess_ct for a sample of ``total_bytes`` of DICOM files."""
-    voxels_in = voxels_in if voxels_in is not None else total_bytes / 2.0
+    input_voxels = float(voxels_in) if voxels_in is not None else total_bytes / 2.0
     voxel_in = input_voxel_mm3 or ASSUMED_INPUT_VOXEL_MM3
     slice_in = input_slice_mm or ASSUMED_INPUT_SLICE_MM
     z_out, y_out, x_out = (float(s) for s in spacing_out)
-    voxels_out = voxels_in * voxel_in / (z_out * y_out * x_out)
+    voxels_out = input_voxels * voxel_in / (z_out * y_out * x_out)
     # in-plane resampled slices: output voxels scaled back to the input slice count
     planes = voxels_out * z_out / slice_in
-    resampling = 2 * voxels_in + 4 * planes + 2 * voxels_out
+    resampling = 2 * input_voxels + 4 * planes + 2 * voxels_out
     masking = LUNG_BYTES_PER_VOXEL * voxels_out
     return SAFETY * (BASE_MB + PER_THREAD_MB * threads + max(resampling, masking) / MB)
 

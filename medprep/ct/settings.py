@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from medprep.common.settings import Settings, settings_section
+from medprep.common.settings import FROM_SCHEMA, Settings, settings_section
 
 
 @settings_section("ct", "series")
@@ -23,12 +23,12 @@ class SeriesSettings(Settings):
     case-insensitive regular expressions searched in ConvolutionKernel (values joined
     with a backslash) or SeriesDescription."""
 
-    prefer_kernels: tuple[str, ...]
-    avoid_kernels: tuple[str, ...]
-    prefer_descriptions: tuple[str, ...]
-    avoid_descriptions: tuple[str, ...]
-    slice_thickness: str
-    avoid_derived: bool
+    prefer_kernels: tuple[str, ...] = FROM_SCHEMA
+    avoid_kernels: tuple[str, ...] = FROM_SCHEMA
+    prefer_descriptions: tuple[str, ...] = FROM_SCHEMA
+    avoid_descriptions: tuple[str, ...] = FROM_SCHEMA
+    slice_thickness: str = FROM_SCHEMA
+    avoid_derived: bool = FROM_SCHEMA
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,16 +51,16 @@ class LungSettings(Settings):
     the ball that fills a found pocket, none when not larger than the closing's), plus what
     comes from the scan, not the config."""
 
-    threshold_hu: float
-    dilation_mm: float
-    min_volume_ml: float
-    max_volume_ml: float
-    no_lungs_below_ml: float
-    second_lung_fraction: float
-    closing_radius_mm: float
-    fill_radius_mm: float
-    pocket_max_mm: float
-    grid_mm: float
+    threshold_hu: float = FROM_SCHEMA
+    dilation_mm: float = FROM_SCHEMA
+    min_volume_ml: float = FROM_SCHEMA
+    max_volume_ml: float = FROM_SCHEMA
+    no_lungs_below_ml: float = FROM_SCHEMA
+    second_lung_fraction: float = FROM_SCHEMA
+    closing_radius_mm: float = FROM_SCHEMA
+    fill_radius_mm: float = FROM_SCHEMA
+    pocket_max_mm: float = FROM_SCHEMA
+    grid_mm: float = FROM_SCHEMA
     x_towards_left: bool = True  # array x (column) index grows towards the patient's left
 
 
@@ -68,51 +68,51 @@ class LungSettings(Settings):
 class NormaliseSettings(Settings):
     """``ct.normalise``: HU window mapped to [0, 1], then ``mean`` subtracted."""
 
-    min_hu: float
-    max_hu: float
-    mean: float
+    min_hu: float = FROM_SCHEMA
+    max_hu: float = FROM_SCHEMA
+    mean: float = FROM_SCHEMA
 
 
 @settings_section("ct", "crop")
 class CropSettings(Settings):
     """``ct.crop``: crop the outputs to the lungs' box plus a margin."""
 
-    enabled: bool
-    margin_mm: float
+    enabled: bool = FROM_SCHEMA
+    margin_mm: float = FROM_SCHEMA
 
 
 @settings_section("ct", "outputs")
 class OutputsSettings(Settings):
     """``ct.outputs``: optional extra outputs of preprocess."""
 
-    npz: bool
+    npz: bool = FROM_SCHEMA
 
 
 @settings_section("ct", "patches")
 class PatchesSettings(Settings):
     """``ct.patches``: the 3D patch grid over the lungs and what is written of it."""
 
-    size_mm: float
-    stride_mm: float
-    min_lung_fraction: float
-    materialise: str
-    window: tuple[float, float]
+    size_mm: float = FROM_SCHEMA
+    stride_mm: float = FROM_SCHEMA
+    min_lung_fraction: float = FROM_SCHEMA
+    materialise: str = FROM_SCHEMA
+    window: tuple[float, float] = FROM_SCHEMA
 
 
 @settings_section("ct", "slices_png")
 class SlicesPngSettings(Settings):
     """``ct.slices_png``: optional PNG slices of the volume."""
 
-    enabled: bool
-    window: tuple[float, float]
-    every_mm: float
+    enabled: bool = FROM_SCHEMA
+    window: tuple[float, float] = FROM_SCHEMA
+    every_mm: float = FROM_SCHEMA
 
 
 @settings_section("ct", "annotations")
 class AnnotationsSettings(Settings):
     """``ct.annotations``: one LUNA16-style CSV of region labels for the cohort."""
 
-    csv: str | None
+    csv: str | None = FROM_SCHEMA
 
 
 @settings_section("ct")
@@ -120,18 +120,18 @@ class CtSettings(Settings):
     """``ct``: resampling, series choice, lung mask, normalisation, crop, outputs, patches
     and PNG slices."""
 
-    spacing: tuple[float, float, float]
-    interpolation_order: int
-    gantry_tilt: str
-    lossy_compression: str
-    series: SeriesSettings
-    lung: LungSettings
-    normalise: NormaliseSettings
-    crop: CropSettings
-    outputs: OutputsSettings
-    patches: PatchesSettings
-    slices_png: SlicesPngSettings
-    annotations: AnnotationsSettings
+    spacing: tuple[float, float, float] = FROM_SCHEMA
+    interpolation_order: int = FROM_SCHEMA
+    gantry_tilt: str = FROM_SCHEMA
+    lossy_compression: str = FROM_SCHEMA
+    series: SeriesSettings = FROM_SCHEMA
+    lung: LungSettings = FROM_SCHEMA
+    normalise: NormaliseSettings = FROM_SCHEMA
+    crop: CropSettings = FROM_SCHEMA
+    outputs: OutputsSettings = FROM_SCHEMA
+    patches: PatchesSettings = FROM_SCHEMA
+    slices_png: SlicesPngSettings = FROM_SCHEMA
+    annotations: AnnotationsSettings = FROM_SCHEMA
 
 
 DEFAULTS = CtSettings()
@@ -146,7 +146,7 @@ def lung_settings(settings: CtSettings, **extra: Any) -> LungSettings:
     """The ``ct.lung`` settings of ``settings`` with its numbers as floats, plus ``extra``
     fields that come from the scan rather than the config (``x_towards_left``)."""
     lung = settings.lung
-    numbers = {
+    numbers: dict[str, Any] = {
         key: float(value)
         for key, value in lung.as_dict().items()
         if isinstance(value, int | float) and not isinstance(value, bool)

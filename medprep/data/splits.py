@@ -22,15 +22,15 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 
-from medprep.common.settings import Settings, settings_section
+from medprep.common.settings import FROM_SCHEMA, Settings, settings_section
 
 
 @settings_section("dataset")
 class DatasetSettings(Settings):
     """``dataset``: the split names and fractions of patients, and the seed of the hash."""
 
-    splits: dict[str, float]
-    seed: int
+    splits: dict[str, float] = FROM_SCHEMA
+    seed: int = FROM_SCHEMA
 
 
 FRACTION_SUM_TOLERANCE = 1e-6
@@ -64,7 +64,7 @@ def split_of(patient: str, fractions: Mapping[str, float], seed: int) -> str:
     """The split of ``patient`` (fractions as checked by ``check_fractions``)."""
     u = unit_hash(patient, seed)
     cumulative = 0.0
-    last = None
+    last = ""  # check_fractions guarantees a split with a fraction above 0
     for name, fraction in fractions.items():
         cumulative += fraction
         if fraction > 0:

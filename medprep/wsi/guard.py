@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medprep.common.errors import InputError
-from medprep.common.settings import Settings, settings_section
+from medprep.common.settings import FROM_SCHEMA, Settings, settings_section
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Levels below this many pixels are cheap to read whatever they claim; not checked.
@@ -50,8 +50,8 @@ class Limits(Settings):
     bomb, which claims 1e5-1e6:1.
     """
 
-    max_pixels: float
-    max_compression_ratio: float
+    max_pixels: float = FROM_SCHEMA
+    max_compression_ratio: float = FROM_SCHEMA
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ silently ignored; building one with a value outside the schema's limits fails th
 
 from __future__ import annotations
 
-from medprep.common.settings import Settings, settings_section
+from medprep.common.settings import FROM_SCHEMA, Settings, settings_section
 
 
 @settings_section("wsi", "resolution")
@@ -23,65 +23,65 @@ class ResolutionSettings(Settings):
     slide is refused.
     """
 
-    mpp: float
-    magnification: float | None
-    level: int | None
-    mpp_fallback: float | None
-    tolerance: float
-    max_upsample: float
+    mpp: float = FROM_SCHEMA
+    magnification: float | None = FROM_SCHEMA
+    level: int | None = FROM_SCHEMA
+    mpp_fallback: float | None = FROM_SCHEMA
+    tolerance: float = FROM_SCHEMA
+    max_upsample: float = FROM_SCHEMA
 
 
 @settings_section("wsi", "tissue")
 class TissueSettings(Settings):
     """``wsi.tissue``: how the low-resolution tissue mask is computed."""
 
-    mask_mpp: float
-    mode: str
-    threshold: float | None
-    min_threshold: float
-    closing_um: float
-    min_object_um2: float
-    fill_holes: bool
+    mask_mpp: float = FROM_SCHEMA
+    mode: str = FROM_SCHEMA
+    threshold: float | None = FROM_SCHEMA
+    min_threshold: float = FROM_SCHEMA
+    closing_um: float = FROM_SCHEMA
+    min_object_um2: float = FROM_SCHEMA
+    fill_holes: bool = FROM_SCHEMA
 
 
 @settings_section("wsi", "tile", "filters")
 class FilterSettings(Settings):
     """``wsi.tile.filters``: optional QC filters; ``None`` = off."""
 
-    max_background: float | None
-    min_blur: float | None
-    min_tissue_fraction: float | None
-    min_sharpness: float | None
-    max_pen_fraction: float | None
-    max_fold_fraction: float | None
-    max_gap_fraction: float | None
+    max_background: float | None = FROM_SCHEMA
+    min_blur: float | None = FROM_SCHEMA
+    min_tissue_fraction: float | None = FROM_SCHEMA
+    min_sharpness: float | None = FROM_SCHEMA
+    max_pen_fraction: float | None = FROM_SCHEMA
+    max_fold_fraction: float | None = FROM_SCHEMA
+    max_gap_fraction: float | None = FROM_SCHEMA
 
 
 @settings_section("wsi", "tile", "labels")
 class LabelSettings(Settings):
     """``wsi.tile.labels``: region labels of tiles from the sample's annotations."""
 
-    background: str
-    class_fractions: bool
+    background: str = FROM_SCHEMA
+    class_fractions: bool = FROM_SCHEMA
 
 
 @settings_section("wsi", "tile")
 class TileSettings(Settings):
     """``wsi.tile``: the grid, the QC filters and how pixels are written."""
 
-    size: int
-    stride: int | None
-    min_tissue: float
-    format: str
-    quality: int
-    container: str
-    coords_scores: bool
-    shard_max_tiles: int
-    block_tiles: int
-    max_read_errors: int
-    annotated_only: bool
-    labels: LabelSettings
-    filters: FilterSettings
+    size: int = FROM_SCHEMA
+    stride: int | None = FROM_SCHEMA
+    min_tissue: float = FROM_SCHEMA
+    format: str = FROM_SCHEMA
+    quality: int = FROM_SCHEMA
+    container: str = FROM_SCHEMA
+    coords_scores: bool = FROM_SCHEMA
+    shard_max_tiles: int = FROM_SCHEMA
+    block_tiles: int = FROM_SCHEMA
+    max_read_errors: int = FROM_SCHEMA
+    annotated_only: bool = FROM_SCHEMA
+    labels: LabelSettings = FROM_SCHEMA
+    filters: FilterSettings = FROM_SCHEMA
 
     @property
     def step(self) -> int:
