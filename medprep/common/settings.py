@@ -7,9 +7,10 @@ whose fields are the keys of that schema section, with the schema's defaults; bu
 validates the values against the schema's limits (one line naming the key), and
 ``from_config`` refuses unknown keys (one line naming the key and its parent).
 
-A section's class declares its fields with their types (``size: int``) and no defaults, so
-that readers and type checkers see them; a test checks the declarations against the
-schema, and ``python -m medprep.common.settings wsi tile`` prints them for a section.
+A section's class declares its fields with their types and the schema's default
+(``size: int = FROM_SCHEMA``), so that readers and type checkers see them; a test checks
+the declarations against the schema, and ``python -m medprep.common.settings wsi tile``
+prints them for a section.
 """
 
 from __future__ import annotations
