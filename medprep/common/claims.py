@@ -93,3 +93,40 @@ def check_claim(
             "refused unread",
             path=path,
         )
+
+
+# JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC) and JPEG-LS's SOF55
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def codestream_claim(data: bytes) -> tuple[int, int, int] | None:
+    """The (width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream claims in
+    its own header (SOF or SIZ), read without decoding; ``None`` if none is found.
+
+    A decoder allocates what this header says, whatever the container (a DICOM file's
+    Rows and Columns, a TIFF tile's size) claims, so the two are compared first.
+    """
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 42:  # J2K: SOC, SIZ
+        xsiz, ysiz, xosiz, yosiz = (int.from_bytes(data[i : i + 4], "big") for i in (8, 12, 16, 20))
+        return xsiz - xosiz, ysiz - yosiz, int.from_bytes(data[40:42], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _JPEG_SOF and pos + 10 <= len(data):
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height, data[pos + 9]
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medprep.common import atomic
+from medprep.common import atomic, claims
 from medprep.common.errors import InputError
 from medprep.common.parallel import thread_map
 from medprep.common.progress import Progress
@@ -256,7 +256,15 @@ def _load_volume(
 
 def _decode(geometry: series.StackGeometry, threads: int) -> tuple[np.ndarray, dict[str, Any]]:
     first = geometry.slices[0]
-    volume = np.empty((len(geometry.slices), first.rows, first.cols), dtype=np.int16)
+    shape = (len(geometry.slices), first.rows, first.cols)
+    # each file's claim was checked when its header was read; the series' sum is checked
+    # here, before the volume is allocated
+    claims.check_claim(
+        2 * shape[0] * shape[1] * shape[2],
+        what=f"a volume of {shape[0]} slices of {shape[1]} x {shape[2]} voxels x 16 bits",
+        path=_common_folder([h.path for h in geometry.slices]),
+    )
+    volume = np.empty(shape, dtype=np.int16)
 
     def decode(k: int) -> tuple[int, int, str]:
         header = geometry.slices[k]

@@ -279,18 +279,17 @@ def inferred_colour_space(markers: JpegMarkers, photometric: int) -> int | None:
 def _check_j2k_tile(data: bytes, layout: LevelLayout) -> None:
     """Refuse a JPEG 2000 codestream whose SIZ segment claims another size or component
     count than the level's tiles, as OpenSlide does, before OpenJPEG allocates for it."""
-    # SOC (FF4F), then SIZ (FF51): Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, 4 x tile, Csiz
-    if data[:4] != b"\xff\x4f\xff\x51" or len(data) < 42:
+    from medprep.common.claims import codestream_claim
+
+    claim = codestream_claim(data) if data[:4] == b"\xff\x4f\xff\x51" else None
+    if claim is None:
         raise TileDecodeError("not a JPEG 2000 codestream (no SOC and SIZ markers)")
-    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(data[i : i + 4], "big") for i in (8, 12, 16, 20))
-    components = int.from_bytes(data[40:42], "big")
-    if (xsiz - xosiz, ysiz - yosiz) != (layout.tile_width, layout.tile_height):
+    width, height, components = claim
+    if (width, height, components) != (layout.tile_width, layout.tile_height, 3):
         raise TileDecodeError(
-            f"JPEG 2000 header claims {xsiz - xosiz} x {ysiz - yosiz} pixels, the level's "
-            f"tiles are {layout.tile_width} x {layout.tile_height}"
+            f"JPEG 2000 header claims {width} x {height} pixels of {components} components, "
+            f"the level's tiles are {layout.tile_width} x {layout.tile_height} of 3"
         )
-    if components != 3:
-        raise TileDecodeError(f"JPEG 2000 header claims {components} components, expected 3")
 
 
 def decode_tile(data: bytes, layout: LevelLayout) -> np.ndarray:

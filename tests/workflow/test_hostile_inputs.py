@@ -180,6 +180,162 @@ def test_a_nifti_claiming_more_than_its_compressed_bytes_is_refused(tmp_path):
     assert "claims 30000 x 30000 x 400 voxels" in error.value.cause
 
 
+##### DICOM files claiming more pixels than they hold
+
+BOMB_SCRIPT = """
+import json, resource, sys, time
+from medprep.common.errors import InputError
+from medprep.ct.preprocess import load_series
+started = time.perf_counter()
+try:
+    load_series(sys.argv[1:])
+    outcome = "loaded"
+except InputError as error:
+    outcome = str(error)
+print(json.dumps({"outcome": outcome, "seconds": time.perf_counter() - started,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def rle_bomb(path: Path, *, z: float = 0.0, side: int = 65535, frames: int = 1) -> Path:
+    """A CT file in RLE Lossless claiming ``side`` x ``side`` 16-bit pixels per frame, its
+    pixel data a few runs of zeros (decoding it would fill the claim); with ``frames`` > 1
+    an Enhanced CT with shared and per-frame functional groups."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.sequence import Sequence
+    from pydicom.uid import RLELossless, generate_uid
+
+    enhanced = frames > 1
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2" + (".1" if enhanced else "")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = RLELossless
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3", "1.2.3.4", "1.2.5"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    measures = Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.7, 0.7], 1
+    orientation = [1, 0, 0, 0, 1, 0]
+    if enhanced:
+        ds.NumberOfFrames = frames
+        plane = Dataset()
+        plane.ImageOrientationPatient = orientation
+        shared = Dataset()
+        shared.PixelMeasuresSequence = Sequence([measures])
+        shared.PlaneOrientationSequence = Sequence([plane])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        per_frame = []
+        for k in range(frames):
+            position = Dataset()
+            position.ImagePositionPatient = [0.0, 0.0, float(k)]
+            item = Dataset()
+            item.PlanePositionSequence = Sequence([position])
+            per_frame.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    else:
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, z], orientation
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1
+    # RLE frame: a 64-byte header naming 2 segments (high and low bytes), each 8 runs
+    segment = bytes([0x81, 0]) * 8
+    offsets = (2, 64, 64 + len(segment))
+    header = b"".join(v.to_bytes(4, "little") for v in offsets).ljust(64, b"\0")
+    ds.PixelData = encapsulate([header + segment + segment] * frames)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def run_bomb(files: list[Path]) -> dict:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", BOMB_SCRIPT, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_rle_slices_and_an_enhanced_ct_claiming_gigapixels_are_refused_unread(tmp_path):
+    (tmp_path / "rle").mkdir()
+    (tmp_path / "enhanced").mkdir()
+    slices = [rle_bomb(tmp_path / "rle" / f"{k}.dcm", z=k) for k in range(2)]
+    assert all(p.stat().st_size < 2048 for p in slices)
+    enhanced = rle_bomb(tmp_path / "enhanced" / "frames.dcm", frames=500)
+    for files, claim in (
+        (slices, "65535 x 65535 pixels x 1 frame(s) x 1 sample(s) x 16 bits (8.6 GB decoded)"),
+        (
+            [enhanced],
+            "65535 x 65535 pixels x 500 frame(s) x 1 sample(s) x 16 bits (4.3 TB decoded)",
+        ),
+    ):
+        result = run_bomb(files)
+        outcome = result["outcome"]
+        assert "\n" not in outcome and "Traceback" not in outcome
+        assert outcome.startswith(f"file {files[0]}: invalid pixel data: claims {claim}")
+        assert (
+            "more than 64:1 (a damaged header or a decompression bomb); refused unread" in outcome
+        )
+        # nothing of the claim was allocated: the interpreter and its libraries only
+        assert result["peak_mb"] < 400 and result["seconds"] < 10, result
+
+
+def test_a_compressed_frame_claiming_another_size_than_its_header_is_refused(tmp_path):
+    from ct_support import SLAB, compress_file, dicom_files
+
+    folder = tmp_path / "jpegls"
+    folder.mkdir()
+    for source in dicom_files(SLAB):
+        compress_file(source, folder / source.name, "jpegls")
+    victim = sorted(folder.iterdir())[1]
+    data = bytearray(victim.read_bytes())
+    sof = data.index(b"\xff\xf7")  # JPEG-LS frame header: P, Y, X
+    data[sof + 5 : sof + 9] = (65535).to_bytes(2, "big") * 2
+    victim.write_bytes(bytes(data))
+    result = run_bomb(sorted(folder.iterdir()))
+    assert result["outcome"] == (
+        f"file {victim}: compressed frame 0 claims 65535 x 65535 pixels of 1 component(s) "
+        "but the DICOM header says 512 x 512 of 1 (a damaged header or a decompression "
+        "bomb); refused unread"
+    )
+    assert result["peak_mb"] < 600, result
+
+
+def test_a_deflated_dataset_is_counted_before_pydicom_inflates_it(tmp_path):
+    import pydicom
+    from ct_support import SLAB, dicom_files
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from medprep.ct import dicom_io
+
+    ds = pydicom.dcmread(dicom_files(SLAB)[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.Rows = ds.Columns = 4096  # 32 MB of zeros deflates to about 32 KB
+    ds.PixelData = bytes(4096 * 4096 * 2)
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 100_000
+    dicom_io.check_deflated_size(str(path), memory_bytes=64_000_000)
+    with pytest.raises(InputError, match="inflates to more than the 16.0 MB of memory"):
+        dicom_io.check_deflated_size(str(path), memory_bytes=16_000_000)
+    # inflated, its claim is checked as native data: every pixel must be stored
+    ds.Rows = ds.Columns = 8192
+    ds.save_as(path, enforce_file_format=True)
+    rejected = dicom_io.read_file(0, str(path))
+    assert "stores only 33.6 MB (truncated or damaged)" in rejected.reason
+
+
 ##### slide formats whose index file names other files
 
 
