@@ -16,6 +16,7 @@ The slide check in ``medprep.wsi.guard`` applies the same idea to TIFF directori
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -29,6 +30,11 @@ RLE_MAX_RATIO = 64
 # and slide data measure 2-20:1; claims of bombs are 1e4-1e7:1
 GENERAL_MAX_RATIO = 5000
 
+# Largest coordinate an annotation may hold, in mm (a scan) or level-0 pixels (a slide):
+# a body is about 2e3 mm across and a 75 mm slide at 0.12 um/px 6.3e5 pixels, so a value
+# beyond 1e7 is damage, and squaring it (areas, distances) stays far from overflow.
+MAX_COORDINATE = 1e7
+
 CGROUP_LIMITS = (
     Path("/sys/fs/cgroup/memory.max"),
     Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
@@ -41,6 +47,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def coordinate_problem(value: float, unit: str) -> str | None:
+    """Why ``value`` cannot be a coordinate in ``unit`` ("mm", "pixels"), or None."""
+    if not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    if abs(value) > MAX_COORDINATE:
+        return f"{value:g} is beyond +-{MAX_COORDINATE:g} {unit}, outside any slide or scan"
+    return None
 
 
 def memory_limit_bytes() -> int:

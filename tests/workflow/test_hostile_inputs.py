@@ -336,6 +336,83 @@ def test_a_deflated_dataset_is_counted_before_pydicom_inflates_it(tmp_path):
     assert "stores only 33.6 MB (truncated or damaged)" in rejected.reason
 
 
+##### coordinates and sizes far outside any scan or slide
+
+LUNA_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "value"),
+    [
+        ("1.2.3,1e308,10,20,5", "coordX", "1e+308 is beyond +-1e+07 mm"),
+        ("1.2.3,10,-2e7,20,5", "coordY", "-2e+07 is beyond +-1e+07 mm"),
+        ("1.2.3,10,10,20,1e300", "diameter_mm", "1e+300 is beyond +-1e+07 mm"),
+    ],
+)
+def test_a_luna16_row_far_outside_any_scan_is_refused_with_line_column_and_value(
+    tmp_path, row, column, value
+):
+    from medprep.ct import annotations
+
+    path = tmp_path / "annotations.csv"
+    path.write_text(LUNA_HEADER + "1.2.3,-100.5,67.2,-231.9,6.4\n" + row + "\n")
+    with pytest.raises(InputError) as error:
+        annotations.read_csv(path, series_uid_hash=None, require_series=False)
+    assert str(error.value) == (
+        f"file {path}: annotation CSV: line 3, column '{column}': {value}, outside any "
+        "slide or scan"
+    )
+
+
+def test_lidc_outlines_far_outside_any_scan_are_refused(tmp_path):
+    from ct_support import XML
+
+    from medprep.ct import lidc
+
+    text = XML.read_text()
+    far = text.replace("<xCoord>312</xCoord>", "<xCoord>99999999999999999999</xCoord>", 1)
+    with pytest.raises(InputError, match=r"nodule 'Nodule 001'.*xCoord 1e\+20 is beyond"):
+        lidc.parse_lidc_xml(far.encode())
+    infinite = text.replace(
+        "<imageZposition>-125.000000 </imageZposition>", "<imageZposition>inf</imageZposition>", 1
+    )
+    with pytest.raises(InputError, match="imageZposition inf is not a finite number"):
+        lidc.parse_lidc_xml(infinite.encode())
+
+
+def square(half: float, name: str = "tumour") -> dict:
+    ring = [[-half, -half], [half, -half], [half, half], [-half, half], [-half, -half]]
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"classification": {"name": name}},
+    }
+
+
+@pytest.mark.parametrize("half", [1e308, 2e7])
+def test_a_geojson_coordinate_far_outside_any_slide_is_refused(tmp_path, half):
+    from medprep.wsi import labels
+
+    path = tmp_path / "regions.geojson"
+    near = square(500.0, "stroma")
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [near, square(half)]}))
+    with pytest.raises(InputError) as error:
+        labels.read_annotations(path)
+    assert str(error.value) == (
+        f"file {path}: feature 1: coordinate [{-half:g}, {-half:g}] is beyond +-1e+07 "
+        "pixels, outside any slide"
+    )
+
+
+def test_a_nifti_with_a_side_beyond_any_scan_is_refused(tmp_path):
+    # NIfTI-1 sides stop at 32767; NIfTI-2 sides are 64-bit
+    image = nib.Nifti2Image(np.zeros((1, 1, 70000), np.int16), np.eye(4))
+    path = tmp_path / "long.nii.gz"
+    nib.save(image, path)
+    with pytest.raises(InputError, match="NIfTI dimensions 1 x 1 x 70000: each side must be"):
+        read([path])
+
+
 ##### slide formats whose index file names other files
 
 
