@@ -124,6 +124,7 @@ def load_series(
             path=geometry.slices[0].path,
         )
     warnings = list(selection.warnings) + list(geometry.warnings)
+    warnings += series.split_from_series(selection.group, selection.others, _common_folder(paths))
     if geometry.sheared:
         if gantry_tilt == "fail":
             raise InputError(

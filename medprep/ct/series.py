@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 
@@ -25,6 +26,8 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 AXIAL_MAX_ANGLE_DEG = 45.0
 # Positions closer than this along the normal are the same slice (duplicates).
 DUPLICATE_TOLERANCE_MM = 0.01
+# Files named at most in one warning (the rest are counted).
+MAX_NAMED_FILES = 5
 # A step this many times the median step is a gap (missing slices).
 GAP_FACTOR = 1.5
 
@@ -371,6 +374,45 @@ def group_series(headers: Iterable[SliceHeader]) -> list[SeriesGroup]:
     ]
     groups.sort(key=lambda g: (g.uid_hash, g.orientation, g.rows, g.cols))
     return groups
+
+
+def split_from_series(
+    chosen: SeriesGroup, others: Sequence[SeriesGroup], folder: str | None = None
+) -> tuple[str, ...]:
+    """Warnings naming the files that carry the chosen series' UID but were grouped apart
+    (another matrix, pixel spacing or orientation): they are not in the volume, and the
+    stack has a gap where they were. File names are relative to ``folder`` when given.
+    """
+    if not chosen.series_uid:
+        return ()
+    out = []
+    for group in others:
+        if group.series_uid != chosen.series_uid:
+            continue
+        why = []
+        if (group.rows, group.cols) != (chosen.rows, chosen.cols):
+            why.append(f"{group.rows} x {group.cols} pixels, not {chosen.rows} x {chosen.cols}")
+        a, b = group.pixel_spacing, chosen.pixel_spacing
+        if (
+            a is not None
+            and b is not None
+            and any(
+                abs(x - y) > SPACING_TOLERANCE * max(abs(x), abs(y))
+                for x, y in zip(a, b, strict=True)
+            )
+        ):
+            why.append(f"pixel spacing {_show(a)} mm, not {_show(b)}")
+        names = sorted(
+            {os.path.relpath(h.path, folder) if folder else h.path for h in group.slices}
+        )
+        shown = ", ".join(names[:MAX_NAMED_FILES])
+        if len(names) > MAX_NAMED_FILES:
+            shown += f" and {len(names) - MAX_NAMED_FILES} more"
+        out.append(
+            f"{len(names)} file(s) of the chosen series left out of the volume "
+            f"({'; '.join(why) or 'another orientation'}): {shown}"
+        )
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,6 +88,7 @@ def test_a_metaimage_naming_a_file_outside_its_sample_is_refused(tmp_path, secre
         pp.load_series([f.path for f in files])
     assert preprocess.value.path.endswith("scan.mhd")
     assert "ElementDataFile" in preprocess.value.cause
+    assert "other file(s)" not in preprocess.value.cause
 
 
 def test_a_data_file_that_is_not_one_of_the_samples_files_is_refused(tmp_path):
