@@ -210,6 +210,13 @@ def check_deflated_size(path: str, memory_bytes: int | None = None) -> None:
             )
 
 
+def _names_deflated_syntax(path: str) -> bool:
+    """Whether the file meta group may name the deflated syntax (a cheap look before
+    pydicom parses it)."""
+    with open(path, "rb") as f:
+        return DEFLATED_SYNTAX.encode() in f.read(4096)
+
+
 def _file_meta_end(data: bytes) -> int:
     """Where the dataset starts after the preamble, ``DICM`` and the file meta group."""
     import struct
@@ -240,7 +247,7 @@ def read_file(index: int, path: str) -> list[SliceHeader] | Rejected:
 
     try:
         preamble = _has_dicom_prefix(path)
-        if preamble:
+        if preamble and _names_deflated_syntax(path):
             check_deflated_size(path)
         ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, force=not preamble)
     except InputError as error:
