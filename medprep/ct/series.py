@@ -99,6 +99,9 @@ SPACING_TOLERANCE = 1e-4
 ORTHONORMAL_TOLERANCE = 1e-3
 # Sanity bounds: no CT has pixels this large, nor positions this far from the isocentre.
 MAX_PIXEL_SPACING_MM = 100.0
+# Pixels or slices closer than this are one place (DUPLICATE_TOLERANCE_MM): a spacing below
+# it is a damaged header (1e-30 mm once reached the resampler and failed there).
+MIN_PIXEL_SPACING_MM = DUPLICATE_TOLERANCE_MM
 MAX_COORDINATE_MM = 1e6
 MAX_INTERCEPT = 1e5
 MIN_SLOPE, MAX_SLOPE = 1e-4, 1e3
@@ -113,7 +116,7 @@ def _show(value) -> str:
 def invalid_value(header: SliceHeader) -> str | None:
     """The first number that cannot enter geometry or HU, as ``invalid Tag value: why``.
 
-    PixelSpacing finite and positive; ImageOrientationPatient finite and orthonormal;
+    PixelSpacing finite and within [0.01, 100] mm; ImageOrientationPatient finite and orthonormal;
     ImagePositionPatient finite; RescaleSlope finite and positive; RescaleIntercept finite;
     SliceThickness (used to rank series) finite and not negative.
     """
@@ -125,8 +128,12 @@ def invalid_value(header: SliceHeader) -> str | None:
     if spacing is not None:
         if not all(math.isfinite(v) for v in spacing):
             return bad("PixelSpacing", spacing, "not finite")
-        if not all(0 < v <= MAX_PIXEL_SPACING_MM for v in spacing):
-            return bad("PixelSpacing", spacing, f"must be in (0, {MAX_PIXEL_SPACING_MM:g}] mm")
+        if not all(MIN_PIXEL_SPACING_MM <= v <= MAX_PIXEL_SPACING_MM for v in spacing):
+            return bad(
+                "PixelSpacing",
+                spacing,
+                f"must be in [{MIN_PIXEL_SPACING_MM:g}, {MAX_PIXEL_SPACING_MM:g}] mm",
+            )
     orientation = header.orientation
     if orientation is not None:
         if not all(math.isfinite(v) for v in orientation):

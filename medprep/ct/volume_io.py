@@ -262,6 +262,12 @@ def stack_of(volume: RawVolume, path: str) -> tuple[np.ndarray, series.SeriesGro
     if not (np.isfinite(sz) and sz > 0) or nz < 2:
         raise InputError(f"volume needs at least 2 slices with a positive spacing ({nz}, {sz:g} mm)",
                          path=path)  # fmt: skip
+    if not series.MIN_PIXEL_SPACING_MM <= sz <= series.MAX_PIXEL_SPACING_MM:
+        raise InputError(
+            f"slice spacing {sz:g} mm is outside [{series.MIN_PIXEL_SPACING_MM:g}, "
+            f"{series.MAX_PIXEL_SPACING_MM:g}] mm (a damaged header)",
+            path=path,
+        )
     headers = tuple(
         dataclasses.replace(
             base, index=k, position=tuple(float(v) for v in volume.origin + k * sz * axis_z)

@@ -413,6 +413,23 @@ def test_a_geojson_coordinate_far_outside_any_slide_is_refused(tmp_path, half):
     )
 
 
+@pytest.mark.parametrize(
+    ("spacing", "cause"),
+    [
+        ((1e-30, 1e-30, 1.0), "invalid spacing [1e-30, 1e-30]: must be in [0.01, 100] mm"),
+        ((0.7, 0.7, 1e-6), "slice spacing 1e-06 mm is outside [0.01, 100] mm"),
+    ],
+)
+def test_a_volume_with_a_spacing_below_any_scan_is_refused(tmp_path, spacing, cause):
+    # 1e-6 mm slices all fell within the duplicate tolerance: the geometry kept one slice
+    # of 20 and the resampler failed with a ValueError and a traceback
+    path = tmp_path / "thin.nii.gz"
+    nib.save(nib.Nifti1Image(voxels().transpose(2, 1, 0), np.diag([*spacing, 1.0])), path)
+    with pytest.raises(InputError) as error:
+        pp.preprocess([path])
+    assert error.value.cause.startswith(cause)
+
+
 def test_a_nifti_with_a_side_beyond_any_scan_is_refused(tmp_path):
     # NIfTI-1 sides stop at 32767; NIfTI-2 sides are 64-bit
     image = nib.Nifti2Image(np.zeros((1, 1, 70000), np.int16), np.eye(4))
