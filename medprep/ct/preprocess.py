@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -368,6 +369,34 @@ def _round_list(values, digits=4) -> list[float]:
     return [round(float(v), digits) for v in values]
 
 
+def check_resampled_claim(
+    geometry: series.StackGeometry,
+    shape_in: tuple[int, ...],
+    spacing_out: tuple[float, float, float],
+    memory_bytes: int | None = None,
+) -> None:
+    """Refuse a series whose slice positions span more than the job can resample and
+    mask (the output grid follows the positions, which a header can set anywhere within
+    +-1e6 mm), before the output volume is allocated."""
+    from medprep.ct import memory
+
+    grid = resample.plan_grid(
+        geometry.positions, geometry.offsets, shape_in[1:], geometry.pixel_spacing, spacing_out
+    )
+    voxels = math.prod(grid.shape)
+    extent = float(geometry.positions[-1] - geometry.positions[0])
+    claims.check_claim(
+        int(voxels * memory.LUNG_BYTES_PER_VOXEL),
+        what=(
+            f"slices {extent:.6g} mm apart end to end, resampled to "
+            f"{' x '.join(str(n) for n in grid.shape)} voxels (with the lung mask's "
+            f"{memory.LUNG_BYTES_PER_VOXEL:g} bytes per voxel)"
+        ),
+        path=_common_folder([h.path for h in geometry.slices]),
+        memory_bytes=memory_bytes,
+    )
+
+
 def preprocess(
     paths: Sequence[str | os.PathLike],
     settings: dict[str, Any] | None = None,
@@ -391,6 +420,7 @@ def preprocess(
     spacing_out = tuple(float(s) for s in cfg["spacing"])
     order = int(cfg["interpolation_order"])
     shape_in = loaded.volume.shape
+    check_resampled_claim(geometry, shape_in, spacing_out)
     volume, grid = resample.resample_stack(
         loaded.volume,
         geometry.positions,

@@ -430,6 +430,22 @@ def test_a_volume_with_a_spacing_below_any_scan_is_refused(tmp_path, spacing, ca
     assert error.value.cause.startswith(cause)
 
 
+def test_two_slices_a_kilometre_apart_are_refused_before_resampling(tmp_path):
+    import pydicom
+    from ct_support import CT_3SLICE, dicom_files
+
+    for k, source in enumerate(dicom_files(CT_3SLICE)[:2]):
+        ds = pydicom.dcmread(source)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(k * 900_000)]
+        ds.save_as(tmp_path / source.name)
+    with pytest.raises(InputError) as error:
+        pp.preprocess(sorted(tmp_path.iterdir()))
+    assert error.value.cause.startswith(
+        "claims slices 900000 mm apart end to end, resampled to 900001 x "
+    )
+    assert "of memory this job can have" in error.value.cause
+
+
 def test_a_nifti_with_a_side_beyond_any_scan_is_refused(tmp_path):
     # NIfTI-1 sides stop at 32767; NIfTI-2 sides are 64-bit
     image = nib.Nifti2Image(np.zeros((1, 1, 70000), np.int16), np.eye(4))
