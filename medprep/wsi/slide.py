@@ -29,6 +29,8 @@ MAX_SIDE = 2**21
 # Side of the pieces a region is read in, after an OpenSlide error, at a level whose tile
 # grid OpenSlide does not report.
 PIECE_SIDE = 256
+MIN_PIECE_PIXELS = 4096
+MAX_PIECE_SIDE = 1 << 16
 
 # The order in which the files of a multi-file slide are tried: index files first.
 _INDEX_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svs", ".ndpi", ".scn", ".bif", ".svslide")
@@ -369,8 +371,18 @@ class SlideReader:
         properties = self._handle.properties if self._handle is not None else {}
         tw = properties.get(f"openslide.level[{level}].tile-width")
         th = properties.get(f"openslide.level[{level}].tile-height")
-        if tw and th and int(tw) > 0 and int(th) > 0:
-            return int(tw), int(th), "tile"
+        try:
+            size = (int(tw), int(th)) if tw and th else None
+        except ValueError:
+            size = None
+        # tiles of fewer than MIN_PIECE_PIXELS would mean thousands of reads per region
+        # (NDPI's are strips of whole restart intervals, e.g. 3968 x 8)
+        if (
+            size is not None
+            and all(1 <= n <= MAX_PIECE_SIDE for n in size)
+            and size[0] * size[1] >= MIN_PIECE_PIXELS
+        ):
+            return size[0], size[1], "tile"
         return PIECE_SIDE, PIECE_SIDE, "region"
 
     def _read_tile_by_tile(

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
-from wsi_support import CMU, TCGA_NO_MPP, outputs, preprocess, tile
+from wsi_support import CMU, DAPI, TCGA_NO_MPP, outputs, preprocess, tile
 
 from medprep.common.errors import InputError
 from medprep.wsi import tiff_read
@@ -216,3 +216,30 @@ def test_jpeg2000_and_deflate_tiles_are_bounded_by_the_tile_size():
     assert tile_bytes.shape == (256, 256, 3)
     with pytest.raises(tiff_read.TileDecodeError, match="expected 196608"):
         tiff_read.decode_tile(zlib.compress(bytes(1000)), _layout(tiff_read.DEFLATE[0]))
+
+
+def test_a_format_read_through_openslide_names_its_damaged_tile(tmp_path):
+    """NDPI (read through OpenSlide only): a level's tiles are strips of restart
+    intervals; the damaged one is found by reading the failed region tile by tile."""
+    page = tifffile.TiffFile(DAPI).pages[0]
+    offset, count = int(page.dataoffsets[0]), int(page.databytecounts[0])
+    data = bytearray(DAPI.read_bytes())
+    middle = offset + count // 2
+    data[middle : middle + 64] = bytes(64)
+    damaged = tmp_path / "damaged.ndpi"
+    damaged.write_bytes(bytes(data))
+    reader = SlideReader(damaged)
+    try:
+        assert reader.direct_levels == ()
+        width, height = reader._handle.level_dimensions[0]
+        found = {}
+        for y in range(0, height, 1024):
+            for x in range(0, width, 1024):
+                _, tiles = reader.read_region(0, x, y, 1024, 1024)
+                found.update({t.key: t for t in tiles})
+    finally:
+        reader.close()
+    [tile] = found.values()
+    assert (tile.kind, tile.width, tile.height) == ("tile", width, 8)
+    assert tile.describe().startswith(f"level 0 tile at column 0, row {tile.row} (level-0 x=0")
+    assert "Corrupt JPEG data" in tile.cause
