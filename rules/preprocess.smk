@@ -24,6 +24,7 @@ rule preprocess_wsi:
         resolution=config["wsi"]["resolution"],
         tissue=config["wsi"]["tissue"],
         limits=config["wsi"]["limits"],
+        max_read_errors=config["wsi"]["tile"]["max_read_errors"],
         mpp_override=sample_mpp,
         engine=mw.code_fingerprint("wsi"),
     script:

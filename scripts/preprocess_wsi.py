@@ -17,6 +17,7 @@ def main(smk):
         mpp_override=smk.params.mpp_override,
         threads=smk.threads,
         limits=smk.params.limits,
+        max_read_errors=smk.params.max_read_errors,
     )
 
 

@@ -115,6 +115,7 @@ def preprocess(
     resolution: dict | None = None,
     tissue: dict | None = None,
     limits: dict | None = None,
+    max_read_errors: int = 0,
 ) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     slides = slide if isinstance(slide, list) else [slide]
@@ -132,6 +133,7 @@ def preprocess(
         mpp_override=mpp_override,
         threads=threads,
         limits=limits,
+        max_read_errors=max_read_errors,
     )
 
 

@@ -16,6 +16,7 @@ The slide check in ``medprep.wsi.guard`` applies the same idea to TIFF directori
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -29,6 +30,11 @@ RLE_MAX_RATIO = 64
 # and slide data measure 2-20:1; claims of bombs are 1e4-1e7:1
 GENERAL_MAX_RATIO = 5000
 
+# Largest coordinate an annotation may hold, in mm (a scan) or level-0 pixels (a slide):
+# a body is about 2e3 mm across and a 75 mm slide at 0.12 um/px 6.3e5 pixels, so a value
+# beyond 1e7 is damage, and squaring it (areas, distances) stays far from overflow.
+MAX_COORDINATE = 1e7
+
 CGROUP_LIMITS = (
     Path("/sys/fs/cgroup/memory.max"),
     Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
@@ -41,6 +47,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def coordinate_problem(value: float, unit: str) -> str | None:
+    """Why ``value`` cannot be a coordinate in ``unit`` ("mm", "pixels"), or None."""
+    if not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    if abs(value) > MAX_COORDINATE:
+        return f"{value:g} is beyond +-{MAX_COORDINATE:g} {unit}, outside any slide or scan"
+    return None
 
 
 def memory_limit_bytes() -> int:
@@ -93,3 +108,40 @@ def check_claim(
             "refused unread",
             path=path,
         )
+
+
+# JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC) and JPEG-LS's SOF55
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def codestream_claim(data: bytes) -> tuple[int, int, int] | None:
+    """The (width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream claims in
+    its own header (SOF or SIZ), read without decoding; ``None`` if none is found.
+
+    A decoder allocates what this header says, whatever the container (a DICOM file's
+    Rows and Columns, a TIFF tile's size) claims, so the two are compared first.
+    """
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 42:  # J2K: SOC, SIZ
+        xsiz, ysiz, xosiz, yosiz = (int.from_bytes(data[i : i + 4], "big") for i in (8, 12, 16, 20))
+        return xsiz - xosiz, ysiz - yosiz, int.from_bytes(data[40:42], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _JPEG_SOF and pos + 10 <= len(data):
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height, data[pos + 9]
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medprep.common import claims
 from medprep.common.errors import InputError
 from medprep.common.parallel import thread_map
 from medprep.ct.series import Rejected, SliceHeader
@@ -112,6 +113,126 @@ LOSSY_SYNTAXES = {
 }
 
 
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+RLE_SYNTAX = "1.2.840.10008.1.2.5"
+# Inflating a deflated dataset to count its bytes, this much at a time.
+INFLATE_CHUNK = 1 << 20
+
+
+def claimed_pixel_bytes(header: SliceHeader) -> int:
+    """Bytes the pixel data decodes to, as the header claims: rows x columns x frames x
+    samples x bits allocated (every frame of a multi-frame file)."""
+    bits = max(header.bits_allocated, 1)
+    pixels = header.rows * header.cols * max(header.frames, 1) * max(header.samples_per_pixel, 1)
+    return pixels * bits // 8 if bits % 8 == 0 else -(-pixels * bits // 8)
+
+
+def check_pixel_claim(
+    header: SliceHeader, stored_bytes: int, memory_bytes: int | None = None
+) -> None:
+    """Refuse a file whose pixel data would decode to more than its stored bytes can hold
+    for its transfer syntax (``medprep.common.claims``: RLE 64:1, JPEG family and JPEG 2000
+    5000:1, native in full) or more than this job's memory, before anything is decoded."""
+    from pydicom.uid import UID
+
+    claim = claimed_pixel_bytes(header)
+    what = (
+        f"{header.rows} x {header.cols} pixels x {max(header.frames, 1)} frame(s) x "
+        f"{header.samples_per_pixel} sample(s) x {header.bits_allocated} bits"
+    )
+    ts = UID(header.transfer_syntax)
+    if str(ts) == RLE_SYNTAX:
+        ratio = claims.RLE_MAX_RATIO
+    elif ts.is_compressed:
+        ratio = claims.GENERAL_MAX_RATIO
+    else:  # native (a deflated dataset is inflated by then): every byte is stored
+        ratio = None
+    claims.check_claim(
+        claim,
+        what=what,
+        path=header.path,
+        stored_bytes=stored_bytes,
+        max_ratio=ratio,
+        memory_bytes=memory_bytes,
+    )
+
+
+def check_codestream_claim(header: SliceHeader, ds) -> None:
+    """Refuse a compressed frame whose own codestream header (JPEG SOF, JPEG-LS SOF55,
+    JPEG 2000 SIZ) claims another size or more components than the DICOM header: the
+    decoder would allocate what the codestream says."""
+    from pydicom.encaps import get_frame
+
+    frames = max(header.frames, 1)
+    frame = get_frame(ds.PixelData, header.frame or 0, number_of_frames=frames)
+    claim = claims.codestream_claim(bytes(frame[:65536]))
+    if claim is None:
+        return  # RLE, or no header found: the decoder reports what is wrong
+    width, height, components = claim
+    if (width, height) != (header.cols, header.rows) or components > header.samples_per_pixel:
+        raise InputError(
+            f"compressed frame {header.frame or 0} claims {width} x {height} pixels of "
+            f"{components} component(s) but the DICOM header says {header.cols} x "
+            f"{header.rows} of {header.samples_per_pixel} (a damaged header or a "
+            "decompression bomb); refused unread",
+            path=header.path,
+        )
+
+
+def check_deflated_size(path: str, memory_bytes: int | None = None) -> None:
+    """A Deflated Explicit VR Little Endian file is inflated whole by pydicom before any
+    of its tags can be read: count what it inflates to first, in bounded pieces, and refuse
+    it when that is more than this job's memory."""
+    import zlib
+
+    import pydicom
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_SYNTAX:
+        return
+    limit = claims.memory_limit_bytes() if memory_bytes is None else memory_bytes
+    with open(path, "rb") as f:
+        data = f.read()
+    # the deflated stream follows the file meta group
+    start = _file_meta_end(data)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pending = data[start:]
+    while pending and not inflater.eof:
+        total += len(inflater.decompress(pending, INFLATE_CHUNK))
+        pending = inflater.unconsumed_tail
+        if total > limit:
+            raise InputError(
+                f"deflated dataset of {claims.human_bytes(len(data) - start)} inflates to more "
+                f"than the {claims.human_bytes(limit)} of memory this job can have "
+                "(a decompression bomb); refused unread",
+                path=path,
+            )
+
+
+def _names_deflated_syntax(path: str) -> bool:
+    """Whether the file meta group may name the deflated syntax (a cheap look before
+    pydicom parses it)."""
+    with open(path, "rb") as f:
+        return DEFLATED_SYNTAX.encode() in f.read(4096)
+
+
+def _file_meta_end(data: bytes) -> int:
+    """Where the dataset starts after the preamble, ``DICM`` and the file meta group."""
+    import struct
+
+    pos = 132
+    while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR"):
+            length = struct.unpack("<I", data[pos + 8 : pos + 12])[0]
+            pos += 12 + length
+        else:
+            length = struct.unpack("<H", data[pos + 6 : pos + 8])[0]
+            pos += 8 + length
+    return pos
+
+
 def read_header(index: int, path: str) -> SliceHeader | Rejected:
     """The header of a single-frame file (the first frame's of a multi-frame one)."""
     item = read_file(index, path)
@@ -126,7 +247,11 @@ def read_file(index: int, path: str) -> list[SliceHeader] | Rejected:
 
     try:
         preamble = _has_dicom_prefix(path)
+        if preamble and _names_deflated_syntax(path):
+            check_deflated_size(path)
         ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, force=not preamble)
+    except InputError as error:
+        return Rejected(index, path, f"invalid pixel data: {error.cause}")
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as error:
         return Rejected(index, path, f"unreadable DICOM ({type(error).__name__})")
     except Exception as error:  # noqa: BLE001 - pydicom raises many kinds on garbage
@@ -137,11 +262,33 @@ def read_file(index: int, path: str) -> list[SliceHeader] | Rejected:
         return Rejected(index, path, "not DICOM")
     try:
         header = _header_from_dataset(index, path, ds, sop, preamble)
+    except Exception as error:  # noqa: BLE001 - malformed values of any kind
+        return Rejected(index, path, f"malformed DICOM header ({type(error).__name__}: {error})")
+    if header.has_pixel_data and not header.pixel_data_truncated:
+        try:
+            check_pixel_claim(header, _stored_pixel_bytes(ds, path))
+        except InputError as error:
+            return Rejected(index, path, f"invalid pixel data: {error.cause}", header.series_uid)
+    try:
         if header.frames > 1 and "PerFrameFunctionalGroupsSequence" in ds:
             return _frame_headers(header, ds)
         return [header]
     except Exception as error:  # noqa: BLE001 - malformed values of any kind
         return Rejected(index, path, f"malformed DICOM header ({type(error).__name__}: {error})")
+
+
+def _stored_pixel_bytes(ds, path: str) -> int:
+    """The bytes that can back the pixel data: from where it starts to the end of the
+    file (its own length when it was read into memory, as in a deflated dataset)."""
+    elem = ds.get_item("PixelData")
+    start = getattr(elem, "file_tell", None)
+    value = getattr(elem, "value", None)
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    if start is not None and str(_transfer_syntax(ds)) != DEFLATED_SYNTAX:
+        return max(os.path.getsize(path) - int(start), 0)
+    length = getattr(elem, "length", None)
+    return int(length) if length not in (None, 0xFFFFFFFF) else os.path.getsize(path)
 
 
 def _floats(value, count: int) -> tuple[float, ...] | None:
@@ -388,9 +535,13 @@ def _read_with_pydicom(header: SliceHeader) -> np.ndarray:
             ds = pydicom.dcmread(header.path, defer_size=DEFER_BYTES, force=not header.preamble)
         if "TransferSyntaxUID" not in ds.file_meta:
             ds.file_meta.TransferSyntaxUID = ts
+        if ts.is_encapsulated:
+            check_codestream_claim(header, ds)
         pixels = pixel_array(ds, index=header.frame)
     except NotImplementedError as error:
         raise InputError(_cannot_decode(ts), path=header.path) from error
+    except InputError:
+        raise
     except Exception as error:  # noqa: BLE001 - any decoder failure is bad input here
         raise InputError(
             f"cannot decode pixel data ({ts.name}): {type(error).__name__}: {error}",

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from medprep.common import claims
 from medprep.common.errors import InputError
 from medprep.ct.nifti import LPS_TO_RAS
 
@@ -48,6 +49,8 @@ CSV_SUFFIXES = (".csv",)
 XML_SUFFIXES = (".xml",)
 COORDINATES = ("coordX", "coordY", "coordZ")
 LABEL_COLUMNS = ("class", "label")
+# a class label is a small integer (stored as int64; JSON numbers beyond 2**53 lose digits)
+MAX_LABEL = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +89,15 @@ def _number(text: str, column: str, where: str) -> float:
         raise ValueError(f"{where}, column '{column}': {text!r} is not a number") from None
     if not math.isfinite(value):
         raise ValueError(f"{where}, column '{column}': {text!r} is not a finite number")
+    return value
+
+
+def _coordinate(text: str, column: str, where: str) -> float:
+    """A number of mm that can be a place or a size in a scan (``claims.MAX_COORDINATE``)."""
+    value = _number(text, column, where)
+    problem = claims.coordinate_problem(value, "mm")
+    if problem:
+        raise ValueError(f"{where}, column '{column}': {problem}")
     return value
 
 
@@ -163,10 +175,10 @@ def parse_csv(
             if not keep_series(uid):
                 continue
         row = {name: value.strip() for name, value in zip(header, cells, strict=False)}
-        centre = tuple(_number(row.get(c, ""), c, where) for c in COORDINATES)
+        centre = tuple(_coordinate(row.get(c, ""), c, where) for c in COORDINATES)
         diameter = None
         if row.get("diameter_mm"):
-            diameter = _number(row["diameter_mm"], "diameter_mm", where)
+            diameter = _coordinate(row["diameter_mm"], "diameter_mm", where)
             if diameter < 0:
                 raise ValueError(
                     f"{where}, column 'diameter_mm': {row['diameter_mm']!r} is negative"
@@ -178,6 +190,10 @@ def parse_csv(
             if value != int(value):
                 raise ValueError(
                     f"{where}, column '{label_column}': {raw_label!r} is not an integer"
+                )
+            if abs(value) > MAX_LABEL:
+                raise ValueError(
+                    f"{where}, column '{label_column}': {raw_label!r} is beyond +-{MAX_LABEL}"
                 )
             label = int(value)
         annotations.append(Annotation(f"csv-{line}", centre, diameter, label, 0, "csv"))

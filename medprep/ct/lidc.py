@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from medprep.common import claims
 from medprep.common.errors import InputError
 
 SMALL_NODULE_MM = 3.0  # LIDC: nodules below this size are marked by one point
@@ -127,16 +128,25 @@ def _text(element: ET.Element, name: str, default: str = "") -> str:
 
 def _point(element: ET.Element, where: str) -> tuple[int, int]:
     try:
-        return int(_text(element, "xCoord")), int(_text(element, "yCoord"))
+        x, y = int(_text(element, "xCoord")), int(_text(element, "yCoord"))
     except ValueError:
         raise ValueError(f"{where}: a point without integer xCoord/yCoord") from None
+    for name, value in (("xCoord", x), ("yCoord", y)):
+        problem = claims.coordinate_problem(float(value), "pixels")
+        if problem:
+            raise ValueError(f"{where}: {name} {problem}")
+    return x, y
 
 
 def _float(text: str, where: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"{where}: imageZposition {text!r} is not a number") from None
+    problem = claims.coordinate_problem(value, "mm")
+    if problem:
+        raise ValueError(f"{where}: imageZposition {problem}")
+    return value
 
 
 def _parse_roi(roi: ET.Element, where: str) -> Outline:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medprep.common import atomic, statuses
+from medprep.common import atomic, claims, statuses
 from medprep.common.errors import InputError
 from medprep.common.parallel import thread_map
 from medprep.common.progress import Progress
@@ -124,6 +125,7 @@ def load_series(
             path=geometry.slices[0].path,
         )
     warnings = list(selection.warnings) + list(geometry.warnings)
+    warnings += series.split_from_series(selection.group, selection.others, _common_folder(paths))
     if geometry.sheared:
         if gantry_tilt == "fail":
             raise InputError(
@@ -256,7 +258,15 @@ def _load_volume(
 
 def _decode(geometry: series.StackGeometry, threads: int) -> tuple[np.ndarray, dict[str, Any]]:
     first = geometry.slices[0]
-    volume = np.empty((len(geometry.slices), first.rows, first.cols), dtype=np.int16)
+    shape = (len(geometry.slices), first.rows, first.cols)
+    # each file's claim was checked when its header was read; the series' sum is checked
+    # here, before the volume is allocated
+    claims.check_claim(
+        2 * shape[0] * shape[1] * shape[2],
+        what=f"a volume of {shape[0]} slices of {shape[1]} x {shape[2]} voxels x 16 bits",
+        path=_common_folder([h.path for h in geometry.slices]),
+    )
+    volume = np.empty(shape, dtype=np.int16)
 
     def decode(k: int) -> tuple[int, int, str]:
         header = geometry.slices[k]
@@ -359,6 +369,34 @@ def _round_list(values, digits=4) -> list[float]:
     return [round(float(v), digits) for v in values]
 
 
+def check_resampled_claim(
+    geometry: series.StackGeometry,
+    shape_in: tuple[int, ...],
+    spacing_out: tuple[float, float, float],
+    memory_bytes: int | None = None,
+) -> None:
+    """Refuse a series whose slice positions span more than the job can resample and
+    mask (the output grid follows the positions, which a header can set anywhere within
+    +-1e6 mm), before the output volume is allocated."""
+    from medprep.ct import memory
+
+    grid = resample.plan_grid(
+        geometry.positions, geometry.offsets, shape_in[1:], geometry.pixel_spacing, spacing_out
+    )
+    voxels = math.prod(grid.shape)
+    extent = float(geometry.positions[-1] - geometry.positions[0])
+    claims.check_claim(
+        int(voxels * memory.LUNG_BYTES_PER_VOXEL),
+        what=(
+            f"slices {extent:.6g} mm apart end to end, resampled to "
+            f"{' x '.join(str(n) for n in grid.shape)} voxels (with the lung mask's "
+            f"{memory.LUNG_BYTES_PER_VOXEL:g} bytes per voxel)"
+        ),
+        path=_common_folder([h.path for h in geometry.slices]),
+        memory_bytes=memory_bytes,
+    )
+
+
 def preprocess(
     paths: Sequence[str | os.PathLike],
     settings: dict[str, Any] | None = None,
@@ -382,6 +420,7 @@ def preprocess(
     spacing_out = tuple(float(s) for s in cfg.spacing)
     order = int(cfg.interpolation_order)
     shape_in = loaded.volume.shape
+    check_resampled_claim(geometry, shape_in, spacing_out)
     volume, grid = resample.resample_stack(
         loaded.volume,
         geometry.positions,

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 
@@ -26,6 +27,8 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 AXIAL_MAX_ANGLE_DEG = 45.0
 # Positions closer than this along the normal are the same slice (duplicates).
 DUPLICATE_TOLERANCE_MM = 0.01
+# Files named at most in one warning (the rest are counted).
+MAX_NAMED_FILES = 5
 # A step this many times the median step is a gap (missing slices).
 GAP_FACTOR = 1.5
 
@@ -97,6 +100,9 @@ SPACING_TOLERANCE = 1e-4
 ORTHONORMAL_TOLERANCE = 1e-3
 # Sanity bounds: no CT has pixels this large, nor positions this far from the isocentre.
 MAX_PIXEL_SPACING_MM = 100.0
+# Pixels or slices closer than this are one place (DUPLICATE_TOLERANCE_MM): a spacing below
+# it is a damaged header (1e-30 mm once reached the resampler and failed there).
+MIN_PIXEL_SPACING_MM = DUPLICATE_TOLERANCE_MM
 MAX_COORDINATE_MM = 1e6
 MAX_INTERCEPT = 1e5
 MIN_SLOPE, MAX_SLOPE = 1e-4, 1e3
@@ -111,7 +117,7 @@ def _show(value) -> str:
 def invalid_value(header: SliceHeader) -> str | None:
     """The first number that cannot enter geometry or HU, as ``invalid Tag value: why``.
 
-    PixelSpacing finite and positive; ImageOrientationPatient finite and orthonormal;
+    PixelSpacing finite and within [0.01, 100] mm; ImageOrientationPatient finite and orthonormal;
     ImagePositionPatient finite; RescaleSlope finite and positive; RescaleIntercept finite;
     SliceThickness (used to rank series) finite and not negative.
     """
@@ -123,8 +129,12 @@ def invalid_value(header: SliceHeader) -> str | None:
     if spacing is not None:
         if not all(math.isfinite(v) for v in spacing):
             return bad("PixelSpacing", spacing, "not finite")
-        if not all(0 < v <= MAX_PIXEL_SPACING_MM for v in spacing):
-            return bad("PixelSpacing", spacing, f"must be in (0, {MAX_PIXEL_SPACING_MM:g}] mm")
+        if not all(MIN_PIXEL_SPACING_MM <= v <= MAX_PIXEL_SPACING_MM for v in spacing):
+            return bad(
+                "PixelSpacing",
+                spacing,
+                f"must be in [{MIN_PIXEL_SPACING_MM:g}, {MAX_PIXEL_SPACING_MM:g}] mm",
+            )
     orientation = header.orientation
     if orientation is not None:
         if not all(math.isfinite(v) for v in orientation):
@@ -372,6 +382,45 @@ def group_series(headers: Iterable[SliceHeader]) -> list[SeriesGroup]:
     ]
     groups.sort(key=lambda g: (g.uid_hash, g.orientation, g.rows, g.cols))
     return groups
+
+
+def split_from_series(
+    chosen: SeriesGroup, others: Sequence[SeriesGroup], folder: str | None = None
+) -> tuple[str, ...]:
+    """Warnings naming the files that carry the chosen series' UID but were grouped apart
+    (another matrix, pixel spacing or orientation): they are not in the volume, and the
+    stack has a gap where they were. File names are relative to ``folder`` when given.
+    """
+    if not chosen.series_uid:
+        return ()
+    out = []
+    for group in others:
+        if group.series_uid != chosen.series_uid:
+            continue
+        why = []
+        if (group.rows, group.cols) != (chosen.rows, chosen.cols):
+            why.append(f"{group.rows} x {group.cols} pixels, not {chosen.rows} x {chosen.cols}")
+        a, b = group.pixel_spacing, chosen.pixel_spacing
+        if (
+            a is not None
+            and b is not None
+            and any(
+                abs(x - y) > SPACING_TOLERANCE * max(abs(x), abs(y))
+                for x, y in zip(a, b, strict=True)
+            )
+        ):
+            why.append(f"pixel spacing {_show(a)} mm, not {_show(b)}")
+        names = sorted(
+            {os.path.relpath(h.path, folder) if folder else h.path for h in group.slices}
+        )
+        shown = ", ".join(names[:MAX_NAMED_FILES])
+        if len(names) > MAX_NAMED_FILES:
+            shown += f" and {len(names) - MAX_NAMED_FILES} more"
+        out.append(
+            f"{len(names)} file(s) of the chosen series left out of the volume "
+            f"({'; '.join(why) or 'another orientation'}): {shown}"
+        )
+    return tuple(out)
 
 
 def _matches(patterns: Sequence[str], text: str) -> bool:

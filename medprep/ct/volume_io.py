@@ -181,6 +181,12 @@ def check_nifti_claim(header: Any, path: str) -> None:
     dims = [int(n) for n in header["dim"][1 : 1 + ndim]] if 1 <= ndim <= 7 else []
     if not dims or any(n < 1 for n in dims):
         raise InputError(f"NIfTI dimensions are not usable: {header['dim'].tolist()}", path=path)
+    if any(n > metaimage.MAX_SIDE for n in dims):
+        raise InputError(
+            f"NIfTI dimensions {' x '.join(str(n) for n in dims)}: each side must be "
+            f"1..{metaimage.MAX_SIDE}",
+            path=path,
+        )
     bytes_per_voxel = max(1, int(header["bitpix"]) // 8)
     claimed = math.prod(dims) * bytes_per_voxel
     size = os.path.getsize(path)
@@ -256,6 +262,12 @@ def stack_of(volume: RawVolume, path: str) -> tuple[np.ndarray, series.SeriesGro
     if not (np.isfinite(sz) and sz > 0) or nz < 2:
         raise InputError(f"volume needs at least 2 slices with a positive spacing ({nz}, {sz:g} mm)",
                          path=path)  # fmt: skip
+    if not series.MIN_PIXEL_SPACING_MM <= sz <= series.MAX_PIXEL_SPACING_MM:
+        raise InputError(
+            f"slice spacing {sz:g} mm is outside [{series.MIN_PIXEL_SPACING_MM:g}, "
+            f"{series.MAX_PIXEL_SPACING_MM:g}] mm (a damaged header)",
+            path=path,
+        )
     headers = tuple(
         dataclasses.replace(
             base, index=k, position=tuple(float(v) for v in volume.origin + k * sz * axis_z)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from medprep.common import claims
 from medprep.common.errors import InputError
 
 # make_valid's repair of an invalid polygon is accepted when it changes the polygon's area
@@ -132,6 +133,13 @@ def _ring(coordinates: Any, where: str) -> np.ndarray:
     ring = ring[:, :2]
     if not np.isfinite(ring).all():
         raise ValueError(f"{where}: coordinates are not all finite numbers")
+    far = np.abs(ring) > claims.MAX_COORDINATE
+    if far.any():
+        point = int(np.argwhere(far)[0][0])
+        raise ValueError(
+            f"{where}: coordinate [{ring[point, 0]:g}, {ring[point, 1]:g}] is beyond "
+            f"+-{claims.MAX_COORDINATE:g} pixels, outside any slide"
+        )
     distinct = len(np.unique(ring, axis=0))
     if distinct < 3:
         raise ValueError(f"{where}: a ring needs at least 3 distinct points, it has {distinct}")

@@ -26,7 +26,14 @@ from medprep.wsi.marks import autocontrast
 from medprep.wsi.settings import ResolutionSettings, TissueSettings
 from medprep.wsi.slide import SlideInfo, inspect_slide
 from medprep.wsi.tissue import TissueResult, detect_tissue, max_channel
-from medprep.wsi.workers import ChunkTask, close_worker, init_worker, read_chunk, worker_died
+from medprep.wsi.workers import (
+    ChunkTask,
+    ReadErrors,
+    close_worker,
+    init_worker,
+    read_chunk,
+    worker_died,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +136,24 @@ def read_low_resolution(
     geometry: MaskGeometry,
     workers: int = 1,
     max_read_side: int = MAX_READ_SIDE,
+    read_errors: ReadErrors | None = None,
 ) -> np.ndarray:
-    """The whole slide as an RGBA image at mask resolution (alpha 0 = not scanned)."""
+    """The whole slide as an RGBA image at mask resolution (alpha 0 = not scanned).
+
+    Slide tiles that cannot be decoded are left out (alpha 0, as if not scanned) and
+    counted in ``read_errors`` (default: none allowed, the first fails the slide).
+    """
     tasks = chunk_tasks(info, geometry, max_read_side)
     image = np.zeros((geometry.height, geometry.width, 4), dtype=np.uint8)
     pool_workers = workers if len(tasks) >= MIN_CHUNKS_FOR_POOL else 1
+    read_errors = read_errors if read_errors is not None else ReadErrors(0, info.path)
     try:
-        for index, chunk in run_parallel(
+        for index, chunk, damaged in run_parallel(
             read_chunk, tasks, pool_workers, init_worker, (info.path,)
         ):
             if isinstance(chunk, str):
                 raise InputError(chunk, path=info.path)
+            read_errors.add_damaged(damaged)
             task = tasks[index]
             image[
                 task.out_y : task.out_y + task.out_height, task.out_x : task.out_x + task.out_width
@@ -174,8 +188,13 @@ def preprocess_slide(
     mpp_override: float | None = None,
     workers: int = 1,
     limits: guard.Limits | None = None,
+    max_read_errors: int = 0,
 ) -> PreprocessResult:
-    """Resolution, level choice, tissue mask and thumbnail of the slide at ``path``."""
+    """Resolution, level choice, tissue mask and thumbnail of the slide at ``path``.
+
+    ``max_read_errors`` (``wsi.tile.max_read_errors``): slide tiles of the level read that
+    may fail to decode; they are left out of the mask and thumbnail, with a warning each.
+    """
     resolution = resolution or ResolutionSettings()
     tissue = tissue or TissueSettings()
     limits = limits or guard.Limits()
@@ -219,7 +238,12 @@ def preprocess_slide(
         geometry.height,
         geometry.level,
     )
-    rgba = read_low_resolution(info, geometry, workers)
+    read_errors = ReadErrors(max_read_errors, info.path)
+    rgba = read_low_resolution(info, geometry, workers, read_errors=read_errors)
+    warnings += [
+        f"left out of the mask and thumbnail, slide data that cannot be read: {e}"
+        for e in read_errors.found.values()
+    ]
     scanned = rgba[..., 3] >= 128
     # mode detection and thresholds look only at scanned pixels, so the colour used for
     # unscanned ones here does not matter; the thumbnail is recomposited below

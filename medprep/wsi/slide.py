@@ -17,6 +17,7 @@ import numpy as np
 
 from medprep.common.errors import InputError
 from medprep.wsi.companions import check_named_files
+from medprep.wsi.tiff_read import DamagedTile, DamagedTileError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 # reads, grids or masks proportional to its claims.
 MAX_LEVEL0_PIXELS = 2**38
 MAX_SIDE = 2**21
+# Side of the pieces a region is read in, after an OpenSlide error, at a level whose tile
+# grid OpenSlide does not report.
+PIECE_SIDE = 256
+MIN_PIECE_PIXELS = 4096
+MAX_PIECE_SIDE = 1 << 16
 
 # The order in which the files of a multi-file slide are tried: index files first.
 _INDEX_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svs", ".ndpi", ".scn", ".bif", ".svslide")
@@ -216,7 +222,8 @@ def inspect_slide(path: str | os.PathLike) -> SlideInfo:
 
 
 class RegionReadError(Exception):
-    """A region of a slide could not be read; the message names level and coordinates."""
+    """A region of a slide could not be read; the message names the level and the
+    damaged tiles, or the region's coordinates."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -284,12 +291,12 @@ class SlideReader:
 
     def _read_direct(
         self, level: int, x: int, y: int, width: int, height: int
-    ) -> np.ndarray | None:
+    ) -> tuple[np.ndarray, list[DamagedTile]] | None:
         if self._direct is None or not self._direct.can_read(level) or width <= 0 or height <= 0:
             return None
         try:
-            rgba = self._direct.read_rgba(level, x, y, width, height)
-        except Exception as error:  # noqa: BLE001 - OpenSlide reads it, or names the damage
+            region = self._direct.read_region(level, x, y, width, height)
+        except Exception as error:  # noqa: BLE001 - not damage (that is listed): OpenSlide's turn
             log.warning(
                 "direct read of %s level %d at x=%d, y=%d failed (%s); reading through OpenSlide",
                 self.path,
@@ -299,19 +306,46 @@ class SlideReader:
                 error,
             )
             return None
-        if rgba is not None:
+        if region is not None:
             self.direct_reads += 1
-        return rgba
+        return region
+
+    def read_region(
+        self, level: int, x: int, y: int, width: int, height: int
+    ) -> tuple[np.ndarray, list[DamagedTile]]:
+        """``read_region`` as an H x W x 4 uint8 array, (x, y) at level 0, size at
+        ``level``, and the tiles of the region that cannot be decoded (left transparent,
+        like unscanned area).
+
+        Stored tiles read directly are decoded one by one, so a damaged one is known by
+        its level, column and row. A region OpenSlide cannot read is read again tile by
+        tile of the level's grid (``openslide.level[N].tile-width``; pieces of
+        ``PIECE_SIDE`` pixels when the format has none), reopening the handle after each
+        error, to tell the damaged tiles from the rest. Raises ``RegionReadError`` when
+        the slide cannot be reopened.
+        """
+        direct = self._read_direct(level, x, y, width, height)
+        if direct is not None:
+            return direct
+        try:
+            return self._read_openslide(level, x, y, width, height), []
+        except RegionReadError as error:
+            if self._handle is None:
+                raise
+            first_error = error
+        return self._read_tile_by_tile(level, x, y, width, height, first_error)
 
     def read_rgba(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """``read_region`` as an H x W x 4 uint8 array; (x, y) at level 0, size at ``level``.
+        """``read_region``'s pixels; ``RegionReadError`` naming the tiles that cannot be
+        decoded, if any."""
+        pixels, damaged = self.read_region(level, x, y, width, height)
+        if damaged:
+            raise RegionReadError(str(DamagedTileError(damaged)))
+        return pixels
 
-        On an OpenSlide error the handle is reopened and the read retried once; a second
-        failure raises ``RegionReadError`` naming the region.
-        """
-        rgba = self._read_direct(level, x, y, width, height)
-        if rgba is not None:
-            return rgba
+    def _read_openslide(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """One OpenSlide read; on an error the handle is reopened and the read retried
+        once; a second failure raises ``RegionReadError`` naming the region."""
         openslide = _openslide()
         last: Exception | None = None
         for attempt in (1, 2):
@@ -332,6 +366,65 @@ class SlideReader:
             f"cannot read level {level} region at level-0 x={x}, y={y}, "
             f"size {width} x {height}: {last}"
         )
+
+    def _tile_grid(self, level: int) -> tuple[int, int, str]:
+        properties = self._handle.properties if self._handle is not None else {}
+        tw = properties.get(f"openslide.level[{level}].tile-width")
+        th = properties.get(f"openslide.level[{level}].tile-height")
+        try:
+            size = (int(tw), int(th)) if tw and th else None
+        except ValueError:
+            size = None
+        # tiles of fewer than MIN_PIECE_PIXELS would mean thousands of reads per region
+        # (NDPI's are strips of whole restart intervals, e.g. 3968 x 8)
+        if (
+            size is not None
+            and all(1 <= n <= MAX_PIECE_SIDE for n in size)
+            and size[0] * size[1] >= MIN_PIECE_PIXELS
+        ):
+            return size[0], size[1], "tile"
+        return PIECE_SIDE, PIECE_SIDE, "region"
+
+    def _read_tile_by_tile(
+        self, level: int, x: int, y: int, width: int, height: int, first_error: Exception
+    ) -> tuple[np.ndarray, list[DamagedTile]]:
+        """The region read in pieces of the level's tile grid; the pieces that fail are
+        left transparent and listed. Pieces start on whole level-0 pixels, so at a level
+        whose downsample is not a whole number their pixels may differ from one read of
+        the region by the interpolation OpenSlide does there (only after an error)."""
+        openslide = _openslide()
+        ds = float(self._handle.level_downsamples[level])
+        tw, th, kind = self._tile_grid(level)
+        out = np.zeros((height, width, 4), dtype=np.uint8)
+        damaged: list[DamagedTile] = []
+        lx, ly = x / ds, y / ds  # the region's origin in level pixels
+        for row in range(max(int(ly // th), 0), int((ly + height - 1) // th) + 1):
+            i0, i1 = (max(min(round(v - ly), height), 0) for v in (row * th, (row + 1) * th))
+            for col in range(max(int(lx // tw), 0), int((lx + width - 1) // tw) + 1):
+                j0, j1 = (max(min(round(v - lx), width), 0) for v in (col * tw, (col + 1) * tw))
+                if i0 >= i1 or j0 >= j1:
+                    continue
+                px, py = round(x + j0 * ds), round(y + i0 * ds)
+                try:
+                    if self._handle is None:
+                        self._reopen()
+                    self.openslide_reads += 1
+                    piece = read_region_array(self._handle, level, px, py, j1 - j0, i1 - i0)
+                except openslide.OpenSlideError as error:
+                    # the whole cell of the grid: the same tile whichever region met it
+                    cell_x, cell_y = round(col * tw * ds), round(row * th * ds)
+                    damaged.append(
+                        DamagedTile(level, col, row, cell_x, cell_y, tw, th, ds, str(error), kind)
+                    )
+                    try:
+                        self._reopen()  # OpenSlide handles are unusable after an error
+                    except InputError as reopen_error:
+                        raise RegionReadError(f"cannot reopen the slide: {reopen_error}") from None
+                    continue
+                out[i0:i1, j0:j1] = piece
+        if not damaged:  # every piece read: the first error did not come back
+            log.warning("%s: %s; read again tile by tile without error", self.path, first_error)
+        return out, damaged
 
 
 def read_region_array(handle, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:

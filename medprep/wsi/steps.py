@@ -79,6 +79,7 @@ def run_preprocess(
     mpp_override: float | None = None,
     threads: int = 1,
     limits: dict[str, Any] | None = None,
+    max_read_errors: int = 0,
 ) -> dict[str, Any]:
     from medprep.wsi.guard import Limits
     from medprep.wsi.preprocess import manifest_summary, preprocess_slide
@@ -92,6 +93,7 @@ def run_preprocess(
         mpp_override=mpp_override,
         workers=threads,
         limits=Limits.from_config(limits),
+        max_read_errors=max_read_errors,
     )
     atomic.write_png(mask_path, result.mask.astype(np.uint8) * 255, compress_level=1)
     atomic.write_png(thumbnail_path, result.thumbnail, compress_level=1)

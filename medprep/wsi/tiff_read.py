@@ -7,9 +7,20 @@ than decoding the tile itself. For slides whose levels are plain tiled TIFF dire
 OpenJPEG, zlib) and assembles the region in numpy, with OpenSlide's conventions: RGBA
 uint8, alpha 255 where the level has pixels and 0 (all channels 0) outside it.
 
+Decoding is at least as strict as OpenSlide's. OpenSlide turns every libjpeg warning
+(corrupt data, premature end of a data segment, a bad Huffman code) into an error of the
+tile; ``imagecodecs.jpeg8_decode`` drops the warnings and returns whatever libjpeg-turbo
+made of the damaged data, so JPEG tiles are decoded with ``simplejpeg`` (libjpeg-turbo's
+TurboJPEG API with warnings as errors). A tile whose header claims another size than the
+level's tiles is damaged before anything is decoded (no buffer follows a damaged claim),
+JPEG 2000 tiles need OpenJPEG's own size and 3 components, and Deflate/LZW tiles are
+decoded into a buffer of the tile's size at most. A stored tile that does not decode is a
+``DamagedTile`` (level, column, row, cause): ``read_region`` leaves its pixels
+transparent and lists it, and ``read_rgba`` raises ``DamagedTileError`` naming it.
+
 Only what is known to match OpenSlide is read here; everything else is refused when the
 reader is built (``open_tiff_reader`` returns ``None`` and a reason) or per region
-(``read_rgba`` returns ``None``), and the caller reads through OpenSlide instead:
+(``read_region`` returns ``None``), and the caller reads through OpenSlide instead:
 
 - formats: OpenSlide vendors ``aperio`` and ``generic-tiff`` only (NDPI, Philips, Ventana,
   Leica and others have their own tile layouts, overlaps or sparse tiles);
@@ -21,8 +32,9 @@ reader is built (``open_tiff_reader`` returns ``None`` and a reason) or per regi
   built, to check its shape;
 - when the reader is opened, the top-left tile of every level is read both ways and a
   level whose pixels differ from OpenSlide's (by more than 1) goes to OpenSlide;
-- a region with a tile of 0 bytes (a missing tile, which OpenSlide paints transparent) or
-  a tile that does not decode to the expected shape is refused.
+- a region with a tile of 0 bytes (a missing tile, which OpenSlide paints transparent),
+  or a JPEG tile whose own markers would change the colour space libjpeg infers, is
+  refused (``None``).
 
 Levels whose downsample is not an integer: the region starts at the whole level pixel
 nearest ``x / downsample`` (what a tiler asks for); OpenSlide instead paints the tiles at
@@ -65,6 +77,63 @@ class TileDecodeError(Exception):
     """A stored tile did not decode to what its directory promises."""
 
 
+class NotDirect(Exception):
+    """A stored tile that decodes, but not in a way known to match OpenSlide here."""
+
+
+@dataclass(frozen=True)
+class DamagedTile:
+    """A tile of a slide level that cannot be decoded: which one, where, and why.
+
+    ``column``, ``row``: its place in the level's tile grid; ``x``, ``y``: its level-0
+    origin; ``width``, ``height``: its size at the level; ``downsample``: the level's.
+    ``kind`` is ``"tile"`` for a tile of the level's grid, ``"region"`` for a piece of a
+    region whose tile grid is not known (OpenSlide formats without tile properties).
+    """
+
+    level: int
+    column: int
+    row: int
+    x: int
+    y: int
+    width: int
+    height: int
+    downsample: float
+    cause: str
+    kind: str = "tile"
+
+    @property
+    def key(self) -> tuple[int, str, int, int]:
+        return (self.level, self.kind, self.column, self.row)
+
+    def box_l0(self) -> tuple[float, float, float, float]:
+        """Left, top, right, bottom in level-0 pixels."""
+        return (
+            self.x,
+            self.y,
+            self.x + self.width * self.downsample,
+            self.y + self.height * self.downsample,
+        )
+
+    def describe(self) -> str:
+        where = (
+            f"level {self.level} {self.kind} at column {self.column}, row {self.row} "
+            f"(level-0 x={self.x}, y={self.y}; {self.width} x {self.height} pixels)"
+        )
+        return f"{where} cannot be decoded: {self.cause}"
+
+
+class DamagedTileError(TileDecodeError):
+    """A region read met tiles that cannot be decoded; the message names them."""
+
+    def __init__(self, damaged: list[DamagedTile] | tuple[DamagedTile, ...]):
+        self.damaged = tuple(damaged)
+        more = len(self.damaged) - 1
+        super().__init__(
+            self.damaged[0].describe() + (f" (and {more} more damaged tile(s))" if more else "")
+        )
+
+
 @dataclass(frozen=True)
 class LevelLayout:
     """Where the tiles of one level are and how to decode them (plain data)."""
@@ -79,6 +148,8 @@ class LevelLayout:
     photometric: int
     predictor: int
     jpeg_tables: bytes | None
+    # JPEG: SOI, the Adobe marker of RGB tiles and the tables (``jpeg_prefix``)
+    jpeg_prefix: bytes = b""
 
     @property
     def tiles_across(self) -> int:
@@ -101,38 +172,171 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
+# An Adobe APP14 segment with transform 0: libjpeg then reads 3 components as RGB (what
+# an RGB tile of a TIFF is), without it as YCbCr unless the component ids are 'R', 'G', 'B'.
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+SOI = b"\xff\xd8"
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+@dataclass(frozen=True)
+class JpegMarkers:
+    """What the segments before a JPEG scan say about colour and size (plain data)."""
+
+    jfif: bool = False
+    adobe_transform: int | None = None
+    components: tuple[int, ...] = ()
+    width: int | None = None
+    height: int | None = None
+    bits: int | None = None
+
+
+def jpeg_markers(data: bytes) -> JpegMarkers:
+    """The JFIF and Adobe markers and the frame header of a JPEG stream (or a JPEGTables
+    stream), read up to its first scan; a malformed header ends the reading (the decoder
+    then names what is wrong)."""
+    jfif, adobe, components = False, None, ()
+    width = height = bits = None
+    pos = 2 if data[:2] == SOI else 0
+    end = len(data)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0xD9, 0xDA) or 0xD0 <= marker <= 0xD7:
+            break
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        body = data[pos + 4 : pos + 2 + length]
+        if length < 2 or len(body) != length - 2:
+            break
+        if marker == 0xE0 and body[:5] == b"JFIF\x00":
+            jfif = True
+        elif marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
+            adobe = body[11]
+        elif marker in _SOF_MARKERS and len(body) >= 6:
+            bits = body[0]
+            height = int.from_bytes(body[1:3], "big")
+            width = int.from_bytes(body[3:5], "big")
+            count = body[5]
+            components = tuple(body[6 + 3 * i] for i in range(count) if 6 + 3 * i < len(body))
+        pos += 2 + length
+    return JpegMarkers(jfif, adobe, components, width, height, bits)
+
+
+def jpeg_prefix(tables: bytes | None, photometric: int) -> bytes:
+    """What goes before a tile's own segments to make a whole JPEG stream: SOI, the
+    Adobe marker of RGB tiles, and the level's JPEGTables without their SOI and EOI."""
+    body = b""
+    if tables:
+        body = tables[2:] if tables[:2] == SOI else tables
+        if body[-2:] == b"\xff\xd9":
+            body = body[:-2]
+    return SOI + (ADOBE_RGB if photometric == PHOTOMETRIC_RGB else b"") + body
+
+
+def _check_jpeg_tile(data: bytes, layout: LevelLayout) -> None:
+    """Refuse a JPEG tile whose header claims another size (damaged, decoded by no one),
+    or whose own markers would make libjpeg infer another colour space (``NotDirect``)."""
+    if data[:2] != SOI:
+        raise TileDecodeError(f"not a JPEG stream (starts with {data[:2].hex() or 'nothing'})")
+    markers = jpeg_markers(data)
+    if markers.width is not None and (markers.width, markers.height) != (
+        layout.tile_width,
+        layout.tile_height,
+    ):
+        raise TileDecodeError(
+            f"JPEG header claims {markers.width} x {markers.height} pixels, the level's "
+            f"tiles are {layout.tile_width} x {layout.tile_height}"
+        )
+    if markers.bits not in (None, 8) or len(markers.components) not in (0, 3):
+        raise TileDecodeError(
+            f"JPEG header claims {len(markers.components)} components of {markers.bits} "
+            "bits, the level is 8-bit RGB"
+        )
+    if inferred_colour_space(markers, layout.photometric) != layout.photometric:
+        raise NotDirect(
+            "the tile's own JFIF or Adobe marker or component ids set another colour space"
+        )
+
+
+def inferred_colour_space(markers: JpegMarkers, photometric: int) -> int | None:
+    """The colour space libjpeg infers for a 3-component tile (``PHOTOMETRIC_RGB`` or
+    ``PHOTOMETRIC_YCBCR``) after the prefix of ``jpeg_prefix``: a JFIF marker means
+    YCbCr; else the last Adobe marker's transform (0: RGB, 1: YCbCr; RGB tiles get one
+    with 0 in the prefix); else component ids 'R', 'G', 'B' mean RGB, any others YCbCr.
+    ``None`` for an Adobe transform libjpeg warns about."""
+    adobe = markers.adobe_transform
+    if adobe is None and photometric == PHOTOMETRIC_RGB:
+        adobe = 0
+    if markers.jfif:
+        return PHOTOMETRIC_YCBCR
+    if adobe is not None:
+        return {0: PHOTOMETRIC_RGB, 1: PHOTOMETRIC_YCBCR}.get(adobe)
+    return PHOTOMETRIC_RGB if markers.components == (82, 71, 66) else PHOTOMETRIC_YCBCR
+
+
+def _check_j2k_tile(data: bytes, layout: LevelLayout) -> None:
+    """Refuse a JPEG 2000 codestream whose SIZ segment claims another size or component
+    count than the level's tiles, as OpenSlide does, before OpenJPEG allocates for it."""
+    from medprep.common.claims import codestream_claim
+
+    claim = codestream_claim(data) if data[:4] == b"\xff\x4f\xff\x51" else None
+    if claim is None:
+        raise TileDecodeError("not a JPEG 2000 codestream (no SOC and SIZ markers)")
+    width, height, components = claim
+    if (width, height, components) != (layout.tile_width, layout.tile_height, 3):
+        raise TileDecodeError(
+            f"JPEG 2000 header claims {width} x {height} pixels of {components} components, "
+            f"the level's tiles are {layout.tile_width} x {layout.tile_height} of 3"
+        )
+
+
 def decode_tile(data: bytes, layout: LevelLayout) -> np.ndarray:
-    """One stored tile as a tile_height x tile_width x 3 or x 4 (RGBX) uint8 array."""
+    """One stored tile as a tile_height x tile_width x 3 or x 4 (RGBX) uint8 array.
+
+    Raises ``TileDecodeError`` (or the decoder's error) when the tile is damaged: any
+    libjpeg warning, a header claiming another size, too few bytes; ``NotDirect`` when
+    the tile is sound but its colour markers are not what this reader assumes.
+    """
     import imagecodecs
 
     th, tw = layout.tile_height, layout.tile_width
     compression = layout.compression
     if compression == JPEG:
-        colorspace = (
-            imagecodecs.JPEG8.CS.YCbCr
-            if layout.photometric == PHOTOMETRIC_YCBCR
-            else imagecodecs.JPEG8.CS.RGB
-        )
-        tile = imagecodecs.jpeg8_decode(
-            data,
-            tables=layout.jpeg_tables,
-            colorspace=colorspace,
-            outcolorspace=imagecodecs.JPEG8.CS.EXT_RGBX,
-        )
+        import simplejpeg
+
+        _check_jpeg_tile(data, layout)
+        prefix = layout.jpeg_prefix or jpeg_prefix(layout.jpeg_tables, layout.photometric)
+        try:
+            tile = simplejpeg.decode_jpeg(prefix + data[2:], colorspace="RGBX", strict=True)
+        except ValueError as error:  # libjpeg's errors and warnings alike
+            raise TileDecodeError(str(error) or "JPEG decoder error") from None
     elif compression in (APERIO_J2K_YCBCR, APERIO_J2K_RGB):
+        _check_j2k_tile(data, layout)
         tile = imagecodecs.jpeg2k_decode(data)
-        if tile.ndim == 3 and tile.shape[2] == 3 and compression == APERIO_J2K_YCBCR:
+        if tile.ndim != 3 or tile.shape[2] != 3:
+            raise TileDecodeError(f"JPEG 2000 tile decoded to {tile.shape}, expected 3 components")
+        if compression == APERIO_J2K_YCBCR:
             tile = ycbcr_to_rgb(tile)
     else:
+        size = th * tw * 3
         if compression == NONE:
             raw = data
         elif compression == LZW:
-            raw = imagecodecs.lzw_decode(data)
+            raw = imagecodecs.lzw_decode(data, out=size)
         else:
-            raw = imagecodecs.zlib_decode(data)
-        if len(raw) < th * tw * 3:
-            raise TileDecodeError(f"tile has {len(raw)} bytes, expected {th * tw * 3}")
-        tile = np.frombuffer(raw, dtype=np.uint8, count=th * tw * 3).reshape(th, tw, 3)
+            import zlib
+
+            # at most the tile's bytes are decoded (a deflate stream can claim 1032 times
+            # its size); bytes after them are ignored, as libtiff does
+            try:
+                raw = zlib.decompressobj().decompress(data, size)
+            except zlib.error as error:
+                raise TileDecodeError(f"Deflate data is corrupt ({error})") from None
+        if len(raw) < size:
+            raise TileDecodeError(f"tile has {len(raw)} bytes, expected {size}")
+        tile = np.frombuffer(raw, dtype=np.uint8, count=size).reshape(th, tw, 3)
         if layout.predictor == 2:
             tile = np.cumsum(tile, axis=1, dtype=np.uint8)
     if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[:2] != (th, tw):
@@ -161,6 +365,10 @@ def _page_problem(page) -> str | None:
     if compression == JPEG:
         if photometric not in (PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR):
             return f"JPEG with photometric {photometric}"
+        if page.jpegtables:
+            tables = jpeg_markers(bytes(page.jpegtables))
+            if tables.jfif or tables.adobe_transform is not None:
+                return "JPEG tables with a JFIF or Adobe colour marker"
     elif photometric != PHOTOMETRIC_RGB:
         return f"photometric {photometric} with compression {compression}"
     if compression in (NONE, LZW, *DEFLATE) and int(page.predictor) not in (1, 2):
@@ -169,6 +377,9 @@ def _page_problem(page) -> str | None:
 
 
 def _layout(page) -> LevelLayout:
+    tables = bytes(page.jpegtables) if page.jpegtables else None
+    compression = int(page.compression)
+    photometric = int(page.photometric)
     return LevelLayout(
         width=int(page.imagewidth),
         height=int(page.imagelength),
@@ -176,10 +387,11 @@ def _layout(page) -> LevelLayout:
         tile_height=int(page.tilelength),
         offsets=np.asarray(page.dataoffsets, dtype=np.int64),
         counts=np.asarray(page.databytecounts, dtype=np.int64),
-        compression=int(page.compression),
-        photometric=int(page.photometric),
+        compression=compression,
+        photometric=photometric,
         predictor=int(page.predictor),
-        jpeg_tables=bytes(page.jpegtables) if page.jpegtables else None,
+        jpeg_tables=tables,
+        jpeg_prefix=jpeg_prefix(tables, photometric) if compression == JPEG else b"",
     )
 
 
@@ -302,10 +514,25 @@ class TiffTileReader:
         return [self._pread(o, c) for o, c in zip(offsets.tolist(), counts.tolist(), strict=True)]
 
     def read_rgba(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray | None:
+        """``read_region``'s pixels; raises ``DamagedTileError`` naming the tiles that
+        cannot be decoded, ``None`` when the region goes through OpenSlide."""
+        region = self.read_region(level, x, y, width, height)
+        if region is None:
+            return None
+        pixels, damaged = region
+        if damaged:
+            raise DamagedTileError(damaged)
+        return pixels
+
+    def read_region(
+        self, level: int, x: int, y: int, width: int, height: int
+    ) -> tuple[np.ndarray, list[DamagedTile]] | None:
         """The region as OpenSlide's ``read_region`` gives it (H x W x 4 uint8, alpha 0
-        outside the level), (x, y) in level-0 pixels and the size at ``level``; ``None``
-        when the region has a missing tile (the caller reads it through OpenSlide).
-        Raises ``TileDecodeError`` (or the decoder's error) on data that does not decode."""
+        outside the level), (x, y) in level-0 pixels and the size at ``level``, and the
+        stored tiles that cannot be decoded, whose pixels are left transparent (alpha 0,
+        like unscanned area). ``None`` when the region has a missing tile or a tile this
+        reader does not decode the way OpenSlide does (the caller reads it through
+        OpenSlide)."""
         layout = self.layouts[level]
         ds = self.level_downsamples[level]
         lx = int(np.floor(x / ds + 0.5)) if level else int(x)
@@ -316,28 +543,64 @@ class TiffTileReader:
         inside = (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height)
         # every pixel of a region inside the level is written below; others start at 0
         out = (np.empty if inside else np.zeros)((height, width, 4), dtype=np.uint8)
+        damaged: list[DamagedTile] = []
         if x0 >= x1 or y0 >= y1:
-            return out
+            return out, damaged
         tw, th = layout.tile_width, layout.tile_height
         cols = range(x0 // tw, (x1 - 1) // tw + 1)
         for row in range(y0 // th, (y1 - 1) // th + 1):
             index = row * layout.tiles_across
             if (layout.counts[index + cols.start : index + cols.stop] <= 0).any():
                 return None
-            for col, data in zip(cols, self._tile_bytes(layout, row, cols), strict=True):
-                tile = decode_tile(data, layout)
+            try:
+                stored: list[bytes | Exception] = list(self._tile_bytes(layout, row, cols))
+            except TileDecodeError:  # a short read: the file ends early; which tiles?
+                stored = [self._tile_or_error(layout, row * layout.tiles_across + c) for c in cols]
+            for col, data in zip(cols, stored, strict=True):
                 # overlap of this tile with the region, in level pixels
                 tx0, ty0 = col * tw, row * th
                 ax0, ax1 = max(x0, tx0), min(x1, tx0 + tw)
                 ay0, ay1 = max(y0, ty0), min(y1, ty0 + th)
                 target = out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx]
+                try:
+                    if isinstance(data, Exception):
+                        raise data
+                    tile = decode_tile(data, layout)
+                except NotDirect:
+                    return None
+                except Exception as error:  # noqa: BLE001 - any decoder error: a damaged tile
+                    damaged.append(self._damaged(level, col, row, error))
+                    target[...] = 0
+                    continue
                 source = tile[ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0]
                 if source.shape[2] == 4:
                     target[...] = source
                 else:
                     target[..., :3] = source
                     target[..., 3] = 255
-        return out
+        return out, damaged
+
+    def _tile_or_error(self, layout: LevelLayout, index: int) -> bytes | Exception:
+        try:
+            return self._pread(int(layout.offsets[index]), int(layout.counts[index]))
+        except TileDecodeError as error:
+            return error
+
+    def _damaged(self, level: int, col: int, row: int, error: Exception) -> DamagedTile:
+        layout = self.layouts[level]
+        ds = self.level_downsamples[level]
+        cause = str(error) or type(error).__name__
+        return DamagedTile(
+            level=level,
+            column=col,
+            row=row,
+            x=round(col * layout.tile_width * ds),
+            y=round(row * layout.tile_height * ds),
+            width=layout.tile_width,
+            height=layout.tile_height,
+            downsample=ds,
+            cause=cause,
+        )
 
 
 def open_tiff_reader(

@@ -28,7 +28,9 @@ from medprep.wsi import labels, marks, qc
 from medprep.wsi.settings import TileSettings
 from medprep.wsi.slide import inspect_slide
 from medprep.wsi.workers import (
+    READ_ERROR,
     BlockTask,
+    ReadErrors,
     TileJob,
     close_worker,
     init_worker,
@@ -123,6 +125,17 @@ class TileResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def read_margin(plan: SlidePlan) -> int:
+    """Level pixels read around a block beyond its tiles' footprints: the reach of the
+    resampling filter (0 without resampling)."""
+    if not plan.resample:
+        return 0
+    ratio = max(plan.scale_x, plan.scale_y) / plan.level_downsample
+    k = plan.prereduce
+    support = PREREDUCED_SUPPORT if k > 1 else RESAMPLE_SUPPORT
+    return math.ceil(support * max(ratio, k)) + k
+
+
 def plan_blocks(
     plan: SlidePlan, grid: grids.Grid, selected: np.ndarray, block_tiles: int
 ) -> tuple[list[BlockTask], list[tuple[np.ndarray, np.ndarray]], int]:
@@ -131,10 +144,8 @@ def plan_blocks(
     side = grids.block_side_for_read_limit(
         block_tiles, grid.size, grid.step, plan.scale_x / ds, MAX_READ_SIDE
     )
-    ratio = max(plan.scale_x, plan.scale_y) / ds
     k = plan.prereduce
-    support = PREREDUCED_SUPPORT if k > 1 else RESAMPLE_SUPPORT
-    margin = math.ceil(support * max(ratio, k)) + k if plan.resample else 0
+    margin = read_margin(plan)
     level_w, level_h = plan.level_dimensions
     tasks = []
     indices = []
@@ -242,6 +253,7 @@ def tile_slide(
         filters=settings.filters,
         dark_level=plan.dark_level,
         prereduce=plan.prereduce,
+        margin_l0=read_margin(plan) * plan.level_downsample,
     )
     container = make_container(settings.container, pixels_dir, settings.shard_max_tiles)
     extension = EXTENSIONS[settings.format]
@@ -258,10 +270,10 @@ def tile_slide(
         "offset": [],
         "nbytes": [],
     }
-    rejected = {reason: 0 for reason in (*qc.REJECT_REASONS, *marks.REJECT_REASONS, "read_error")}
+    rejected = {reason: 0 for reason in (*qc.REJECT_REASONS, *marks.REJECT_REASONS, READ_ERROR)}
     flagged = {name: 0 for name in marks.FLAG_NAMES}
     rejected_boxes: list[tuple[int, int]] = []
-    read_errors: list[str] = []
+    read_errors = ReadErrors(settings.max_read_errors, plan.slide_path)
     kept = 0
     read_calls = 0
     direct_reads = 0
@@ -292,12 +304,18 @@ def tile_slide(
             task = tasks[result.index]
             progress.advance(len(task.xs))
             if result.error is not None:
-                read_errors.append(result.error)
-                rejected["read_error"] += len(task.xs)
-                if len(read_errors) > settings.max_read_errors:
-                    raise InputError(result.error, path=plan.slide_path)
+                read_errors.add_region(result.error)
+                rejected[READ_ERROR] += len(task.xs)
                 log.warning("skipping %d tile(s): %s", len(task.xs), result.error)
                 continue
+            if result.damaged:
+                read_errors.add_damaged(result.damaged)
+                skipped = result.reasons.count(READ_ERROR)
+                log.warning(
+                    "skipping %d tile(s) over damaged slide data: %s",
+                    skipped,
+                    "; ".join(tile.describe() for tile in result.damaged),
+                )
             for k in range(len(task.xs)):
                 x, y = task.xs[k], task.ys[k]
                 fractions = {name: cover[rows[k], cols[k]] for name, cover in flag_cover.items()}
@@ -350,7 +368,10 @@ def tile_slide(
     if region_labels is not None:
         kept_labels = region_labels.at(grid, table["x"], table["y"])
         table.update(kept_labels.columns(settings.labels.class_fractions))
-    warnings = [f"skipped a region that could not be read: {e}" for e in read_errors]
+    warnings = [
+        f"skipped the tiles over slide data that cannot be read: {e}"
+        for e in read_errors.found.values()
+    ]
     status = statuses.OK if kept else statuses.NO_TILES
     if not kept:
         warnings.append(f"no tiles kept ({candidates} candidates of {grid.count} grid positions)")
@@ -364,6 +385,7 @@ def tile_slide(
         "flagged": flagged,
         "read_calls": read_calls,
         "direct_reads": direct_reads,
+        "read_errors": len(read_errors),
         "pixel_scores": score_pixels,
         "target_mpp": plan.target_mpp,
         "tile_mpp": plan.tile_mpp,

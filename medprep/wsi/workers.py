@@ -17,6 +17,7 @@ import numpy as np
 from medprep.wsi import qc
 from medprep.wsi.settings import FilterSettings
 from medprep.wsi.slide import RegionReadError, SlideReader, make_opaque
+from medprep.wsi.tiff_read import DamagedTile
 from medprep.wsi.writers import encode_tile
 
 
@@ -41,6 +42,9 @@ class TileJob:
     # resampling: the block is first averaged over ``prereduce`` x ``prereduce`` level
     # pixels (``prereduce_factor``), then resized to the tiles with ``RESAMPLE_FILTER``
     prereduce: int = 1
+    # how far (level-0 pixels) beyond a tile's footprint its pixels reach when resampled
+    # (the filter's support): a damaged slide tile that close spoils the tile
+    margin_l0: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,59 @@ class BlockResult:
     encoded: list[bytes | None]
     error: str | None = None
     direct: bool = False  # read from the stored tiles (tiff_read), not through OpenSlide
+    # slide tiles of the block that cannot be decoded; the block's tiles they touch have
+    # the reason ``READ_ERROR``
+    damaged: tuple[DamagedTile, ...] = ()
+
+
+# The reason of a tile that could not be scored because slide data under it is damaged.
+READ_ERROR = "read_error"
+
+
+def touches_damage(job: TileJob, x: int, y: int, damaged: tuple[DamagedTile, ...]) -> bool:
+    """Whether the tile at level-0 (x, y), with its resampling reach, overlaps a damaged
+    slide tile."""
+    m = job.margin_l0
+    left, top, right, bottom = x - m, y - m, x + job.width_l0 + m, y + job.height_l0 + m
+    for tile in damaged:
+        d_left, d_top, d_right, d_bottom = tile.box_l0()
+        if left < d_right and d_left < right and top < d_bottom and d_top < bottom:
+            return True
+    return False
+
+
+class ReadErrors:
+    """The unreadable parts of a slide a step met, each counted once (a damaged tile can
+    lie under two blocks), against ``wsi.tile.max_read_errors``: one more than the limit
+    raises ``InputError`` naming it."""
+
+    def __init__(self, limit: int, slide_path: str):
+        self.limit = limit
+        self.slide_path = slide_path
+        self.found: dict[object, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def add(self, key: object, description: str) -> None:
+        if key in self.found:
+            return
+        self.found[key] = description
+        if len(self.found) > self.limit:
+            from medprep.common.errors import InputError
+
+            raise InputError(
+                f"{description} ({len(self.found)} unreadable slide tile(s), more than "
+                f"wsi.tile.max_read_errors = {self.limit})",
+                path=self.slide_path,
+            )
+
+    def add_damaged(self, damaged: tuple[DamagedTile, ...]) -> None:
+        for tile in damaged:
+            self.add(tile.key, tile.describe())
+
+    def add_region(self, message: str) -> None:
+        self.add(("region", len(self.found)), message)
 
 
 @dataclass(frozen=True)
@@ -246,11 +303,12 @@ def read_block(task: BlockTask) -> BlockResult:
         raise RuntimeError("worker has no tile job")
     direct_before = state.reader.direct_reads
     try:
-        rgba = state.reader.read_rgba(
+        rgba, damaged_list = state.reader.read_region(
             job.level, task.read_x, task.read_y, task.read_width, task.read_height
         )
     except RegionReadError as error:
         return BlockResult(task.index, [], [], [], error=str(error))
+    damaged = tuple(damaged_list)
     direct = state.reader.direct_reads > direct_before
     rgba = make_opaque(rgba, job.background)
     resampled = resample_tiles(rgba, job, task) if job.resample else None
@@ -259,6 +317,11 @@ def read_block(task: BlockTask) -> BlockResult:
     reasons: list[str | None] = []
     encoded: list[bytes | None] = []
     for k, (x, y) in enumerate(zip(task.xs, task.ys, strict=True)):
+        if damaged and touches_damage(job, x, y, damaged):
+            scores.append((math.nan,) * len(qc.SCORE_NAMES))
+            reasons.append(READ_ERROR)
+            encoded.append(None)
+            continue
         if resampled is not None:
             tile = resampled[k]
             tile_gray = None
@@ -276,7 +339,7 @@ def read_block(task: BlockTask) -> BlockResult:
             encoded.append(encode_tile(tile, job.image_format, job.quality))
         else:
             encoded.append(None)
-    return BlockResult(task.index, scores, reasons, encoded, direct=direct)
+    return BlockResult(task.index, scores, reasons, encoded, direct=direct, damaged=damaged)
 
 
 def unread_block(task: BlockTask) -> BlockResult:
@@ -286,20 +349,21 @@ def unread_block(task: BlockTask) -> BlockResult:
     return BlockResult(task.index, [], [None] * n, [None] * n)
 
 
-def read_chunk(task: ChunkTask) -> tuple[int, np.ndarray | str]:
-    """A resized RGBA piece (H x W x 4 uint8) of the slide, or the read error message."""
+def read_chunk(task: ChunkTask) -> tuple[int, np.ndarray | str, tuple[DamagedTile, ...]]:
+    """A resized RGBA piece (H x W x 4 uint8) of the slide, or the read error message,
+    and the slide tiles of the piece that cannot be decoded (left transparent)."""
     from PIL import Image
 
     state = _state()
     try:
-        rgba = state.reader.read_rgba(
+        rgba, damaged = state.reader.read_region(
             task.level, task.read_x, task.read_y, task.read_width, task.read_height
         )
     except RegionReadError as error:
-        return task.index, str(error)
+        return task.index, str(error), ()
     # PIL resizes RGBA premultiplied, so unscanned (transparent) pixels do not darken
     # their neighbours; the box filter averages areas, the right thing for a reduction.
     resized = _as_image(rgba).resize(
         (task.out_width, task.out_height), Image.Resampling.BOX, box=task.box
     )
-    return task.index, np.asarray(resized)
+    return task.index, np.asarray(resized), tuple(damaged)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -93,6 +95,29 @@ def test_duplicates_are_removed_and_gaps_warned():
     # stored -1024 outside the field of view (-2048 HU) is undeclared: raised to -1024
     assert loaded.volume.min() == -1024
     assert any("below -1024 HU" in w for w in loaded.warnings)
+
+
+@pytest.mark.parametrize("change", ["spacing", "matrix"])
+def test_a_slice_left_out_for_another_geometry_is_named_beside_the_gap(tmp_path, change):
+    from ct_support import SLAB
+
+    folder = copy_folder(SLAB, tmp_path / "slab")
+    victim = sorted(folder.iterdir())[4]
+    ds = pydicom.dcmread(victim)
+    if change == "spacing":
+        ds.PixelSpacing = [0.8, 0.8]
+        why = "pixel spacing [0.8, 0.8] mm, not [0.703125, 0.703125]"
+    else:
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[::2, ::2]).tobytes()
+        ds.Rows, ds.Columns = ds.Rows // 2, ds.Columns // 2
+        why = "256 x 256 pixels, not 512 x 512"
+    ds.save_as(victim, enforce_file_format=True)
+    loaded = pp.load_series(files(folder))
+    assert victim not in {Path(h.path) for h in loaded.geometry.slices}
+    assert any("wider than 1.5x the median step" in w for w in loaded.warnings)
+    assert f"1 file(s) of the chosen series left out of the volume ({why}): {victim.name}" in (
+        loaded.warnings
+    )
 
 
 def test_real_gantry_tilt_is_detected_and_corrected_in_patient_space(tmp_path):

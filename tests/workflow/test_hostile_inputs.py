@@ -88,6 +88,7 @@ def test_a_metaimage_naming_a_file_outside_its_sample_is_refused(tmp_path, secre
         pp.load_series([f.path for f in files])
     assert preprocess.value.path.endswith("scan.mhd")
     assert "ElementDataFile" in preprocess.value.cause
+    assert "other file(s)" not in preprocess.value.cause
 
 
 def test_a_data_file_that_is_not_one_of_the_samples_files_is_refused(tmp_path):
@@ -178,6 +179,280 @@ def test_a_nifti_claiming_more_than_its_compressed_bytes_is_refused(tmp_path):
     with pytest.raises(InputError) as error:
         read([path])
     assert "claims 30000 x 30000 x 400 voxels" in error.value.cause
+
+
+##### DICOM files claiming more pixels than they hold
+
+BOMB_SCRIPT = """
+import json, resource, sys, time
+from medprep.common.errors import InputError
+from medprep.ct.preprocess import load_series
+started = time.perf_counter()
+try:
+    load_series(sys.argv[1:])
+    outcome = "loaded"
+except InputError as error:
+    outcome = str(error)
+# the peak resident memory of this program: VmHWM (ru_maxrss keeps the high-water mark of
+# the process it was forked from, a large pytest, across exec)
+try:
+    with open("/proc/self/status") as status:
+        line = next(v for v in status if v.startswith("VmHWM:"))
+    peak_mb = int(line.split()[1]) / 1024
+except OSError:
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"outcome": outcome, "seconds": time.perf_counter() - started,
+                  "peak_mb": peak_mb}))
+"""
+
+
+def rle_bomb(path: Path, *, z: float = 0.0, side: int = 65535, frames: int = 1) -> Path:
+    """A CT file in RLE Lossless claiming ``side`` x ``side`` 16-bit pixels per frame, its
+    pixel data a few runs of zeros (decoding it would fill the claim); with ``frames`` > 1
+    an Enhanced CT with shared and per-frame functional groups."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.sequence import Sequence
+    from pydicom.uid import RLELossless, generate_uid
+
+    enhanced = frames > 1
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2" + (".1" if enhanced else "")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = RLELossless
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3", "1.2.3.4", "1.2.5"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    measures = Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.7, 0.7], 1
+    orientation = [1, 0, 0, 0, 1, 0]
+    if enhanced:
+        ds.NumberOfFrames = frames
+        plane = Dataset()
+        plane.ImageOrientationPatient = orientation
+        shared = Dataset()
+        shared.PixelMeasuresSequence = Sequence([measures])
+        shared.PlaneOrientationSequence = Sequence([plane])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        per_frame = []
+        for k in range(frames):
+            position = Dataset()
+            position.ImagePositionPatient = [0.0, 0.0, float(k)]
+            item = Dataset()
+            item.PlanePositionSequence = Sequence([position])
+            per_frame.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    else:
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, z], orientation
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1
+    # RLE frame: a 64-byte header naming 2 segments (high and low bytes), each 8 runs
+    segment = bytes([0x81, 0]) * 8
+    offsets = (2, 64, 64 + len(segment))
+    header = b"".join(v.to_bytes(4, "little") for v in offsets).ljust(64, b"\0")
+    ds.PixelData = encapsulate([header + segment + segment] * frames)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def run_bomb(files: list[Path]) -> dict:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", BOMB_SCRIPT, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_rle_slices_and_an_enhanced_ct_claiming_gigapixels_are_refused_unread(tmp_path):
+    (tmp_path / "rle").mkdir()
+    (tmp_path / "enhanced").mkdir()
+    slices = [rle_bomb(tmp_path / "rle" / f"{k}.dcm", z=k) for k in range(2)]
+    assert all(p.stat().st_size < 2048 for p in slices)
+    enhanced = rle_bomb(tmp_path / "enhanced" / "frames.dcm", frames=500)
+    for files, claim in (
+        (slices, "65535 x 65535 pixels x 1 frame(s) x 1 sample(s) x 16 bits (8.6 GB decoded)"),
+        (
+            [enhanced],
+            "65535 x 65535 pixels x 500 frame(s) x 1 sample(s) x 16 bits (4.3 TB decoded)",
+        ),
+    ):
+        result = run_bomb(files)
+        outcome = result["outcome"]
+        assert "\n" not in outcome and "Traceback" not in outcome
+        assert outcome.startswith(f"file {files[0]}: invalid pixel data: claims {claim}")
+        assert (
+            "more than 64:1 (a damaged header or a decompression bomb); refused unread" in outcome
+        )
+        # nothing of the claim was allocated: the interpreter and its libraries only
+        assert result["peak_mb"] < 400 and result["seconds"] < 10, result
+
+
+def test_a_compressed_frame_claiming_another_size_than_its_header_is_refused(tmp_path):
+    from ct_support import SLAB, compress_file, dicom_files
+
+    folder = tmp_path / "jpegls"
+    folder.mkdir()
+    for source in dicom_files(SLAB):
+        compress_file(source, folder / source.name, "jpegls")
+    victim = sorted(folder.iterdir())[1]
+    data = bytearray(victim.read_bytes())
+    sof = data.index(b"\xff\xf7")  # JPEG-LS frame header: P, Y, X
+    data[sof + 5 : sof + 9] = (65535).to_bytes(2, "big") * 2
+    victim.write_bytes(bytes(data))
+    result = run_bomb(sorted(folder.iterdir()))
+    assert result["outcome"] == (
+        f"file {victim}: compressed frame 0 claims 65535 x 65535 pixels of 1 component(s) "
+        "but the DICOM header says 512 x 512 of 1 (a damaged header or a decompression "
+        "bomb); refused unread"
+    )
+    assert result["peak_mb"] < 600, result
+
+
+def test_a_deflated_dataset_is_counted_before_pydicom_inflates_it(tmp_path):
+    import pydicom
+    from ct_support import SLAB, dicom_files
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from medprep.ct import dicom_io
+
+    ds = pydicom.dcmread(dicom_files(SLAB)[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.Rows = ds.Columns = 4096  # 32 MB of zeros deflates to about 32 KB
+    ds.PixelData = bytes(4096 * 4096 * 2)
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 100_000
+    dicom_io.check_deflated_size(str(path), memory_bytes=64_000_000)
+    with pytest.raises(InputError, match="inflates to more than the 16.0 MB of memory"):
+        dicom_io.check_deflated_size(str(path), memory_bytes=16_000_000)
+    # inflated, its claim is checked as native data: every pixel must be stored
+    ds.Rows = ds.Columns = 8192
+    ds.save_as(path, enforce_file_format=True)
+    rejected = dicom_io.read_file(0, str(path))
+    assert "stores only 33.6 MB (truncated or damaged)" in rejected.reason
+
+
+##### coordinates and sizes far outside any scan or slide
+
+LUNA_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "value"),
+    [
+        ("1.2.3,1e308,10,20,5", "coordX", "1e+308 is beyond +-1e+07 mm"),
+        ("1.2.3,10,-2e7,20,5", "coordY", "-2e+07 is beyond +-1e+07 mm"),
+        ("1.2.3,10,10,20,1e300", "diameter_mm", "1e+300 is beyond +-1e+07 mm"),
+    ],
+)
+def test_a_luna16_row_far_outside_any_scan_is_refused_with_line_column_and_value(
+    tmp_path, row, column, value
+):
+    from medprep.ct import labels
+
+    path = tmp_path / "annotations.csv"
+    path.write_text(LUNA_HEADER + "1.2.3,-100.5,67.2,-231.9,6.4\n" + row + "\n")
+    with pytest.raises(InputError) as error:
+        labels.read_csv(path, series_uid_hash=None, require_series=False)
+    assert str(error.value) == (
+        f"file {path}: annotation CSV: line 3, column '{column}': {value}, outside any "
+        "slide or scan"
+    )
+
+
+def test_lidc_outlines_far_outside_any_scan_are_refused(tmp_path):
+    from ct_support import XML
+
+    from medprep.ct import lidc
+
+    text = XML.read_text()
+    far = text.replace("<xCoord>312</xCoord>", "<xCoord>99999999999999999999</xCoord>", 1)
+    with pytest.raises(InputError, match=r"nodule 'Nodule 001'.*xCoord 1e\+20 is beyond"):
+        lidc.parse_lidc_xml(far.encode())
+    infinite = text.replace(
+        "<imageZposition>-125.000000 </imageZposition>", "<imageZposition>inf</imageZposition>", 1
+    )
+    with pytest.raises(InputError, match="imageZposition inf is not a finite number"):
+        lidc.parse_lidc_xml(infinite.encode())
+
+
+def square(half: float, name: str = "tumour") -> dict:
+    ring = [[-half, -half], [half, -half], [half, half], [-half, half], [-half, -half]]
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"classification": {"name": name}},
+    }
+
+
+@pytest.mark.parametrize("half", [1e308, 2e7])
+def test_a_geojson_coordinate_far_outside_any_slide_is_refused(tmp_path, half):
+    from medprep.wsi import labels
+
+    path = tmp_path / "regions.geojson"
+    near = square(500.0, "stroma")
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [near, square(half)]}))
+    with pytest.raises(InputError) as error:
+        labels.read_annotations(path)
+    assert str(error.value) == (
+        f"file {path}: feature 1: coordinate [{-half:g}, {-half:g}] is beyond +-1e+07 "
+        "pixels, outside any slide"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spacing", "cause"),
+    [
+        ((1e-30, 1e-30, 1.0), "invalid spacing [1e-30, 1e-30]: must be in [0.01, 100] mm"),
+        ((0.7, 0.7, 1e-6), "slice spacing 1e-06 mm is outside [0.01, 100] mm"),
+    ],
+)
+def test_a_volume_with_a_spacing_below_any_scan_is_refused(tmp_path, spacing, cause):
+    # 1e-6 mm slices all fell within the duplicate tolerance: the geometry kept one slice
+    # of 20 and the resampler failed with a ValueError and a traceback
+    path = tmp_path / "thin.nii.gz"
+    nib.save(nib.Nifti1Image(voxels().transpose(2, 1, 0), np.diag([*spacing, 1.0])), path)
+    with pytest.raises(InputError) as error:
+        pp.preprocess([path])
+    assert error.value.cause.startswith(cause)
+
+
+def test_two_slices_a_kilometre_apart_are_refused_before_resampling(tmp_path):
+    import pydicom
+    from ct_support import CT_3SLICE, dicom_files
+
+    for k, source in enumerate(dicom_files(CT_3SLICE)[:2]):
+        ds = pydicom.dcmread(source)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(k * 900_000)]
+        ds.save_as(tmp_path / source.name)
+    with pytest.raises(InputError) as error:
+        pp.preprocess(sorted(tmp_path.iterdir()))
+    assert error.value.cause.startswith(
+        "claims slices 900000 mm apart end to end, resampled to 900001 x "
+    )
+    assert "of memory this job can have" in error.value.cause
+
+
+def test_a_nifti_with_a_side_beyond_any_scan_is_refused(tmp_path):
+    # NIfTI-1 sides stop at 32767; NIfTI-2 sides are 64-bit
+    image = nib.Nifti2Image(np.zeros((1, 1, 70000), np.int16), np.eye(4))
+    path = tmp_path / "long.nii.gz"
+    nib.save(image, path)
+    with pytest.raises(InputError, match="NIfTI dimensions 1 x 1 x 70000: each side must be"):
+        read([path])
 
 
 ##### slide formats whose index file names other files

@@ -31,6 +31,7 @@ rule preprocess_wsi:
         resolution={{"mpp": 1.0}},
         tissue={{"mask_mpp": 8.0}},
         limits={{"max_pixels": 1e9}},
+        max_read_errors=0,
         mpp_override=None,
     threads: 2
     log: "logs/preprocess_wsi/{{sample}}.log"

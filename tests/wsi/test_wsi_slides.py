@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -287,7 +288,7 @@ def test_no_tissue_gives_empty_outputs_with_a_status_not_an_error(tmp_path):
     assert len(pd.read_parquet(outputs(folder)["table"])) == 0
 
 
-def test_region_read_errors_name_the_region_and_can_be_tolerated(tmp_path):
+def test_damaged_tiles_are_named_by_level_and_position_and_can_be_tolerated(tmp_path):
     path = small_synthetic_slide(tmp_path / "damaged.svs", 2048, 2048, tissue_fraction=0.9)
     folder = tmp_path / "S"
     preprocess(folder, path)
@@ -298,12 +299,15 @@ def test_region_read_errors_name_the_region_and_can_be_tolerated(tmp_path):
     with pytest.raises(InputError) as caught:
         tile(folder, block_tiles=2)
     message = str(caught.value)
-    assert str(path) in message and "level 0 region at level-0 x=" in message
+    assert str(path) in message and re.search(r"level 0 tile at column \d+, row \d+", message)
+    assert "max_read_errors = 0" in message
     assert not outputs(folder)["tile_manifest"].exists()
     assert not outputs(folder)["pixels"].exists()
     tolerant = tile(folder, block_tiles=2, max_read_errors=1000)["summary"]
     assert tolerant["rejected"]["read_error"] > 0 and tolerant["tiles"] > 0
-    assert any("x=" in w for w in tolerant["warnings"])
+    summary = json.loads(outputs(folder)["tile_summary"].read_text())
+    assert summary["read_errors"] == len(tolerant["warnings"]) > 1
+    assert all(re.search(r"level 0 tile at column \d+, row \d+", w) for w in tolerant["warnings"])
 
 
 def test_resampled_tiles_do_not_depend_on_how_tiles_are_grouped_into_reads(tmp_path, synthetic):
