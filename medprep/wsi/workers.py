@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medprep.wsi import qc
+from medprep.wsi import qc, stain
 from medprep.wsi.settings import FilterSettings
 from medprep.wsi.slide import RegionReadError, SlideReader, make_opaque
 from medprep.wsi.writers import encode_tile
@@ -41,6 +41,8 @@ class TileJob:
     # resampling: the block is first averaged over ``prereduce`` x ``prereduce`` level
     # pixels (``prereduce_factor``), then resized to the tiles with ``RESAMPLE_FILTER``
     prereduce: int = 1
+    # OD matrix applied to the pixels written (``stain.apply_od_matrix``), or None
+    stain_matrix: tuple[tuple[float, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,8 @@ def read_block(task: BlockTask) -> BlockResult:
         scores.append(tile_scores.as_tuple())
         reasons.append(reason)
         if reason is None and job.image_format is not None:
+            if job.stain_matrix is not None:
+                tile = stain.apply_od_matrix(tile, np.asarray(job.stain_matrix))
             encoded.append(encode_tile(tile, job.image_format, job.quality))
         else:
             encoded.append(None)
