@@ -260,7 +260,9 @@ def augment(
     return apply_od_matrix(rgb, matrix, offset)
 
 
-def sample_tissue_pixels(mask: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sample_tissue_pixels(
+    mask: np.ndarray, count: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows and columns of up to ``count`` distinct pixels of ``mask`` (bool), drawn at
     random with ``seed`` and returned in row-major order (reads then go down the slide)."""
     flat = np.flatnonzero(mask)

@@ -119,7 +119,7 @@ def run(tmp_path_factory, tiny_data):
 def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
     folder = run / "published" / "dataset" / "samples"  # the run of samples.tsv
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert {f["name"] for f in manifest["files"]} == set(dataset.TABLES)
+    assert {f["name"] for f in manifest["files"]} == set(dataset.FILES)
     samples = pd.read_parquet(folder / "samples.parquet").set_index("sample")
     assert samples["label"].to_dict() == {s: g[0] for s, g in GROUPS.items()}
     assert samples.loc["phantom-chest-01", "split"] == samples.loc["synthetic-01", "split"]
@@ -257,7 +257,7 @@ def test_the_index_publishes_to_s3_and_reads_back_like_the_local_one(run, s3):
     for path in sorted(local.rglob("*")):  # the samples as upload published them
         if path.is_file() and "dataset" not in path.parts:
             client.upload_file(str(path), bucket, f"out/{path.relative_to(local).as_posix()}")
-    files = {n: str(local / "dataset" / "samples" / n) for n in dataset.TABLES}
+    files = {n: str(local / "dataset" / "samples" / n) for n in dataset.FILES}
     manifest = json.loads((local / "dataset/samples/manifest.json").read_text())
     dataset.publish(files, f"s3://{bucket}/out/dataset/samples", manifest, settings=s3)
     remote = open_dataset(f"s3://{bucket}/out", settings=s3)
