@@ -168,11 +168,12 @@ class Dataset:
             return stain.REFERENCE
         if row["stain_status"] != "ok":
             return None
-        return stain.StainVectors(
-            h=(row["stain_h_r"], row["stain_h_g"], row["stain_h_b"]),
-            e=(row["stain_e_r"], row["stain_e_g"], row["stain_e_b"]),
-            max_h=float(row["stain_max_h"]),
-            max_e=float(row["stain_max_e"]),
+        return stain.StainVectors.from_dict(
+            {
+                "h": [row["stain_h_r"], row["stain_h_g"], row["stain_h_b"]],
+                "e": [row["stain_e_r"], row["stain_e_g"], row["stain_e_b"]],
+                "max_concentrations": [row["stain_max_h"], row["stain_max_e"]],
+            }
         )
 
     def _stain_target(self, target: Any):

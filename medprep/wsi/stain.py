@@ -13,11 +13,15 @@ Estimated once per slide (``medprep.wsi.preprocess``), the vectors make normalis
 augmenting a tile one 3 x 3 matrix product in OD:
 
 - normalise: ``OD' = V_target diag(max_target / max_source) V_source^+ OD``;
-- augment: ``OD' = V_source (a * C + b)`` with ``C = V_source^+ OD`` and a random scale
-  ``a`` and shift ``b`` per stain (Tellez et al.'s HED jitter, on the slide's own vectors).
+- augment: the concentrations ``C = V_source^+ OD`` become ``a * C + b`` with a random
+  scale ``a`` and shift ``b`` per stain (Tellez et al.'s HED jitter, on the slide's own
+  vectors): ``OD' = OD + V_source ((a - 1) * C + b)``.
 
-Both drop the part of OD that the two stains do not explain, as Macenko's
-reconstruction does. Everything here takes and returns plain arrays.
+Normalising drops the part of OD that the two stains do not explain, as Macenko's
+reconstruction does (and torchstain, TIAToolbox), so a tile normalised to its own
+slide's stains is its projection on the stains' plane, not itself; augmenting keeps that
+part, so a scale of 1 and a shift of 0 give the tile back. Everything here takes and
+returns plain arrays.
 """
 
 from __future__ import annotations
@@ -208,9 +212,11 @@ def augmentation_matrix(
     source: StainVectors, scale: np.ndarray, shift: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(M, offset)`` with ``OD' = M OD + offset``: concentrations times ``scale`` plus
-    ``shift`` (per stain, H then E; ``shift`` in units of the stain's strength)."""
+    ``shift`` (per stain, H then E; ``shift`` in units of the stain's strength); the part
+    of OD the two stains do not explain is kept."""
     mixing = source.matrix
-    matrix = mixing @ np.diag(np.asarray(scale, np.float64)) @ np.linalg.pinv(mixing)
+    change = np.diag(np.asarray(scale, np.float64) - 1.0)
+    matrix = np.eye(3) + mixing @ change @ np.linalg.pinv(mixing)
     offset = mixing @ (np.asarray(shift, np.float64) * source.max_concentrations)
     return matrix, offset
 
