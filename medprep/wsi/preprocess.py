@@ -191,11 +191,13 @@ def stain_regions(
     plan: res.ReadPlan,
     count: int = STAIN_REGIONS,
     side: int = STAIN_REGION_SIDE,
+    seed: int = 0,
 ) -> list[StainRegion]:
     """Regions of ``side`` tile pixels (``plan``'s scale) centred on up to ``count``
-    random tissue pixels of ``mask``, inside the slide; sizes in pixels of ``plan.level``."""
+    random tissue pixels of ``mask`` (drawn with ``seed``), inside the slide; sizes in
+    pixels of ``plan.level``."""
     extent_x, extent_y = side * plan.scale_x, side * plan.scale_y  # level 0
-    rows, cols = stain.sample_tissue_pixels(mask, count)
+    rows, cols = stain.sample_tissue_pixels(mask, count, seed)
     regions = []
     for row, col in zip(rows, cols, strict=True):
         x = (col + 0.5) * geometry.downsample_x - extent_x / 2

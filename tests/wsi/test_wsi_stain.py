@@ -7,13 +7,23 @@ import math
 
 import numpy as np
 import pytest
-from wsi_support import CMU, DAPI, TINY, finished_looking, preprocess, tile
+from wsi_support import (
+    CMU,
+    DAPI,
+    TINY,
+    finished_looking,
+    preprocess,
+    restained,
+    slide_pixels,
+    tile,
+    write_single_level,
+)
 
 from medprep.common import atomic
 from medprep.wsi import stain
 from medprep.wsi.writers import read_table
 
-# a second H&E, as another lab's: Ruifrok and Johnston's colour-deconvolution vectors
+# a second H&E, as another lab's (Ruifrok and Johnston's colour-deconvolution vectors)
 OTHER = stain.StainVectors(h=(0.65, 0.70, 0.29), e=(0.07, 0.99, 0.11), max_h=1.4, max_e=1.6)
 
 
@@ -116,50 +126,15 @@ def test_vectors_round_trip_through_their_record_and_bad_ones_are_refused():
 # --- real slides ------------------------------------------------------------------------
 
 
-# the second staining: OTHER's dyes, haematoxylin 0.8 and eosin 1.2 times as strong
-RESTAIN_AMOUNTS = np.array([0.8, 1.2])
-
-
-def restained_copy(path, source_image: np.ndarray, vectors: stain.StainVectors) -> None:
-    """``source_image`` stained with OTHER's H and E instead of ``vectors``, as a pyramidal
-    TIFF: in optical density each pixel's H and E (unmixed by ``vectors``) are taken
-    out and put back as OTHER's, in ``RESTAIN_AMOUNTS``; the rest of its OD is kept."""
-    od = stain.optical_density(source_image).reshape(-1, 3).astype(np.float64)
-    concentrations = od @ np.linalg.pinv(vectors.matrix).T
-    od += (concentrations * RESTAIN_AMOUNTS) @ OTHER.matrix.T - concentrations @ vectors.matrix.T
-    write_stack(path, to_rgb(od).reshape(source_image.shape))
-
-
-def write_stack(path, image: np.ndarray) -> None:
-    from medprep.demo.synthetic_slide import write_pyramidal_tiff
-
-    height, width = image.shape[:2]
-    write_pyramidal_tiff(
-        path,
-        width,
-        height,
-        lambda d, x, y, w, h: image[y : y + h, x : x + w],
-        mpp=0.499,
-        quality=95,
-        downsamples=(1,),
-    )
-
-
-def cmu_pixels() -> np.ndarray:
-    import openslide
-
-    with openslide.OpenSlide(str(CMU)) as slide:
-        return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
-
-
 @pytest.fixture(scope="module")
 def two_stainings(tmp_path_factory):
-    """CMU-1 as scanned and restained with OTHER's H&E, each preprocessed and tiled."""
+    """CMU-1 as scanned and restained with Ruifrok's H&E (``wsi_support.restained``),
+    each preprocessed and tiled."""
     folder = tmp_path_factory.mktemp("stainings")
-    image = cmu_pixels()
-    whole = stain.estimate_rgb(image)
-    write_stack(folder / "original.tiff", image)
-    restained_copy(folder / "restained.tiff", image, whole.vectors)
+    image = slide_pixels(CMU)
+    write_single_level(folder / "original.tiff", image, 0.499)
+    restained_image = restained(image, stain.estimate_rgb(image).vectors)
+    write_single_level(folder / "restained.tiff", restained_image, 0.499)
     out = {}
     for name in ("original", "restained"):
         sample = folder / "wsi" / name
@@ -182,7 +157,7 @@ def test_preprocess_records_the_stain_vectors_of_a_real_h_and_e_slide(tmp_path):
     # the estimate is the slide's: all its tissue pixels give vectors within a few degrees
     from PIL import Image
 
-    image = cmu_pixels()
+    image = slide_pixels(CMU)
     mask = Image.open(tmp_path / "cmu/preprocess/mask.png")
     tissue = np.asarray(mask.resize(image.shape[1::-1], Image.Resampling.NEAREST)) > 127
     whole = stain.estimate_rgb(image[tissue]).vectors
