@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -145,6 +146,13 @@ def stability(name: str, folder: Path, slide: Path, tiles: dict) -> list[str]:
         pixels, _ = wsi_preprocess.read_stain_pixels(
             str(slide), regions, plan, tuple(summary["background"])
         )
+        if seed == 0:  # the estimate's own time and peak memory on a slide's regions
+            tracemalloc.start()
+            start = time.perf_counter()
+            stain.estimate_rgb(pixels)
+            seconds = time.perf_counter() - start
+            peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
         seeds.append(stain.estimate_rgb(pixels).vectors)
     seed_h = [angle(v.h, ours.h) for v in seeds[1:]]
     seed_e = [angle(v.e, ours.e) for v in seeds[1:]]
@@ -174,6 +182,8 @@ def stability(name: str, folder: Path, slide: Path, tiles: dict) -> list[str]:
         f"strength/slide H p10-p90={np.percentile(tile_max[:, 0], 10):.2f}-"
         f"{np.percentile(tile_max[:, 0], 90):.2f} E p10-p90={np.percentile(tile_max[:, 1], 10):.2f}-"
         f"{np.percentile(tile_max[:, 1], 90):.2f}",
+        f"estimate   {name:10s} {len(pixels)} region pixels: {seconds:.2f} s, "
+        f"peak {peak_mb:.0f} MB (tracemalloc)",
         f"per-slide  {name:10s} 10 region sets  angle-to-seed-0-deg H max={max(seed_h):.2f} "
         f"E max={max(seed_e):.2f}  strength/seed-0 H {seed_max[:, 0].min():.3f}-"
         f"{seed_max[:, 0].max():.3f} E {seed_max[:, 1].min():.3f}-{seed_max[:, 1].max():.3f}",
@@ -294,7 +304,7 @@ def main() -> None:
         tiles = tiles_of(folder)
         lines += agreement(name, tiles)
         lines += stability(name, folder, slide, tiles)
-        print("\n".join(lines[-5:]), flush=True)
+        print("\n".join(lines[-6:]), flush=True)
     lines += two_stainings(work)
     print(lines[-1], flush=True)
     lines += loader(work, folders, args.repeats)

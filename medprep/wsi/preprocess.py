@@ -46,9 +46,9 @@ UPSAMPLING_WARNING = 0.01
 # Stain vectors (brightfield) come from this many tissue regions of STAIN_REGION_SIDE
 # pixels at the tiles' resolution, centred on random tissue-mask pixels (2.1 M pixels at
 # most). At mask resolution each pixel averages nuclei and stroma: the vectors come out
-# closer together and the strengths about half as strong as in the tiles (CMU-1 at
-# 8 um/px: 32 degrees between H and E, H strength 1.7; in tiles: 42 degrees, 3.2;
-# benchmarks/results/stain.txt), so normalising tiles with them would be wrong.
+# closer together and the strengths weaker than in the tiles (CMU-1 at 8 um/px: 32
+# degrees between H and E, strengths 1.68 / 1.44; from the regions: 41 degrees,
+# 2.77 / 2.25; benchmarks/results/stain.txt), so normalising tiles with them would be wrong.
 STAIN_REGIONS = 32
 STAIN_REGION_SIDE = 256
 

@@ -155,19 +155,32 @@ def estimate(
     Never raises on the data: too few stained pixels, a single stain, or concentrations
     that are not positive give an estimate without vectors and the reason.
     """
-    every = np.asarray(od, dtype=np.float64).reshape(-1, 3)
-    od = every[np.all(every >= beta, axis=1)]
-    n = len(od)
+    every = np.asarray(od, dtype=np.float32).reshape(-1, 3)
+    channels = [np.ascontiguousarray(every[:, c]) for c in range(3)]
+    return _estimate(channels, alpha, beta, min_pixels, min_angle_deg)
+
+
+def _estimate(
+    channels: list[np.ndarray], alpha: float, beta: float, min_pixels: int, min_angle_deg: float
+) -> StainEstimate:
+    """``estimate`` on one contiguous float32 OD array per channel: sums of the three run
+    10-20x faster than a matrix product with a 3 x 2 operand on millions of rows."""
+    keep = (channels[0] >= beta) & (channels[1] >= beta) & (channels[2] >= beta)
+    n = int(np.count_nonzero(keep))
     if n < min_pixels:
         return StainEstimate(
             None, n, f"too little stained tissue ({n} pixels above OD {beta}, {min_pixels} needed)"
         )
-    _, eigenvectors = np.linalg.eigh(np.cov(od.T))
+    stained = np.stack([c[keep] for c in channels])  # 3 x n
+    centred = stained - stained.mean(axis=1, keepdims=True)
+    covariance = (centred @ centred.T).astype(np.float64) / max(n - 1, 1)
+    del centred
+    _, eigenvectors = np.linalg.eigh(covariance)
     first, second = eigenvectors[:, 2], eigenvectors[:, 1]
     first = first if first.sum() >= 0 else -first  # into the positive octant: no angle wrap
     plane = np.column_stack([first, second])
-    projected = od @ plane
-    angles = np.arctan2(projected[:, 1], projected[:, 0])
+    angles = np.arctan2(_combine(stained, plane[:, 1]), _combine(stained, plane[:, 0]))
+    del stained
     low, high = np.percentile(angles, [alpha, 100.0 - alpha])
     candidates = [plane @ np.array([math.cos(a), math.sin(a)]) for a in (low, high)]
     candidates = [v if v.sum() >= 0 else -v for v in candidates]
@@ -180,10 +193,11 @@ def estimate(
             f"one stain: the two stain directions are {angle:.1f} degrees apart "
             f"(under {min_angle_deg:g})",
         )
-    mixing = np.column_stack([h, e])
     # strengths over every pixel given, faint ones included, as Macenko's reference does
-    concentrations = every @ np.linalg.pinv(mixing).T
-    max_h, max_e = np.percentile(concentrations, MAX_PERCENTILE, axis=0)
+    unmix = np.linalg.pinv(np.column_stack([h, e]))
+    max_h, max_e = (
+        float(np.percentile(_combine(channels, unmix[k]), MAX_PERCENTILE)) for k in range(2)
+    )
     if not (max_h > 0 and max_e > 0):
         return StainEstimate(
             None, n, f"stain concentrations are not positive ({max_h:.3g}, {max_e:.3g})"
@@ -197,9 +211,27 @@ def estimate(
     return StainEstimate(vectors, n)
 
 
-def estimate_rgb(rgb: np.ndarray, **options) -> StainEstimate:
+def _combine(channels, weights) -> np.ndarray:
+    """``sum_c weights[c] * channels[c]`` over three channel arrays (float32)."""
+    out = channels[0] * np.float32(weights[0])
+    out += channels[1] * np.float32(weights[1])
+    out += channels[2] * np.float32(weights[2])
+    return out
+
+
+def estimate_rgb(
+    rgb: np.ndarray,
+    *,
+    alpha: float = ALPHA,
+    beta: float = BETA,
+    min_pixels: int = MIN_PIXELS,
+    min_angle_deg: float = MIN_ANGLE_DEG,
+) -> StainEstimate:
     """``estimate`` on uint8 RGB pixels (any shape ending in 3 or 4)."""
-    return estimate(optical_density(rgb).reshape(-1, 3), **options)
+    flat = rgb.reshape(-1, rgb.shape[-1])
+    table = od_table()
+    channels = [np.take(table, flat[:, c]) for c in range(3)]
+    return _estimate(channels, alpha, beta, min_pixels, min_angle_deg)
 
 
 def normalisation_matrix(source: StainVectors, target: StainVectors = REFERENCE) -> np.ndarray:
