@@ -48,7 +48,7 @@ PREPROCESS_BYTES_PER_MASK_PIXEL = 32  # measured ~24
 DISTANCE_CLOSING_BYTES_PER_MASK_PIXEL = 48
 STANDARD_SLIDE_MM = (25.0, 75.0)
 # the stain estimate of preprocess: 2.1 M region pixels (6 MB), one region read (at most
-# 4 MB) and Macenko's float32 arrays (56 MB peak, measured with tracemalloc)
+# 4 MB) and Macenko's float32 arrays (55 MB peak: benchmarks/results/stain.txt)
 STAIN_ESTIMATE_MB = 80
 
 # Without knowing the level ratio (level pixels per output pixel) assume the worst of a

@@ -271,7 +271,7 @@ def od_matrix_tables(
     ``io * exp(-(M od + offset)_k)`` is a product over the input channels ``c`` of
     ``exp(-M[k, c] od(v_c))`` (``io * exp(-offset_k)`` folded into ``c = 0``), and each
     factor depends on one uint8 value: so the map costs nine table lookups per pixel and
-    no logarithm or exponential (4x faster than computing them).
+    no logarithm or exponential per pixel.
     """
     od = od_table(io).astype(np.float64)
     tables = np.exp(-np.asarray(matrix, np.float64)[:, :, None] * od[None, None, :])
