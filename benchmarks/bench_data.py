@@ -78,7 +78,7 @@ def synthetic_destination(folder: Path, n: int, per_shard: int) -> Path:
     atomic.write_json(work / "tile.json", {**tile_manifest, "summary": {"status": "ok"}})
     entry = dataset.SampleEntry("B1", "wsi", str(work / "tile.json"), None, label="1")
     manifest = dataset.build([entry], work / "index")
-    files = {name: str(work / "index" / name) for name in dataset.TABLES}
+    files = {name: str(work / "index" / name) for name in dataset.FILES}
     dataset.publish(files, str(dest / "dataset"), manifest)
     return dest
 

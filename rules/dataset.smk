@@ -22,6 +22,7 @@ rule dataset:
         tiles=f"results/dataset/{RUN}/tiles.parquet",
         patches=f"results/dataset/{RUN}/patches.parquet",
         samples=f"results/dataset/{RUN}/samples.parquet",
+        datalist=f"results/dataset/{RUN}/datalist.json",
         receipt=f"results/dataset/{RUN}/upload.json",
     log:
         f"logs/dataset/{RUN}.log",

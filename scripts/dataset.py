@@ -24,6 +24,7 @@ def main(smk):
             "tiles.parquet": smk.output.tiles,
             "patches.parquet": smk.output.patches,
             "samples.parquet": smk.output.samples,
+            "datalist.json": smk.output.datalist,
         },
         smk.params.destination,
         {**manifest, "run": smk.params.run, "medprep": __version__},

@@ -16,6 +16,7 @@ def main(smk):
         tile=smk.params.tile,
         threads=smk.threads,
         annotations_manifest=smk.input.get("annotations"),
+        patches_path=smk.output.patches,
     )
 
 

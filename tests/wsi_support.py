@@ -73,6 +73,55 @@ def measured_period(profile: np.ndarray) -> float:
     return (crossings[-1] - crossings[0]) / (len(crossings) - 1)
 
 
+# ---- a second staining of a real slide, for the stain tests and benchmarks/bench_stain.py
+
+# another lab's H&E: Ruifrok and Johnston's colour-deconvolution vectors, haematoxylin 0.8
+# and eosin 1.2 times as strong as on the slide restained
+RUIFROK_H = (0.65, 0.70, 0.29)
+RUIFROK_E = (0.07, 0.99, 0.11)
+RESTAIN_AMOUNTS = (0.8, 1.2)
+
+
+def slide_pixels(path: Path) -> np.ndarray:
+    """Level 0 of a small slide as one RGB array."""
+    import openslide
+
+    with openslide.OpenSlide(str(path)) as slide:
+        return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+
+
+def restained(image: np.ndarray, vectors) -> np.ndarray:
+    """``image`` stained with Ruifrok's H and E instead of ``vectors`` (a
+    ``medprep.wsi.stain.StainVectors``): in optical density each pixel's H and E (unmixed
+    by ``vectors``) are taken out and put back as Ruifrok's, in ``RESTAIN_AMOUNTS``; the
+    rest of its OD (what the two stains do not explain) is kept."""
+    from medprep.wsi import stain
+
+    other = np.array([RUIFROK_H, RUIFROK_E], dtype=np.float64).T
+    other /= np.linalg.norm(other, axis=0)
+    od = stain.optical_density(image).reshape(-1, 3).astype(np.float64)
+    concentrations = od @ np.linalg.pinv(vectors.matrix).T
+    od += (concentrations * np.array(RESTAIN_AMOUNTS)) @ other.T
+    od -= concentrations @ vectors.matrix.T
+    rgb = np.clip(stain.IO * np.exp(-od), 0, 255).astype(np.uint8)
+    return rgb.reshape(image.shape)
+
+
+def write_single_level(path: Path, image: np.ndarray, mpp: float) -> Path:
+    """``image`` as a one-level tiled JPEG TIFF (quality 95) at ``mpp``."""
+    height, width = image.shape[:2]
+    write_pyramidal_tiff(
+        path,
+        width,
+        height,
+        lambda d, x, y, w, h: image[y : y + h, x : x + w],
+        mpp=mpp,
+        quality=95,
+        downsamples=(1,),
+    )
+    return path
+
+
 def write_download(folder: Path, *slides: Path) -> Path:
     """A download manifest listing local files, as `scripts/download.py` writes it."""
     path = folder / "download.json"

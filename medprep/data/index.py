@@ -15,7 +15,14 @@ streams them, sample by sample, into three Parquet files:
   int16 HU NIfTI, relative to the destination), ``array`` and ``array_row`` when patches
   were materialised (``ct.patches.materialise``);
 - ``samples.parquet``: one row per sample: modality, patient, label, split, status and
-  counts.
+  counts; for slides the stain vectors estimated at preprocess (``stain_status``: ok,
+  degenerate (``stain_reason`` says why) or null for fluorescence; ``stain_h_r`` ...
+  ``stain_e_b``, ``stain_max_h``, ``stain_max_e``) and ``tiles_stain`` (``as_scanned``,
+  or ``normalised`` when ``wsi.tile.stain`` baked it into the tiles);
+- ``datalist.json``: the CT samples in MONAI's decathlon datalist form (``training``,
+  ``validation``, ``test``: one list per split, the config's other split names as they
+  are), each item ``image`` (the published HU volume), ``lung_mask``, ``label`` (the
+  sheet's; absent when it has none) and ``sample``; paths relative to the file.
 
 The sheet's ``label``, ``patient`` and ``meta_*`` columns are added to every row (a
 ``label`` column of a per-sample table, per tile or patch, takes precedence over the
@@ -46,6 +53,12 @@ FORMAT = 1
 ROW_GROUP_ROWS = 131_072
 MAX_PENDING_TABLES = 2048  # flush many small per-sample tables as one row group
 TABLES = ("tiles.parquet", "patches.parquet", "samples.parquet")
+DATALIST = "datalist.json"
+FILES = (*TABLES, DATALIST)  # what build writes and publish publishes
+# the datalist sits in {destination}/dataset/{run}/: its paths climb back to the destination
+DATALIST_TO_DESTINATION = "../.."
+# MONAI's names of the usual splits (load_decathlon_datalist's data_list_key)
+DATALIST_KEYS = {"train": "training", "val": "validation", "test": "test"}
 
 # sheet columns on every row, after the sample
 GROUP_COLUMNS = {"patient": "string", "label": "string", "split": "string"}
@@ -67,6 +80,12 @@ SAMPLE_COLUMNS = {
     "candidates": "int64",
     "warnings": "int64",
     "manifest": "string",
+    "tiles_stain": "string",
+    "stain_status": "string",
+    "stain_reason": "string",
+    **{f"stain_{stain}_{channel}": "float64" for stain in "he" for channel in "rgb"},
+    "stain_max_h": "float64",
+    "stain_max_e": "float64",
 }
 AXES = {
     "tiles": "H, W, 3: rows, columns, RGB (uint8), as decoded from the JPEG/PNG",
@@ -295,6 +314,49 @@ def _ct_extra(entry: SampleEntry, table, tile: dict[str, Any], pre: dict[str, An
     return extra
 
 
+def stain_values(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``stain_*`` columns of a slide's preprocess stain record (None: fluorescence,
+    CT or a preprocess of an earlier version: all null)."""
+    values: dict[str, Any] = {name: None for name in SAMPLE_COLUMNS if name.startswith("stain_")}
+    if not record:
+        return values
+    values["stain_status"] = record.get("status")
+    values["stain_reason"] = record.get("reason")
+    if record.get("status") == "ok":
+        for stain in "he":
+            for channel, value in zip("rgb", record[stain], strict=True):
+                values[f"stain_{stain}_{channel}"] = float(value)
+        values["stain_max_h"], values["stain_max_e"] = (
+            float(v) for v in record["max_concentrations"]
+        )
+    return values
+
+
+def datalist_item(entry: SampleEntry, pre: dict[str, Any] | None) -> dict[str, str] | None:
+    """A CT sample's datalist item (paths relative to the datalist), or None without a volume."""
+    volume = _artifact(pre or {}, "volume.nii.gz")
+    if volume is None:
+        return None
+    folder = posixpath.join(DATALIST_TO_DESTINATION, "ct", entry.sample)
+    item = {"image": posixpath.join(folder, volume["name"])}
+    mask = _artifact(pre or {}, "lung_mask.nii.gz")
+    if mask is not None:
+        item["lung_mask"] = posixpath.join(folder, mask["name"])
+    if entry.label is not None:
+        item["label"] = entry.label
+    item["sample"] = entry.sample
+    return item
+
+
+def datalist(items: Iterable[tuple[str, dict[str, str]]], splits_in_order: Iterable[str]):
+    """The decathlon datalist of ``(split, item)`` pairs: a list per split, every split
+    present (empty or not), in the configured order, under MONAI's names."""
+    out: dict[str, list] = {DATALIST_KEYS.get(name, name): [] for name in splits_in_order}
+    for split, item in items:
+        out[DATALIST_KEYS.get(split, split)].append(item)
+    return out
+
+
 def _load_sample(entry: SampleEntry, schemas, fractions, seed):
     """Read one sample's manifests and table: its rows in the index and its samples row."""
     patient = splits.patient_key(entry.patient, entry.sample)
@@ -312,11 +374,18 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
             "its tile manifest lists no table", path=entry.tile_manifest, sample=entry.sample
         )
     table = _read_table(item["path"], entry)
+    pre = atomic.read_json(entry.preprocess_manifest) if entry.preprocess_manifest else None
     if kind == "tiles":
         extra = _wsi_extra(entry, table, item["name"])
+        stain = {
+            "tiles_stain": summary.get("stain", "as_scanned"),
+            **stain_values((pre or {}).get("summary", {}).get("stain")),
+        }
+        datalist_entry = None
     else:
-        pre = atomic.read_json(entry.preprocess_manifest) if entry.preprocess_manifest else None
         extra = _ct_extra(entry, table, tile, pre)
+        stain = {"tiles_stain": None, **stain_values(None)}
+        datalist_entry = datalist_item(entry, pre)
     rows = _sample_rows(entry, table, columns, schemas[kind], split, patient, extra)
     sample_values = {
         "modality": entry.modality,
@@ -326,6 +395,7 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
         "candidates": summary.get("candidates"),
         "warnings": len(summary.get("warnings") or []),
         "manifest": posixpath.join(entry.modality, entry.sample, "manifest.json"),
+        **stain,
     }
     sample_row = {
         "sample": entry.sample,
@@ -335,7 +405,7 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
         **sample_values,
         **entry.meta,
     }
-    return entry, kind, rows, sample_row, split, patient
+    return entry, kind, rows, sample_row, split, patient, datalist_entry
 
 
 def build(
@@ -346,8 +416,9 @@ def build(
     seed: int | None = None,
     threads: int = 2,
 ) -> dict[str, Any]:
-    """Write ``tiles.parquet``, ``patches.parquet`` and ``samples.parquet`` into
-    ``out_dir``; return the content of the dataset's manifest.json (without files).
+    """Write ``tiles.parquet``, ``patches.parquet``, ``samples.parquet`` and
+    ``datalist.json`` into ``out_dir``; return the content of the dataset's
+    manifest.json (without files).
 
     ``fractions`` and ``seed``: the ``dataset`` settings (None: the schema's defaults).
 
@@ -376,13 +447,18 @@ def build(
     error: BaseException | None = None
 
     sample_rows: list[dict[str, Any]] = []
+    datalist_items: list[tuple[str, dict[str, str]]] = []
 
     def load(entry: SampleEntry):
         return _load_sample(entry, schemas, fractions, seed)
 
     try:
-        for entry, kind, rows, sample_row, split, patient in thread_map(load, entries, threads):
+        for entry, kind, rows, sample_row, split, patient, item in thread_map(
+            load, entries, threads
+        ):
             groups.setdefault(patient, (entry.label, split))
+            if item is not None:
+                datalist_items.append((split, item))
             writers[kind].add(rows)
             sample_rows.append(sample_row)
             if len(sample_rows) >= MAX_PENDING_TABLES:
@@ -398,6 +474,7 @@ def build(
     finally:
         for writer in writers.values():
             writer.close(error)
+    atomic.write_json(os.path.join(out_dir, DATALIST), datalist(datalist_items, fractions))
     balance = splits.balance(((p, label, split) for p, (label, split) in groups.items()), fractions)
     counts = {
         "samples": len(entries),
@@ -425,6 +502,7 @@ def build(
         "meta_columns": meta_columns,
         "axes": AXES,
         "tables": list(TABLES),
+        "datalist": DATALIST,
     }
 
 

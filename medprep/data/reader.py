@@ -7,8 +7,10 @@ import io
 import json
 import os
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,9 @@ class DatasetNotReady(FileNotFoundError):
     """The destination has no complete dataset (no ``dataset/{run}/manifest.json``)."""
 
 
+STAIN_MODES = ("normalise", "augment")
+
+
 def open_dataset(
     destination: str | os.PathLike,
     split: str | None = None,
@@ -31,6 +36,10 @@ def open_dataset(
     run: str | None = None,
     settings: dict[str, Any] | None = None,
     cache_volumes: int = 2,
+    stain: str | None = None,
+    stain_target: Any = None,
+    stain_seed: int = 0,
+    stain_sigma: tuple[float, float] = (0.2, 0.0),
 ) -> Dataset:
     """The dataset of run ``run`` published under ``destination``, restricted to ``split``.
 
@@ -39,8 +48,32 @@ def open_dataset(
     for s3:// (endpoint_url, region, profile, max_attempts); credentials come from the
     standard AWS chain. ``cache_volumes`` CT volumes are kept in memory (per process) for
     patches cut on the fly.
+
+    ``stain`` (slide tiles; see ``medprep.wsi.stain``): None = tiles as written;
+    ``"normalise"`` = each tile mapped from its slide's stain vectors (estimated at
+    preprocess) to ``stain_target``: None = Macenko's reference H&E, a sample's name
+    (its recorded vectors), an H&E image (uint8 RGB array: vectors estimated on it), or
+    explicit vectors (``medprep.wsi.stain.StainVectors`` or a dict ``{"h": [r, g, b],
+    "e": [r, g, b], "max_concentrations": [h, e]}``); ``"augment"`` = each tile's H and E
+    concentrations scaled by ``1 +- stain_sigma[0]`` and shifted by ``+- stain_sigma[1]``
+    (of the stain's strength), uniform, drawn from ``stain_seed``, the sample, the tile
+    and the epoch (``ds.tiles.set_epoch``). Tiles of slides without vectors
+    (fluorescence, too little tissue, one stain) come as written; the row's ``stain``
+    says what was done to each tile (``normalised``, ``augmented`` or ``as_written``).
     """
-    return Dataset(os.fspath(destination), split, settings or {}, cache_volumes, run=run)
+    if stain is not None and stain not in STAIN_MODES:
+        raise ValueError(f"stain must be None, 'normalise' or 'augment', not {stain!r}")
+    return Dataset(
+        os.fspath(destination),
+        split,
+        settings or {},
+        cache_volumes,
+        run=run,
+        stain=stain,
+        stain_target=stain_target,
+        stain_seed=stain_seed,
+        stain_sigma=stain_sigma,
+    )
 
 
 def dataset_runs(
@@ -90,6 +123,10 @@ class Dataset:
         cache: int,
         *,
         run: str | None = None,
+        stain: str | None = None,
+        stain_target: Any = None,
+        stain_seed: int = 0,
+        stain_sigma: tuple[float, float] = (0.2, 0.0),
     ) -> None:
         self.destination = destination
         self.settings = settings
@@ -102,9 +139,65 @@ class Dataset:
         if split is not None and split not in names:
             raise ValueError(f"unknown split {split!r}; the dataset has {names}")
         self.split = split
-        self.samples = self._table("samples.parquet")
-        self.tiles = Tiles(self, self._table("tiles.parquet"))
+        self.all_samples = self._table("samples.parquet", filtered=False)
+        self.samples = self._in_split(self.all_samples)
+        stain_options = None
+        if stain is not None:
+            stain_options = StainOptions(
+                stain,
+                self._stain_target(stain_target),
+                int(stain_seed),
+                (float(stain_sigma[0]), float(stain_sigma[1])),
+            )
+        self.tiles = Tiles(self, self._table("tiles.parquet"), stain_options)
         self.patches = Patches(self, self._table("patches.parquet"), cache)
+
+    def stain_vectors(self, sample: str):
+        """The stain vectors of ``sample``'s tiles as written (``medprep.wsi.stain``), or
+        None when its slide has none (fluorescence, degenerate estimate, CT). Tiles baked
+        normalised (``tiles_stain`` normalised) have the reference's."""
+        from medprep.wsi import stain
+
+        rows = self.all_samples[self.all_samples["sample"] == sample]
+        if rows.empty:
+            raise ValueError(f"no sample {sample!r} in the dataset")
+        row = rows.iloc[0]
+        if "stain_status" not in row.index:  # an index of an earlier version
+            return None
+        if row["tiles_stain"] == "normalised":
+            return stain.REFERENCE
+        if row["stain_status"] != "ok":
+            return None
+        return stain.StainVectors.from_dict(
+            {
+                "h": [row["stain_h_r"], row["stain_h_g"], row["stain_h_b"]],
+                "e": [row["stain_e_r"], row["stain_e_g"], row["stain_e_b"]],
+                "max_concentrations": [row["stain_max_h"], row["stain_max_e"]],
+            }
+        )
+
+    def _stain_target(self, target: Any):
+        from medprep.wsi import stain
+
+        if target is None:
+            return stain.REFERENCE
+        if isinstance(target, stain.StainVectors):
+            return target
+        if isinstance(target, dict):
+            return stain.StainVectors.from_dict(target)
+        if isinstance(target, str):
+            vectors = self.stain_vectors(target)
+            if vectors is None:
+                raise ValueError(f"sample {target!r} has no stain vectors to normalise to")
+            return vectors
+        if isinstance(target, np.ndarray):
+            estimate = stain.estimate_rgb(target)
+            if estimate.vectors is None:
+                raise ValueError(f"stain_target image: no stain vectors ({estimate.reason})")
+            return estimate.vectors
+        raise ValueError(
+            "stain_target must be None, a sample name, an RGB image, StainVectors or a dict"
+        )
 
     def uri(self, relative: str) -> str:
         """A path relative to the destination (as in the tables) as a path or URI."""
@@ -118,10 +211,13 @@ class Dataset:
         """Bytes of a file relative to the destination: all, or ``size`` from ``offset``."""
         return read_bytes(self.uri(relative), offset, size, self.settings, exact=exact)
 
-    def _table(self, name: str):
+    def _table(self, name: str, filtered: bool = True):
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(self.read(f"{self.folder}/{name}"))).to_pandas()
+        return self._in_split(table) if filtered else table
+
+    def _in_split(self, table):
         if self.split is not None:
             table = table[table["split"] == self.split].reset_index(drop=True)
         return table
@@ -193,8 +289,51 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     raise ValueError(f"unknown tile image type: {name}")
 
 
+@dataclass(frozen=True)
+class StainOptions:
+    mode: str  # "normalise" or "augment"
+    target: Any  # medprep.wsi.stain.StainVectors
+    seed: int
+    sigma: tuple[float, float]
+
+
 class Tiles(_Items):
-    """WSI tiles: (H, W, 3) uint8 RGB arrays."""
+    """WSI tiles: (H, W, 3) uint8 RGB arrays, as written or stain-normalised/augmented
+    (``open_dataset``'s ``stain``)."""
+
+    def __init__(self, dataset: Dataset, table, stain: StainOptions | None = None) -> None:
+        super().__init__(dataset, table)
+        self.stain = stain
+        self.epoch = 0
+        self._vectors: dict[str, Any] = {}
+        self._matrices: dict[str, np.ndarray] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new stain augmentations: a tile's depends on the seed, itself and this."""
+        self.epoch = int(epoch)
+
+    def _source(self, sample: str):
+        if sample not in self._vectors:
+            self._vectors[sample] = self.dataset.stain_vectors(sample)
+        return self._vectors[sample]
+
+    def _stained(self, pixels: np.ndarray, row: dict[str, Any]) -> tuple[np.ndarray, str]:
+        from medprep.wsi import stain
+
+        options = self.stain
+        source = self._source(row["sample"]) if options is not None else None
+        if options is None or source is None:
+            return pixels, "as_written"
+        if options.mode == "normalise":
+            matrix = self._matrices.get(row["sample"])
+            if matrix is None:
+                matrix = stain.normalisation_matrix(source, options.target)
+                self._matrices[row["sample"]] = matrix
+            return stain.apply_od_matrix(pixels, matrix), "normalised"
+        key = [options.seed, self.epoch, zlib.crc32(row["sample"].encode()), int(row["tile_id"])]
+        scale, shift = stain.random_augmentation(np.random.default_rng(key), *options.sigma)
+        matrix, offset = stain.augmentation_matrix(source, scale, shift)
+        return stain.apply_od_matrix(pixels, matrix, offset), "augmented"
 
     def raw(self, row: dict[str, Any]) -> bytes:
         """The encoded image of a tile: one (ranged) read."""
@@ -209,7 +348,12 @@ class Tiles(_Items):
         return self.dataset.read(row["file"], int(offset), int(size))
 
     def array(self, row: dict[str, Any]) -> np.ndarray:
-        return decode_image(self.raw(row), row.get("member") or row["file"])
+        """The tile's pixels; with ``stain``, also sets ``row["stain"]`` (what was done)."""
+        pixels = decode_image(self.raw(row), row.get("member") or row["file"])
+        if self.stain is None:
+            return pixels
+        pixels, row["stain"] = self._stained(pixels, row)
+        return pixels
 
 
 class Patches(_Items):

@@ -16,6 +16,8 @@ mask maths on it (RGBA, RGB, score, masks, distance transforms, labels: about
 ``PREPROCESS_BYTES_PER_MASK_PIXEL``), plus chunk reads of at most ``MAX_READ_SIDE``
 pixels per side. The mask's size follows the slide's physical size, so without the
 slide's dimensions the estimate assumes a full scan of a standard 25 x 75 mm slide.
+Brightfield slides then get their stain estimate (``STAIN_ESTIMATE_MB``: a fixed sample
+of tissue regions, after the low-resolution image is freed).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ PREPROCESS_BYTES_PER_MASK_PIXEL = 32  # measured ~24
 # closing by distance transforms (radius above tissue.DIRECT_CLOSING_MAX_RADIUS pixels)
 DISTANCE_CLOSING_BYTES_PER_MASK_PIXEL = 48
 STANDARD_SLIDE_MM = (25.0, 75.0)
+# the stain estimate of preprocess: 2.1 M region pixels (6 MB), one region read (at most
+# 4 MB) and Macenko's float32 arrays (55 MB peak: benchmarks/results/stain.txt)
+STAIN_ESTIMATE_MB = 80
 
 # Without knowing the level ratio (level pixels per output pixel) assume the worst of a
 # pyramid with 4x steps: just under 4.
@@ -117,7 +122,7 @@ def estimate_preprocess_mem_mb(
     if round(closing_um / mask_mpp) > DIRECT_CLOSING_MAX_RADIUS:
         per_pixel += DISTANCE_CLOSING_BYTES_PER_MASK_PIXEL
     chunk_mb = (PREPROCESS_READ_SIDE**2 * 4) / MB  # one read at the mask's level
-    parent = PARENT_BASE_MB + OPENSLIDE_CACHE_MB + pixels * per_pixel / MB
+    parent = PARENT_BASE_MB + OPENSLIDE_CACHE_MB + pixels * per_pixel / MB + STAIN_ESTIMATE_MB
     if workers == 1:
         return math.ceil(parent + chunk_mb)
     return math.ceil(parent + workers * (WORKER_BASE_MB + OPENSLIDE_CACHE_MB + chunk_mb))

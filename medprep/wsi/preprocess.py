@@ -20,11 +20,11 @@ import numpy as np
 from medprep.common import statuses
 from medprep.common.errors import InputError
 from medprep.common.parallel import run_parallel
-from medprep.wsi import guard, qc, vendors
+from medprep.wsi import guard, qc, stain, vendors
 from medprep.wsi import resolution as res
 from medprep.wsi.marks import autocontrast
 from medprep.wsi.settings import ResolutionSettings, TissueSettings
-from medprep.wsi.slide import SlideInfo, inspect_slide
+from medprep.wsi.slide import RegionReadError, SlideInfo, SlideReader, inspect_slide, make_opaque
 from medprep.wsi.tissue import TissueResult, detect_tissue, max_channel
 from medprep.wsi.workers import (
     ChunkTask,
@@ -50,6 +50,15 @@ BLACK = (0, 0, 0)
 
 # Relative amount by which the target may be finer than level 0 before it is worth a warning.
 UPSAMPLING_WARNING = 0.01
+
+# Stain vectors (brightfield) come from this many tissue regions of STAIN_REGION_SIDE
+# pixels at the tiles' resolution, centred on random tissue-mask pixels (2.1 M pixels at
+# most). At mask resolution each pixel averages nuclei and stroma: the vectors come out
+# closer together and the strengths weaker than in the tiles (CMU-1 at 8 um/px: 32
+# degrees between H and E, strengths 1.68 / 1.44; from the regions: 41 degrees,
+# 2.77 / 2.25; benchmarks/results/stain.txt), so normalising tiles with them would be wrong.
+STAIN_REGIONS = 32
+STAIN_REGION_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -180,6 +189,104 @@ def background_for(info: SlideInfo, tissue_mode: str) -> tuple[int, int, int]:
     return BLACK if tissue_mode == "fluorescence" else WHITE
 
 
+@dataclass(frozen=True)
+class StainRegion:
+    """A region read for the stain estimate: level-0 origin, size at ``level``."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+def stain_regions(
+    mask: np.ndarray,
+    geometry: MaskGeometry,
+    dimensions: tuple[int, int],
+    plan: res.ReadPlan,
+    count: int = STAIN_REGIONS,
+    side: int = STAIN_REGION_SIDE,
+    seed: int = 0,
+) -> list[StainRegion]:
+    """Regions of ``side`` tile pixels (``plan``'s scale) centred on up to ``count``
+    random tissue pixels of ``mask`` (drawn with ``seed``), inside the slide; sizes in
+    pixels of ``plan.level``."""
+    extent_x, extent_y = side * plan.scale_x, side * plan.scale_y  # level 0
+    rows, cols = stain.sample_tissue_pixels(mask, count, seed)
+    regions = []
+    for row, col in zip(rows, cols, strict=True):
+        x = (col + 0.5) * geometry.downsample_x - extent_x / 2
+        y = (row + 0.5) * geometry.downsample_y - extent_y / 2
+        x = int(round(min(max(x, 0.0), max(dimensions[0] - extent_x, 0.0))))
+        y = int(round(min(max(y, 0.0), max(dimensions[1] - extent_y, 0.0))))
+        width = max(1, math.ceil(min(extent_x, dimensions[0] - x) / plan.level_downsample))
+        height = max(1, math.ceil(min(extent_y, dimensions[1] - y) / plan.level_downsample))
+        regions.append(StainRegion(x, y, width, height))
+    return regions
+
+
+def read_stain_pixels(
+    path: str,
+    regions: list[StainRegion],
+    plan: res.ReadPlan,
+    background: tuple[int, int, int],
+    side: int = STAIN_REGION_SIDE,
+) -> tuple[np.ndarray, list[str]]:
+    """The regions' RGB pixels at about the tiles' resolution (area-averaged from
+    ``plan.level``), as one N x 3 uint8 array; and one warning per distinct read error
+    (a damaged slide tile under several regions is named once)."""
+    from PIL import Image
+
+    pixels = []
+    skipped: dict[str, int] = {}
+    reader = SlideReader(path)
+    try:
+        for region in regions:
+            try:
+                rgba = reader.read_rgba(plan.level, region.x, region.y, region.width, region.height)
+            except RegionReadError as error:
+                skipped[str(error)] = skipped.get(str(error), 0) + 1
+                continue
+            image = Image.fromarray(make_opaque(rgba, background)[..., :3])
+            target = (
+                max(1, round(region.width * plan.level_downsample / plan.scale_x)),
+                max(1, round(region.height * plan.level_downsample / plan.scale_y)),
+            )
+            if target != image.size and max(target) <= side:
+                image = image.resize(target, Image.Resampling.BOX)
+            pixels.append(np.asarray(image).reshape(-1, 3))
+    finally:
+        reader.close()
+    errors = [
+        f"stain estimate: skipped {n} region(s) over slide data that cannot be read: {cause}"
+        for cause, n in skipped.items()
+    ]
+    if not pixels:
+        return np.zeros((0, 3), np.uint8), errors
+    return np.concatenate(pixels), errors
+
+
+def estimate_stain(
+    info: SlideInfo,
+    mask: np.ndarray,
+    geometry: MaskGeometry,
+    plan: res.ReadPlan,
+    background: tuple[int, int, int],
+    tile_mpp: float,
+) -> tuple[dict[str, Any], list[str]]:
+    """The slide's stain record (``stain.StainEstimate.summary``) from tissue regions;
+    never raises on the data (no tissue or one stain: no vectors, and why)."""
+    regions = stain_regions(mask, geometry, info.dimensions, plan)
+    pixels, warnings = read_stain_pixels(info.path, regions, plan, background)
+    estimate = stain.estimate_rgb(pixels)
+    if not regions:
+        estimate = stain.StainEstimate(None, 0, "no tissue")
+    record = estimate.summary(
+        regions=len(regions) - len(warnings), region_side=STAIN_REGION_SIDE, mpp=tile_mpp
+    )
+    return record, warnings
+
+
 def preprocess_slide(
     path: str | os.PathLike,
     resolution: ResolutionSettings | None = None,
@@ -260,6 +367,13 @@ def preprocess_slide(
         thumbnail = autocontrast(thumbnail, scanned)
     del rgba, rgb
 
+    stain_record = None  # fluorescence: no stains to estimate
+    if result.mode == "brightfield":
+        stain_record, stain_warnings = estimate_stain(
+            info, result.mask, geometry, plan, background, (tile_mpp_x + tile_mpp_y) / 2
+        )
+        warnings.extend(stain_warnings)
+
     mask_pixel_mm2 = (geometry.downsample_x * mpp.x) * (geometry.downsample_y * mpp.y) / 1e6
     tissue_area_mm2 = float(result.mask.sum()) * mask_pixel_mm2
     status = statuses.OK
@@ -315,6 +429,7 @@ def preprocess_slide(
             "dark_level": dark,
         },
         "thumbnail_autocontrast": result.mode == "fluorescence",
+        "stain": stain_record,
     }
     return PreprocessResult(result.mask, thumbnail, summary, warnings)
 
@@ -332,6 +447,7 @@ MANIFEST_SUMMARY_KEYS = (
     "tissue_mode",
     "dimensions",
     "vendor",
+    "stain",
 )
 
 

@@ -76,6 +76,7 @@ class TileSettings(Settings):
     quality: int = FROM_SCHEMA
     container: str = FROM_SCHEMA
     coords_scores: bool = FROM_SCHEMA
+    stain: str = FROM_SCHEMA
     shard_max_tiles: int = FROM_SCHEMA
     block_tiles: int = FROM_SCHEMA
     max_read_errors: int = FROM_SCHEMA

@@ -33,6 +33,7 @@ TILE_ARTIFACTS = {
     "overlay": "tiles/overlay.png",
     "summary": "tiles/summary.json",
 }
+PATCHES_ARTIFACT = "tiles/{sample}_patches.h5"  # TRIDENT/CLAM patch coordinates
 PIXELS_ARTIFACT_PREFIX = "tiles/pixels"
 PIXELS_FOLDER = "pixels"
 TILE_SUMMARY_KEYS = (
@@ -43,6 +44,7 @@ TILE_SUMMARY_KEYS = (
     "rejected",
     "flagged",
     "read_calls",
+    "stain",
 )
 
 
@@ -126,6 +128,24 @@ def mark_flags(
     )
 
 
+def baked_stain(
+    settings: TileSettings, summary: dict[str, Any]
+) -> tuple[np.ndarray | None, str | None]:
+    """With ``wsi.tile.stain: normalise``: the OD matrix that normalises this slide's
+    tiles to Macenko's reference H&E, or None and why not (fluorescence: nothing to say)."""
+    from medprep.wsi import stain
+
+    if settings.stain != "normalise":
+        return None, None
+    record = summary.get("stain")
+    if record is None:
+        return None, None
+    if record.get("status") != "ok":
+        return None, f"tiles not stain-normalised: {record.get('reason')}"
+    source = stain.StainVectors.from_dict(record)
+    return stain.normalisation_matrix(source, stain.REFERENCE), None
+
+
 def run_tile(
     download_manifest: str | os.PathLike,
     preprocess_manifest: str | os.PathLike,
@@ -138,11 +158,14 @@ def run_tile(
     tile: dict[str, Any] | None = None,
     threads: int = 1,
     annotations_manifest: str | os.PathLike | None = None,
+    patches_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Tile a preprocessed slide. ``annotations_manifest``: a download-style manifest
     listing the sample's GeoJSON annotation file (``medprep.wsi.labels``), or None: then
-    the table has no label columns and the sheet's label applies to every tile."""
-    from medprep.wsi import labels, marks, writers
+    the table has no label columns and the sheet's label applies to every tile.
+    ``patches_path``: where the TRIDENT/CLAM coordinates go (``medprep.wsi.patch_coords``;
+    default ``{sample}_patches.h5`` beside the table)."""
+    from medprep.wsi import labels, marks, patch_coords, writers
     from medprep.wsi.tiler import SlidePlan, draw_overlay, tile_slide
 
     settings = TileSettings.from_config(tile)
@@ -167,6 +190,7 @@ def run_tile(
             labels.check_extent(annotations, *plan.dimensions, os.fspath(annotation_path))
         )
 
+    stain_matrix, stain_note = baked_stain(settings, summary)
     pixels_dir = Path(table_path).parent / PIXELS_FOLDER
     with atomic.staged_dir(pixels_dir) as staging:
         result = tile_slide(
@@ -178,10 +202,34 @@ def run_tile(
             workers=threads,
             flags=flags,
             annotations=annotations,
+            stain_matrix=stain_matrix,
         )
     if annotations is not None:
         result.summary["warnings"] += annotations.warnings
+    result.summary["stain"] = "normalised" if stain_matrix is not None else "as_scanned"
+    if stain_note:
+        result.summary["warnings"].append(stain_note)
     writers.write_table(result.table, table_path)
+    patches_name = PATCHES_ARTIFACT.format(sample=sample)
+    if patches_path is None:
+        patches_path = Path(table_path).parent / Path(patches_name).name
+    patch_coords.write_patch_coords(
+        patches_path,
+        result.table["x"],
+        result.table["y"],
+        patch_coords.patch_attributes(
+            name=sample,
+            size=settings.size,
+            step=settings.step,
+            scale_x=plan.scale_x,
+            target_mpp=plan.target_mpp,
+            tile_mpp=plan.tile_mpp,
+            level0_mpp=float(summary["mpp_x"]),
+            dimensions=plan.dimensions,
+            level=plan.level,
+            level_downsample=plan.level_downsample,
+        ),
+    )
     overlay = draw_overlay(
         marks.tint(thumbnail, flags),
         result.kept_boxes,
@@ -196,6 +244,7 @@ def run_tile(
         manifest.artifact(TILE_ARTIFACTS["table"], table_path),
         manifest.artifact(TILE_ARTIFACTS["overlay"], overlay_path),
         manifest.artifact(TILE_ARTIFACTS["summary"], summary_path),
+        manifest.artifact(patches_name, patches_path),
     ]
     artifacts += [
         manifest.artifact(f"{PIXELS_ARTIFACT_PREFIX}/{name}", pixels_dir / name)

@@ -192,6 +192,7 @@ def tile_slide(
     workers: int = 1,
     flags: dict[str, np.ndarray] | None = None,
     annotations: labels.Annotations | None = None,
+    stain_matrix: np.ndarray | None = None,
 ) -> TileResult:
     """Tile the slide of ``plan`` where ``mask`` (from preprocessing) has tissue.
 
@@ -201,6 +202,8 @@ def tile_slide(
     mapped to tiles as ``<name>_fraction`` columns and filtered by ``max_<name>_fraction``.
     ``annotations``: region labels (``medprep.wsi.labels``) as ``label`` columns; with
     ``settings.annotated_only`` the candidates labelled background are not read.
+    ``stain_matrix``: a 3 x 3 OD matrix (``medprep.wsi.stain``) applied to the pixels
+    written (after the QC scores, which stay those of the slide as scanned).
     """
     settings = settings or TileSettings()
     grid = grids.make_grid(
@@ -254,6 +257,9 @@ def tile_slide(
         dark_level=plan.dark_level,
         prereduce=plan.prereduce,
         margin_l0=read_margin(plan) * plan.level_downsample,
+        stain_matrix=None
+        if stain_matrix is None
+        else tuple(tuple(float(v) for v in row) for row in np.asarray(stain_matrix)),
     )
     container = make_container(settings.container, pixels_dir, settings.shard_max_tiles)
     extension = EXTENSIONS[settings.format]

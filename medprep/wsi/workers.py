@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medprep.wsi import qc
+from medprep.wsi import qc, stain
 from medprep.wsi.settings import FilterSettings
 from medprep.wsi.slide import RegionReadError, SlideReader, make_opaque
 from medprep.wsi.tiff_read import DamagedTile
@@ -45,6 +45,8 @@ class TileJob:
     # how far (level-0 pixels) beyond a tile's footprint its pixels reach when resampled
     # (the filter's support): a damaged slide tile that close spoils the tile
     margin_l0: float = 0.0
+    # OD matrix applied to the pixels written (``stain.apply_od_matrix``), or None
+    stain_matrix: tuple[tuple[float, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,8 @@ def read_block(task: BlockTask) -> BlockResult:
         scores.append(tile_scores.as_tuple())
         reasons.append(reason)
         if reason is None and job.image_format is not None:
+            if job.stain_matrix is not None:
+                tile = stain.apply_od_matrix(tile, np.asarray(job.stain_matrix))
             encoded.append(encode_tile(tile, job.image_format, job.quality))
         else:
             encoded.append(None)

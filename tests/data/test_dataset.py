@@ -119,7 +119,7 @@ def run(tmp_path_factory, tiny_data):
 def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
     folder = run / "published" / "dataset" / "samples"  # the run of samples.tsv
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert {f["name"] for f in manifest["files"]} == set(dataset.TABLES)
+    assert {f["name"] for f in manifest["files"]} == set(dataset.FILES)
     samples = pd.read_parquet(folder / "samples.parquet").set_index("sample")
     assert samples["label"].to_dict() == {s: g[0] for s, g in GROUPS.items()}
     assert samples.loc["phantom-chest-01", "split"] == samples.loc["synthetic-01", "split"]
@@ -257,7 +257,7 @@ def test_the_index_publishes_to_s3_and_reads_back_like_the_local_one(run, s3):
     for path in sorted(local.rglob("*")):  # the samples as upload published them
         if path.is_file() and "dataset" not in path.parts:
             client.upload_file(str(path), bucket, f"out/{path.relative_to(local).as_posix()}")
-    files = {n: str(local / "dataset" / "samples" / n) for n in dataset.TABLES}
+    files = {n: str(local / "dataset" / "samples" / n) for n in dataset.FILES}
     manifest = json.loads((local / "dataset/samples/manifest.json").read_text())
     dataset.publish(files, f"s3://{bucket}/out/dataset/samples", manifest, settings=s3)
     remote = open_dataset(f"s3://{bucket}/out", settings=s3)
@@ -326,3 +326,66 @@ def test_the_documented_example_runs(run, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "docs/training-data.md", "exec"), namespace)
     assert len(namespace["batch"]) > 0
+
+
+# --- interop and stain: the datalist, the patch coordinates and the docs' examples -------
+
+
+def docs_examples(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO / "docs" / page).read_text(), re.S)
+
+
+def run_in(run, monkeypatch, code: str, name: str) -> dict:
+    monkeypatch.chdir(run)
+    (run / "results").mkdir(exist_ok=True)
+    if not (run / "results/published").exists():
+        (run / "results/published").symlink_to(run / "published")
+    namespace: dict = {}
+    exec(compile(code, name, "exec"), namespace)
+    return namespace
+
+
+def test_the_datalist_follows_the_index_splits_and_every_path_exists(run):
+    folder = run / "published" / "dataset" / "samples"
+    lists = json.loads((folder / "datalist.json").read_text())
+    samples = pd.read_parquet(folder / "samples.parquet").set_index("sample")
+    names = {"train": "training", "val": "validation", "test": "test"}
+    ct = samples[samples["modality"] == "ct"]
+    assert {s: names[split] for s, split in ct["split"].items()} == {
+        item["sample"]: key for key, items in lists.items() for item in items
+    }
+    for items in lists.values():
+        for item in items:
+            assert item["label"] == GROUPS[item["sample"]][0]
+            for key in ("image", "lung_mask"):
+                assert (folder / item[key]).resolve().is_file(), item[key]
+            volume, _ = nifti.read_nifti(folder / item["image"])
+            mask, _ = nifti.read_nifti(folder / item["lung_mask"])
+            assert volume.shape == mask.shape
+
+
+def test_the_monai_example_loads_the_datalist(run, monkeypatch):
+    pytest.importorskip("monai", reason="MONAI is not installed (optional; it pulls torch)")
+    (code,) = [c for c in docs_examples("interop.md") if "monai" in c]
+    namespace = run_in(run, monkeypatch, code, "docs/interop.md")
+    item = namespace["item"]
+    assert tuple(item["image"].shape) == tuple(item["lung_mask"].shape)
+    assert item["label"] == "1"
+
+
+def test_the_patch_coordinates_example_reads_the_published_file(run, monkeypatch):
+    (code,) = [c for c in docs_examples("interop.md") if "h5py" in c]
+    namespace = run_in(run, monkeypatch, code, "docs/interop.md")
+    tiles = pd.read_parquet(run / "published/wsi/CMU-1-Small-Region/tiles/tiles.parquet")
+    np.testing.assert_array_equal(namespace["coords"], tiles[["x", "y"]].to_numpy())
+    assert abs(namespace["box"] - tiles["width_l0"].iloc[0]) <= 0.01 * tiles["width_l0"].iloc[0]
+
+
+def test_the_stain_example_runs_and_normalises(run, monkeypatch):
+    (code,) = docs_examples("stain.md")
+    namespace = run_in(run, monkeypatch, code, "docs/stain.md")
+    tile, row = namespace["normalised"].tiles[0]
+    assert row["stain"] == "normalised" and tile.shape == (128, 128, 3)
+    samples = namespace["normalised"].samples.set_index("sample")
+    assert (samples.loc[["synthetic-01", "CMU-1-Small-Region"], "stain_status"] == "ok").all()
+    assert namespace["augmented"].tiles.epoch == 1

@@ -127,8 +127,11 @@ def test_the_sample_fails_by_default_naming_the_tile_and_tolerates_it_when_allow
 
     manifest = preprocess(folder, damaged, max_read_errors=1)
     assert manifest["summary"]["status"] == "ok"
-    [warning] = manifest["summary"]["warnings"]
+    # named once for the mask and thumbnail, once for the stain regions it spoils
+    warning, stain_warning = manifest["summary"]["warnings"]
     assert f"column {COLUMN}, row {ROW}" in warning
+    assert stain_warning.startswith("stain estimate: skipped ")
+    assert f"column {COLUMN}, row {ROW}" in stain_warning
     # the mask has no tissue where the tile is (its pixels are unknown), the clean one has
     reference = tmp_path / "clean"
     preprocess(reference, CMU)

@@ -365,6 +365,7 @@ rule tile_wsi:
         table="results/wsi/{{sample}}/tiles/tiles.parquet",
         overlay="results/wsi/{{sample}}/tiles/overlay.png",
         summary="results/wsi/{{sample}}/tiles/summary.json",
+        patches="results/wsi/{{sample}}/tiles/{{sample}}_patches.h5",
         manifest="results/wsi/{{sample}}/tile.json",
     params:
         tile={{"min_tissue": 0.0, "container": "coords"}},

@@ -45,6 +45,7 @@ rule tile_wsi:
         table="results/wsi/{{sample}}/tiles/tiles.parquet",
         overlay="results/wsi/{{sample}}/tiles/overlay.png",
         summary="results/wsi/{{sample}}/tiles/summary.json",
+        patches="results/wsi/{{sample}}/tiles/{{sample}}_patches.h5",
         manifest="results/wsi/{{sample}}/tile.json",
     params:
         tile={{"size": 128, "block_tiles": 2, "shard_max_tiles": 20}},
