@@ -109,10 +109,30 @@ def test_every_docs_page_is_linked_from_the_readme():
         assert f"docs/{page.name}" in readme, f"docs/{page.name} is not linked from README.md"
 
 
+def headings(text: str) -> list[tuple[int, str]]:
+    """(level, title) of the markdown headings outside code blocks."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return [(len(m[1]), m[2].strip()) for m in re.finditer(r"^(#+) (.+)$", text, re.M)]
+
+
+def anchor(title: str) -> str:
+    """The anchor a heading gets (GitHub's rule)."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def test_every_page_has_one_title():
+    for page in PAGES:
+        titles = [title for level, title in headings(page.read_text()) if level == 1]
+        assert len(titles) == 1, f"{page.name}: {titles}"
+
+
 def test_links_between_pages_lead_somewhere():
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
-            assert (page.parent / target).is_file(), f"{page.name} links to missing {target}"
+        for target, fragment in re.findall(r"\]\(([^)#:]+\.md)(?:#([^)]*))?\)", page.read_text()):
+            linked = page.parent / target
+            assert linked.is_file(), f"{page.name} links to missing {target}"
+            anchors = {anchor(title) for _, title in headings(linked.read_text())}
+            assert not fragment or fragment in anchors, f"{page.name}: no #{fragment} in {target}"
 
 
 def test_no_page_speaks_of_issues():
