@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 
 # the column kinds the tables use, as numpy dtypes
-KINDS = {"int64": np.int64, "int32": np.int32, "float64": np.float64, "bool": np.bool_}
+KINDS: dict[str, type[np.generic]] = {
+    "int64": np.int64,
+    "int32": np.int32,
+    "float64": np.float64,
+    "bool": np.bool_,
+}
 
 
 def _validity(values: Sequence[Any]) -> np.ndarray | None:
