@@ -14,11 +14,15 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medprep.common.errors import InputError
 from medprep.ct.settings import SeriesSettings
+
+if TYPE_CHECKING:  # pydicom is loaded by medprep.ct.dicom_io, which reads the files
+    from pydicom import Dataset
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 STRUCTURED_REPORT_PREFIX = "1.2.840.10008.5.1.4.1.1.88"
@@ -48,7 +52,7 @@ class SliceHeader:
     image_type: tuple[str, ...] = ()
     rows: int = 0
     cols: int = 0
-    position: tuple[float, float, float] | None = None
+    position: tuple[float, ...] | None = None  # x, y, z
     orientation: tuple[float, ...] | None = None  # row cosines then column cosines
     pixel_spacing: tuple[float, float] | None = None  # between rows, between columns (mm)
     instance_number: int | None = None
@@ -75,7 +79,7 @@ class SliceHeader:
     lossy: bool = False  # lossy transfer syntax or LossyImageCompression 01
     kernel: str = ""  # ConvolutionKernel, values joined with "\\"
     # the parsed header (pixel data left on disk), kept so pixels decode without a reparse
-    dataset: object = dataclasses.field(default=None, repr=False, compare=False)
+    dataset: Dataset | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +359,7 @@ def _placed(header: SliceHeader) -> tuple[tuple[float, ...], tuple[float, float]
     return header.orientation, header.pixel_spacing
 
 
-def _position(header: SliceHeader) -> tuple[float, float, float]:
+def _position(header: SliceHeader) -> tuple[float, ...]:
     """The ImagePositionPatient of a grouped header (``rejection_reason`` refuses it missing)."""
     assert header.position is not None
     return header.position
