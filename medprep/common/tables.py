@@ -14,10 +14,15 @@ from typing import Any
 import numpy as np
 
 # the column kinds the tables use, as numpy dtypes
-KINDS = {"int64": np.int64, "int32": np.int32, "float64": np.float64, "bool": np.bool_}
+KINDS: dict[str, type[np.generic]] = {
+    "int64": np.int64,
+    "int32": np.int32,
+    "float64": np.float64,
+    "bool": np.bool_,
+}
 
 
-def _validity(values: Sequence[Any]) -> np.ndarray | None:
+def _validity(values: Sequence[Any] | np.ndarray) -> np.ndarray | None:
     """True where a value is present, or None when every value is (numpy input never
     holds None)."""
     if isinstance(values, np.ndarray) and values.dtype != object:
@@ -34,7 +39,7 @@ def _bitmap(present: np.ndarray | None):
     return pa.py_buffer(np.packbits(present, bitorder="little"))
 
 
-def _string_array(values: Sequence[str | None], present: np.ndarray | None):
+def _string_array(values: Sequence[str | None] | np.ndarray, present: np.ndarray | None):
     import pyarrow as pa
 
     encoded = [b"" if v is None else str(v).encode("utf-8") for v in values]
@@ -49,7 +54,7 @@ def _string_array(values: Sequence[str | None], present: np.ndarray | None):
     )
 
 
-def arrow_array(values: Sequence[Any], kind: str):
+def arrow_array(values: Sequence[Any] | np.ndarray, kind: str):
     """One column as a pyarrow array of ``kind`` ("string" or a key of ``KINDS``);
     None becomes null."""
     import pyarrow as pa
@@ -68,7 +73,7 @@ def arrow_array(values: Sequence[Any], kind: str):
     return pa.Array.from_buffers(arrow_kind, len(data), [_bitmap(present), buffer])
 
 
-def arrow_table(columns: Mapping[str, Sequence[Any]], kinds: Mapping[str, str]):
+def arrow_table(columns: Mapping[str, Sequence[Any] | np.ndarray], kinds: Mapping[str, str]):
     """The table of ``kinds``' columns, in that order, taken from ``columns``."""
     import pyarrow as pa
 

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import threading
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import numpy as np
 
@@ -63,6 +64,10 @@ def _int(value, default=None):
         return default
 
 
+@overload
+def _signed(value: int, representation: int) -> int: ...
+@overload
+def _signed(value: int | None, representation: int) -> int | None: ...
 def _signed(value: int | None, representation: int) -> int | None:
     # PixelPaddingValue is "US or SS"; writers often store a signed value as US (-2000 as 63536).
     if value is None:
@@ -291,7 +296,13 @@ def _stored_pixel_bytes(ds, path: str) -> int:
     return int(length) if length not in (None, 0xFFFFFFFF) else os.path.getsize(path)
 
 
+@overload
+def _floats(value: object, count: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats(value: object, count: int) -> tuple[float, ...] | None: ...
 def _floats(value, count: int) -> tuple[float, ...] | None:
+    """The ``count`` numbers of a multi-valued element (None: missing, not numbers, or
+    another count)."""
     if value is None or isinstance(value, str | bytes):
         return None
     try:
@@ -472,17 +483,17 @@ def read_pixels(header: SliceHeader) -> np.ndarray:
     data element is read from disk then, the file is not parsed again).
     """
     if header.pixel_data_offset is not None and header.bits_allocated in (8, 16):
-        return _read_native(header)
+        return _read_native(header, header.pixel_data_offset)
     return _read_with_pydicom(header)
 
 
-def _read_native(header: SliceHeader) -> np.ndarray:
+def _read_native(header: SliceHeader, offset: int) -> np.ndarray:
     signed = header.pixel_representation == 1
     dtype = np.dtype(f"<{'i' if signed else 'u'}{header.bits_allocated // 8}")
     count = header.rows * header.cols
     try:
         with open(header.path, "rb") as f:
-            f.seek(header.pixel_data_offset)
+            f.seek(offset)
             data = np.fromfile(f, dtype=dtype, count=count)
     except OSError as error:
         raise InputError(f"cannot read pixel data: {error}", path=header.path) from error

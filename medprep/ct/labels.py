@@ -36,12 +36,16 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medprep.common import claims
 from medprep.common.errors import InputError
 from medprep.ct.nifti import LPS_TO_RAS
+
+if TYPE_CHECKING:  # lidc is imported where it is used: reading a CSV does not load it
+    from medprep.ct.lidc import ReadingExtent, SliceFrame
 
 BACKGROUND = 0
 DEFAULT_LABEL = 1
@@ -58,7 +62,7 @@ class Annotation:
     """One annotated point: a nodule or a candidate."""
 
     id: str  # unique within the sample: "csv-<line>" or "lidc-<n>"
-    centre_lps: tuple[float, float, float]  # mm, DICOM patient coordinates
+    centre_lps: tuple[float, ...]  # x, y, z (mm), DICOM patient coordinates
     diameter_mm: float | None  # None: a point (no size given)
     label: int = DEFAULT_LABEL
     readers: int = 0  # LIDC: readers who marked it; 0 for a CSV row
@@ -101,7 +105,7 @@ def _coordinate(text: str, column: str, where: str) -> float:
     return value
 
 
-def _split_rows(text: str) -> tuple[list[tuple[int, list[str]]], bool]:
+def _split_rows(text: str) -> tuple[list[tuple[int, str | list[str]]], bool]:
     """(line number, cells) of the non-blank rows, the header first, and whether the
     text is unquoted. Unquoted rows (LUNA16's files) are split on commas lazily: this
     returns them as (line number, text) and ``_cells`` splits the ones that are read."""
@@ -109,7 +113,7 @@ def _split_rows(text: str) -> tuple[list[tuple[int, list[str]]], bool]:
         lines = text.splitlines()
         return [(n + 1, lines[n]) for n in range(len(lines)) if lines[n].strip()], True
     reader = csv.reader(io.StringIO(text))
-    rows = []
+    rows: list[tuple[int, str | list[str]]] = []
     for cells in reader:
         if any(c.strip() for c in cells):
             rows.append((reader.line_num, cells))
@@ -158,10 +162,13 @@ def parse_csv(
             f"{header})"
         )
     label_column = next((c for c in LABEL_COLUMNS if c in header), None)
-    uid_column = header.index("seriesuid") if "seriesuid" in header else None
-    by_series = keep_series is not None and uid_column is not None
+    # the column whose series rows are matched against ``keep_series`` (None: keep every row)
+    uid_column = (
+        header.index("seriesuid") if keep_series is not None and "seriesuid" in header else None
+    )
+    by_series = uid_column is not None
     data = rows_of[1:]
-    if by_series:
+    if uid_column is not None:
         data = _candidates(text, data, uid_column, keep_series, unquoted)
     rows = len(rows_of) - 1
     annotations = []
@@ -170,7 +177,7 @@ def parse_csv(
         where = f"line {line}"
         if len(cells) > len(header):
             raise ValueError(f"{where}: more fields than the header's {len(header)} columns")
-        if by_series:
+        if uid_column is not None:
             uid = cells[uid_column].strip() if uid_column < len(cells) else ""
             if not keep_series(uid):
                 continue
@@ -250,7 +257,7 @@ def read_csv(
 
 
 def merge_readings(
-    extents: Sequence[tuple[int, object]], merge_radius_mm: float | None = None
+    extents: Sequence[tuple[int, ReadingExtent]], merge_radius_mm: float | None = None
 ) -> list[list[int]]:
     """Groups (indices into ``extents``) of readings of one nodule.
 
@@ -268,7 +275,7 @@ def merge_readings(
             if any(extents[j][0] == reader for j in group):
                 continue
             mean = np.mean([extents[j][1].centroid_lps for j in group], axis=0)
-            size = np.mean([extents[j][1].equivalent_diameter_mm for j in group]) / 2.0
+            size = float(np.mean([extents[j][1].equivalent_diameter_mm for j in group])) / 2.0
             limit = merge_radius_mm if merge_radius_mm is not None else max(radius, size)
             if float(np.linalg.norm(centre - mean)) <= limit:
                 group.append(i)
@@ -280,7 +287,7 @@ def merge_readings(
 
 def from_lidc(
     annotations,
-    frames: Mapping[str, object],
+    frames: Mapping[str, SliceFrame],
     slice_spacing_mm: float,
     *,
     merge_radius_mm: float | None = None,
@@ -337,7 +344,8 @@ def read_lidc(
                 f"{series_uid_hash}",
                 path=path,
             )
-    headers = [h for h in dicom_io.scan_headers(list(dicom_files), threads) if hasattr(h, "rows")]
+    scanned = dicom_io.scan_headers(list(dicom_files), threads)
+    headers = [h for h in scanned if isinstance(h, series.SliceHeader)]
     if not headers:
         raise InputError("LIDC XML needs the scan's DICOM slices (the input holds none)", path=path)
     frames = lidc.frames_from_headers(headers)
@@ -392,12 +400,12 @@ def place(
     """The patch of ``size`` voxels (z, y, x) centred on each annotation, and its flags."""
     if not annotations:
         return []
-    size = np.asarray(size)
+    size_zyx = np.asarray(size)
     centres = world_to_voxel(affine_ras, np.array([a.centre_lps for a in annotations]))
     out = []
     for annotation, voxel in zip(annotations, centres, strict=True):
-        start = np.rint(voxel - (size - 1) / 2.0).astype(np.int64)
-        middle = start + (size - 1) / 2.0
+        start = np.rint(voxel - (size_zyx - 1) / 2.0).astype(np.int64)
+        middle = start + (size_zyx - 1) / 2.0
         world = voxel_to_world(affine_ras, middle[None])[0]
         distance = float(np.linalg.norm(world - np.asarray(annotation.centre_lps)))
         nearest = np.rint(voxel).astype(np.int64)
@@ -423,13 +431,13 @@ def grid_labels(
     which = np.full(n, -1, dtype=np.int64)
     if not n or not placed:
         return labels, which
-    spacing = np.asarray(spacing, dtype=np.float64)
-    size = np.asarray(size)
-    middles = (starts + (size - 1) / 2.0) * spacing  # (n, 3) mm, voxel axes
-    half = size * spacing / 4.0  # half the centre region's extent
+    spacing_zyx = np.asarray(spacing, dtype=np.float64)
+    size_zyx = np.asarray(size)
+    middles = (starts + (size_zyx - 1) / 2.0) * spacing_zyx  # (n, 3) mm, voxel axes
+    half = size_zyx * spacing_zyx / 4.0  # half the centre region's extent
     best = np.full(n, np.inf)
     for index, item in enumerate(placed):
-        centre = item.voxel_zyx * spacing
+        centre = item.voxel_zyx * spacing_zyx
         # distance from the annotation's centre to the nearest point of each centre box
         gap = np.maximum(np.abs(middles - centre) - half, 0.0)
         meets = np.sqrt((gap**2).sum(axis=1)) <= item.annotation.radius_mm

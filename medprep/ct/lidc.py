@@ -89,9 +89,10 @@ class LidcAnnotations:
 class SliceFrame:
     """Where a slice's pixels are in patient space (DICOM LPS, mm)."""
 
-    origin: tuple[float, float, float]  # ImagePositionPatient: centre of pixel (0, 0)
-    row_cosine: tuple[float, float, float]  # direction of increasing column index (x)
-    col_cosine: tuple[float, float, float]  # direction of increasing row index (y)
+    # LPS x, y, z:
+    origin: tuple[float, ...]  # ImagePositionPatient: centre of pixel (0, 0)
+    row_cosine: tuple[float, ...]  # direction of increasing column index (x)
+    col_cosine: tuple[float, ...]  # direction of increasing row index (y)
     pixel_spacing: tuple[float, float]  # between rows, between columns (mm)
     shape: tuple[int, int]  # rows, columns
 
@@ -175,7 +176,7 @@ def parse_lidc_xml(source: str | os.PathLike | bytes) -> LidcAnnotations:
     """
     path = None if isinstance(source, bytes) else os.fspath(source)
     try:
-        root = ET.fromstring(source) if path is None else ET.parse(path).getroot()
+        root = ET.fromstring(source) if isinstance(source, bytes) else ET.parse(source).getroot()
     except (ET.ParseError, OSError) as error:
         raise InputError(f"not readable as LIDC XML ({error})", path=path) from None
     if _local(root.tag) != "LidcReadMessage":
@@ -290,7 +291,7 @@ def reading_points_lps(
 
 @dataclasses.dataclass(frozen=True)
 class ReadingExtent:
-    centroid_lps: tuple[float, float, float]  # mean of the filled pixels (mm)
+    centroid_lps: tuple[float, ...]  # x, y, z: mean of the filled pixels (mm)
     volume_mm3: float  # filled area x slice spacing, summed
     max_diameter_mm: float  # the longest in-plane distance between outline points
     equivalent_diameter_mm: float  # of the sphere with the same volume

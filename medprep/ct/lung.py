@@ -102,7 +102,7 @@ def inner_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
 
 def inner_air_box(
     hu: np.ndarray, threshold_hu: float
-) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
+) -> tuple[tuple[slice, ...] | None, np.ndarray]:
     """(box, mask in the box) of the air below ``threshold_hu`` not connected (6-connected,
     in 3D) to the volume's side faces; (None, empty) when there is none.
 
@@ -299,7 +299,7 @@ def fill_pockets(
     radius_mm: float,
     max_extent_mm: float,
     fill_radius_mm: float = 0.0,
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
+) -> tuple[tuple[np.ndarray, ...], dict]:
     """Voxels to add to ``mask`` (full resolution; index arrays) from one lung's pockets.
 
     ``lung``: the lung's voxels on the coarse grid (blocks of ``factors`` voxels of
@@ -348,16 +348,16 @@ def fill_pockets(
         # r - sqrt(r^2 - a^2) at the base of a nodule of radius a sitting on a flat wall)
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         regions = ndimage.find_objects(labels)
-        for index in np.flatnonzero(accepted):
-            if sizes[index] * float(np.prod(cspacing)) < CAP_MIN_MM3:
+        for pocket in np.flatnonzero(accepted):
+            if sizes[pocket] * float(np.prod(cspacing)) < CAP_MIN_MM3:
                 continue
             pieces.append(
                 _cap_fill(
                     mask,
                     lung,
                     labels,
-                    index,
-                    regions[index - 1],
+                    pocket,
+                    regions[pocket - 1],
                     origin,
                     factors,
                     cspacing,

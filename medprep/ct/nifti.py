@@ -22,6 +22,7 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,8 +77,12 @@ def _deflate_block(args: tuple[memoryview, bytes, bool]) -> bytes:
     from isal import isal_zlib
 
     data, dictionary, last = args
-    options = {"zdict": dictionary} if dictionary else {}
-    compressor = isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -15, 8, **options)
+    # the first block has no dictionary (isal_zlib refuses zdict=None)
+    compressor = (
+        isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -15, 8, zdict=dictionary)
+        if dictionary
+        else isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -15, 8)
+    )
     body = compressor.compress(data)
     return body + compressor.flush(isal_zlib.Z_FINISH if last else isal_zlib.Z_SYNC_FLUSH)
 
@@ -115,7 +120,7 @@ def write_nifti(
     """Write a (z, y, x) array as ``.nii.gz`` with the given RAS affine, reproducibly."""
     volume = np.ascontiguousarray(volume_zyx)
     header = nifti_header_bytes(volume.shape, volume.dtype, affine_ras_)
-    gzip_bytes_to(path, [header, volume.reshape(-1).view(np.uint8)], threads)
+    gzip_bytes_to(path, [header, volume.reshape(-1).view(np.uint8).data], threads)
 
 
 NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2"}
@@ -156,7 +161,7 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             if own is not None:
                 shape, dtype, affine = own
                 data = np.empty(shape[::-1], dtype=dtype)
-                view = memoryview(data).cast("B")
+                view = data.data.cast("B")
                 read = 0
                 while read < data.nbytes:  # in blocks: readinto copies through a buffer
                     got = f.readinto(view[read : read + BLOCK_BYTES])
@@ -167,6 +172,6 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                     return data, affine
     import nibabel as nib
 
-    image = nib.load(path)
+    image: Any = nib.load(path)  # nibabel types it FileBasedImage (no dataobj, no affine)
     data = np.asanyarray(image.dataobj)
     return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -42,7 +43,8 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     if along_z.size == 0:
         return None
     z0, z1 = int(along_z[0]), int(along_z[-1]) + 1
-    plane = mask[z0:z1].any(axis=0)
+    # a 3D mask reduced along z is a 2D array (numpy's stubs also allow a scalar)
+    plane = cast(np.ndarray, mask[z0:z1].any(axis=0))
     ys = np.flatnonzero(plane.any(axis=1))
     xs = np.flatnonzero(plane.any(axis=0))
     return (slice(z0, z1), slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1))
@@ -60,8 +62,8 @@ def bytes_per_patch_voxel(materialise: str) -> int:
 
 def patch_voxels(
     size_mm: float, stride_mm: float, spacing: Sequence[float]
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Patch size and stride in voxels per axis (z, y, x), at least 1."""
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Patch size and stride in voxels per axis of ``spacing`` (z, y, x), at least 1."""
     size = tuple(max(1, round(size_mm / s)) for s in spacing)
     stride = tuple(max(1, round(stride_mm / s)) for s in spacing)
     return size, stride

@@ -23,7 +23,7 @@ from medprep.common.errors import InputError
 from medprep.common.parallel import thread_map
 from medprep.common.progress import Progress
 from medprep.ct import dicom_io, hu, lung, nifti, qc_picture, resample, series, volume_io
-from medprep.ct.settings import SeriesSettings, ct_settings, lung_settings
+from medprep.ct.settings import CtSettings, SeriesSettings, ct_settings, lung_settings
 
 log = logging.getLogger("medprep.ct")
 
@@ -32,7 +32,9 @@ METADATA_FORMAT = 1
 
 @dataclasses.dataclass
 class LoadedSeries:
-    volume: np.ndarray  # HU int16 (slices, rows, cols), slices in increasing position
+    # HU int16 (slices, rows, cols), slices in increasing position; None once
+    # ``preprocess`` has resampled it (the stack is freed before the lung mask)
+    volume: np.ndarray | None
     geometry: series.StackGeometry
     selection: series.Selection
     rejected: list[series.Rejected]
@@ -63,13 +65,13 @@ def load_series(
     ``lossy_compression``: ``fail`` (one line naming the syntax) or ``accept`` (with a
     warning).
     """
-    paths = [os.fspath(p) for p in paths]
-    if not paths:
+    files = [os.fspath(p) for p in paths]
+    if not files:
         raise InputError("no input files")
-    volume_path = volume_io.volume_input(paths)
+    volume_path = volume_io.volume_input(files)
     if volume_path is not None:
-        return _load_volume(volume_path, paths, gantry_tilt, include_identifiers)
-    scanned = dicom_io.scan_headers(paths, threads)
+        return _load_volume(volume_path, files, gantry_tilt, include_identifiers)
+    scanned = dicom_io.scan_headers(files, threads)
     rejected: list[series.Rejected] = []
     candidates: list[series.SliceHeader] = []
     for item in scanned:
@@ -87,16 +89,16 @@ def load_series(
         raise InputError(invalid[0].reason, path=invalid[0].path)
     if not groups:
         raise InputError(
-            f"no usable CT series among {len(paths)} file(s): "
+            f"no usable CT series among {len(files)} file(s): "
             f"{series.describe_rejections(rejected)}",
-            path=_common_folder(paths),
+            path=_common_folder(files),
         )
     try:
         selection = series.select_series(
             groups, series_uid, SeriesSettings.from_config(series_preferences)
         )
     except InputError as error:
-        raise error.with_context(path=_common_folder(paths)) from None
+        raise error.with_context(path=_common_folder(files)) from None
     for item in rejected:
         # a file of the chosen series whose header is cut short, damaged or holds an
         # unusable number: the series is incomplete, so stop rather than interpolate
@@ -125,7 +127,7 @@ def load_series(
             path=geometry.slices[0].path,
         )
     warnings = list(selection.warnings) + list(geometry.warnings)
-    warnings += series.split_from_series(selection.group, selection.others, _common_folder(paths))
+    warnings += series.split_from_series(selection.group, selection.others, _common_folder(files))
     if geometry.sheared:
         if gantry_tilt == "fail":
             raise InputError(
@@ -328,7 +330,7 @@ class PreprocessResult:
     status: str
     metadata: dict[str, Any]
     summary: dict[str, Any]
-    settings: dict[str, Any]
+    settings: CtSettings
 
 
 def hu_statistics(volume: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
@@ -371,7 +373,7 @@ def _round_list(values, digits=4) -> list[float]:
 
 def check_resampled_claim(
     geometry: series.StackGeometry,
-    shape_in: tuple[int, ...],
+    shape_in: tuple[int, int, int],
     spacing_out: tuple[float, float, float],
     memory_bytes: int | None = None,
 ) -> None:
@@ -417,8 +419,10 @@ def preprocess(
         lossy_compression=cfg.lossy_compression,
     )
     geometry = loaded.geometry
-    spacing_out = tuple(float(s) for s in cfg.spacing)
+    dz, dy, dx = cfg.spacing
+    spacing_out = (float(dz), float(dy), float(dx))
     order = int(cfg.interpolation_order)
+    assert loaded.volume is not None  # load_series always returns the stack
     shape_in = loaded.volume.shape
     check_resampled_claim(geometry, shape_in, spacing_out)
     volume, grid = resample.resample_stack(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def plan_grid(
         count(y_hi - y_lo, spacing[1]),
         count(x_hi - x_lo, spacing[2]),
     )
-    return Grid(shape, tuple(float(s) for s in spacing), (0.0, y_lo, x_lo))
+    return Grid(shape, (float(spacing[0]), float(spacing[1]), float(spacing[2])), (0.0, y_lo, x_lo))
 
 
 def axis_taps(
@@ -175,7 +176,8 @@ def resample_stack(
     x_out = grid.start[2] + np.arange(nx) * grid.spacing[2]
     shared = not np.any(offsets)
 
-    def plane_operators(k: int):
+    def plane_operators(k: int) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+        # the two sparse (scipy) matrices, then the rows and columns that are valid
         yt = axis_taps((y_out - offsets[k, 1]) / pixel_spacing[0], rows, order)
         xt = axis_taps((x_out - offsets[k, 0]) / pixel_spacing[1], cols, order)
         return tap_matrix(yt, rows), tap_matrix(xt, cols), yt[2], xt[2]
@@ -192,9 +194,12 @@ def resample_stack(
     zi, zw, _ = axis_taps(z_coordinates(positions, grid, order), n_slices, order)
     if order == 0:
         zi, zw = zi[:1], zw[:1]
-    low, high = (float(volume.min()), float(volume.max())) if order == 3 else (None, None)
-    if order == 3 and not shared:
-        low = min(low, fill)
+    low: float | None = None
+    high: float | None = None
+    if order == 3:
+        low, high = float(volume.min()), float(volume.max())
+        if not shared:
+            low = min(low, fill)
     out = np.empty(grid.shape, dtype=np.int16)
     # Output slices in chunks; only the in-plane results the chunk needs are kept (slice
     # indices only grow along the output), so memory holds a few planes, not the stack.

@@ -14,11 +14,15 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medprep.common.errors import InputError
 from medprep.ct.settings import SeriesSettings
+
+if TYPE_CHECKING:  # pydicom is loaded by medprep.ct.dicom_io, which reads the files
+    from pydicom import Dataset
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 STRUCTURED_REPORT_PREFIX = "1.2.840.10008.5.1.4.1.1.88"
@@ -48,7 +52,7 @@ class SliceHeader:
     image_type: tuple[str, ...] = ()
     rows: int = 0
     cols: int = 0
-    position: tuple[float, float, float] | None = None
+    position: tuple[float, ...] | None = None  # x, y, z
     orientation: tuple[float, ...] | None = None  # row cosines then column cosines
     pixel_spacing: tuple[float, float] | None = None  # between rows, between columns (mm)
     instance_number: int | None = None
@@ -75,7 +79,7 @@ class SliceHeader:
     lossy: bool = False  # lossy transfer syntax or LossyImageCompression 01
     kernel: str = ""  # ConvolutionKernel, values joined with "\\"
     # the parsed header (pixel data left on disk), kept so pixels decode without a reparse
-    dataset: object = dataclasses.field(default=None, repr=False, compare=False)
+    dataset: Dataset | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,20 +349,48 @@ def _exact_key(h: SliceHeader) -> tuple:
     return ("", h.frame_of_reference_uid, h.series_number, h.kernel, h.rows, h.cols)
 
 
+def _placed(header: SliceHeader) -> tuple[tuple[float, ...], tuple[float, float]]:
+    """The orientation and pixel spacing of a header that may be grouped.
+
+    Only headers that passed ``rejection_reason`` are grouped, and it refuses a missing
+    ImageOrientationPatient or PixelSpacing.
+    """
+    assert header.orientation is not None and header.pixel_spacing is not None
+    return header.orientation, header.pixel_spacing
+
+
+def _position(header: SliceHeader) -> tuple[float, ...]:
+    """The ImagePositionPatient of a grouped header (``rejection_reason`` refuses it missing)."""
+    assert header.position is not None
+    return header.position
+
+
 def _same_geometry(a: SliceHeader, b: SliceHeader) -> bool:
-    if max(abs(x - y) for x, y in zip(a.orientation, b.orientation, strict=True)) > (
+    (a_orientation, a_spacing), (b_orientation, b_spacing) = _placed(a), _placed(b)
+    if max(abs(x - y) for x, y in zip(a_orientation, b_orientation, strict=True)) > (
         ORIENTATION_TOLERANCE
     ):
         return False
     return all(
         abs(x - y) <= SPACING_TOLERANCE * max(abs(x), abs(y))
-        for x, y in zip(a.pixel_spacing, b.pixel_spacing, strict=True)
+        for x, y in zip(a_spacing, b_spacing, strict=True)
+    )
+
+
+def _series_group(members: Sequence[SliceHeader]) -> SeriesGroup:
+    first = members[0]
+    orientation, pixel_spacing = _placed(first)
+    return SeriesGroup(
+        first.series_uid, orientation, first.rows, first.cols, pixel_spacing, tuple(members)
     )
 
 
 def group_series(headers: Iterable[SliceHeader]) -> list[SeriesGroup]:
     """Group by series UID (or geometry, when the UID is empty), matrix, and orientation and
-    pixel spacing compared with tolerances against each group's first file."""
+    pixel spacing compared with tolerances against each group's first file.
+
+    ``headers`` are those that ``rejection_reason`` accepted (their geometry is present).
+    """
     buckets: dict[tuple, list[list[SliceHeader]]] = collections.defaultdict(list)
     for h in sorted(headers, key=lambda h: (h.index, h.frame or 0)):
         candidates = buckets[_exact_key(h)]
@@ -368,18 +400,7 @@ def group_series(headers: Iterable[SliceHeader]) -> list[SeriesGroup]:
                 break
         else:
             candidates.append([h])
-    groups = [
-        SeriesGroup(
-            members[0].series_uid,
-            members[0].orientation,
-            members[0].rows,
-            members[0].cols,
-            members[0].pixel_spacing,
-            tuple(members),
-        )
-        for lists in buckets.values()
-        for members in lists
-    ]
+    groups = [_series_group(members) for lists in buckets.values() for members in lists]
     groups.sort(key=lambda g: (g.uid_hash, g.orientation, g.rows, g.cols))
     return groups
 
@@ -698,7 +719,7 @@ def stack_geometry(group: SeriesGroup) -> StackGeometry:
     ordered = sorted(
         group.slices,
         key=lambda h: (
-            float(np.dot(h.position, normal)),
+            float(np.dot(_position(h), normal)),
             h.instance_number if h.instance_number is not None else 1 << 30,
             h.index,
         ),
@@ -707,7 +728,7 @@ def stack_geometry(group: SeriesGroup) -> StackGeometry:
     duplicates: list[SliceHeader] = []
     last = None
     for h in ordered:
-        d = float(np.dot(h.position, normal))
+        d = float(np.dot(_position(h), normal))
         if last is not None and d - last <= DUPLICATE_TOLERANCE_MM:
             duplicates.append(h)
             continue

@@ -219,7 +219,8 @@ def tile(
         artifact("patches/patches.parquet", table_path),
         artifact("patches/summary.json", summary_path),
     ]
-    artifacts += [artifact(f"patches/slices/{n}", Path(slices_dir) / n) for n in slice_names]
+    if slices_dir is not None:  # else no slices were written
+        artifacts += [artifact(f"patches/slices/{n}", Path(slices_dir) / n) for n in slice_names]
     log.info("%d of %d candidate patches kept (status %s)", summary["patches"], candidates, status)
     return artifacts, summary
 
@@ -228,7 +229,8 @@ def _annotation_columns(rows, item, centred: bool, centre_lps, grid_label: int) 
     """The region-label columns of one patch row (``item``: its PlacedAnnotation or None)."""
     annotation = item.annotation if item is not None else None
     if LABEL_COLUMN in rows:
-        rows[LABEL_COLUMN].append(int(annotation.label) if centred else int(grid_label))
+        # a centred patch (a row after the grid's) was placed on ``item``
+        rows[LABEL_COLUMN].append(int(item.annotation.label) if centred else int(grid_label))
     rows["centred"].append(centred)
     rows["annotation_id"].append(annotation.id if annotation is not None else None)
     if item is None:
@@ -236,7 +238,7 @@ def _annotation_columns(rows, item, centred: bool, centre_lps, grid_label: int) 
     elif centred:
         distance = item.distance_mm
     else:
-        distance = float(np.linalg.norm(np.asarray(centre_lps) - annotation.centre_lps))
+        distance = float(np.linalg.norm(np.asarray(centre_lps) - item.annotation.centre_lps))
     rows["distance_mm"].append(round(distance, 3))
     diameter = annotation.diameter_mm if annotation is not None else None
     rows["diameter_mm"].append(float("nan") if diameter is None else round(diameter, 3))

@@ -80,7 +80,7 @@ class RawVolume:
     values: np.ndarray
     origin: np.ndarray
     axes: np.ndarray
-    spacing: tuple[float, float, float]
+    spacing: tuple[float, ...]
     kind: str
     info: dict[str, Any]
 
@@ -130,7 +130,9 @@ def read_nifti(path: str) -> RawVolume:
     import nibabel as nib
 
     try:
-        image = nib.load(path)
+        # whichever image class nibabel picks for the file (typed FileBasedImage, which has
+        # no dataobj or affine)
+        image: Any = nib.load(path)
         check_nifti_claim(image.header, path)
         values = np.asanyarray(image.dataobj)  # scl_slope / scl_inter applied
     except InputError:
