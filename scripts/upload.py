@@ -1,7 +1,6 @@
 """Rule `upload`: publish a sample's artifacts, data first and manifest.json last."""
 
 import logging
-import sys
 
 from medprep import __version__, storage
 from medprep.common import atomic
@@ -9,7 +8,7 @@ from medprep.common.redact import redact
 from medprep.storage import published as published_check
 from medprep.workflow import manifest
 from medprep.workflow import working_files as scratch
-from medprep.workflow.runner import run_step
+from medprep.workflow.runner import console_line, run_step
 
 log = logging.getLogger("medprep.upload")
 
@@ -31,7 +30,7 @@ def main(smk):
         settings=smk.config["storage"],
     )
     for line in receipt.get("refused", []):
-        print(f"medprep warning: {redact(line)}", file=sys.stderr)
+        console_line(f"medprep warning: {redact(line)}")
     # what the next run compares the destination with (medprep.storage.published)
     published_check.record(
         published_check.state_path(smk.wildcards.modality, smk.wildcards.sample),

@@ -127,10 +127,18 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     log.info("%s finished in %.1f s", step, time.monotonic() - started)
 
 
+def console_line(text: str) -> None:
+    """``text`` on the console (stderr) as one line written at once: jobs running side by
+    side share Snakemake's stderr, and print's separate write of the newline let two
+    jobs' lines run into one."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _print_line(line: str, log_path: str | None) -> None:
     log.error("%s", line)
     where = f" (log: {log_path})" if log_path else ""
-    print(f"medprep error: {line}{where}", file=sys.stderr)
+    console_line(f"medprep error: {line}{where}")
 
 
 ##### bad input costs one attempt #####
