@@ -345,7 +345,7 @@ class Tiles(_Items):
         offset, size = row.get("offset"), row.get("nbytes")
         if offset is None:
             return self.dataset.read(row["file"])
-        return self.dataset.read(row["file"], int(offset), int(size))
+        return self.dataset.read(row["file"], int(offset), int(str(size)))
 
     def array(self, row: dict[str, Any]) -> np.ndarray:
         """The tile's pixels; with ``stain``, also sets ``row["stain"]`` (what was done)."""

@@ -23,6 +23,7 @@ exactly 40x or a scan at 0.2270 um/px is resampled.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,10 @@ def level0_box(attributes: dict[str, Any]) -> int:
 
 
 def write_patch_coords(
-    path: str | os.PathLike, x: np.ndarray, y: np.ndarray, attributes: dict[str, Any]
+    path: str | os.PathLike,
+    x: np.ndarray | Sequence[int],
+    y: np.ndarray | Sequence[int],
+    attributes: dict[str, Any],
 ) -> None:
     """Write ``coords`` (x, y columns) with ``attributes``, atomically."""
     import h5py

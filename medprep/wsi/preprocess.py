@@ -113,7 +113,7 @@ def chunk_tasks(
     ratio_y = geometry.downsample_y / ds
     step_x = max(1, int((max_read_side - 2) / ratio_x))
     step_y = max(1, int((max_read_side - 2) / ratio_y))
-    tasks = []
+    tasks: list[ChunkTask] = []
     for oy in range(0, geometry.height, step_y):
         oy1 = min(oy + step_y, geometry.height)
         for ox in range(0, geometry.width, step_x):

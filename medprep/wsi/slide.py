@@ -77,7 +77,9 @@ def _describe_tiff(path: Path, size: int) -> str:
         import tifffile
 
         with tifffile.TiffFile(path) as tiff:
-            tiled = any(page.is_tiled for page in tiff.pages)
+            tiled = any(
+                isinstance(page, tifffile.TiffPage) and page.is_tiled for page in tiff.pages
+            )
     except Exception:  # noqa: BLE001 - only a better message is at stake
         tiled = True
     if not tiled:
@@ -200,15 +202,15 @@ def describe_slide(handle, path: str | os.PathLike) -> SlideInfo:
 
 def check_dimensions(width: int, height: int, path: str | os.PathLike | None = None) -> None:
     """Refuse a slide whose header claims impossible dimensions (a decompression bomb)."""
-    where = {"path": os.fspath(path)} if path is not None else {}
+    where = os.fspath(path) if path is not None else None
     if width <= 0 or height <= 0:
-        raise InputError(f"slide claims empty dimensions {width} x {height}", **where)
+        raise InputError(f"slide claims empty dimensions {width} x {height}", path=where)
     if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_LEVEL0_PIXELS:
         raise InputError(
             f"slide claims {width} x {height} pixels at level 0 ({width * height:.3g} pixels), "
             f"more than any scanner produces (limit {MAX_LEVEL0_PIXELS:.3g} pixels, "
             f"{MAX_SIDE} per side); refusing to read it",
-            **where,
+            path=where,
         )
 
 

@@ -325,4 +325,5 @@ def sample_tissue_pixels(
     flat = np.flatnonzero(mask)
     if len(flat) > count:
         flat = np.sort(np.random.default_rng(seed).choice(flat, count, replace=False))
-    return np.unravel_index(flat, mask.shape)
+    rows, cols = np.unravel_index(flat, mask.shape)
+    return rows, cols

@@ -195,7 +195,8 @@ def jpeg_markers(data: bytes) -> JpegMarkers:
     """The JFIF and Adobe markers and the frame header of a JPEG stream (or a JPEGTables
     stream), read up to its first scan; a malformed header ends the reading (the decoder
     then names what is wrong)."""
-    jfif, adobe, components = False, None, ()
+    jfif, adobe = False, None
+    components: tuple[int, ...] = ()
     width = height = bits = None
     pos = 2 if data[:2] == SOI else 0
     end = len(data)
@@ -321,6 +322,7 @@ def decode_tile(data: bytes, layout: LevelLayout) -> np.ndarray:
             tile = ycbcr_to_rgb(tile)
     else:
         size = th * tw * 3
+        raw: bytes | bytearray
         if compression == NONE:
             raw = data
         elif compression == LZW:
@@ -410,7 +412,7 @@ def find_levels(
         return layouts, dict.fromkeys(range(len(level_dimensions)), f"vendor {vendor}")
     size = os.path.getsize(path)
     with tifffile.TiffFile(path) as tiff:
-        pages = [p for p in tiff.pages if getattr(p, "is_tiled", False)]
+        pages = [p for p in tiff.pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
         for level, (width, height) in enumerate(level_dimensions):
             matches = [p for p in pages if (p.imagewidth, p.imagelength) == (width, height)]
             if len(matches) != 1:

@@ -107,7 +107,7 @@ class SlidePlan:
             tile_mpp=float(summary["tile_mpp"][0]),
             tissue_mode=summary["tissue_mode"],
             tissue_threshold=float(summary["thresholds"]["threshold"]),
-            background=tuple(summary["background"]),  # type: ignore[arg-type]
+            background=tuple(summary["background"]),
             mask_downsample_x=float(summary["mask"]["downsample"][0]),
             mask_downsample_y=float(summary["mask"]["downsample"][1]),
             dark_level=summary["thresholds"].get("dark_level"),
@@ -147,7 +147,7 @@ def plan_blocks(
     k = plan.prereduce
     margin = read_margin(plan)
     level_w, level_h = plan.level_dimensions
-    tasks = []
+    tasks: list[BlockTask] = []
     indices = []
     for block in grids.make_blocks(selected, side):
         xs = grid.xs[block.cols]
@@ -407,7 +407,7 @@ def tile_slide(
         "pixel_files": len(container.files),
         "block_tiles": side,
     }
-    if region_labels is not None:
+    if region_labels is not None and annotations is not None:
         summary["labels"] = {
             "classes": list(annotations.classes),
             "background": settings.labels.background,

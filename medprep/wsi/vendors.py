@@ -37,7 +37,7 @@ def qptiff_problem(path: str | os.PathLike) -> str | None:
     try:
         with tifffile.TiffFile(path) as tiff:
             pages = [page for page in tiff.pages[:256] if isinstance(page, tifffile.TiffPage)]
-            channels = []
+            channels: list[str] = []
             for page in pages:
                 description = page.description or ""
                 if QPI_MARKER not in description[:512]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -253,7 +254,7 @@ def resample_tiles(rgba: np.ndarray, job: TileJob, task: BlockTask) -> list[np.n
     if boxes is not None:
         # the averaged pixels are the output pixels (resolution.plan_read): cut the tiles
         return [np.asarray(image.crop(box)) for box in boxes]
-    strips = {}
+    strips: dict[int, Any] = {}  # a PIL image per tile column
     tiles = []
     for x, y in zip(task.xs, task.ys, strict=True):
         strip = strips.get(x)

@@ -12,7 +12,9 @@ import io
 import os
 import re
 import tarfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -187,13 +189,13 @@ LABEL_COLUMNS: dict[str, str] = {"label": "string", "label_fraction": "float64"}
 CLASS_FRACTION_PREFIX = "label_fraction_"
 
 
-def _label_columns(columns: dict) -> dict[str, str]:
+def _label_columns(columns: Mapping[str, Any]) -> dict[str, str]:
     found = {name: kind for name, kind in LABEL_COLUMNS.items() if name in columns}
     found.update((name, "float64") for name in columns if name.startswith(CLASS_FRACTION_PREFIX))
     return found
 
 
-def write_table(columns: dict[str, list], path: str | os.PathLike) -> None:
+def write_table(columns: Mapping[str, Sequence[Any] | np.ndarray], path: str | os.PathLike) -> None:
     """Write the tile table (Parquet, or CSV if ``path`` ends in .csv) atomically: the
     ``TABLE_COLUMNS``, then the label columns that ``columns`` has."""
     from medprep.common.atomic import atomic_path
