@@ -108,6 +108,22 @@ def published_generation(wildcards):
     )
 
 
+def rebuild_input(step):
+    """{"rebuild": record} when the destination lost what `step` made and its working
+    files are gone too: the step runs again from the source (rule `rebuild`)."""
+
+    def inputs(wildcards):
+        return mw.rebuild_inputs(
+            config,
+            sample_table[wildcards.sample]["modality"],
+            wildcards.sample,
+            step,
+            main_process=workflow.is_main_process,
+        )
+
+    return inputs
+
+
 def get_final_outputs():
     return [
         f"results/{row.modality}/{row.sample}/upload.json"

@@ -1,4 +1,7 @@
-"""Rule `upload`: publish a sample's artifacts, data first and manifest.json last."""
+"""Rule `upload`: publish a sample's artifacts into a new version, then switch manifest.json.
+
+Earlier versions of the sample stay until no dataset index refers to them (the `dataset`
+rule removes them: medprep.data.index.remove_superseded)."""
 
 import logging
 import sys
@@ -29,6 +32,7 @@ def main(smk):
         # one core (the rule's threads), storage.connections requests in flight
         threads=smk.config["storage"]["connections"],
         settings=smk.config["storage"],
+        superseded="keep",
     )
     for line in receipt.get("refused", []):
         print(f"medprep warning: {redact(line)}", file=sys.stderr)
@@ -39,6 +43,12 @@ def main(smk):
         int(smk.params.published_generation),
         receipt,
         smk.config["storage"],
+        working={
+            name: step
+            for name, (step, _) in scratch.working_artifacts(
+                steps, set(smk.params.rule_outputs)
+            ).items()
+        },
     )
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])

@@ -67,6 +67,7 @@ SAMPLE_COLUMNS = {
     "candidates": "int64",
     "warnings": "int64",
     "manifest": "string",
+    "publication": "string",
 }
 AXES = {
     "tiles": "H, W, 3: rows, columns, RGB (uint8), as decoded from the JPEG/PNG",
@@ -80,7 +81,12 @@ AXES = {
 
 @dataclass
 class SampleEntry:
-    """One published sample: its sheet values and the local files of its steps."""
+    """One published sample: its sheet values and the local files of its steps.
+
+    ``receipt``: the sample's upload receipt (``upload.json``), which names the version
+    its files were published in; without one, the files are taken to be published under
+    their names (the layout of earlier versions).
+    """
 
     sample: str
     modality: str
@@ -89,18 +95,33 @@ class SampleEntry:
     label: str | None = None
     patient: str | None = None
     meta: dict[str, str | None] = field(default_factory=dict)
+    receipt: str | None = None
+
+    def published(self) -> dict[str, Any]:
+        """The upload receipt ({} without one)."""
+        return atomic.read_json(self.receipt) if self.receipt else {}
+
+    def publication(self, receipt: dict[str, Any] | None = None) -> str:
+        """Where the sample's files are, relative to the destination: its version folder."""
+        version = (self.published() if receipt is None else receipt).get("version")
+        return posixpath.join(self.modality, self.sample, *([version] if version else []))
 
 
 def entries_from_records(
     records: Sequence[dict[str, Any]],
     tile_manifests: Sequence[str],
     preprocess_manifests: Sequence[str],
+    receipts: Sequence[str],
 ) -> list[SampleEntry]:
     """Entries from the rule's params (sheet rows as dicts) and inputs, in the same order."""
-    if not len(records) == len(tile_manifests) == len(preprocess_manifests):
-        raise ValueError("dataset: samples, tile and preprocess manifests differ in number")
+    if not len(records) == len(tile_manifests) == len(preprocess_manifests) == len(receipts):
+        raise ValueError(
+            "dataset: samples, tile and preprocess manifests and receipts differ in number"
+        )
     out = []
-    for row, tile, pre in zip(records, tile_manifests, preprocess_manifests, strict=True):
+    for row, tile, pre, receipt in zip(
+        records, tile_manifests, preprocess_manifests, receipts, strict=True
+    ):
         out.append(
             SampleEntry(
                 sample=row["sample"],
@@ -110,6 +131,7 @@ def entries_from_records(
                 label=_text(row.get("label")),
                 patient=_text(row.get("patient")),
                 meta={k: _text(v) for k, v in row.items() if k.startswith("meta_")},
+                receipt=receipt,
             )
         )
     return out
@@ -256,9 +278,9 @@ def _prefixed(column, prefix: str):
     return pc.binary_join_element_wise(pa.scalar(prefix + "/"), column.cast(pa.string()), "")
 
 
-def _published_folder(entry: SampleEntry, artifact_name: str) -> str:
+def _published_folder(publication: str, artifact_name: str) -> str:
     """Where an artifact's folder is, relative to the destination."""
-    return posixpath.join(entry.modality, entry.sample, posixpath.dirname(artifact_name))
+    return posixpath.join(publication, posixpath.dirname(artifact_name))
 
 
 def _read_table(path: str, entry: SampleEntry):
@@ -274,20 +296,22 @@ def _read_table(path: str, entry: SampleEntry):
         ) from error
 
 
-def _wsi_extra(entry: SampleEntry, table, table_name: str) -> dict[str, Any]:
-    folder = _published_folder(entry, table_name)
+def _wsi_extra(publication: str, table, table_name: str) -> dict[str, Any]:
+    folder = _published_folder(publication, table_name)
     return {"file": _prefixed(table.column("file"), folder)}
 
 
-def _ct_extra(entry: SampleEntry, table, tile: dict[str, Any], pre: dict[str, Any] | None):
+def _ct_extra(
+    entry: SampleEntry, publication: str, table, tile: dict[str, Any], pre: dict[str, Any] | None
+):
     import pyarrow as pa
 
     n = table.num_rows
     volume = _artifact(pre or {}, "volume.nii.gz")
     array = _artifact(tile, "patches.npy")
     extra: dict[str, Any] = {
-        "volume": posixpath.join("ct", entry.sample, volume["name"]) if volume else None,
-        "array": posixpath.join("ct", entry.sample, array["name"]) if array else None,
+        "volume": posixpath.join(publication, volume["name"]) if volume else None,
+        "array": posixpath.join(publication, array["name"]) if array else None,
         "array_row": table.column("patch").cast(pa.int64()) if array else None,
     }
     if n and volume is None:
@@ -312,11 +336,12 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
             "its tile manifest lists no table", path=entry.tile_manifest, sample=entry.sample
         )
     table = _read_table(item["path"], entry)
+    publication = entry.publication()
     if kind == "tiles":
-        extra = _wsi_extra(entry, table, item["name"])
+        extra = _wsi_extra(publication, table, item["name"])
     else:
         pre = atomic.read_json(entry.preprocess_manifest) if entry.preprocess_manifest else None
-        extra = _ct_extra(entry, table, tile, pre)
+        extra = _ct_extra(entry, publication, table, tile, pre)
     rows = _sample_rows(entry, table, columns, schemas[kind], split, patient, extra)
     sample_values = {
         "modality": entry.modality,
@@ -326,6 +351,7 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
         "candidates": summary.get("candidates"),
         "warnings": len(summary.get("warnings") or []),
         "manifest": posixpath.join(entry.modality, entry.sample, "manifest.json"),
+        "publication": publication,
     }
     sample_row = {
         "sample": entry.sample,
@@ -465,8 +491,9 @@ def publish(
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Publish the tables (``name -> local path``) to ``destination`` (``.../dataset/{run}``)
-    through ``medprep.storage``: the tables first, ``manifest.json`` last; the receipt
-    with credentials redacted."""
+    through ``medprep.storage``: the tables in a new version, then ``manifest.json``
+    switched to it and the previous version removed; the receipt with credentials
+    redacted."""
     from medprep import storage
     from medprep.common.redact import redact
 
@@ -477,3 +504,110 @@ def publish(
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])
     return receipt
+
+
+def referenced_publications(destination: str, settings: dict[str, Any] | None = None) -> set[str]:
+    """The sample publications every dataset index under ``destination`` refers to.
+
+    Each is the folder of a sample's files relative to the destination (the
+    ``publication`` column of ``samples.parquet``: ``{modality}/{sample}/v-<hex>``); an
+    index of an earlier version (no such column) refers to its samples' files under
+    their names (``{modality}/{sample}``). Raises when an index cannot be read: nothing
+    may be removed on the word of a listing that missed one.
+    """
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    from medprep.data.reader import DATASET_FOLDER, dataset_runs
+    from medprep.storage import join, layout
+    from medprep.storage.read import exists, read_bytes
+
+    settings = settings or {}
+    folders = [f"{DATASET_FOLDER}/{run}" for run in dataset_runs(destination, settings)]
+    if exists(join(destination, DATASET_FOLDER, "manifest.json"), settings):
+        folders.append(DATASET_FOLDER)  # the run-less index of earlier versions
+    found: set[str] = set()
+    for folder in folders:
+        manifest = json.loads(
+            read_bytes(join(destination, folder, "manifest.json"), None, None, settings)
+        )
+        files = layout.manifest_files(manifest)
+        relative = files.get("samples.parquet", {}).get("path", "samples.parquet")
+        data = read_bytes(join(destination, folder, relative), None, None, settings)
+        with pq.ParquetFile(io.BytesIO(data)) as parquet:
+            names = parquet.schema_arrow.names
+            if "publication" in names:
+                column = parquet.read(columns=["publication"]).column("publication")
+                found.update(value for value in column.to_pylist() if value)
+            else:
+                rows = parquet.read(columns=["modality", "sample"]).to_pylist()
+                found.update(f"{row['modality']}/{row['sample']}" for row in rows)
+    return found
+
+
+def remove_superseded(
+    entries: Sequence[SampleEntry],
+    destination: str,
+    *,
+    threads: int = 1,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Remove the earlier versions of ``entries``' samples that no dataset index refers to.
+
+    Called after this run's index is published: an upload keeps the version it replaced
+    (and files of the earlier layout) because an index may point at them; once no index
+    under ``destination`` does, they go. What each sample's receipt lists as superseded
+    is considered; the version a sample's manifest points at never goes.
+    """
+    from medprep import storage
+
+    settings = settings or {}
+    pending = []
+    for entry in entries:
+        superseded = entry.published().get("superseded") or {}
+        if superseded.get("versions") or superseded.get("legacy"):
+            pending.append((entry, superseded))
+    outcome: dict[str, Any] = {"samples": 0, "removed": 0, "kept": [], "refused": []}
+    if not pending:
+        return outcome
+    referenced = referenced_publications(destination, settings)
+
+    def sweep(item):
+        entry, superseded = item
+        folder = posixpath.join(entry.modality, entry.sample)
+        versions = [
+            v
+            for v in superseded.get("versions") or []
+            if posixpath.join(folder, v) not in referenced
+        ]
+        kept = sorted(set(superseded.get("versions") or []) - set(versions))
+        legacy = bool(superseded.get("legacy"))
+        if legacy and folder in referenced:
+            legacy, kept = False, [*kept, "(files of the earlier layout)"]
+        done = {"removed": [], "refused": []}
+        if versions or legacy:
+            done = storage.remove_superseded(
+                storage.join(destination, entry.modality, entry.sample),
+                versions,
+                legacy,
+                settings,
+                sample=entry.sample,
+            )
+        return entry, kept, done
+
+    for entry, kept, done in thread_map(sweep, pending, threads):
+        outcome["samples"] += bool(done["removed"])
+        outcome["removed"] += len(done["removed"])
+        outcome["kept"] += [f"{entry.sample}: {item}" for item in kept]
+        outcome["refused"] += done["refused"]
+    log.info(
+        "removed %d superseded versions of %d samples; kept %d that an index refers to",
+        outcome["removed"],
+        outcome["samples"],
+        len(outcome["kept"]),
+    )
+    for line in outcome["refused"]:
+        log.warning("%s", line)
+    return outcome

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medprep.ct.hu import AIR_HU  # the fill of patch parts beyond the volume
-from medprep.storage import is_s3, join
+from medprep.storage import is_s3, join, layout
 from medprep.storage.read import exists, read_bytes
 
 DATASET_FOLDER = "dataset"
@@ -98,6 +98,8 @@ class Dataset:
         if not exists(manifest_uri, settings):
             raise DatasetNotReady(f"no dataset at {destination} (missing {manifest_uri})")
         self.manifest = json.loads(read_bytes(manifest_uri, settings=settings))
+        # where each table is: its version folder (medprep.storage.layout), or its name
+        self.paths = {name: f["path"] for name, f in layout.manifest_files(self.manifest).items()}
         names = list(self.manifest["splits"]["fractions"])
         if split is not None and split not in names:
             raise ValueError(f"unknown split {split!r}; the dataset has {names}")
@@ -121,7 +123,8 @@ class Dataset:
     def _table(self, name: str):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(self.read(f"{self.folder}/{name}"))).to_pandas()
+        relative = self.paths.get(name, name)
+        table = pq.read_table(io.BytesIO(self.read(f"{self.folder}/{relative}"))).to_pandas()
         if self.split is not None:
             table = table[table["split"] == self.split].reset_index(drop=True)
         return table

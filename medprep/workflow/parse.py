@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,19 +232,113 @@ def expect_published(samples: dict[str, dict[str, Any]], config: dict[str, Any])
     )
 
 
+@dataclass(frozen=True)
+class PublicationState:
+    """A sample's publication at DAG build: ``generation``, the ``upload`` parameter that
+    changes when a published file went missing or changed; ``rebuild``, step -> the
+    record (``results/{modality}/{sample}/rebuild/{step}-{n}.json``) that is an input of
+    that step, so that it runs again when the destination lost what it made and its
+    working files are gone too."""
+
+    generation: int
+    rebuild: dict[str, str]
+
+
+REBUILD_STEPS = ("preprocess", "tile")
+_publication_states: dict[tuple[str, str, str], PublicationState] = {}
+
+
+def rebuild_record(modality: str, sample: str, step: str, number: int) -> str:
+    return f"results/{modality}/{sample}/rebuild/{step}-{number}.json"
+
+
+def publication_state(
+    config: dict[str, Any], modality: str, sample: str, *, main_process: bool
+) -> PublicationState:
+    """The sample's publication compared with what its last upload published (once per
+    process and sample; see ``medprep.storage.published``).
+
+    When the destination lost a working file of a step (volume, mask, patches, tile
+    shards: not kept locally after upload) and the local copy is gone, that step must
+    make it again, from the source: it gets a rebuild record as an input (a new one, so
+    Snakemake reruns it, and the steps after it). The newest record of each step stays
+    an input afterwards, so the next run has nothing to do. The main process says so in
+    one line per sample.
+    """
+    key = (config["destination"], modality, sample)
+    if key in _publication_states:
+        return _publication_states[key]
+    from medprep.storage import published
+
+    destination = join_uri(config["destination"], modality, sample)
+    snapshot = published.state_path(modality, sample)
+    found = published.check(
+        destination, snapshot, config["storage"], sample=sample, announce=main_process
+    )
+    numbers = _rebuild_records(modality, sample)
+    step = _step_to_rebuild(found, modality, sample) if found.changes else None
+    if step is not None:
+        numbers[step] = max(numbers.get(step, 0), found.generation)
+    if main_process and found.changes:
+        line = published.describe(found, destination, sample)
+        if step is None:
+            tail = "upload runs again"
+        else:
+            tail = (
+                f"its working files are gone too: {step}_{modality} runs again from the "
+                "source, then the steps after it"
+            )
+        print(f"medprep: {line}; {tail}", file=sys.stderr)
+    state = PublicationState(
+        found.generation,
+        {name: rebuild_record(modality, sample, name, n) for name, n in numbers.items()},
+    )
+    _publication_states[key] = state
+    return state
+
+
+def _rebuild_records(modality: str, sample: str) -> dict[str, int]:
+    """The newest rebuild record of each step of the sample, by its number."""
+    folder = Path("results") / modality / sample / "rebuild"
+    numbers: dict[str, int] = {}
+    if not folder.is_dir():
+        return numbers
+    for entry in os.scandir(folder):
+        step, _, number = entry.name.removesuffix(".json").rpartition("-")
+        if step in REBUILD_STEPS and number.isdigit() and entry.name.endswith(".json"):
+            numbers[step] = max(numbers.get(step, 0), int(number))
+    return numbers
+
+
+def _step_to_rebuild(found: Any, modality: str, sample: str) -> str | None:
+    """The first step whose working files the destination lost and that are gone here too."""
+    lost = found.lost_steps()
+    for step in REBUILD_STEPS:
+        if step not in lost:
+            continue
+        try:
+            manifest = atomic.read_json(f"results/{modality}/{sample}/{step}.json")
+            local = {a["name"]: a["path"] for a in manifest.get("artifacts", [])}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return step
+        if any(not os.path.exists(local.get(name) or "") for name in lost[step]):
+            return step
+    return None
+
+
 def published_generation(
     config: dict[str, Any], modality: str, sample: str, *, main_process: bool
 ) -> int:
     """The ``upload`` parameter that changes when a published file went missing or changed."""
-    from medprep.storage import published
+    return publication_state(config, modality, sample, main_process=main_process).generation
 
-    return published.generation(
-        join_uri(config["destination"], modality, sample),
-        published.state_path(modality, sample),
-        config["storage"],
-        sample=sample,
-        announce=main_process,
-    )
+
+def rebuild_inputs(
+    config: dict[str, Any], modality: str, sample: str, step: str, *, main_process: bool
+) -> dict[str, str]:
+    """``{"rebuild": record}`` for a step that must make its working files again, else {}."""
+    state = publication_state(config, modality, sample, main_process=main_process)
+    return {"rebuild": state.rebuild[step]} if step in state.rebuild else {}
 
 
 def check_destination_or_exit(config: dict[str, Any]) -> None:

@@ -246,6 +246,8 @@ def default_disk_budget(
 
 # metadata, summaries and QC pictures of a step, at most
 SMALL_OUTPUTS_MB = 2
+# a job that only writes a small record (rule `rebuild`): Python and medprep's imports
+SMALL_JOB_MB = 200
 # patches touching the lungs, over the lungs' volume at the patch stride: two lungs each
 # taken as a cube, widened by one patch on every side; bytes per voxel by
 # ct.patches.materialise (none: only the table, the patches are cut from the volume)

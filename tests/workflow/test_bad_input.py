@@ -29,7 +29,7 @@ from ct_support import (
     mixed_series_folder,
     truncated_copy,
 )
-from workflow_support import run_snakemake, write_config
+from workflow_support import published_file, run_snakemake, write_config
 from wsi_support import (
     CMU,
     CPTAC_DICOM,
@@ -367,7 +367,7 @@ def test_cohort_html_lists_the_failures_with_their_causes(matrix):
 
 def test_mixed_folder_takes_the_largest_series_and_records_the_other(matrix):
     folder = matrix.workdir / "published" / "ct" / "mixed-series-and-localizer"
-    metadata = json.loads((folder / "preprocess" / "metadata.json").read_text())
+    metadata = json.loads(published_file(folder, "preprocess/metadata.json").read_text())
     assert metadata["series"]["reason"] == "largest axial CT series (3 slices of 2 axial series)"
     assert [series["slices"] for series in metadata["other_series"]] == [2]
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pydicom
 import pytest
 from ct_support import SLAB, XML, phantom_nodule
-from workflow_support import REPO, copy_workdir, run_snakemake, write_config
+from workflow_support import REPO, copy_workdir, published_file, run_snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,9 @@ def test_the_readme_commands_label_the_patches(labelled):
     assert ("tile_annotations", "chest-02") in ran
     assert ("tile_annotations", "chest-03") not in ran  # it takes the cohort's CSV
     assert ("tile_annotations_cohort", "") in ran
-    index = pd.read_parquet(workdir / "published/dataset/labelled/patches.parquet")
+    index = pd.read_parquet(
+        published_file(workdir / "published/dataset/labelled", "patches.parquet")
+    )
     centred = index[index.centred].set_index("sample")
     assert sorted(centred.index) == ["LIDC-IDRI-0001", "chest-02", "chest-03"]
     assert (centred.label == "1").all()  # the per-patch label, as text in the index
