@@ -20,7 +20,8 @@ import pandas as pd
 
 from medprep import storage
 from medprep.common import atomic, errors
-from medprep.workflow.sheet import read_sample_sheet
+from medprep.common.redact import redact
+from medprep.workflow.sheet import SampleSheetError, read_sample_sheet
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,20 @@ def build_demo_if_requested(config: dict[str, Any]) -> None:
 
 
 def load_samples(config: dict[str, Any], schema: str | os.PathLike) -> pd.DataFrame:
-    """The sample table: the sample sheet, validated, indexed by sample name."""
-    return read_sample_sheet(config["samples"], schema)
+    """The sample table: the sample sheet, validated, indexed by sample name.
+
+    A problem in the sheet stops the run at parse time in one line (no traceback).
+    """
+    try:
+        return read_sample_sheet(config["samples"], schema)
+    except SampleSheetError as error:
+        stop(str(error))
+
+
+def stop(line: str) -> None:
+    """Stop the run while the Snakefile is parsed: one line, no traceback."""
+    print(f"medprep error: {line}", file=sys.stderr)
+    sys.exit(1)
 
 
 ##### runs: what one sample sheet owns #####
@@ -141,17 +154,20 @@ def with_discovered(
     if not entries:
         return samples
     if main_process:
-        found = [
-            s
-            for entry in entries
-            for s in storage.discover(entry["uri"], entry["modality"], config["storage"])
-        ]
+        try:
+            found = [
+                s
+                for entry in entries
+                for s in storage.discover(entry["uri"], entry["modality"], config["storage"])
+            ]
+        except errors.InputError as error:
+            stop(f"storage.discover: {error}")
         atomic.write_json(DISCOVERED_CACHE, found)
     else:
         found = atomic.read_json(DISCOVERED_CACHE)
     clashes = sorted({s["sample"] for s in found} & set(samples.index))
     if clashes:
-        raise ValueError(f"discovered samples also in the sample sheet: {clashes[:10]}")
+        stop(f"storage.discover: discovered samples also in the sample sheet: {clashes[:10]}")
     rows = pd.DataFrame.from_records(
         [{"sample": s["sample"], "modality": s["modality"], "uri": s["uri"]} for s in found],
         columns=["sample", "modality", "uri"],
@@ -181,6 +197,11 @@ def optional_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+# fingerprints the check for missing inputs computed, each handed on once (to the job's
+# parameter): that listing is not made twice
+_fingerprints_found: dict[str, str] = {}
+
+
 def source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str = "") -> str:
     """The sample's input fingerprint (a parameter of its ``download`` job).
 
@@ -192,7 +213,13 @@ def source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str =
     An object store that cannot be reached at all still stops the run: that is no
     property of one sample, and a marker would change the fingerprint of every finished
     sample, so their downloads would rerun, fail and take their outputs with them.
+
     """
+    found = _fingerprints_found.pop(uri, None)
+    return found if found is not None else _source_fingerprint(uri, storage_settings, sample)
+
+
+def _source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str) -> str:
     try:
         return storage.source_fingerprint(uri, storage_settings)
     except Exception as error:  # noqa: BLE001 - one sample's problem, reported by its job
@@ -205,6 +232,101 @@ def source_fingerprint(uri: str, storage_settings: dict[str, Any], sample: str =
         found = errors.undefer(marker, note="")
         log.warning("medprep: sample %s: %s (its download will fail)", sample, found)
         return marker
+
+
+##### inputs that do not exist #####
+
+MISSING_INPUTS_DIR = Path("logs") / "missing_inputs"
+MISSING_SHOWN = 3  # samples named in the summary line
+MISSING_COLUMNS = ("uri", "annotations")
+
+
+def missing_inputs(
+    samples: dict[str, dict[str, Any]], storage_settings: dict[str, Any]
+) -> list[dict[str, str]]:
+    """The inputs (sheet columns ``uri`` and ``annotations``) that do not exist, one dict
+    each: sample, modality, column, path, cause.
+
+    Local paths: one ``stat`` each. ``s3://`` URIs: the listing the fingerprints make
+    anyway (one per common parent prefix, cached): no object there, or no such bucket.
+    """
+    found = []
+    for name, row in samples.items():
+        for column in MISSING_COLUMNS:
+            value = row.get(column)
+            if not value:
+                continue
+            if storage.is_s3(value):
+                fingerprint = _source_fingerprint(value, storage_settings, name)
+                _fingerprints_found[value] = fingerprint
+                if fingerprint != storage.MISSING:
+                    continue
+                cause = "no object at this location (or no such bucket)"
+            elif os.path.exists(value):
+                continue
+            else:
+                cause = "does not exist"
+            found.append(
+                {
+                    "sample": name,
+                    "modality": row["modality"],
+                    "column": column,
+                    "path": redact(str(value)),
+                    "cause": cause,
+                }
+            )
+    return found
+
+
+def skip_missing_inputs(
+    samples: dict[str, dict[str, Any]], config: dict[str, Any], run: str, *, main_process: bool
+) -> set[str]:
+    """Find the samples whose inputs do not exist before any job (main process only).
+
+    One summary line (a count and the first few), the whole list in
+    ``logs/missing_inputs/{run}.tsv``. With ``missing_inputs: skip`` (default) those
+    samples get no job: each gets a failure record of its download step, so the cohort
+    table lists it as failed with the cause, and the other samples run; the names are
+    returned. With ``stop`` the run stops here.
+    """
+    if not main_process:
+        return set()
+    missing = missing_inputs(samples, config["storage"])
+    if not missing:
+        return set()
+    listing = MISSING_INPUTS_DIR / f"{run}.tsv"
+    lines = ["sample\tmodality\tcolumn\tpath\tcause"]
+    lines += [
+        "\t".join(m[k] for k in ("sample", "modality", "column", "path", "cause")) for m in missing
+    ]
+    atomic.write_text(listing, "\n".join(lines) + "\n")
+    names = {m["sample"] for m in missing}
+    shown = ", ".join(f"{m['sample']} ({m['column']} {m['path']})" for m in missing[:MISSING_SHOWN])
+    more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+    summary = (
+        f"{len(names)} of {len(samples)} samples name inputs that do not exist: "
+        f"{shown}{more} (all of them: {listing})"
+    )
+    if config.get("missing_inputs", "skip") == "stop":
+        stop(f"{summary}; nothing was run (missing_inputs: stop)")
+    from medprep.workflow import runner
+
+    for item in missing:
+        runner.write_failure_record(
+            item["sample"],
+            item["modality"],
+            "download",
+            path=item["path"],
+            cause=f"{item['column']}: {item['cause']}",
+            kind="input",
+        )
+    print(
+        f"medprep: {summary}; they are not run and the cohort table lists them as failed, "
+        f"the other {len(samples) - len(names)} run (missing_inputs: stop stops the run "
+        "instead)",
+        file=sys.stderr,
+    )
+    return names
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -273,19 +273,50 @@ def _fail(
 ) -> None:
     line = redact(line)
     _print_line(line, log_path)
+    write_failure_record(
+        sample,
+        modality,
+        step,
+        path=path,
+        cause=cause,
+        kind=kind,
+        message=line,
+        log_path=log_path,
+        attempt=attempt,
+        record=record,
+    )
+
+
+def write_failure_record(
+    sample: str,
+    modality: str,
+    step: str,
+    *,
+    path: str | None,
+    cause: str,
+    kind: str,
+    message: str | None = None,
+    log_path: str | None = None,
+    attempt: dict[str, str | None] | None = None,
+    record: Path | None = None,
+) -> None:
+    """The failure record of a sample's step (``logs/failures/{sample}.{step}.json``),
+    which the cohort table reads; also for failures found before any job runs."""
+    if message is None:
+        message = str(InputError(cause, path=path, sample=sample))
     atomic.write_json(
-        record,
+        record or failure_record_path(sample, step),
         {
-            # input: bad input, not retried within this run (see repeated_input_error);
-            # transient or internal: a retry may succeed
+            # input: bad input, and destination: no room to publish, not retried within
+            # this run (see repeated_input_error); transient or internal: a retry may succeed
             "kind": kind,
-            **attempt,
+            **(attempt or {"run": current_run(), "inputs": None}),
             "sample": sample,
             "modality": modality,
             "step": step,
             "file": redact(path) if path else None,
             "cause": redact(cause),
-            "message": line,
+            "message": redact(message),
             "log": log_path,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },

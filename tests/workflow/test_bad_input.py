@@ -391,6 +391,9 @@ def test_bad_sheet_fails_before_any_job(tmp_path, rows, message):
     write_config(tmp_path)
     run = run_snakemake(tmp_path, check=False)
     assert run.returncode != 0
-    assert message in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("medprep error:")]
+    assert len(errors) == 1 and message in errors[0]
+    # one clean line: no frames of the Snakefile or of medprep under it
+    assert 'File "' not in run.stderr and "SampleSheetError" not in run.stderr
     assert run.jobs == []
     assert not (tmp_path / "results").exists()
