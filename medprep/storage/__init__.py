@@ -353,3 +353,15 @@ def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
+
+
+def parent(uri: str, levels: int = 1) -> str:
+    """The folder or prefix ``levels`` above a local path or an S3 URI (``s3://`` kept)."""
+    if not is_s3(uri):
+        path = uri.rstrip("/") or "/"
+        for _ in range(levels):
+            path = os.path.dirname(path)
+        return path
+    bucket_and_key = uri[len(S3_SCHEME) :].strip("/").split("/")
+    kept = bucket_and_key[: max(1, len(bucket_and_key) - levels)]
+    return S3_SCHEME + "/".join(kept)
