@@ -133,9 +133,10 @@ def test_samples_with_missing_inputs_fail_without_a_job_and_the_others_run(workd
 @pytest.mark.slow
 def test_missing_inputs_stop_the_run_before_any_job_when_asked(workdir):
     write_samples(workdir, [*GOOD, *missing_rows(2)])
-    write_config(workdir, missing_inputs="stop")
+    write_config(workdir)
 
-    run = run_snakemake(workdir, check=False)
+    # as docs/incoming-publishing.md shows it
+    run = run_snakemake(workdir, "--config", "missing_inputs=stop", check=False)
 
     assert run.returncode == 1 and run.jobs == []
     errors = [line for line in run.stderr.splitlines() if line.startswith("medprep error:")]
