@@ -562,6 +562,7 @@ def remove_superseded(
     is considered; the version a sample's manifest points at never goes.
     """
     from medprep import storage
+    from medprep.common.redact import redact
 
     settings = settings or {}
     pending = []
@@ -572,7 +573,19 @@ def remove_superseded(
     outcome: dict[str, Any] = {"samples": 0, "removed": 0, "kept": [], "refused": []}
     if not pending:
         return outcome
-    referenced = referenced_publications(destination, settings)
+    try:
+        referenced = referenced_publications(destination, settings)
+    except Exception as error:  # noqa: BLE001 - keeping them all is always safe
+        log.warning(
+            "kept every earlier version of %d samples: cannot read the dataset indexes of "
+            "%s (%s: %s)",
+            len(pending),
+            redact(destination),
+            type(error).__name__,
+            redact(str(error)),
+        )
+        outcome["kept"] = [f"{entry.sample}: all" for entry, _ in pending]
+        return outcome
 
     def sweep(item):
         entry, superseded = item

@@ -278,3 +278,23 @@ def test_the_earlier_layout_is_read_and_replaced_once_no_index_refers_to_it(tmp_
         assert_whole(folder)
     for run in ("old", "new"):
         assert len(open_dataset(destination, run=run).tiles) == 200
+
+
+def test_an_index_that_cannot_be_read_keeps_every_earlier_version(tmp_path, caplog):
+    destination, receipts = tmp_path / "published", tmp_path / "receipts"
+    receipts.mkdir()
+    (entry,) = write_cohort(tmp_path / "work1", [("S1", "wsi", "P1", "1")], tiles=10)
+    first = publish_sample(entry, destination, receipts)
+    (changed,) = write_cohort(tmp_path / "work2", [("S1", "wsi", "P1", "1")], tiles=12, seed=5)
+    publish_sample(changed, destination, receipts)
+    broken = destination / "dataset" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text('{"files": [{"name": "samples.parquet"')  # cut short
+
+    swept = publish_index([changed], destination, "b", tmp_path)
+
+    assert swept["removed"] == 0 and swept["kept"] == ["S1: all"]
+    assert (destination / "wsi" / "S1" / first["version"]).is_dir()
+    assert "kept every earlier version of 1 samples: cannot read the dataset indexes" in (
+        caplog.text
+    )
