@@ -286,11 +286,18 @@ def _plan(place: _Placement, reusable: dict[tuple[int, str], Path], device: int)
         earlier = reusable.get((place.bytes, place.sha256))
         if (
             earlier is not None
-            and earlier.stat().st_dev == device
+            and _device(earlier) == device
             and _same_file(earlier, place.bytes, place.sha256)
         ):
             place.action, place.link_from = "linked", earlier
     return place
+
+
+def _device(path: Path) -> int | None:
+    try:
+        return path.lstat().st_dev
+    except OSError:
+        return None
 
 
 def _room_needed(plan: list[_Placement], block: int, manifest_bytes: int) -> int:

@@ -122,6 +122,8 @@ def test_local_republish_reads_and_removes_nothing_a_tampered_manifest_names_out
     for name in hostile_entries(tmp_path):
         tampered["files"].append({"name": name, "path": name, **victim})
     tampered["files"] += [{"nom": "x"}, "not an entry"]
+    # a plain entry whose file is not there: nothing to reuse, and no reason to refuse
+    tampered["files"].append({"name": "gone.bin", "path": "v-0000000000000000/gone", **victim})
     atomic.write_json(sample / "manifest.json", tampered)
     same_bytes = tmp_path / "v2" / "victim-like.txt"
     same_bytes.parent.mkdir()
