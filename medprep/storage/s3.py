@@ -550,6 +550,7 @@ def publish(
             raise
         need = sum(f.size for f in changed) + len(body)
         cause = getattr(error, "cause", None) or transfer.out_of_room_cause(error)
+        _remove_written(s3, bucket, folder, set(in_version), settings, threads, attempts)
         raise DestinationFull(
             f"{cause}; publishing needs {need:,} bytes there; nothing was switched, the "
             "previous publication is kept",
@@ -580,6 +581,24 @@ def publish(
         "refused": refused,
         "manifest_action": manifest_action,
     }
+
+
+def _remove_written(
+    s3: Any,
+    bucket: str,
+    folder: str,
+    there_before: set[str],
+    settings: dict[str, Any],
+    threads: int,
+    attempts: int,
+) -> None:
+    """Give back the room a failed publish took: the objects it wrote in the new version."""
+    try:
+        listed = list_objects(settings, bucket, folder) or []
+        written = [o.key for o in listed if o.key[len(folder) :] not in there_before]
+        _delete(s3, bucket, written, threads, attempts)
+    except Exception as error:  # noqa: BLE001 - the one line about the full store matters more
+        log.warning("could not remove what the failed publish wrote: %s", describe_error(error))
 
 
 def _current_version(s3: Any, bucket: str, prefix: str, attempts: int) -> str | None:

@@ -170,6 +170,9 @@ def test_a_store_over_its_quota_is_one_line_and_keeps_the_previous_publication(s
         s3.get_object(Bucket=bucket, Key="pub/wsi/S1/manifest.json")["Body"].read()
     )
     assert manifest["v"] == 1 and manifest["version"] == first["version"]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="pub/")["Contents"]}
+    paths = {f"pub/wsi/S1/{f['path']}" for f in manifest["files"]}
+    assert keys == {"pub/wsi/S1/manifest.json", *paths}, "what the failed publish wrote goes"
     for entry in manifest["files"]:
         data = s3.get_object(Bucket=bucket, Key="pub/wsi/S1/" + entry["path"])["Body"].read()
         assert sha256(data) == entry["sha256"]
