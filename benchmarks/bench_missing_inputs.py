@@ -5,7 +5,8 @@ of the same sheet) with this checkout's code and, with ``--before REF``, with th
 git revision REF (exported with ``git archive`` to a temporary folder), one after the
 other on the same machine, and prints them side by side: wall and CPU seconds of the
 dry-run (planning) and of the run, jobs started and failed, lines and bytes printed, the
-exit status, and what the cohort table says.
+exit status, and what the cohort table says. A run still going after ``--budget``
+seconds is stopped; its rate of failed samples gives the time all of them would take.
 
     .venv/bin/python benchmarks/bench_missing_inputs.py --samples 5000 --before d36dc0e
 
@@ -20,6 +21,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,7 +72,10 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def snakemake(workdir: Path, snakefile: Path, *args: str) -> tuple[float, float, str, int]:
+def snakemake(
+    workdir: Path, snakefile: Path, *args: str, budget: float | None = None
+) -> tuple[float, float, str, int | None]:
+    """Wall and CPU seconds, output and exit status (None: stopped after ``budget`` s)."""
     command = [
         str(BIN / "snakemake"),
         "--snakefile",
@@ -84,18 +89,28 @@ def snakemake(workdir: Path, snakefile: Path, *args: str) -> tuple[float, float,
         *args,
     ]
     cpu, start = children_cpu(), time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
-    return (
-        time.perf_counter() - start,
-        children_cpu() - cpu,
-        result.stdout + result.stderr,
-        result.returncode,
-    )
+    output = workdir.parent / "snakemake-output.txt"
+    with open(output, "w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
+        )
+        try:
+            status = process.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)  # Snakemake and its jobs
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            status = None
+    wall = time.perf_counter() - start
+    return wall, children_cpu() - cpu, output.read_text(), status
 
 
-def measure(label: str, snakefile: Path, workdir: Path) -> dict:
+def measure(label: str, snakefile: Path, workdir: Path, budget: float) -> dict:
     plan_s, plan_cpu, plan_out, _ = snakemake(workdir, snakefile, "--dry-run")
-    run_s, run_cpu, out, status = snakemake(workdir, snakefile, "--keep-going")
+    run_s, run_cpu, out, status = snakemake(workdir, snakefile, "--keep-going", budget=budget)
     (workdir.parent / f"{label}.log").write_text(out)
     cohort = next(workdir.glob("results/cohort/*/cohort.csv"), None)
     statuses: dict[str, int] = {}
@@ -115,8 +130,10 @@ def measure(label: str, snakefile: Path, workdir: Path) -> dict:
         "failed": len(re.findall(r"^Error in rule ", out, re.M)),
         "lines": out.count("\n"),
         "bytes": len(out.encode()),
-        "status": status,
+        "status": "stopped" if status is None else str(status),
         "cohort": ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "-",
+        # samples with a failure record by the end (or when the run was stopped)
+        "failed_samples": len(list((workdir / "logs" / "failures").glob("*.json"))),
     }
 
 
@@ -137,6 +154,13 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medprep-bench-missing"
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=1200.0,
+        help="seconds a run may take; a run still going then is stopped, and its rate of "
+        "failed samples gives the projected time for all of them",
+    )
     args = parser.parse_args()
     data = args.workdir / "data"
     if not (data / "samples.tsv").exists():
@@ -156,7 +180,7 @@ def main() -> None:
     rows = []
     for label, snakefile in code:
         workdir = write_workdir(args.workdir / "work", data, args.samples)
-        rows.append(measure(label.split()[0], snakefile, workdir))
+        rows.append(measure(label.split()[0], snakefile, workdir, args.budget))
         rows[-1]["label"] = label
         if args.before and snakefile != REPO / "Snakefile":
             shutil.rmtree(snakefile.parent)
@@ -170,18 +194,30 @@ def main() -> None:
         ("jobs failed", "failed", "d"),
         ("lines printed", "lines", "d"),
         ("bytes printed", "bytes", ",d"),
-        ("exit status", "status", "d"),
+        ("samples failed", "failed_samples", "d"),
+        ("exit status", "status", "s"),
     ]
     width = max(len(r["label"]) for r in rows) + 2
     print(f"{'':<16}" + "".join(f"{r['label']:>{width}}" for r in rows))
     for title, key, spec in columns:
         print(f"{title:<16}" + "".join(f"{format(r[key], spec):>{width}}" for r in rows))
     print(f"{'cohort table':<16}" + "".join(f"{r['cohort']:>{width}}" for r in rows))
+    for row in rows:
+        if row["status"] == "stopped" and row["failed_samples"]:
+            rate = row["failed_samples"] / row["run_s"]
+            projected = args.samples / rate
+            row["run_s"] = projected  # for the ratio below
+            print(
+                f"{row['label']}: stopped after the budget of {args.budget:.0f} s with "
+                f"{row['failed_samples']} of {args.samples} missing samples failed "
+                f"({rate:.2f}/s): all of them would take about {projected:.0f} s"
+            )
     if len(rows) == 2:
         before, after = rows
         print(
             f"after/before: plan {after['plan_s'] / before['plan_s']:.2f}x, run "
-            f"{after['run_s'] / before['run_s']:.3f}x, output {after['bytes'] / before['bytes']:.4f}x"
+            f"{after['run_s'] / before['run_s']:.4f}x (projected for a stopped run), "
+            f"output {after['bytes'] / before['bytes']:.4f}x (of what it printed by then)"
         )
 
 
