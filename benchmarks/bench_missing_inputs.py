@@ -142,6 +142,7 @@ def export(ref: str, into: Path) -> Path:
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", "--format=tar", ref], capture_output=True, check=True
     )
+    shutil.rmtree(into, ignore_errors=True)  # left by an interrupted benchmark
     into.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into / "Snakefile"

@@ -14,8 +14,10 @@ streams them, sample by sample, into three Parquet files:
   x0:x1 in the preprocessed volume), centre in voxels and in LPS mm, and ``volume`` (the
   int16 HU NIfTI, relative to the destination), ``array`` and ``array_row`` when patches
   were materialised (``ct.patches.materialise``);
-- ``samples.parquet``: one row per sample: modality, patient, label, split, status and
-  counts.
+- ``samples.parquet``: one row per sample: modality, patient, label, split, status,
+  counts, and ``publication``: the folder of the sample's published version, relative to
+  the destination (``{modality}/{sample}/v-<hex>``, see ``medprep.storage.layout``), which
+  every path of the sample's rows starts with.
 
 The sheet's ``label``, ``patient`` and ``meta_*`` columns are added to every row (a
 ``label`` column of a per-sample table, per tile or patch, takes precedence over the

@@ -292,9 +292,10 @@ def skip_missing_inputs(
     if not main_process:
         return set()
     missing = missing_inputs(samples, config["storage"])
-    if not missing:
-        return set()
     listing = MISSING_INPUTS_DIR / f"{run}.tsv"
+    if not missing:
+        listing.unlink(missing_ok=True)  # the list of an earlier run of this sheet
+        return set()
     lines = ["sample\tmodality\tcolumn\tpath\tcause"]
     lines += [
         "\t".join(m[k] for k in ("sample", "modality", "column", "path", "cause")) for m in missing

@@ -128,6 +128,11 @@ def test_samples_with_missing_inputs_fail_without_a_job_and_the_others_run(workd
     rerun = run_snakemake(workdir)
     assert rerun.samples() == {"lost-0001"}
     assert not (workdir / "logs/failures/lost-0001.download.json").exists()
+    assert "6 of 8 samples name inputs that do not exist" in rerun.stderr
+
+    write_samples(workdir, GOOD)  # a sheet without missing inputs: no stale list
+    run_snakemake(workdir)
+    assert not (workdir / "logs/missing_inputs/samples.tsv").exists()
 
 
 @pytest.mark.slow
