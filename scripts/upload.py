@@ -43,12 +43,6 @@ def main(smk):
         int(smk.params.published_generation),
         receipt,
         smk.config["storage"],
-        working={
-            name: step
-            for name, (step, _) in scratch.working_artifacts(
-                steps, set(smk.params.rule_outputs)
-            ).items()
-        },
     )
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])

@@ -17,9 +17,9 @@ number depends only on the snapshot and the destination, never on ``upload.json`
 Snakemake deletes before the job runs: a cluster job that evaluates the parameter again
 gets the same number as the main process.
 
-The snapshot also marks the working files (removed locally after upload) with the step
-that makes them: when the destination loses one and no local copy is left, that step runs
-again from the source (``Check.lost_steps``; ``medprep.workflow.parse.publication_state``).
+When the destination lost a file that no local copy is left of (a working file, removed
+after upload), the step that makes it runs again from the source (``Check.lost_names``;
+``medprep.workflow.parse.publication_state``).
 
 ``storage.verify_published`` chooses the check:
 
@@ -72,15 +72,12 @@ def record(
     generation: int,
     receipt: dict[str, Any],
     settings: dict[str, Any],
-    working: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write the snapshot of what ``receipt`` (from ``storage.publish``) says was published.
 
     Sizes and ETags or modification times come from the destination itself, read once
     more right after publishing (one listing on S3); SHA-256 from the receipt. Files are
-    keyed by their path in the publication (``medprep.storage.layout``), with their name;
-    ``working`` (name -> step) marks the working files, which are not kept locally after
-    upload: if the destination loses one, that step is what rebuilds it (``lost_steps``).
+    keyed by their path in the publication (``medprep.storage.layout``), with their name.
     """
     by_path = {layout.entry_path(f): f for f in receipt["files"]}
     sha256 = {relative: f["sha256"] for relative, f in by_path.items()}
@@ -95,10 +92,7 @@ def record(
     for relative in sorted(sha256):
         entry = {**current[relative], "sha256": sha256[relative]}
         if relative in by_path:
-            name = by_path[relative]["name"]
-            entry["name"] = name
-            if (working or {}).get(name):
-                entry["step"] = working[name]
+            entry["name"] = by_path[relative]["name"]
         files[relative] = entry
     snapshot = {
         "format": STATE_FORMAT,
@@ -162,14 +156,14 @@ class Check:
         """What ``upload`` gets as its parameter: the next number when something changed."""
         return self.number + 1 if self.changes else self.number
 
-    def lost_steps(self) -> dict[str, list[str]]:
-        """step -> the names of its working files that the destination lost or changed."""
+    def lost_names(self) -> set[str]:
+        """The names of the published files that went missing or changed (a snapshot of
+        the earlier layout keys them by name)."""
         files = self.snapshot.get("files") or {}
-        lost: dict[str, list[str]] = {}
+        lost = set()
         for change in self.changes:
-            entry = files.get(change.rsplit(": ", 1)[0]) or {}
-            if entry.get("step"):
-                lost.setdefault(entry["step"], []).append(entry.get("name", ""))
+            path = change.rsplit(": ", 1)[0]
+            lost.add((files.get(path) or {}).get("name", path))
         return lost
 
 

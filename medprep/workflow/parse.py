@@ -434,17 +434,16 @@ def _rebuild_records(modality: str, sample: str) -> dict[str, int]:
 
 
 def _step_to_rebuild(found: Any, modality: str, sample: str) -> str | None:
-    """The first step whose working files the destination lost and that are gone here too."""
-    lost = found.lost_steps()
+    """The first step with a file that the destination lost and that is gone here too
+    (a working file, removed after upload): only that step can make it again."""
+    lost = found.lost_names()
     for step in REBUILD_STEPS:
-        if step not in lost:
-            continue
         try:
             manifest = atomic.read_json(f"results/{modality}/{sample}/{step}.json")
             local = {a["name"]: a["path"] for a in manifest.get("artifacts", [])}
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            return step
-        if any(not os.path.exists(local.get(name) or "") for name in lost[step]):
+            continue  # not made yet (or unreadable): Snakemake runs that step anyway
+        if any(not os.path.exists(path) for name, path in local.items() if name in lost):
             return step
     return None
 

@@ -13,7 +13,7 @@ rerun ``preprocess_ct`` and download the raw scan again. Instead, a step that fi
 working file of its input gone restores just that file (``restore_inputs``): the raw input
 from its source, an intermediate from the published copy, both checked. When the
 published copy is gone too, the workflow reruns the step that makes the file
-(``medprep.workflow.parse.check_publications``), which fetches the source again.
+(``medprep.workflow.parse.publication_state``), which fetches the source again.
 """
 
 from __future__ import annotations
@@ -40,33 +40,24 @@ def keep_working_files(setting: bool | None, uri: str) -> bool:
     return not storage.is_s3(uri)
 
 
-def working_artifacts(
-    manifests: list[dict[str, Any]], rule_outputs: set[str]
-) -> dict[str, tuple[str, Path]]:
-    """The artifacts of the steps that are not rule outputs: name -> (step, local path)."""
-    keep = {os.path.abspath(p) for p in rule_outputs}
-    return {
-        artifact["name"]: (step["step"], Path(artifact["path"]))
-        for step in manifests
-        if step.get("step") != "download"
-        for artifact in step.get("artifacts", [])
-        if os.path.abspath(artifact["path"]) not in keep
-    }
-
-
 def working_files(
     manifests: list[dict[str, Any]], rule_outputs: set[str], raw_dir: str | None
 ) -> list[Path]:
     """Files to remove after upload: artifacts that are not rule outputs, and the raw
     download (with its download record) when ``raw_dir`` is its folder."""
+    keep = {os.path.abspath(p) for p in rule_outputs}
     found: list[Path] = []
     for step in manifests:
-        if step.get("step") == "download" and raw_dir:
-            from medprep.storage.s3 import DOWNLOAD_STATE
+        if step.get("step") == "download":
+            if raw_dir:
+                from medprep.storage.s3 import DOWNLOAD_STATE
 
-            found.extend(Path(f["path"]) for f in step.get("files", []))
-            found.append(Path(raw_dir) / DOWNLOAD_STATE)
-    found.extend(path for _, path in working_artifacts(manifests, rule_outputs).values())
+                found.extend(Path(f["path"]) for f in step.get("files", []))
+                found.append(Path(raw_dir) / DOWNLOAD_STATE)
+            continue
+        for artifact in step.get("artifacts", []):
+            if os.path.abspath(artifact["path"]) not in keep:
+                found.append(Path(artifact["path"]))
     return found
 
 
@@ -159,9 +150,9 @@ def _restore_artifacts(step: dict[str, Any], destination: str, settings: dict[st
         except FileNotFoundError:
             raise InputError(
                 f"working file {artifact['name']} was removed after upload and is not "
-                "published at this destination any more: run the workflow without targets "
-                f"(it rebuilds lost publications), or with --forcerun {step['step']}_"
-                f"{step['modality']}",
+                "published at this destination any more (and the check of published files "
+                "did not see it go: storage.verify_published); rerun with --forcerun "
+                f"{step['step']}_{step['modality']} to make it again from the source",
                 path=artifact["path"],
             ) from None
 
