@@ -285,9 +285,10 @@ def skip_missing_inputs(
 
     One summary line (a count and the first few), the whole list in
     ``logs/missing_inputs/{run}.tsv``. With ``missing_inputs: skip`` (default) those
-    samples get no job: each gets a failure record of its download step, so the cohort
-    table lists it as failed with the cause, and the other samples run; the names are
-    returned. With ``stop`` the run stops here.
+    samples get no job: each gets a failure record of the step that reads the input
+    (download; tile for an annotation file), so the cohort table lists it as failed with
+    the cause, and the other samples run; the names are returned. With ``stop`` the run
+    stops here.
     """
     if not main_process:
         return set()
@@ -316,7 +317,8 @@ def skip_missing_inputs(
         runner.write_failure_record(
             item["sample"],
             item["modality"],
-            "download",
+            # an annotation file is an input of the tile step (rule tile_annotations)
+            "download" if item["column"] == "uri" else "tile",
             path=item["path"],
             cause=f"{item['column']}: {item['cause']}",
             kind="input",

@@ -272,9 +272,29 @@ def test_good_samples_complete_and_publish(matrix, name):
 
 FAILING = [name for name, case in CASES.items() if case.outcome == "failed"]
 FALLBACKS = [name for name, case in CASES.items() if case.outcome != "failed"]
+# inputs that do not exist fail before any job (medprep.workflow.parse.skip_missing_inputs)
+MISSING = ["missing-file"]
+IN_A_JOB = [name for name in FAILING if name not in MISSING]
 
 
-@pytest.mark.parametrize("name", FAILING)
+@pytest.mark.parametrize("name", MISSING)
+def test_a_missing_input_fails_its_sample_before_any_job(matrix, name):
+    case = CASES[name]
+    path = matrix.uris[name]
+    assert not job_log(matrix.workdir, name, case).exists(), "no job for it"
+    assert f"sample={name}" not in matrix.stderr
+    summary = [line for line in matrix.stderr.splitlines() if "do not exist" in line]
+    assert len(summary) == 1 and f"{name} (uri {path})" in summary[0]
+    record = json.loads(
+        (matrix.workdir / "logs" / "failures" / f"{name}.{case.step}.json").read_text()
+    )
+    assert record["kind"] == "input" and record["cause"] == "uri: does not exist"
+    row = matrix.cohort[name]
+    assert row["status"] == "failed" and row["failed_step"] == case.step
+    assert row["cause"] == f"sample {name}: file {path}: uri: does not exist"
+
+
+@pytest.mark.parametrize("name", IN_A_JOB)
 def test_bad_input_fails_its_sample_with_one_clear_line(matrix, name):
     case = CASES[name]
     path = matrix.uris[name]
@@ -296,7 +316,7 @@ def test_bad_input_fails_its_sample_with_one_clear_line(matrix, name):
     assert case.cause in row["cause"] and f"sample {name}" in row["cause"]
 
 
-@pytest.mark.parametrize("name", FAILING)
+@pytest.mark.parametrize("name", IN_A_JOB)
 def test_bad_input_costs_one_attempt(matrix, name):
     # every rule has `retries:`; a retry after bad input fails at once with the same line
     case = CASES[name]
