@@ -44,10 +44,20 @@ sample_table = mw.sample_records(samples)
 mw.storage.expect_sources(
     [row["uri"] for row in sample_table.values()], config["storage"]
 )
+# Inputs that do not exist, found before any job: one summary line, the list in
+# logs/missing_inputs/{RUN}.tsv; those samples get no job, only their failure record
+# (config missing_inputs: skip), or the run stops here (stop).
+MISSING_SAMPLES = mw.skip_missing_inputs(
+    sample_table, config, RUN, main_process=workflow.is_main_process
+)
+# The samples this run processes: those of the sheet whose inputs exist.
+RUN_SAMPLES = {
+    name: row for name, row in sample_table.items() if name not in MISSING_SAMPLES
+}
 # ... and those of the published samples, for the check of `upload` (see below).
-mw.expect_published(sample_table, config)
+mw.expect_published(RUN_SAMPLES, config)
 # S3 inputs: local disk bounded by default (--resources disk_mb=N sets another budget).
-mr.default_disk_budget(workflow, list(sample_table.values()), config)
+mr.default_disk_budget(workflow, list(RUN_SAMPLES.values()), config)
 
 
 wildcard_constraints:
@@ -108,10 +118,26 @@ def published_generation(wildcards):
     )
 
 
+def rebuild_input(step):
+    """{"rebuild": record} when the destination lost what `step` made and its working
+    files are gone too: the step runs again from the source (rule `rebuild`)."""
+
+    def inputs(wildcards):
+        return mw.rebuild_inputs(
+            config,
+            sample_table[wildcards.sample]["modality"],
+            wildcards.sample,
+            step,
+            main_process=workflow.is_main_process,
+        )
+
+    return inputs
+
+
 def get_final_outputs():
     return [
-        f"results/{row.modality}/{row.sample}/upload.json"
-        for row in samples.itertuples(index=False)
+        f"results/{row['modality']}/{name}/upload.json"
+        for name, row in RUN_SAMPLES.items()
     ]
 
 

@@ -1,7 +1,7 @@
 from medprep.data import index as medprep_dataset
 
-# sample, modality, label, patient and meta_* of every sample, in sheet order
-DATASET_SAMPLES = medprep_dataset.sheet_records(sample_table)
+# sample, modality, label, patient and meta_* of every sample the run processes, in sheet order
+DATASET_SAMPLES = medprep_dataset.sheet_records(RUN_SAMPLES)
 
 
 # One small job over all samples: run it where Snakemake runs, not as a cluster job.

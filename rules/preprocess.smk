@@ -33,6 +33,7 @@ rule preprocess_wsi:
 
 rule preprocess_ct:
     input:
+        unpack(rebuild_input("preprocess")),
         manifest="results/ct/{sample}/download.json",
     # The volume and the lung mask are working files (params, listed in the manifest),
     # not outputs: removed after upload for s3:// inputs (see medprep/workflow/working_files.py).

@@ -40,7 +40,7 @@ rule cohort:
         # each sample's QC picture, registered for the report when it exists (see
         # medprep.cohort.table.qc_pictures)
         pictures=lambda wildcards: medprep_cohort.qc_pictures(
-            COHORT_SAMPLES, QC_PICTURES, report
+            [s for s in COHORT_SAMPLES if s[0] in RUN_SAMPLES], QC_PICTURES, report
         ),
     output:
         table=report(

@@ -1,6 +1,7 @@
 rule tile_wsi:
     input:
         unpack(sample_annotations),
+        unpack(rebuild_input("tile")),
         download="results/wsi/{sample}/download.json",
         preprocess="results/wsi/{sample}/preprocess.json",
     output:
@@ -34,6 +35,7 @@ rule tile_ct:
     input:
         unpack(sample_annotations),
         unpack(lidc_scan),
+        unpack(rebuild_input("tile")),
         preprocess="results/ct/{sample}/preprocess.json",
     # patches.npy is a working file (a param, listed in the manifest), not an output.
     output:

@@ -31,3 +31,32 @@ rule upload:
         download="results/{modality}/{sample}/download.json",
     script:
         "../scripts/upload.py"
+
+
+# One small job: run it where Snakemake runs, not as a cluster job.
+localrules:
+    rebuild,
+
+
+# The destination lost what a step made (volume, mask, patches, tile shards) and its
+# working files were removed after upload: this record is an input of that step, so that
+# it runs again and fetches the source (medprep.workflow.parse.publication_state).
+rule rebuild:
+    output:
+        record="results/{modality}/{sample}/rebuild/{step}-{number}.json",
+    log:
+        "logs/rebuild/{modality}/{sample}.{step}-{number}.log",
+    benchmark:
+        "logs/benchmarks/rebuild/{modality}/{sample}.{step}-{number}.tsv"
+    wildcard_constraints:
+        step="preprocess|tile",
+        number=r"\d+",
+    conda:
+        "../envs/storage.yaml"
+    threads: 1
+    resources:
+        mem_mb=mr.SMALL_JOB_MB,
+        disk_mb=mr.SMALL_OUTPUTS_MB,
+        runtime="5m",
+    script:
+        "../scripts/rebuild.py"

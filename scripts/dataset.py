@@ -1,4 +1,5 @@
-"""Rule `dataset`: the index of every tile and patch, published to {destination}/dataset/{run}/."""
+"""Rule `dataset`: the index of every tile and patch, published to {destination}/dataset/{run}/;
+then the earlier versions of its samples that no index refers to any more are removed."""
 
 import os
 
@@ -10,7 +11,7 @@ from medprep.workflow.runner import run_step
 
 def main(smk):
     entries = dataset.entries_from_records(
-        smk.params.samples, smk.input.tiles, smk.input.preprocess
+        smk.params.samples, smk.input.tiles, smk.input.preprocess, smk.input.receipts
     )
     manifest = dataset.build(
         entries,
@@ -29,6 +30,12 @@ def main(smk):
         smk.params.destination,
         {**manifest, "run": smk.params.run, "medprep": __version__},
         threads=smk.threads,
+        settings=smk.config["storage"],
+    )
+    receipt["superseded_samples"] = dataset.remove_superseded(
+        entries,
+        smk.config["destination"],
+        threads=smk.config["storage"]["connections"],
         settings=smk.config["storage"],
     )
     atomic.write_json(smk.output.receipt, receipt)

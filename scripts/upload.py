@@ -1,4 +1,7 @@
-"""Rule `upload`: publish a sample's artifacts, data first and manifest.json last."""
+"""Rule `upload`: publish a sample's artifacts into a new version, then switch manifest.json.
+
+Earlier versions of the sample stay until no dataset index refers to them (the `dataset`
+rule removes them: medprep.data.index.remove_superseded)."""
 
 import logging
 
@@ -28,6 +31,7 @@ def main(smk):
         # one core (the rule's threads), storage.connections requests in flight
         threads=smk.config["storage"]["connections"],
         settings=smk.config["storage"],
+        superseded="keep",
     )
     for line in receipt.get("refused", []):
         console_line(f"medprep warning: {redact(line)}")

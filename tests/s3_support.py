@@ -5,8 +5,10 @@
   a script), in front of the server. For a fraction of requests it answers 500/503,
   drops the connection before or after forwarding, or cuts a response body short; it
   can also add latency to every request, or to some methods only (benchmarks: a network
-  round trip; tests: an upload slow enough to be interrupted). Its counts
-  are served at ``/__proxy_stats__``.
+  round trip; tests: an upload slow enough to be interrupted), or act as a store with a
+  quota (``quota_bytes``: once the bodies it let through reach that many bytes, every
+  write with a body is answered 507 XMinioStorageFull, as MinIO answers on a full drive).
+  Its counts are served at ``/__proxy_stats__``.
 
 Test modules build their fixtures from ``MotoServer``, ``use_test_credentials`` and
 ``create_bucket`` (tests/conftest.py is not the place: it belongs to the workflow tests).
@@ -120,6 +122,7 @@ class FaultProxy(_Process):
         seed: int = 1,
         latency_methods: str = "",
         port: int | None = None,
+        quota_bytes: int | None = None,
     ):
         self.port = port or free_port()
         self.process = subprocess.Popen(
@@ -138,6 +141,7 @@ class FaultProxy(_Process):
                 str(seed),
                 "--latency-methods",
                 latency_methods,
+                *(["--quota-bytes", str(quota_bytes)] if quota_bytes is not None else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -164,8 +168,11 @@ class _ProxyServer(ThreadingHTTPServer):
         latency_s: float,
         seed: int,
         latency_methods: str,
+        quota_bytes: int | None = None,
     ):
         super().__init__((HOST, port), _ProxyHandler)
+        self.quota_bytes = quota_bytes
+        self.stored_bytes = 0
         self.latency_methods = {m.strip().upper() for m in latency_methods.split(",") if m.strip()}
         host, _, upstream_port = upstream.removeprefix("http://").partition(":")
         self.upstream = (host, int(upstream_port or 80))
@@ -173,7 +180,7 @@ class _ProxyServer(ThreadingHTTPServer):
         self.latency_s = latency_s
         self.random = random.Random(seed)
         self.lock = threading.Lock()
-        self.counts = {"requests": 0, **{mode: 0 for mode in FAULT_MODES}}
+        self.counts = {"requests": 0, "over_quota": 0, **{mode: 0 for mode in FAULT_MODES}}
         self.history: list[tuple[str, str, str | None]] = []  # method, path, fault
         self.local = threading.local()
 
@@ -189,6 +196,17 @@ class _ProxyServer(ThreadingHTTPServer):
             if len(self.history) < HISTORY_LIMIT:
                 self.history.append((method, path, mode))
             return mode
+
+    def over_quota(self, method: str, body: bytes) -> bool:
+        """A write with a body that the quota has no room for (counted once let through)."""
+        if self.quota_bytes is None or method not in ("PUT", "POST") or not body:
+            return False
+        with self.lock:
+            if self.stored_bytes + len(body) > self.quota_bytes:
+                self.counts["over_quota"] += 1
+                return True
+            self.stored_bytes += len(body)
+            return False
 
     def upstream_connection(self) -> http.client.HTTPConnection:
         connection = getattr(self.local, "connection", None)
@@ -257,6 +275,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         ):
             time.sleep(self.server.latency_s)
         fault = self.server.pick_fault(self.command, self.path)
+        if self.server.over_quota(self.command, body):
+            self._send(
+                507, _ERROR_BODY.format(code="XMinioStorageFull").encode(), "application/xml"
+            )
+            return
         if fault in ("status500", "status503"):
             status, code = (500, "InternalError") if fault == "status500" else (503, "SlowDown")
             self._send(status, _ERROR_BODY.format(code=code).encode(), "application/xml")
@@ -316,6 +339,7 @@ def serve_proxy(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--latency-methods", default="", help="comma-separated; empty = all")
+    parser.add_argument("--quota-bytes", type=int, default=None)
     args = parser.parse_args(argv)
     server = _ProxyServer(
         args.port,
@@ -324,6 +348,7 @@ def serve_proxy(argv: list[str] | None = None) -> None:
         args.latency_ms / 1000,
         args.seed,
         args.latency_methods,
+        args.quota_bytes,
     )
     server.serve_forever()
 

@@ -97,21 +97,32 @@ class World:
         self.outputs.append(run.stdout + run.stderr)
         return run
 
-    def published(self) -> dict[str, dict[str, str]]:
-        """sample folder -> {name: sha256 of the object's bytes} under published/."""
-        found: dict[str, dict[str, str]] = {}
-        pages = self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix="published/"
-        )
+    def objects(self, prefix: str = "published/") -> dict[str, bytes]:
+        """key -> bytes of every object under ``prefix``."""
+        found = {}
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         for page in pages:
             for entry in page.get("Contents", []):
-                if entry["Key"].startswith("published/dataset/"):
-                    continue  # the dataset index: see assert_published_complete
-                _, modality, sample, name = entry["Key"].split("/", 3)
-                data = self.s3.get_object(Bucket=self.bucket, Key=entry["Key"])["Body"].read()
-                found.setdefault(f"{modality}/{sample}", {})[name] = hashlib.sha256(
-                    data
-                ).hexdigest()
+                body = self.s3.get_object(Bucket=self.bucket, Key=entry["Key"])["Body"].read()
+                found[entry["Key"]] = body
+        return found
+
+    def published(self) -> dict[str, dict[str, str]]:
+        """sample folder -> {name: sha256 of the object's bytes} of what each sample's
+        manifest.json lists (read at its path), and of manifest.json itself."""
+        found: dict[str, dict[str, str]] = {}
+        objects = self.objects()
+        for key, body in objects.items():
+            parts = key.split("/")
+            if parts[1] == "dataset" or parts[3:] != ["manifest.json"]:
+                continue  # the dataset index: see assert_published_complete
+            folder = "/".join(parts[1:3])
+            manifest = json.loads(body)
+            files = found.setdefault(folder, {"manifest.json": hashlib.sha256(body).hexdigest()})
+            for entry in manifest["files"]:
+                data = objects.get(f"published/{folder}/{entry.get('path', entry['name'])}")
+                if data is not None:
+                    files[entry["name"]] = hashlib.sha256(data).hexdigest()
         return found
 
 
@@ -125,28 +136,26 @@ def world(moto_server, aws_env, tiny_data, tmp_path):
 
 
 def assert_published_complete(world: World, samples) -> None:
-    """Every sample: manifest.json lists exactly the other objects, with their SHA-256."""
-    published = world.published()
+    """Every sample: manifest.json lists exactly the objects of the version folder it
+    points at, with their SHA-256, and nothing else is under the sample's prefix."""
+    objects = world.objects()
     for name, modality, _ in samples:
-        objects = published[f"{modality}/{name}"]
-        manifest_key = f"published/{modality}/{name}/manifest.json"
-        manifest = json.loads(
-            world.s3.get_object(Bucket=world.bucket, Key=manifest_key)["Body"].read()
-        )
+        folder = f"published/{modality}/{name}/"
+        manifest = json.loads(objects[folder + "manifest.json"])
         assert manifest["sample"] == name
-        assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
-            k: v for k, v in objects.items() if k != "manifest.json"
+        listed = {folder + f["path"]: f["sha256"] for f in manifest["files"]}
+        assert all(f["path"] == f"{manifest['version']}/{f['name']}" for f in manifest["files"])
+        held = {
+            key: hashlib.sha256(body).hexdigest()
+            for key, body in objects.items()
+            if key.startswith(folder) and key != folder + "manifest.json"
         }
+        assert held == listed
     # the dataset index of the destination, manifest.json last, listing the tables
-    index = json.loads(
-        world.s3.get_object(Bucket=world.bucket, Key="published/dataset/samples/manifest.json")[
-            "Body"
-        ].read()
-    )
+    index = json.loads(objects["published/dataset/samples/manifest.json"])
     assert index["counts"]["samples"] == len(samples)
     for entry in index["files"]:
-        key = f"published/dataset/samples/{entry['name']}"
-        data = world.s3.get_object(Bucket=world.bucket, Key=key)["Body"].read()
+        data = objects[f"published/dataset/samples/{entry['path']}"]
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
 
 

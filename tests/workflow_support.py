@@ -189,3 +189,13 @@ def make_artifacts(folder: Path, sizes: dict[str, int], seed: int = 0) -> list[d
         path.write_bytes(rng.randbytes(size))
         artifacts.append({"name": name, "path": str(path)})
     return artifacts
+
+
+def published_file(folder: Path, name: str) -> Path:
+    """Where the publication in ``folder`` keeps file ``name``: its version folder, as its
+    manifest.json says (medprep.storage.layout)."""
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["name"] == name)
+    return folder / entry.get("path", entry["name"])

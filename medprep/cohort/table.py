@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medprep import storage
 from medprep.common import atomic
 from medprep.common.statuses import FAILED, OK, status_counts
 from medprep.workflow.runner import FAILURES_DIR
@@ -319,7 +320,8 @@ def text_summary(
         )
     if len(listed) > LIST_ALL_UP_TO:
         lines.append(f"  ... and {len(listed) - LIST_ALL_UP_TO} more (see the cohort table)")
-    published = sorted({str(Path(r["published"]).parent.parent) for r in rows if r["published"]})
+    # a sample's folder is {destination}/{modality}/{sample}: two levels up (s3:// kept)
+    published = sorted({storage.parent(r["published"], 2) for r in rows if r["published"]})
     if published:
         lines.append("published to: " + ", ".join(published))
     if table is not None:

@@ -8,8 +8,11 @@ class InputError(Exception):
 
     ``sample`` and ``path`` may be filled in later by the caller that knows them
     (engines often know the file but not the sample name). Bad input is deterministic:
-    Snakemake's retries do not redo it, unless ``retryable``.
+    Snakemake's retries do not redo it, unless ``retryable``. ``kind`` names what the
+    failure record calls it (subclasses: a full destination is not bad input).
     """
+
+    kind = "input"
 
     def __init__(
         self,

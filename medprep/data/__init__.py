@@ -27,6 +27,7 @@ from medprep.data.reader import (
     Tiles,
     dataset_runs,
     open_dataset,
+    published_path,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "Tiles",
     "dataset_runs",
     "open_dataset",
+    "published_path",
 ]

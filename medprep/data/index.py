@@ -14,8 +14,10 @@ streams them, sample by sample, into three Parquet files:
   x0:x1 in the preprocessed volume), centre in voxels and in LPS mm, and ``volume`` (the
   int16 HU NIfTI, relative to the destination), ``array`` and ``array_row`` when patches
   were materialised (``ct.patches.materialise``);
-- ``samples.parquet``: one row per sample: modality, patient, label, split, status and
-  counts; for slides the stain vectors estimated at preprocess (``stain_status``: ok,
+- ``samples.parquet``: one row per sample: modality, patient, label, split, status,
+  counts, and ``publication``: the folder of the sample's published version, relative to
+  the destination (``{modality}/{sample}/v-<hex>``, see ``medprep.storage.layout``), which
+  every path of the sample's rows starts with; for slides the stain vectors estimated at preprocess (``stain_status``: ok,
   degenerate (``stain_reason`` says why) or null for fluorescence; ``stain_h_r`` ...
   ``stain_e_b``, ``stain_max_h``, ``stain_max_e``) and ``tiles_stain`` (``as_scanned``,
   or ``normalised`` when ``wsi.tile.stain`` baked it into the tiles);
@@ -55,8 +57,9 @@ MAX_PENDING_TABLES = 2048  # flush many small per-sample tables as one row group
 TABLES = ("tiles.parquet", "patches.parquet", "samples.parquet")
 DATALIST = "datalist.json"
 FILES = (*TABLES, DATALIST)  # what build writes and publish publishes
-# the datalist sits in {destination}/dataset/{run}/: its paths climb back to the destination
-DATALIST_TO_DESTINATION = "../.."
+# the datalist sits in {destination}/dataset/{run}/v-<hex>/ (the index's published version,
+# medprep.storage.layout): its paths climb back to the destination
+DATALIST_TO_DESTINATION = "../../.."
 # MONAI's names of the usual splits (load_decathlon_datalist's data_list_key)
 DATALIST_KEYS = {"train": "training", "val": "validation", "test": "test"}
 
@@ -86,6 +89,7 @@ SAMPLE_COLUMNS = {
     **{f"stain_{stain}_{channel}": "float64" for stain in "he" for channel in "rgb"},
     "stain_max_h": "float64",
     "stain_max_e": "float64",
+    "publication": "string",
 }
 AXES = {
     "tiles": "H, W, 3: rows, columns, RGB (uint8), as decoded from the JPEG/PNG",
@@ -99,7 +103,12 @@ AXES = {
 
 @dataclass
 class SampleEntry:
-    """One published sample: its sheet values and the local files of its steps."""
+    """One published sample: its sheet values and the local files of its steps.
+
+    ``receipt``: the sample's upload receipt (``upload.json``), which names the version
+    its files were published in; without one, the files are taken to be published under
+    their names (the layout of earlier versions).
+    """
 
     sample: str
     modality: str
@@ -108,18 +117,33 @@ class SampleEntry:
     label: str | None = None
     patient: str | None = None
     meta: dict[str, str | None] = field(default_factory=dict)
+    receipt: str | None = None
+
+    def published(self) -> dict[str, Any]:
+        """The upload receipt ({} without one)."""
+        return atomic.read_json(self.receipt) if self.receipt else {}
+
+    def publication(self, receipt: dict[str, Any] | None = None) -> str:
+        """Where the sample's files are, relative to the destination: its version folder."""
+        version = (self.published() if receipt is None else receipt).get("version")
+        return posixpath.join(self.modality, self.sample, *([version] if version else []))
 
 
 def entries_from_records(
     records: Sequence[dict[str, Any]],
     tile_manifests: Sequence[str],
     preprocess_manifests: Sequence[str],
+    receipts: Sequence[str],
 ) -> list[SampleEntry]:
     """Entries from the rule's params (sheet rows as dicts) and inputs, in the same order."""
-    if not len(records) == len(tile_manifests) == len(preprocess_manifests):
-        raise ValueError("dataset: samples, tile and preprocess manifests differ in number")
+    if not len(records) == len(tile_manifests) == len(preprocess_manifests) == len(receipts):
+        raise ValueError(
+            "dataset: samples, tile and preprocess manifests and receipts differ in number"
+        )
     out = []
-    for row, tile, pre in zip(records, tile_manifests, preprocess_manifests, strict=True):
+    for row, tile, pre, receipt in zip(
+        records, tile_manifests, preprocess_manifests, receipts, strict=True
+    ):
         out.append(
             SampleEntry(
                 sample=row["sample"],
@@ -129,6 +153,7 @@ def entries_from_records(
                 label=_text(row.get("label")),
                 patient=_text(row.get("patient")),
                 meta={k: _text(v) for k, v in row.items() if k.startswith("meta_")},
+                receipt=receipt,
             )
         )
     return out
@@ -275,9 +300,9 @@ def _prefixed(column, prefix: str):
     return pc.binary_join_element_wise(pa.scalar(prefix + "/"), column.cast(pa.string()), "")
 
 
-def _published_folder(entry: SampleEntry, artifact_name: str) -> str:
+def _published_folder(publication: str, artifact_name: str) -> str:
     """Where an artifact's folder is, relative to the destination."""
-    return posixpath.join(entry.modality, entry.sample, posixpath.dirname(artifact_name))
+    return posixpath.join(publication, posixpath.dirname(artifact_name))
 
 
 def _read_table(path: str, entry: SampleEntry):
@@ -293,20 +318,22 @@ def _read_table(path: str, entry: SampleEntry):
         ) from error
 
 
-def _wsi_extra(entry: SampleEntry, table, table_name: str) -> dict[str, Any]:
-    folder = _published_folder(entry, table_name)
+def _wsi_extra(publication: str, table, table_name: str) -> dict[str, Any]:
+    folder = _published_folder(publication, table_name)
     return {"file": _prefixed(table.column("file"), folder)}
 
 
-def _ct_extra(entry: SampleEntry, table, tile: dict[str, Any], pre: dict[str, Any] | None):
+def _ct_extra(
+    entry: SampleEntry, publication: str, table, tile: dict[str, Any], pre: dict[str, Any] | None
+):
     import pyarrow as pa
 
     n = table.num_rows
     volume = _artifact(pre or {}, "volume.nii.gz")
     array = _artifact(tile, "patches.npy")
     extra: dict[str, Any] = {
-        "volume": posixpath.join("ct", entry.sample, volume["name"]) if volume else None,
-        "array": posixpath.join("ct", entry.sample, array["name"]) if array else None,
+        "volume": posixpath.join(publication, volume["name"]) if volume else None,
+        "array": posixpath.join(publication, array["name"]) if array else None,
         "array_row": table.column("patch").cast(pa.int64()) if array else None,
     }
     if n and volume is None:
@@ -332,12 +359,15 @@ def stain_values(record: dict[str, Any] | None) -> dict[str, Any]:
     return values
 
 
-def datalist_item(entry: SampleEntry, pre: dict[str, Any] | None) -> dict[str, str] | None:
-    """A CT sample's datalist item (paths relative to the datalist), or None without a volume."""
+def datalist_item(
+    entry: SampleEntry, publication: str, pre: dict[str, Any] | None
+) -> dict[str, str] | None:
+    """A CT sample's datalist item (paths relative to the datalist), or None without a
+    volume; ``publication``: the sample's published version folder (``SampleEntry``)."""
     volume = _artifact(pre or {}, "volume.nii.gz")
     if volume is None:
         return None
-    folder = posixpath.join(DATALIST_TO_DESTINATION, "ct", entry.sample)
+    folder = posixpath.join(DATALIST_TO_DESTINATION, publication)
     item = {"image": posixpath.join(folder, volume["name"])}
     mask = _artifact(pre or {}, "lung_mask.nii.gz")
     if mask is not None:
@@ -375,17 +405,18 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
         )
     table = _read_table(item["path"], entry)
     pre = atomic.read_json(entry.preprocess_manifest) if entry.preprocess_manifest else None
+    publication = entry.publication()
     if kind == "tiles":
-        extra = _wsi_extra(entry, table, item["name"])
+        extra = _wsi_extra(publication, table, item["name"])
         stain = {
             "tiles_stain": summary.get("stain", "as_scanned"),
             **stain_values((pre or {}).get("summary", {}).get("stain")),
         }
         datalist_entry = None
     else:
-        extra = _ct_extra(entry, table, tile, pre)
+        extra = _ct_extra(entry, publication, table, tile, pre)
         stain = {"tiles_stain": None, **stain_values(None)}
-        datalist_entry = datalist_item(entry, pre)
+        datalist_entry = datalist_item(entry, publication, pre)
     rows = _sample_rows(entry, table, columns, schemas[kind], split, patient, extra)
     sample_values = {
         "modality": entry.modality,
@@ -396,6 +427,7 @@ def _load_sample(entry: SampleEntry, schemas, fractions, seed):
         "warnings": len(summary.get("warnings") or []),
         "manifest": posixpath.join(entry.modality, entry.sample, "manifest.json"),
         **stain,
+        "publication": publication,
     }
     sample_row = {
         "sample": entry.sample,
@@ -547,8 +579,9 @@ def publish(
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Publish the tables (``name -> local path``) to ``destination`` (``.../dataset/{run}``)
-    through ``medprep.storage``: the tables first, ``manifest.json`` last; the receipt
-    with credentials redacted."""
+    through ``medprep.storage``: the tables in a new version, then ``manifest.json``
+    switched to it and the previous version removed; the receipt with credentials
+    redacted."""
     from medprep import storage
     from medprep.common.redact import redact
 
@@ -559,3 +592,123 @@ def publish(
     receipt["destination"] = redact(receipt["destination"])
     receipt["manifest"] = redact(receipt["manifest"])
     return receipt
+
+
+def referenced_publications(destination: str, settings: dict[str, Any] | None = None) -> set[str]:
+    """The sample publications every dataset index under ``destination`` refers to.
+
+    Each is the folder of a sample's files relative to the destination (the
+    ``publication`` column of ``samples.parquet``: ``{modality}/{sample}/v-<hex>``); an
+    index of an earlier version (no such column) refers to its samples' files under
+    their names (``{modality}/{sample}``). Raises when an index cannot be read: nothing
+    may be removed on the word of a listing that missed one.
+    """
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    from medprep.data.reader import DATASET_FOLDER, dataset_runs
+    from medprep.storage import join, layout
+    from medprep.storage.read import exists, read_bytes
+
+    settings = settings or {}
+    folders = [f"{DATASET_FOLDER}/{run}" for run in dataset_runs(destination, settings)]
+    if exists(join(destination, DATASET_FOLDER, "manifest.json"), settings):
+        folders.append(DATASET_FOLDER)  # the run-less index of earlier versions
+    found: set[str] = set()
+    for folder in folders:
+        manifest = json.loads(
+            read_bytes(join(destination, folder, "manifest.json"), None, None, settings)
+        )
+        files = layout.manifest_files(manifest)
+        relative = files.get("samples.parquet", {}).get("path", "samples.parquet")
+        data = read_bytes(join(destination, folder, relative), None, None, settings)
+        with pq.ParquetFile(io.BytesIO(data)) as parquet:
+            names = parquet.schema_arrow.names
+            if "publication" in names:
+                column = parquet.read(columns=["publication"]).column("publication")
+                found.update(value for value in column.to_pylist() if value)
+            else:
+                rows = parquet.read(columns=["modality", "sample"]).to_pylist()
+                found.update(f"{row['modality']}/{row['sample']}" for row in rows)
+    return found
+
+
+def remove_superseded(
+    entries: Sequence[SampleEntry],
+    destination: str,
+    *,
+    threads: int = 1,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Remove the earlier versions of ``entries``' samples that no dataset index refers to.
+
+    Called after this run's index is published: an upload keeps the version it replaced
+    (and files of the earlier layout) because an index may point at them; once no index
+    under ``destination`` does, they go. What each sample's receipt lists as superseded
+    is considered; the version a sample's manifest points at never goes.
+    """
+    from medprep import storage
+    from medprep.common.redact import redact
+
+    settings = settings or {}
+    pending = []
+    for entry in entries:
+        superseded = entry.published().get("superseded") or {}
+        if superseded.get("versions") or superseded.get("legacy"):
+            pending.append((entry, superseded))
+    outcome: dict[str, Any] = {"samples": 0, "removed": 0, "kept": [], "refused": []}
+    if not pending:
+        return outcome
+    try:
+        referenced = referenced_publications(destination, settings)
+    except Exception as error:  # noqa: BLE001 - keeping them all is always safe
+        log.warning(
+            "kept every earlier version of %d samples: cannot read the dataset indexes of "
+            "%s (%s: %s)",
+            len(pending),
+            redact(destination),
+            type(error).__name__,
+            redact(str(error)),
+        )
+        outcome["kept"] = [f"{entry.sample}: all" for entry, _ in pending]
+        return outcome
+
+    def sweep(item):
+        entry, superseded = item
+        folder = posixpath.join(entry.modality, entry.sample)
+        versions = [
+            v
+            for v in superseded.get("versions") or []
+            if posixpath.join(folder, v) not in referenced
+        ]
+        kept = sorted(set(superseded.get("versions") or []) - set(versions))
+        legacy = bool(superseded.get("legacy"))
+        if legacy and folder in referenced:
+            legacy, kept = False, [*kept, "(files of the earlier layout)"]
+        done = {"removed": [], "refused": []}
+        if versions or legacy:
+            done = storage.remove_superseded(
+                storage.join(destination, entry.modality, entry.sample),
+                versions,
+                legacy,
+                settings,
+                sample=entry.sample,
+            )
+        return entry, kept, done
+
+    for entry, kept, done in thread_map(sweep, pending, threads):
+        outcome["samples"] += bool(done["removed"])
+        outcome["removed"] += len(done["removed"])
+        outcome["kept"] += [f"{entry.sample}: {item}" for item in kept]
+        outcome["refused"] += done["refused"]
+    log.info(
+        "removed %d superseded versions of %d samples; kept %d that an index refers to",
+        outcome["removed"],
+        outcome["samples"],
+        len(outcome["kept"]),
+    )
+    for line in outcome["refused"]:
+        log.warning("%s", line)
+    return outcome

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from medprep.ct.hu import AIR_HU  # the fill of patch parts beyond the volume
-from medprep.storage import is_s3, join
+from medprep.storage import is_s3, join, layout
 from medprep.storage.read import exists, read_bytes
 
 DATASET_FOLDER = "dataset"
@@ -27,6 +27,30 @@ class DatasetNotReady(FileNotFoundError):
 
 
 STAIN_MODES = ("normalise", "augment")
+
+
+def published_path(
+    folder: str | os.PathLike, name: str, *, settings: dict[str, Any] | None = None
+) -> str:
+    """Where the publication in ``folder`` keeps its file ``name`` now: a path (local
+    destinations) or an ``s3://`` URI, read from the folder's ``manifest.json`` (its files
+    live in a version folder: ``medprep.storage.layout``; both layouts are read).
+
+    ``folder``: a sample's ``{destination}/{modality}/{sample}`` or a run's
+    ``{destination}/dataset/{run}``; ``name``: as the manifest lists it, e.g.
+    ``tiles/S1_patches.h5`` or ``preprocess/volume.nii.gz``."""
+    location = os.fspath(folder)
+    try:
+        manifest = json.loads(read_bytes(join(location, "manifest.json"), settings=settings or {}))
+    except FileNotFoundError:
+        raise DatasetNotReady(f"{location}: no manifest.json (not published yet)") from None
+    entry = layout.manifest_files(manifest).get(name)
+    if entry is None:
+        raise KeyError(f"{location}/manifest.json lists no {name}")
+    relative = layout.entry_path(entry)
+    if is_s3(location):
+        return join(location, relative)
+    return os.path.join(location, *relative.split("/"))
 
 
 def open_dataset(
@@ -135,6 +159,8 @@ class Dataset:
         if not exists(manifest_uri, settings):
             raise DatasetNotReady(f"no dataset at {destination} (missing {manifest_uri})")
         self.manifest = json.loads(read_bytes(manifest_uri, settings=settings))
+        # where each table is: its version folder (medprep.storage.layout), or its name
+        self.paths = {name: f["path"] for name, f in layout.manifest_files(self.manifest).items()}
         names = list(self.manifest["splits"]["fractions"])
         if split is not None and split not in names:
             raise ValueError(f"unknown split {split!r}; the dataset has {names}")
@@ -199,6 +225,12 @@ class Dataset:
             "stain_target must be None, a sample name, an RGB image, StainVectors or a dict"
         )
 
+    def file(self, name: str) -> str:
+        """Where the index keeps its file ``name`` (e.g. ``datalist.json``): a path or URI."""
+        if name not in self.paths:
+            raise KeyError(f"the dataset index lists no {name}")
+        return self.uri(f"{self.folder}/{self.paths[name]}")
+
     def uri(self, relative: str) -> str:
         """A path relative to the destination (as in the tables) as a path or URI."""
         if is_s3(self.destination):
@@ -214,7 +246,8 @@ class Dataset:
     def _table(self, name: str, filtered: bool = True):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(self.read(f"{self.folder}/{name}"))).to_pandas()
+        relative = self.paths.get(name, name)
+        table = pq.read_table(io.BytesIO(self.read(f"{self.folder}/{relative}"))).to_pandas()
         return self._in_split(table) if filtered else table
 
     def _in_split(self, table):

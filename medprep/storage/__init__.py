@@ -8,8 +8,9 @@ Four operations, each dispatched on the URI's scheme:
   when, and only when, its input changed.
 - ``fetch(uri, target_dir)``: make the input available as local files (local inputs are
   used in place; S3 objects are downloaded) and describe them.
-- ``publish(artifacts, destination)``: copy a sample's results, data first and
-  ``manifest.json`` last, skipping files already there with the same checksum.
+- ``publish(artifacts, destination)``: copy a sample's results into a version folder
+  named after their content, skipping files already there with the same checksum, then
+  switch ``manifest.json`` to it (``medprep.storage.layout``).
 - ``discover(prefix, modality)``: list samples under a prefix.
 
 For thousands of S3 samples, fingerprints at DAG build are served from cached listings:
@@ -26,8 +27,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from medprep.common.errors import InputError
+
 S3_SCHEME = "s3://"
 PUBLISHED_MANIFEST = "manifest.json"
+# the fingerprint of an input with nothing at its location
+MISSING = "missing"
 
 # file names in an input folder or prefix that are never image data
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
@@ -105,7 +110,10 @@ def check_relative_key(key: str) -> str:
 
 
 def check_artifact_names(artifacts: list[dict[str, str]]) -> None:
-    """Artifact names are plain relative keys, unique, and not the published manifest's."""
+    """Artifact names are plain relative keys, unique, not the published manifest's, and
+    not under a version folder's name."""
+    from medprep.storage import layout
+
     names = set()
     for item in artifacts:
         name = item["name"]
@@ -113,6 +121,7 @@ def check_artifact_names(artifacts: list[dict[str, str]]) -> None:
             check_relative_key(name)
         except ValueError as error:
             raise ValueError(f"artifact name {name!r} cannot be published: {error}") from None
+        layout.check_names([name])
         if name == PUBLISHED_MANIFEST:
             raise ValueError(f"artifact name {name} is reserved for the published manifest")
         if name in names:
@@ -122,8 +131,6 @@ def check_artifact_names(artifacts: list[dict[str, str]]) -> None:
 
 def refusal(sample: str | None, where: str, cause: str) -> str:
     """The one line that says what publishing refused to touch, and why."""
-    from medprep.common.errors import InputError
-
     return str(InputError(cause, path=where, sample=sample))
 
 
@@ -163,8 +170,6 @@ def safe_sample_name(raw: str, where: str = "") -> str:
     """A sample name from a folder, prefix or file name: characters outside
     ``[A-Za-z0-9._-]`` become ``_``, leading non-alphanumerics go, at most 128 characters.
     """
-    from medprep.common.errors import InputError
-
     name = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
     name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128]
     from medprep.common.settings import periodic_suffix_pattern, sample_name_pattern
@@ -204,6 +209,9 @@ def fetch(
     return _backend(uri).fetch(uri, target_dir, threads=threads, settings=settings or {})
 
 
+SUPERSEDED_POLICIES = ("remove", "keep")
+
+
 def publish(
     artifacts: list[dict[str, str]],
     destination: str,
@@ -211,15 +219,59 @@ def publish(
     manifest: dict[str, Any],
     threads: int = 1,
     settings: dict[str, Any] | None = None,
+    superseded: str = "remove",
 ) -> dict[str, Any]:
     """Publish ``artifacts`` into folder/prefix ``destination``; return the receipt.
 
-    ``manifest`` is the content of the published ``manifest.json``, to which the list of
-    files (name, bytes, sha256) is added. It is written after every data file.
+    The files go into the version folder their content names (``medprep.storage.layout``);
+    ``manifest`` is the content of the published ``manifest.json``, to which the version
+    and the list of files (name, path, bytes, sha256) are added. It is written after
+    every data file, in one write: until then the previous publication is untouched.
+
+    ``superseded``: what becomes of the previous versions (and of files of the earlier
+    layout) after the switch: ``remove`` them, or ``keep`` them for the caller to remove
+    (``remove_superseded``) when nothing refers to them any more; the receipt's
+    ``superseded`` lists them either way. Raises ``DestinationFull`` (one line, the bytes
+    needed) when the destination has no room, having changed nothing a reader sees.
     """
+    if superseded not in SUPERSEDED_POLICIES:
+        raise ValueError(f"superseded must be one of {SUPERSEDED_POLICIES}, not {superseded!r}")
     return _backend(destination).publish(
-        artifacts, destination, manifest=manifest, threads=threads, settings=settings or {}
+        artifacts,
+        destination,
+        manifest=manifest,
+        threads=threads,
+        settings=settings or {},
+        superseded=superseded,
     )
+
+
+def remove_superseded(
+    destination: str,
+    versions: list[str],
+    legacy: bool,
+    settings: dict[str, Any] | None = None,
+    *,
+    threads: int = 1,
+    sample: str | None = None,
+) -> dict[str, Any]:
+    """Remove ``versions`` (folders ``v-<hex>``) and, with ``legacy``, the files of the
+    earlier layout from the publication at ``destination``.
+
+    Never what its ``manifest.json`` points at: a version it names is kept, and so are
+    files of the earlier layout while the manifest is of that layout. Returns
+    ``{"removed": [...], "refused": [one line each, naming ``sample``]}``.
+    """
+    return _backend(destination).remove_superseded(
+        destination, versions, legacy, settings or {}, threads=threads, sample=sample
+    )
+
+
+class DestinationFull(InputError):
+    """No room at the destination (a full file system, a quota): one line with the
+    destination and the bytes needed. Not bad input, and not retried in the same run."""
+
+    kind = "destination"
 
 
 class DestinationUnusable(RuntimeError):
@@ -298,3 +350,15 @@ def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
+
+
+def parent(uri: str, levels: int = 1) -> str:
+    """The folder or prefix ``levels`` above a local path or an S3 URI (``s3://`` kept)."""
+    if not is_s3(uri):
+        path = uri.rstrip("/") or "/"
+        for _ in range(levels):
+            path = os.path.dirname(path)
+        return path
+    bucket_and_key = uri[len(S3_SCHEME) :].strip("/").split("/")
+    kept = bucket_and_key[: max(1, len(bucket_and_key) - levels)]
+    return S3_SCHEME + "/".join(kept)

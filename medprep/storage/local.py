@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any
@@ -16,12 +18,15 @@ from medprep.common.errors import InputError, defer
 from medprep.common.parallel import thread_map
 from medprep.storage import (
     IGNORED_NAMES,
+    MISSING,
     PUBLISHED_MANIFEST,
+    DestinationFull,
     DestinationUnusable,
     SourceFile,
     check_artifact_names,
     check_relative_key,
     fingerprint_of,
+    layout,
     probe_name,
     refusal,
     safe_sample_name,
@@ -142,8 +147,8 @@ def source_fingerprint(uri: str, settings: dict[str, Any]) -> str:
         return fingerprint_of([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in inputs])
     if path.is_dir():
         return fingerprint_of(_file_entries(path))
-    # A missing input is reported by `download` for this sample alone, not at DAG build.
-    return "missing"
+    # A missing input is reported for this sample alone (medprep.workflow.parse), not here.
+    return MISSING
 
 
 def fetch(
@@ -180,61 +185,9 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
-def _previous_names(
-    manifest_path: Path, sample: str | None, where: str
-) -> tuple[set[str], list[str]]:
-    """The names the old published manifest lists that are safe to act on, and refusals.
-
-    The old manifest is read from the destination, which others may write to: every
-    name is checked like an object key before publishing may remove it.
-    """
-    if manifest_path.is_symlink() or not manifest_path.is_file():
-        return set(), []
-    try:
-        entries = atomic.read_json(manifest_path).get("files", [])
-    except (ValueError, OSError, AttributeError) as error:
-        cause = f"unreadable ({type(error).__name__}); nothing it lists is removed"
-        return set(), [refusal(sample, where, cause)]
-    if not isinstance(entries, list):
-        return set(), [refusal(sample, where, "its 'files' is not a list; ignored")]
-    names, refused = set(), []
-    for entry in entries:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        try:
-            check_relative_key(name)
-        except ValueError as error:
-            shown = repr(name if name is not None else entry)[:200]
-            refused.append(
-                refusal(sample, where, f"refusing to remove {shown}, listed in it: {error}")
-            )
-            continue
-        names.add(name)
-    return names, refused
-
-
-def _remove_stale(
-    root: Path, target: Path, name: str, sample: str | None, where: str
-) -> str | None:
-    """Remove published file ``name`` no longer part of the sample; a refusal line or None."""
-    path = target / name
-    if not _inside(root, path):
-        return refusal(
-            sample,
-            where,
-            f"refusing to remove {name!r}, listed in it: a link on its path leaves the sample folder",
-        )
-    if path.is_dir() and not path.is_symlink():
-        return refusal(sample, where, f"refusing to remove {name!r}, listed in it: it is a folder")
-    path.unlink(missing_ok=True)  # a link is removed as a link, never followed
-    log.info("removed %s, no longer part of the sample", name)
-    for parent in path.parents:  # folders the removal emptied
-        if parent == target or not parent.is_relative_to(target):
-            break
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-    return None
+# link failures after which a copy is made (another device, no hard links there)
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT}
 
 
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> str:
@@ -246,9 +199,145 @@ def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> str:
     try:
         os.link(source, target)
         return "linked"
-    except OSError:  # another device (EXDEV), or a file system without hard links
+    except OSError as error:
+        if error.errno not in _NO_LINK:
+            raise
         shutil.copyfile(source, target)
         return "copied"
+
+
+@dataclass
+class _Placement:
+    """One file of the new version: where it comes from and how it gets there."""
+
+    name: str
+    source: Path
+    bytes: int
+    sha256: str
+    final: Path | None = None  # in the new version folder
+    action: str = "copied"  # skipped (already there), linked, or copied
+    link_from: Path | None = None  # a file of the previous publication with these bytes
+
+
+def _describe(item: dict[str, str]) -> _Placement:
+    source = Path(item["path"])
+    return _Placement(item["name"], source, source.stat().st_size, sha256_file(source))
+
+
+def _same_file(path: Path, size: int, checksum: str) -> bool:
+    return (
+        not path.is_symlink()
+        and path.is_file()
+        and path.stat().st_size == size
+        and sha256_file(path) == checksum
+    )
+
+
+def _previous_files(
+    manifest_path: Path, root: Path, sample: str | None
+) -> tuple[dict[str, Any], dict[tuple[int, str], Path], list[str]]:
+    """The old published manifest, its files by (bytes, SHA-256), and refusals.
+
+    The old manifest is read from the destination, which others may write to: a path it
+    lists is used (as the source of a hard link, after its bytes are checked) only if it
+    is a plain relative name whose folder stays inside the publication.
+    """
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        return {}, {}, []
+    where = str(manifest_path)
+    try:
+        old = atomic.read_json(manifest_path)
+        entries = layout.manifest_files(old).values()
+    except (ValueError, OSError, AttributeError) as error:
+        cause = f"unreadable ({type(error).__name__}); nothing it lists is reused"
+        return {}, {}, [refusal(sample, where, cause)]
+    found, refused = {}, []
+    for entry in entries:
+        relative = entry["path"]
+        try:
+            check_relative_key(relative)
+        except ValueError as error:
+            shown = repr(relative)[:200]
+            refused.append(refusal(sample, where, f"ignoring {shown}, listed in it: {error}"))
+            continue
+        path = manifest_path.parent / relative
+        if not _inside(root, path):
+            refused.append(
+                refusal(
+                    sample,
+                    where,
+                    f"ignoring {relative!r}, listed in it: a link on its "
+                    "path leaves the publication's folder",
+                )
+            )
+            continue
+        if isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int):
+            found[(entry["bytes"], entry["sha256"])] = path
+    return old if isinstance(old, dict) else {}, found, refused
+
+
+def _plan(place: _Placement, reusable: dict[tuple[int, str], Path], device: int) -> _Placement:
+    """Decide how ``place`` reaches the new version (no writing)."""
+    if _same_file(place.final, place.bytes, place.sha256):
+        place.action = "skipped"  # an interrupted publish of this version got this far
+    elif place.source.stat().st_dev == device:
+        place.action = "linked"
+    else:
+        earlier = reusable.get((place.bytes, place.sha256))
+        if (
+            earlier is not None
+            and _device(earlier) == device
+            and _same_file(earlier, place.bytes, place.sha256)
+        ):
+            place.action, place.link_from = "linked", earlier
+    return place
+
+
+def _device(path: Path) -> int | None:
+    try:
+        return path.lstat().st_dev
+    except OSError:
+        return None
+
+
+def _room_needed(plan: list[_Placement], block: int, manifest_bytes: int) -> int:
+    """Bytes the copies take on a file system of ``block``-byte blocks (links take none)."""
+    rounded = lambda size: -(-size // block) * block  # noqa: E731
+    return sum(rounded(p.bytes) for p in plan if p.action == "copied") + rounded(manifest_bytes)
+
+
+def _free_bytes(folder: Path) -> tuple[int, int]:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize, stats.f_frsize
+
+
+def _no_room(destination: str, cause: str, need: int, free: int) -> DestinationFull:
+    return DestinationFull(
+        f"{cause}: publishing needs {need:,} bytes there, {free:,} are free; nothing was "
+        "switched, the previous publication is kept",
+        path=destination,
+    )
+
+
+def _place(place: _Placement) -> _Placement:
+    if place.action == "skipped":
+        return place
+    with atomic.atomic_path(place.final) as tmp:
+        if place.link_from is not None:
+            os.link(place.link_from, tmp)
+        else:
+            place.action = link_or_copy(place.source, tmp)
+    return place
+
+
+def _remove_new(plan: list[_Placement], folder: Path, existed: bool) -> None:
+    """Give back the room a failed publish took in the new version folder."""
+    for place in plan:
+        if place.action != "skipped":
+            place.final.unlink(missing_ok=True)
+    atomic.remove_stale_temporaries(folder, recursive=True)
+    if not existed:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def publish(
@@ -258,82 +347,101 @@ def publish(
     manifest: dict[str, Any],
     threads: int,
     settings: dict[str, Any],
+    superseded: str = "remove",
 ) -> dict[str, Any]:
-    """Copy ``artifacts`` into folder ``destination``, then write ``manifest.json``.
+    """Place ``artifacts`` in the version folder of their content under folder
+    ``destination``, then switch ``manifest.json`` to it (see ``medprep.storage.layout``).
 
-    Nothing outside the folder is touched: artifact names and the names the old
-    manifest lists are checked like object keys, and a link on the way that leaves the
-    folder is refused. A bad name in the old manifest is not removed (one warning line
-    each, also in the receipt's ``refused``) and the sample is still published: the
-    entry is someone else's doing, refusing to act on it is the safe part, and failing
-    would let whoever can write to the destination block every republish. The new
-    manifest then no longer lists it.
+    Files come as hard links where the working files or an earlier version's identical
+    files are on the same file system, else as copies, each written to a temporary and
+    renamed. The room the copies need is checked before anything is written; a file
+    system that fills up anyway (another writer, inodes, a quota) gets back what this
+    publish wrote. Nothing outside the folder is touched: artifact names are checked like
+    object keys, a link on the way that leaves the folder is refused, and paths the old
+    manifest lists are used only to find identical bytes, after checking them.
     """
     check_artifact_names(artifacts)
     target = Path(destination)
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
     sample = manifest.get("sample")
+    described = list(thread_map(_describe, artifacts, threads))
+    version = layout.version_of((p.name, p.sha256) for p in described)
+    folder = target / version
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise InputError(
+            f"refusing to publish into {version}: it is not a folder of this publication",
+            path=str(target),
+        )
     inside: dict[Path, bool] = {}  # by folder: thousands of tiles share a few
-    for item in artifacts:
-        final = target / item["name"]
-        if final.parent not in inside:
-            inside[final.parent] = _inside(root, final)
-        if not inside[final.parent]:
+    for place in described:
+        place.final = folder / place.name
+        if place.final.parent not in inside:
+            inside[place.final.parent] = _inside(root, place.final)
+        if not inside[place.final.parent]:
             raise InputError(
-                f"refusing to publish {item['name']}: a link on its path leaves the sample folder",
+                f"refusing to publish {place.name}: a link on its path leaves the sample folder",
                 path=str(target),
             )
-        if final.is_dir() and not final.is_symlink():
+        if place.final.is_dir() and not place.final.is_symlink():
             raise InputError(
-                f"cannot publish {item['name']}: a folder of that name is in the way",
+                f"cannot publish {place.name}: a folder of that name is in the way",
                 path=str(target),
             )
     manifest_path = target / PUBLISHED_MANIFEST
-    previous, refused = _previous_names(manifest_path, sample, str(manifest_path))
-    # from here on the sample does not look complete until the new manifest lands
-    manifest_path.unlink(missing_ok=True)
+    old, reusable, refused = _previous_files(manifest_path, root, sample)
     removed_temporaries = atomic.remove_stale_temporaries(target, recursive=True)
     if removed_temporaries:
         log.info("removed %d temporary file(s) of an interrupted publish", removed_temporaries)
-
-    def copy_one(item: dict[str, str]) -> dict[str, Any]:
-        source = Path(item["path"])
-        final = target / item["name"]
-        size = source.stat().st_size
-        checksum = sha256_file(source)
-        same = (
-            not final.is_symlink()
-            and final.is_file()
-            and final.stat().st_size == size
-            and sha256_file(final) == checksum
-        )
-        if same:
-            action = "skipped"
-        else:
-            with atomic.atomic_path(final) as tmp:
-                action = link_or_copy(source, tmp)
-        return {"name": item["name"], "bytes": size, "sha256": checksum, "action": action}
-
-    files = list(thread_map(copy_one, artifacts, threads))
-    names = {f["name"] for f in files}
-    for stale in sorted(previous - names - {PUBLISHED_MANIFEST}):
-        line = _remove_stale(root, target, stale, sample, str(manifest_path))
-        if line:
-            refused.append(line)
-    for line in refused:
-        log.warning("%s", line)
+    device = target.stat().st_dev
+    plan = list(thread_map(lambda p: _plan(p, reusable, device), described, threads))
     published = {
         **manifest,
-        "files": [{k: f[k] for k in ("name", "bytes", "sha256")} for f in files],
+        "layout": layout.LAYOUT,
+        "version": version,
+        "files": [
+            {
+                "name": p.name,
+                "path": layout.path_in(version, p.name),
+                "bytes": p.bytes,
+                "sha256": p.sha256,
+            }
+            for p in plan
+        ],
     }
-    atomic.write_json(manifest_path, published)
-    copied = sum(f["action"] == "copied" for f in files)
-    linked = sum(f["action"] == "linked" for f in files)
+    body = json.dumps(published, indent=2, default=str, allow_nan=False) + "\n"
+    free, block = _free_bytes(target)
+    need = _room_needed(plan, block, len(body.encode()))
+    if need > free:
+        raise _no_room(str(target), "not enough space left on the device", need, free)
+    existed = folder.is_dir()
+    try:
+        files = list(thread_map(_place, plan, threads))
+        if not _unchanged_manifest(manifest_path, body):
+            atomic.write_text(manifest_path, body)  # the switch
+    except OSError as error:
+        if error.errno not in _NO_ROOM:
+            raise
+        _remove_new(plan, folder, existed)
+        free, _ = _free_bytes(target)
+        cause = os.strerror(error.errno).lower()
+        raise _no_room(str(target), cause, need, free) from None
+    versions, legacy, refusals = _superseded(target, version, sample)
+    refused += refusals
+    removed: list[str] = []
+    if superseded == "remove" and (versions or legacy):
+        outcome = remove_superseded(str(target), versions, legacy, settings, sample=sample)
+        removed = outcome["removed"]
+        refused += [line for line in outcome["refused"] if line not in refused]
+    for line in refused:
+        log.warning("%s", line)
+    copied = sum(p.action == "copied" for p in files)
+    linked = sum(p.action == "linked" for p in files)
     log.info(
-        "published %d files to %s (%d linked, %d copied, %d unchanged)",
+        "published %d files to %s/%s (%d linked, %d copied, %d unchanged)",
         len(files),
         target,
+        version,
         linked,
         copied,
         len(files) - copied - linked,
@@ -342,17 +450,130 @@ def publish(
         "destination": str(target),
         "manifest": str(manifest_path),
         "manifest_sha256": sha256_file(manifest_path),
-        "files": files,
+        "version": version,
+        "files": [
+            {
+                "name": p.name,
+                "path": layout.path_in(version, p.name),
+                "bytes": p.bytes,
+                "sha256": p.sha256,
+                "action": p.action,
+            }
+            for p in files
+        ],
+        "superseded": {"versions": versions, "legacy": legacy},
+        "removed": removed,
         "refused": refused,
     }
+
+
+def _unchanged_manifest(path: Path, body: str) -> bool:
+    try:
+        return path.read_text(encoding="utf-8") == body
+    except OSError:
+        return False
+
+
+def _superseded(
+    target: Path, version: str, sample: str | None
+) -> tuple[list[str], bool, list[str]]:
+    """What the folder holds besides ``version`` and the manifest: other version folders,
+    and whether files of the earlier layout are there."""
+    versions, legacy, refused = [], False, []
+    with os.scandir(target) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name == PUBLISHED_MANIFEST or atomic.is_temporary_name(entry.name):
+                continue
+            if layout.is_version(entry.name):
+                if entry.name == version:
+                    continue
+                if entry.is_symlink() or not entry.is_dir():
+                    refused.append(
+                        refusal(
+                            sample,
+                            entry.path,
+                            "not a version folder of this publication "
+                            "(a link or a file under that name); left alone",
+                        )
+                    )
+                    continue
+                versions.append(entry.name)
+            else:
+                legacy = True
+    return versions, legacy, refused
+
+
+def _current_version(target: Path) -> str | None:
+    """The version ``manifest.json`` points at; None without one, for the earlier layout
+    or an unreadable manifest."""
+    path = target / PUBLISHED_MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        version = atomic.read_json(path).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) and layout.is_version(version) else None
+
+
+def remove_superseded(
+    destination: str,
+    versions: list[str],
+    legacy: bool,
+    settings: dict[str, Any],
+    *,
+    threads: int = 1,
+    sample: str | None = None,
+) -> dict[str, Any]:
+    """Remove version folders ``versions`` and (``legacy``) the files of the earlier layout
+    from folder ``destination``; never what its ``manifest.json`` points at, never through
+    a link (a link is removed as a link; a link to a folder is refused)."""
+    target = Path(destination)
+    removed: list[str] = []
+    refused: list[str] = []
+    if not target.is_dir() or target.is_symlink():
+        return {"removed": removed, "refused": refused}
+    current = _current_version(target)
+    for version in sorted(set(versions)):
+        if not layout.is_version(version) or version == current:
+            continue
+        folder = target / version
+        if folder.is_symlink():
+            refused.append(refusal(sample, str(folder), "a link, not a version folder; left alone"))
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+            removed.append(version)
+    # files of the earlier layout go only once a manifest of this layout is in place
+    if legacy and current is not None:
+        with os.scandir(target) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                name = entry.name
+                if (
+                    name == PUBLISHED_MANIFEST
+                    or layout.is_version(name)
+                    or atomic.is_temporary_name(name)
+                ):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)  # links inside are removed, never followed
+                elif entry.is_symlink() and entry.is_dir():
+                    refused.append(refusal(sample, entry.path, "a link to a folder; left alone"))
+                    continue
+                else:
+                    os.unlink(entry.path)
+                removed.append(name)
+    if removed:
+        log.info("removed %s from %s: superseded", ", ".join(removed[:10]), target)
+    return {"removed": removed, "refused": refused}
 
 
 def published_state(
     destination: str, names: list[str], settings: dict[str, Any], *, fresh: bool, checksum: bool
 ) -> dict[str, dict[str, Any]]:
     """Size and modification time (and SHA-256 with ``checksum``) of each regular file
-    ``name`` under ``destination``; names that are missing, not regular files or behind
-    a link leaving the folder are left out. One ``lstat`` per name.
+    ``name`` (a path relative to the folder) under ``destination``; names that are
+    missing, not regular files or behind a link leaving the folder are left out. One
+    ``lstat`` per name.
     """
     target = Path(destination)
     if not target.is_dir():

@@ -25,13 +25,16 @@ from medprep.common.progress import Progress
 from medprep.common.redact import redact
 from medprep.storage import (
     METAIMAGE_DATA_SUFFIXES,
+    MISSING,
     PUBLISHED_MANIFEST,
+    DestinationFull,
     DestinationUnusable,
     SourceFile,
     check_artifact_names,
     check_relative_key,
     fingerprint_of,
     is_hidden,
+    layout,
     probe_name,
     refusal,
     safe_sample_name,
@@ -57,7 +60,6 @@ log = logging.getLogger(__name__)
 # Written last into the download folder: what each local file was downloaded from, so
 # a rerun downloads only the objects that changed.
 DOWNLOAD_STATE = ".medprep-download.json"
-MISSING = "missing"
 
 
 class StorageUnavailable(RuntimeError):
@@ -443,11 +445,46 @@ def _published_entries(
     return remote, refused
 
 
-def _manifest_body(manifest: dict[str, Any], files: list[transfer.LocalFile]) -> bytes:
-    listed = [{"name": f.name, "bytes": f.size, "sha256": f.sha256} for f in files]
-    return (
-        json.dumps({**manifest, "files": listed}, indent=2, default=str, allow_nan=False) + "\n"
-    ).encode("utf-8")
+def _manifest_body(
+    manifest: dict[str, Any], version: str, files: list[transfer.LocalFile]
+) -> bytes:
+    listed = [
+        {
+            "name": f.name,
+            "path": layout.path_in(version, f.name),
+            "bytes": f.size,
+            "sha256": f.sha256,
+        }
+        for f in files
+    ]
+    published = {**manifest, "layout": layout.LAYOUT, "version": version, "files": listed}
+    return (json.dumps(published, indent=2, default=str, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _superseded(remote: dict[str, RemoteObject], version: str) -> tuple[list[str], bool]:
+    """Other version folders under the prefix, and whether files of the earlier layout are."""
+    tops = {layout.top_level(rel) for rel in remote if rel != PUBLISHED_MANIFEST}
+    versions = sorted(t for t in tops if layout.is_version(t) and t != version)
+    legacy = any(not layout.is_version(t) for t in tops)
+    return versions, legacy
+
+
+def _reusable(
+    remote: dict[str, RemoteObject], version: str, files: list[transfer.LocalFile]
+) -> dict[str, RemoteObject]:
+    """Objects of earlier versions (or of the earlier layout) holding a file's bytes, by
+    the file's name: same size and the ETag this file would get (same part size)."""
+    by_content = {
+        (obj.size, obj.etag): obj
+        for rel, obj in remote.items()
+        if rel != PUBLISHED_MANIFEST and layout.top_level(rel) != version
+    }
+    found = {}
+    for local in files:
+        obj = by_content.get((local.size, local.expected_etag))
+        if obj is not None:
+            found[local.name] = obj
+    return found
 
 
 def publish(
@@ -457,12 +494,16 @@ def publish(
     manifest: dict[str, Any],
     threads: int,
     settings: dict[str, Any],
+    superseded: str = "remove",
 ) -> dict[str, Any]:
-    """Publish under ``destination``/: data first, ``manifest.json`` last.
+    """Publish under ``destination``/: the version folder of the files' content first,
+    then ``manifest.json`` (one PUT: the switch). See ``medprep.storage.layout``.
 
-    If any data object is to change, the old manifest is deleted first, so the sample
-    does not look complete until the new manifest lands. Files whose remote object has
-    the same content are skipped; objects no longer part of the sample are deleted.
+    Objects already in that version folder with the same content are skipped (an
+    interrupted publish resumes); files an earlier version holds are copied within the
+    store; the others are uploaded. Nothing the previous manifest points at changes
+    before the switch. Keys under the prefix that a normalising proxy could resolve
+    elsewhere are never deleted (a warning line each).
     """
     location = parse_uri(destination)
     bucket, prefix = location.bucket, _folder(location.key)
@@ -476,44 +517,150 @@ def publish(
             lambda a: transfer.describe_local(a["name"], a["path"], part), artifacts, threads
         )
     )
+    version = layout.version_of((f.name, f.sha256) for f in files)
+    folder = prefix + version + "/"
     listed = (
         with_retries(lambda: list_objects(settings, bucket, prefix), "list destination", attempts)
         or []
     )
-    # The old manifest is not read: the listing says what is there, and only under prefix.
-    remote, refused = _published_entries(
-        listed, prefix, manifest.get("sample"), redact(f"s3://{bucket}/{prefix}")
-    )
+    where = redact(f"s3://{bucket}/{prefix}")
+    remote, refused = _published_entries(listed, prefix, manifest.get("sample"), where)
+    in_version = {
+        rel[len(version) + 1 :]: obj for rel, obj in remote.items() if rel.startswith(version + "/")
+    }
+    unchanged = _unchanged_names(s3, bucket, folder, files, in_version, threads, attempts)
+    changed = [f for f in files if f.name not in unchanged]
+    reusable = _reusable(remote, version, changed)
+    copies = [transfer.Copy(f, reusable[f.name]) for f in changed if f.name in reusable]
+    uploads = [f for f in changed if f.name not in reusable]
+    body = _manifest_body(manifest, version, files)
+    sha = hashlib.sha256(body).hexdigest()
+    old_manifest = remote.get(PUBLISHED_MANIFEST)
+    _abort_unfinished(s3, bucket, prefix)
+    try:
+        etags, failed = transfer.copy(s3, bucket, folder, copies, settings, threads)
+        etags.update(_upload_files(s3, bucket, folder, uploads + failed, threads, settings))
+        manifest_action = "skipped"
+        if old_manifest is None or old_manifest.etag != hashlib.md5(body).hexdigest():
+            key = prefix + PUBLISHED_MANIFEST
+            transfer.put_bytes(s3, bucket, key, body, sha, attempts, ContentType="application/json")
+            manifest_action = "uploaded"
+    except Exception as error:
+        if not (isinstance(error, DestinationFull) or transfer.is_out_of_room(error)):
+            raise
+        need = sum(f.size for f in changed) + len(body)
+        cause = getattr(error, "cause", None) or transfer.out_of_room_cause(error)
+        _remove_written(s3, bucket, folder, set(in_version), settings, threads, attempts)
+        raise DestinationFull(
+            f"{cause}; publishing needs {need:,} bytes there; nothing was switched, the "
+            "previous publication is kept",
+            path=where,
+        ) from None
+    versions, legacy = _superseded(remote, version)
+    removed: list[str] = []
+    if superseded == "remove" and (versions or legacy):
+        outcome = remove_superseded(
+            destination, versions, legacy, settings, threads=threads, sample=manifest.get("sample")
+        )
+        removed = outcome["removed"]
+        refused += [line for line in outcome["refused"] if line not in refused]
     for line in refused:
         log.warning("%s", line)
-    unchanged = _unchanged_names(s3, bucket, prefix, files, remote, threads, attempts)
-    changed = [f for f in files if f.name not in unchanged]
-    stale = sorted(set(remote) - {f.name for f in files} - {PUBLISHED_MANIFEST})
-    old_manifest = remote.get(PUBLISHED_MANIFEST)
-    if (changed or stale) and old_manifest is not None:
-        # from here on the sample does not look complete until the new manifest lands
-        _delete(s3, bucket, [prefix + PUBLISHED_MANIFEST], 1, attempts)
-        old_manifest = None
-    _abort_unfinished(s3, bucket, prefix)
-    etags = _upload_files(s3, bucket, prefix, changed, threads, settings)
-    _delete(s3, bucket, [prefix + name for name in stale], threads, attempts)
-    body = _manifest_body(manifest, files)
-    sha = hashlib.sha256(body).hexdigest()
-    manifest_action = "skipped"
-    if old_manifest is None or old_manifest.etag != hashlib.md5(body).hexdigest():
-        key = prefix + PUBLISHED_MANIFEST
-        transfer.put_bytes(s3, bucket, key, body, sha, attempts, ContentType="application/json")
-        manifest_action = "uploaded"
-    _log_published(destination, files, changed, unchanged, stale, manifest_action, started)
+    copied = {item.local.name for item in copies} - {f.name for f in failed}
+    _log_published(
+        destination, version, files, changed, copied, unchanged, manifest_action, started
+    )
     return {
         "destination": f"s3://{bucket}/{prefix}",
         "manifest": f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
         "manifest_sha256": sha,
-        "files": [_receipt_entry(f, etags, remote, unchanged) for f in files],
-        "removed": stale,
+        "version": version,
+        "files": [_receipt_entry(f, version, etags, in_version, unchanged, copied) for f in files],
+        "superseded": {"versions": versions, "legacy": legacy},
+        "removed": removed,
         "refused": refused,
         "manifest_action": manifest_action,
     }
+
+
+def _remove_written(
+    s3: Any,
+    bucket: str,
+    folder: str,
+    there_before: set[str],
+    settings: dict[str, Any],
+    threads: int,
+    attempts: int,
+) -> None:
+    """Give back the room a failed publish took: the objects it wrote in the new version."""
+    try:
+        listed = list_objects(settings, bucket, folder) or []
+        written = [o.key for o in listed if o.key[len(folder) :] not in there_before]
+        _delete(s3, bucket, written, threads, attempts)
+    except Exception as error:  # noqa: BLE001 - the one line about the full store matters more
+        log.warning("could not remove what the failed publish wrote: %s", describe_error(error))
+
+
+def _current_version(s3: Any, bucket: str, prefix: str, attempts: int) -> str | None:
+    """The version the published manifest points at (None: none, earlier layout, unreadable)."""
+    from medprep.storage.read import _not_found
+
+    def get() -> bytes:
+        return s3.get_object(Bucket=bucket, Key=prefix + PUBLISHED_MANIFEST)["Body"].read()
+
+    try:
+        version = json.loads(with_retries(get, "read manifest.json", attempts)).get("version")
+    except Exception as error:  # noqa: BLE001 - no manifest, or not one of ours
+        if not _not_found(error) and not isinstance(error, (ValueError, AttributeError)):
+            raise
+        return None
+    return version if isinstance(version, str) and layout.is_version(version) else None
+
+
+def remove_superseded(
+    destination: str,
+    versions: list[str],
+    legacy: bool,
+    settings: dict[str, Any],
+    *,
+    threads: int = 1,
+    sample: str | None = None,
+) -> dict[str, Any]:
+    """Delete the objects of version folders ``versions`` and (``legacy``) those of the
+    earlier layout under ``destination``/; never what its manifest points at, never a key
+    a normalising proxy could resolve elsewhere (a refusal line each)."""
+    location = parse_uri(destination)
+    bucket, prefix = location.bucket, _folder(location.key)
+    attempts = max_attempts(settings)
+    s3 = client(settings, pool_size=threads + 4)
+    current = _current_version(s3, bucket, prefix, attempts)
+    wanted = {v for v in versions if layout.is_version(v) and v != current}
+    # files of the earlier layout go only once a manifest of this layout is in place
+    legacy = legacy and current is not None
+    if not wanted and not legacy:
+        return {"removed": [], "refused": []}
+    listed = (
+        with_retries(lambda: list_objects(settings, bucket, prefix), "list destination", attempts)
+        or []
+    )
+    remote, refused = _published_entries(listed, prefix, sample, redact(f"s3://{bucket}/{prefix}"))
+    doomed = []
+    for rel in remote:
+        top = layout.top_level(rel)
+        if rel == PUBLISHED_MANIFEST or top == current:
+            continue
+        if top in wanted or (legacy and not layout.is_version(top)):
+            doomed.append(rel)
+    _delete(s3, bucket, [prefix + rel for rel in sorted(doomed)], threads, attempts)
+    removed = sorted(
+        {
+            layout.top_level(rel) if layout.is_version(layout.top_level(rel)) else rel
+            for rel in doomed
+        }
+    )
+    if doomed:
+        log.info("removed %d superseded objects under %s", len(doomed), redact(destination))
+    return {"removed": removed, "refused": refused}
 
 
 def published_state(
@@ -589,14 +736,22 @@ def _explain_refusal(error: BaseException, bucket: str, settings: dict[str, Any]
 
 def _receipt_entry(
     local: transfer.LocalFile,
+    version: str,
     etags: dict[str, str],
-    remote: dict[str, RemoteObject],
+    in_version: dict[str, RemoteObject],
     unchanged: set[str],
+    copied: set[str],
 ) -> dict[str, Any]:
-    etag = etags.get(local.name) or (remote[local.name].etag if local.name in remote else None)
-    action = "skipped" if local.name in unchanged else "uploaded"
+    etag = etags.get(local.name) or (
+        in_version[local.name].etag if local.name in in_version else None
+    )
+    if local.name in unchanged:
+        action = "skipped"
+    else:
+        action = "copied" if local.name in copied else "uploaded"
     return {
         "name": local.name,
+        "path": layout.path_in(version, local.name),
         "bytes": local.size,
         "sha256": local.sha256,
         "etag": etag,
@@ -604,18 +759,22 @@ def _receipt_entry(
     }
 
 
-def _log_published(destination, files, changed, unchanged, stale, manifest_action, started) -> None:
-    sent = sum(f.size for f in changed)
+def _log_published(
+    destination, version, files, changed, copied, unchanged, manifest_action, started
+) -> None:
+    sent = sum(f.size for f in changed if f.name not in copied)
     elapsed = max(time.monotonic() - started, 1e-6)
     log.info(
-        "published %d files to %s: %d uploaded (%.1f MB, %.1f MB/s), %d unchanged, %d removed; manifest %s",
+        "published %d files to %s%s: %d uploaded (%.1f MB, %.1f MB/s), %d copied within the "
+        "store, %d unchanged; manifest %s",
         len(files),
-        redact(destination),
-        len(changed),
+        redact(_folder(destination)),
+        version,
+        len(changed) - len(copied),
         sent / 1e6,
         sent / 1e6 / elapsed,
+        len(copied),
         len(unchanged),
-        len(stale),
         manifest_action,
     )
 

@@ -44,6 +44,7 @@ from medprep.storage.s3_connect import (
     TransferCorrupt,
     describe_error,
     error_code,
+    error_status,
     is_transient,
     max_attempts,
     part_size,
@@ -63,6 +64,27 @@ _MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-(\d+)$")
 
 class RemoteChanged(Exception):
     """The object changed on the server while it was being downloaded."""
+
+
+# What S3-compatible stores answer when they have no room for an object: MinIO's full
+# drives and bucket quota, Ceph RGW's quota (403 QuotaExceeded), Huawei OBS's quota
+# (403 InsufficientStorageSpace), and 507 Insufficient Storage from any store. Not
+# transient: trying the same request again cannot succeed until someone frees room.
+NO_ROOM_CODES = {
+    "XMinioStorageFull",
+    "XMinioAdminBucketQuotaExceeded",
+    "QuotaExceeded",
+    "InsufficientStorageSpace",
+}
+
+
+def is_out_of_room(error: BaseException) -> bool:
+    return error_code(error) in NO_ROOM_CODES or error_status(error) == 507
+
+
+def out_of_room_cause(error: BaseException) -> str:
+    code = error_code(error) or f"HTTP {error_status(error)}"
+    return f"the store has no room for it (full or over its quota: {code})"
 
 
 def multipart_etag(part_md5s: list[bytes]) -> str:
@@ -132,6 +154,10 @@ def _failure(action: str, uri: str, error: BaseException) -> Exception:
 
     if isinstance(error, (RemoteChanged, InputError)):
         return error
+    if is_out_of_room(error):
+        from medprep.storage import DestinationFull
+
+        return DestinationFull(f"{action} refused: {out_of_room_cause(error)}", path=redact(uri))
     if isinstance(error, S3DownloadFailedError) or error_code(error) in {
         "PreconditionFailed",
         "412",
@@ -406,6 +432,62 @@ def _stored(s3: Any, bucket: str, key: str, local: LocalFile, future: Any, submi
         except Exception as error:
             raise _failure("upload", uri, failure or error) from None
     raise AssertionError("unreachable")
+
+
+@dataclass
+class Copy:
+    """A file of the new version whose bytes an object of an earlier version holds."""
+
+    local: LocalFile
+    source: RemoteObject
+
+
+def copy(
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    items: list[Copy],
+    settings: dict[str, Any],
+    threads: int,
+    done: Callable[[], None] | None = None,
+) -> tuple[dict[str, str], list[LocalFile]]:
+    """Copy objects within the store (no bytes through this machine) to ``prefix`` +
+    each file's name, checked like uploads; in parts of the upload's size, so the ETag is
+    the one an upload would get. Returns name -> ETag of the copies, and the files whose
+    copy failed for another reason than a full store (the caller uploads them)."""
+    etags: dict[str, str] = {}
+    failed: list[LocalFile] = []
+    if not items:
+        return etags, failed
+    with transfer_manager(s3, settings, threads) as manager:
+
+        def submit(item: Copy) -> Any:
+            extra = {
+                "MetadataDirective": "REPLACE",
+                "Metadata": {SHA256_METADATA: item.local.sha256},
+            }
+            return manager.copy(
+                {"Bucket": bucket, "Key": item.source.key},
+                bucket,
+                prefix + item.local.name,
+                extra_args=extra,
+                subscribers=[_listed(item.source)],
+            )
+
+        futures = [submit(item) for item in items]
+        for item, future in zip(items, futures, strict=True):
+            key = prefix + item.local.name
+            try:
+                future.result()
+                etags[item.local.name] = stored_etag(s3, bucket, key, item.local)
+            except Exception as error:  # noqa: BLE001 - an upload replaces a failed copy
+                if is_out_of_room(error):
+                    raise _failure("copy", f"s3://{bucket}/{key}", error) from None
+                log.info("copy of %s failed (%s): uploading it", key, describe_error(error))
+                failed.append(item.local)
+            if done is not None:
+                done()
+    return etags, failed
 
 
 def abort_multipart(s3: Any, bucket: str, key: str, upload_id: str) -> None:

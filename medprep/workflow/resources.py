@@ -250,6 +250,8 @@ def default_disk_budget(
 
 # metadata, summaries and QC pictures of a step, at most
 SMALL_OUTPUTS_MB = 2
+# a job that only writes a small record (rule `rebuild`): Python and medprep's imports
+SMALL_JOB_MB = 200
 
 
 # Before its outputs are known, a sample is reserved its raw bytes times a factor. A CT

@@ -76,7 +76,8 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     attempt = attempt_identity(smk)
     if (repeated := repeated_input_error(record, attempt)) is not None:
         # Snakemake retries every failure (`retries:`); bad input fails the same way again
-        _print_line(f"{repeated} (input error, not retried)", log_path)
+        line, kind = repeated
+        _print_line(f"{line} ({NOT_RETRIED[kind]}, not retried)", log_path)
         sys.exit(EXIT_INPUT_ERROR)
     record.unlink(missing_ok=True)
     started = time.monotonic()
@@ -92,8 +93,9 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
         main(smk)
     except InputError as error:
         error.with_context(sample=sample)
-        # bad input fails a retry the same way: recorded so that a retry does not redo it
-        kind = "transient" if error.retryable else "input"
+        # bad input (or a full destination) fails a retry the same way: recorded so that
+        # a retry does not redo it
+        kind = "transient" if error.retryable else error.kind
         _fail(
             record,
             sample,
@@ -181,13 +183,18 @@ def attempt_identity(smk: Any) -> dict[str, str | None]:
     return {"run": current_run(), "inputs": digest.hexdigest()[:32]}
 
 
-def repeated_input_error(record: Path, attempt: dict[str, str | None]) -> str | None:
-    """The one line of an input error that an earlier attempt of this job met, if any.
+# Failure kinds a retry in the same run does not redo, and how the retry names them.
+NOT_RETRIED = {"input": "input error", "destination": "destination full"}
+
+
+def repeated_input_error(record: Path, attempt: dict[str, str | None]) -> tuple[str, str] | None:
+    """The one line (and kind) of an input error that an earlier attempt of this job met.
 
     A retry (Snakemake's ``retries:``, given for memory, killed jobs and transient storage
     errors) of a job that failed on bad input would fail the same way: same run, same
-    inputs and parameters. Such a retry ends at once with the earlier line. A new run
-    (e.g. after the input was fixed, or a library installed) always tries again.
+    inputs and parameters. Such a retry ends at once with the earlier line. So does a
+    retry of an upload that found its destination full. A new run (e.g. after the input
+    was fixed, a library installed or space freed) always tries again.
     """
     if attempt.get("run") is None:
         return None
@@ -195,10 +202,10 @@ def repeated_input_error(record: Path, attempt: dict[str, str | None]) -> str | 
         previous = atomic.read_json(record)
     except (OSError, ValueError):
         return None
-    if not isinstance(previous, dict) or previous.get("kind") != "input":
+    if not isinstance(previous, dict) or previous.get("kind") not in NOT_RETRIED:
         return None
     if all(previous.get(key) == attempt[key] for key in ("run", "inputs")):
-        return str(previous.get("message"))
+        return str(previous.get("message")), str(previous["kind"])
     return None
 
 
@@ -274,19 +281,50 @@ def _fail(
 ) -> None:
     line = redact(line)
     _print_line(line, log_path)
+    write_failure_record(
+        sample,
+        modality,
+        step,
+        path=path,
+        cause=cause,
+        kind=kind,
+        message=line,
+        log_path=log_path,
+        attempt=attempt,
+        record=record,
+    )
+
+
+def write_failure_record(
+    sample: str,
+    modality: str,
+    step: str,
+    *,
+    path: str | None,
+    cause: str,
+    kind: str,
+    message: str | None = None,
+    log_path: str | None = None,
+    attempt: dict[str, str | None] | None = None,
+    record: Path | None = None,
+) -> None:
+    """The failure record of a sample's step (``logs/failures/{sample}.{step}.json``),
+    which the cohort table reads; also for failures found before any job runs."""
+    if message is None:
+        message = str(InputError(cause, path=path, sample=sample))
     atomic.write_json(
-        record,
+        record or failure_record_path(sample, step),
         {
-            # input: bad input, not retried within this run (see repeated_input_error);
-            # transient or internal: a retry may succeed
+            # input: bad input, and destination: no room to publish, not retried within
+            # this run (see repeated_input_error); transient or internal: a retry may succeed
             "kind": kind,
-            **attempt,
+            **(attempt or {"run": current_run(), "inputs": None}),
             "sample": sample,
             "modality": modality,
             "step": step,
             "file": redact(path) if path else None,
             "cause": redact(cause),
-            "message": line,
+            "message": redact(message),
             "log": log_path,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },

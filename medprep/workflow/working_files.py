@@ -11,7 +11,9 @@ later job declares as input right after its own job, and reruns a job whose ``te
 output is missing whenever a job that needs it reruns: a changed tile setting would then
 rerun ``preprocess_ct`` and download the raw scan again. Instead, a step that finds a
 working file of its input gone restores just that file (``restore_inputs``): the raw input
-from its source, an intermediate from the published copy, both checked.
+from its source, an intermediate from the published copy, both checked. When the
+published copy is gone too, the workflow reruns the step that makes the file
+(``medprep.workflow.parse.publication_state``), which fetches the source again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from medprep import storage
 from medprep.common import atomic
 from medprep.common.errors import InputError
 from medprep.common.redact import redact
+from medprep.storage import layout
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,15 @@ def _restore_artifacts(step: dict[str, Any], destination: str, settings: dict[st
     if not missing:
         return
     published = storage.join(destination, step["modality"], step["sample"])
-    listed = {f["name"]: f for f in _published_manifest(published, settings).get("files", [])}
+    listed = layout.manifest_files(_published_manifest(published, settings))
+    if any(a["name"] not in listed for a in missing):
+        # the published manifest is lost or older: the snapshot of the last upload
+        from medprep.storage import published as published_check
+
+        snapshot = published_check.published_files(
+            published_check.state_path(step["modality"], step["sample"])
+        )
+        listed = {**snapshot, **listed}
     log.info(
         "fetching %d removed working files of %s from %s",
         len(missing),
@@ -132,14 +143,18 @@ def _restore_artifacts(step: dict[str, Any], destination: str, settings: dict[st
     )
     for artifact in missing:
         record = listed.get(artifact["name"])
-        if record is None:
+        try:
+            if record is None:
+                raise FileNotFoundError(artifact["name"])
+            _fetch_one(storage.join(published, record["path"]), artifact["path"], record, settings)
+        except FileNotFoundError:
             raise InputError(
                 f"working file {artifact['name']} was removed after upload and is not "
-                f"published at this destination; rerun with --forcerun {step['step']}_"
-                f"{step['modality']}",
+                "published at this destination any more (and the check of published files "
+                "did not see it go: storage.verify_published); rerun with --forcerun "
+                f"{step['step']}_{step['modality']} to make it again from the source",
                 path=artifact["path"],
-            )
-        _fetch_one(storage.join(published, artifact["name"]), artifact["path"], record, settings)
+            ) from None
 
 
 def _published_manifest(published: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -155,14 +170,18 @@ def _published_manifest(published: str, settings: dict[str, Any]) -> dict[str, A
 
 
 def _fetch_one(uri: str, final: str, record: dict[str, Any], settings: dict[str, Any]) -> None:
-    """Fetch one published file to ``final``, checked against its published SHA-256."""
+    """Fetch one published file to ``final``, checked against its published SHA-256;
+    FileNotFoundError when it is not there."""
     final_path = Path(final)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final_path.parent, prefix=".restore-") as tmp:
         if storage.is_s3(uri):
-            (local,) = storage.fetch(
-                uri, tmp, threads=settings.get("connections", 16), settings=settings
-            )
+            try:
+                (local,) = storage.fetch(
+                    uri, tmp, threads=settings.get("connections", 16), settings=settings
+                )
+            except InputError:  # no object there (or no bucket)
+                raise FileNotFoundError(redact(uri)) from None
             fetched = Path(local.path)
         else:
             fetched = Path(tmp) / final_path.name

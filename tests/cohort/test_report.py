@@ -251,6 +251,20 @@ def row(sample: str, modality: str = "wsi", status: str = "ok", **values) -> dic
     return {**base, "sample": sample, "modality": modality, "status": status, **values}
 
 
+def test_summary_names_each_destination_as_written_s3_uris_included():
+    rows = [
+        {"sample": s, "modality": "ct", "status": "ok", "cause": None, "kept": 3, "published": p}
+        for s, p in (
+            ("A", "s3://bucket/out/ct/A/"),
+            ("B", "s3://bucket/out/ct/B"),
+            ("C", "/data/published/ct/C"),
+            ("D", "published/ct/D"),
+        )
+    ]
+    summary = cohort.text_summary(rows)
+    assert "published to: /data/published, published, s3://bucket/out" in summary.splitlines()
+
+
 def test_outliers_are_zeros_and_values_beyond_the_fences():
     values = {f"s{i}": 100.0 + i for i in range(10)} | {"zero": 0.0, "huge": 1000.0}
     assert cohort_plot.outliers(values) == {"zero", "huge"}

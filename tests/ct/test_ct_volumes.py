@@ -129,7 +129,7 @@ def test_the_sheet_accepts_a_uid_its_hash_or_a_series_number(tmp_path):
 
 
 def test_a_metaimage_sample_runs_through_the_workflow(tmp_path):
-    from workflow_support import run_snakemake, write_config, write_samples
+    from workflow_support import published_file, run_snakemake, write_config, write_samples
 
     dicom_as_metaimage(CT_3SLICE, tmp_path / "scan.mhd")
     write_samples(tmp_path, [("luna-like", "ct", str(tmp_path / "scan.mhd"))])
@@ -138,6 +138,6 @@ def test_a_metaimage_sample_runs_through_the_workflow(tmp_path):
     download = json.loads((tmp_path / "results/ct/luna-like/download.json").read_text())
     assert sorted(f["key"] for f in download["files"]) == ["scan.mhd", "scan.raw"]
     published = tmp_path / "published/ct/luna-like"
-    metadata = json.loads((published / "preprocess/metadata.json").read_text())
+    metadata = json.loads(published_file(published, "preprocess/metadata.json").read_text())
     assert metadata["series"]["input"] == "MetaImage"
     assert json.loads((published / "manifest.json").read_text())["sample"] == "luna-like"

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_SAMPLES
 from dataset_support import write_cohort
-from workflow_support import REPO, run_snakemake, write_config
+from workflow_support import REPO, published_file, run_snakemake, write_config
 
 from medprep.ct import nifti
 from medprep.data import DatasetNotReady, open_dataset, splits
@@ -120,11 +120,11 @@ def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
     folder = run / "published" / "dataset" / "samples"  # the run of samples.tsv
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {f["name"] for f in manifest["files"]} == set(dataset.FILES)
-    samples = pd.read_parquet(folder / "samples.parquet").set_index("sample")
+    samples = pd.read_parquet(published_file(folder, "samples.parquet")).set_index("sample")
     assert samples["label"].to_dict() == {s: g[0] for s, g in GROUPS.items()}
     assert samples.loc["phantom-chest-01", "split"] == samples.loc["synthetic-01", "split"]
-    tiles = pd.read_parquet(folder / "tiles.parquet")
-    patches = pd.read_parquet(folder / "patches.parquet")
+    tiles = pd.read_parquet(published_file(folder, "tiles.parquet"))
+    patches = pd.read_parquet(published_file(folder, "patches.parquet"))
     for modality, table, column in (("wsi", tiles, "tiles"), ("ct", patches, "patches")):
         for sample in samples.index[samples["modality"] == modality]:
             own = json.loads((run / "published" / modality / sample / "manifest.json").read_text())
@@ -133,12 +133,18 @@ def test_the_run_publishes_the_index_with_labels_and_patient_splits(run):
     assert (tiles["meta_site"] == "leeds").all() and set(tiles["patient"]) == {"P1", "P2"}
     # every column of the per-sample tables, QC scores and artifact flags included
     published_tiles = pd.read_parquet(
-        run / "published" / "wsi" / tiles["sample"].iloc[0] / "tiles" / "tiles.parquet"
+        published_file(run / "published" / "wsi" / tiles["sample"].iloc[0], "tiles/tiles.parquet")
     )
     assert set(published_tiles.columns) - {"sample"} <= set(tiles.columns)
     assert {"sharpness", "pen_fraction", "fold_fraction", "gap_fraction"} <= set(tiles.columns)
     for name in set(tiles["file"]) | set(patches["volume"]):
         assert (run / "published" / name).is_file(), name
+    # the index points at each sample's version folder, as its manifest.json does
+    for sample, row in samples.iterrows():
+        own = json.loads(
+            (run / "published" / row["modality"] / sample / "manifest.json").read_text()
+        )
+        assert row["publication"] == f"{row['modality']}/{sample}/{own['version']}"
     cohort = pd.read_csv(run / "results/cohort/samples/cohort.csv", dtype=str).set_index("sample")
     assert cohort["patient"].to_dict() == {s: g[1] for s, g in GROUPS.items()}
     assert (cohort["meta_site"] == "leeds").all()
@@ -176,7 +182,7 @@ def test_tile_pixels_agree_with_the_shard_and_webdataset(run):
 def test_ct_patches_are_cut_from_the_volume_and_outputs_are_compact(run):
     ds = open_dataset(run / "published")
     volume, affine = nifti.read_nifti(
-        run / "published/ct/phantom-chest-01/preprocess/volume.nii.gz"
+        published_file(run / "published/ct/phantom-chest-01", "preprocess/volume.nii.gz")
     )
     table = ds.patches.table
     assert len(table) and table["array"].isna().all()
@@ -225,7 +231,9 @@ def test_a_rerun_does_nothing_and_a_new_label_rebuilds_only_the_index(run):
         sheet.write_text(original.replace("\t1\tP1\t", "\t2\tP1\t", 1))
         relabel = run_snakemake(run)
         assert "rule dataset" in relabel.stderr and not relabel.ran()
-        samples = pd.read_parquet(run / "published/dataset/samples/samples.parquet")
+        samples = pd.read_parquet(
+            published_file(run / "published/dataset/samples", "samples.parquet")
+        )
         assert "2" in set(samples["label"])
     finally:
         sheet.write_text(original)
@@ -257,7 +265,7 @@ def test_the_index_publishes_to_s3_and_reads_back_like_the_local_one(run, s3):
     for path in sorted(local.rglob("*")):  # the samples as upload published them
         if path.is_file() and "dataset" not in path.parts:
             client.upload_file(str(path), bucket, f"out/{path.relative_to(local).as_posix()}")
-    files = {n: str(local / "dataset" / "samples" / n) for n in dataset.FILES}
+    files = {n: str(published_file(local / "dataset" / "samples", n)) for n in dataset.FILES}
     manifest = json.loads((local / "dataset/samples/manifest.json").read_text())
     dataset.publish(files, f"s3://{bucket}/out/dataset/samples", manifest, settings=s3)
     remote = open_dataset(f"s3://{bucket}/out", settings=s3)
@@ -276,16 +284,17 @@ def test_materialised_patches_are_read_by_range_on_s3(tmp_path, s3):
     s3, bucket, _ = s3
     array = np.arange(3 * 4 * 5 * 6, dtype=np.int16).reshape(3, 4, 5, 6)
     np.save(tmp_path / "patches.npy", array)
-    storage.publish(
+    receipt = storage.publish(
         [{"name": "patches.npy", "path": str(tmp_path / "patches.npy")}],
         f"s3://{bucket}/npy",
         manifest={},
         settings=s3,
     )
+    remote = f"npy/{receipt['files'][0]['path']}"
     ds = Dataset.__new__(Dataset)  # only the storage side: no tables
     ds.destination, ds.settings = f"s3://{bucket}", s3
     patches = Patches(ds, pd.DataFrame(), 1)
-    np.testing.assert_array_equal(patches._materialised("npy/patches.npy", 2), array[2])
+    np.testing.assert_array_equal(patches._materialised(remote, 2), array[2])
     local = Dataset.__new__(Dataset)
     local.destination, local.settings = str(tmp_path), {}
     (tmp_path / "npy").mkdir()
@@ -346,8 +355,9 @@ def run_in(run, monkeypatch, code: str, name: str) -> dict:
 
 
 def test_the_datalist_follows_the_index_splits_and_every_path_exists(run):
-    folder = run / "published" / "dataset" / "samples"
-    lists = json.loads((folder / "datalist.json").read_text())
+    datalist = published_file(run / "published" / "dataset" / "samples", "datalist.json")
+    folder = datalist.parent  # the index's version folder: the items are relative to it
+    lists = json.loads(datalist.read_text())
     samples = pd.read_parquet(folder / "samples.parquet").set_index("sample")
     names = {"train": "training", "val": "validation", "test": "test"}
     ct = samples[samples["modality"] == "ct"]
@@ -376,7 +386,8 @@ def test_the_monai_example_loads_the_datalist(run, monkeypatch):
 def test_the_patch_coordinates_example_reads_the_published_file(run, monkeypatch):
     (code,) = [c for c in docs_examples("interop.md") if "h5py" in c]
     namespace = run_in(run, monkeypatch, code, "docs/interop.md")
-    tiles = pd.read_parquet(run / "published/wsi/CMU-1-Small-Region/tiles/tiles.parquet")
+    sample = run / "published/wsi/CMU-1-Small-Region"
+    tiles = pd.read_parquet(published_file(sample, "tiles/tiles.parquet"))
     np.testing.assert_array_equal(namespace["coords"], tiles[["x", "y"]].to_numpy())
     assert abs(namespace["box"] - tiles["width_l0"].iloc[0]) <= 0.01 * tiles["width_l0"].iloc[0]
 

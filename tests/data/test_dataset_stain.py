@@ -150,8 +150,9 @@ def test_the_datalist_lists_the_ct_samples_by_split_with_paths_beside_it(tmp_pat
         )
         for item in items:
             assert item["label"] == samples.loc[item["sample"], "label"]
-            assert item["image"] == f"../../ct/{item['sample']}/preprocess/volume.nii.gz"
-            assert posixpath.normpath(posixpath.join("dataset/run", item["image"])).startswith(
-                "ct/"
-            )
+            # published in the index's version folder, dataset/{run}/v-<hex>/
+            publication = samples.loc[item["sample"], "publication"]
+            assert item["image"] == f"../../../{publication}/preprocess/volume.nii.gz"
+            resolved = posixpath.normpath(posixpath.join("dataset/run/v-0", item["image"]))
+            assert resolved.startswith(f"ct/{item['sample']}")
     assert sum(len(items) for items in lists.values()) == 40

@@ -37,6 +37,7 @@ from s3_workflow_support import (
 from workflow_support import (
     copy_workdir,
     make_artifacts,
+    published_file,
     run_snakemake,
     write_config,
     write_samples,
@@ -45,6 +46,7 @@ from workflow_support import (
 from medprep import storage
 from medprep.common import atomic
 from medprep.common.errors import InputError
+from medprep.storage import layout
 
 MB = 1024 * 1024
 CT = ("real-dcmqi-3slice", "ct", "data/ct/real-dcmqi-3slice")
@@ -59,18 +61,25 @@ def temporaries(folder: Path) -> list[str]:
     return [str(p) for p in folder.rglob("*") if atomic.is_temporary_name(p.name)]
 
 
-def assert_local_complete(folder: Path, names: set[str] | None = None) -> dict:
-    """manifest.json lists exactly the other files of ``folder``, with their SHA-256."""
+def assert_local_complete(
+    folder: Path, names: set[str] | None = None, *, alone: bool = True
+) -> dict:
+    """manifest.json lists exactly the files of the version folder it points at, with their
+    SHA-256; with ``alone``, nothing but the two is in ``folder``, nothing half-written."""
     manifest = atomic.read_json(folder / "manifest.json")
+    version = folder / manifest["version"]
     on_disk = {
-        p.relative_to(folder).as_posix(): sha256(p.read_bytes())
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != "manifest.json"
+        p.relative_to(version).as_posix(): sha256(p.read_bytes())
+        for p in version.rglob("*")
+        if p.is_file()
     }
     assert {f["name"]: f["sha256"] for f in manifest["files"]} == on_disk
+    assert {f["path"] for f in manifest["files"]} == {f"{version.name}/{n}" for n in on_disk}
     if names is not None:
         assert set(on_disk) == names
-    assert temporaries(folder) == [], "nothing half-written may be left"
+    if alone:
+        assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", version.name]
+        assert temporaries(folder) == [], "nothing half-written may be left"
     return manifest
 
 
@@ -99,7 +108,7 @@ def hostile_entries(tmp_path: Path) -> list[str]:
     ]
 
 
-def test_local_republish_removes_nothing_a_tampered_manifest_names_outside_the_folder(
+def test_local_republish_reads_and_removes_nothing_a_tampered_manifest_names_outside(
     tmp_path, outside, caplog
 ):
     sample = tmp_path / "pub" / "ct" / "S1"
@@ -107,11 +116,21 @@ def test_local_republish_removes_nothing_a_tampered_manifest_names_outside_the_f
     storage.publish(first, str(sample), manifest={"sample": "S1"})
     (sample / "escape").symlink_to(outside)  # a link planted in the published folder
     tampered = atomic.read_json(sample / "manifest.json")
-    tampered["files"] += [{"name": name} for name in hostile_entries(tmp_path)]
+    # entries naming files outside, with the size and SHA-256 of the victim: a publisher
+    # that reused "identical" published files would link the victim into the publication
+    victim = {"bytes": len(b"keep me"), "sha256": sha256(b"keep me")}
+    for name in hostile_entries(tmp_path):
+        tampered["files"].append({"name": name, "path": name, **victim})
     tampered["files"] += [{"nom": "x"}, "not an entry"]
+    # a plain entry whose file is not there: nothing to reuse, and no reason to refuse
+    tampered["files"].append({"name": "gone.bin", "path": "v-0000000000000000/gone", **victim})
     atomic.write_json(sample / "manifest.json", tampered)
+    same_bytes = tmp_path / "v2" / "victim-like.txt"
+    same_bytes.parent.mkdir()
+    same_bytes.write_bytes(b"keep me")
+    other_device = {"path": str(same_bytes), "name": "notes/victim-like.txt"}
 
-    second = [first[0], *make_artifacts(tmp_path / "v2", {"b.json": 12}, seed=2)]
+    second = [first[0], *make_artifacts(tmp_path / "v2", {"b.json": 12}, seed=2), other_device]
     with caplog.at_level(logging.WARNING):
         receipt = storage.publish(second, str(sample), manifest={"sample": "S1"})
 
@@ -119,40 +138,57 @@ def test_local_republish_removes_nothing_a_tampered_manifest_names_outside_the_f
     assert (tmp_path / "victim.txt").read_text() == "keep me too"
     assert (sample / "escape").is_symlink(), "refused, so left as it was"
     refused = receipt["refused"]
-    assert len(refused) == len(hostile_entries(tmp_path)) + 2
-    for line in refused:
-        assert line.startswith(f"sample S1: file {sample / 'manifest.json'}: refusing to remove ")
-        assert "\n" not in line
+    assert len(refused) == len(hostile_entries(tmp_path)) + 1
+    where = f"sample S1: file {sample / 'manifest.json'}: ignoring "
+    assert sum(line.startswith(where) for line in refused) == len(hostile_entries(tmp_path))
+    assert f"sample S1: file {sample / 'escape'}: a link to a folder; left alone" in refused
+    assert all("\n" not in line for line in refused)
     assert any("'../../../victim.txt'" in line and "'..'" in line for line in refused)
     assert any(
-        "'escape/victim.txt'" in line and "leaves the sample folder" in line for line in refused
+        "'escape/victim.txt'" in line and "a link on its path leaves" in line for line in refused
     )
     assert any("backslash" in line for line in refused)
     assert any("absolute path" in line for line in refused)
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == refused
-    # the sample is still published, its own stale file removed, the bad entries gone
-    assert not (sample / "tiles").exists(), "tiles/old.png removed, and the folder it emptied"
+    published = sample / receipt["version"] / "notes" / "victim-like.txt"
+    assert os.stat(published).st_ino == os.stat(same_bytes).st_ino, "from the source, linked"
+    for victim_file in (outside / "victim.txt", tmp_path / "victim.txt"):
+        assert os.stat(victim_file).st_nlink == 1, "never linked into the publication"
+    # the sample is published, the previous version removed, the bad entries gone
     (sample / "escape").unlink()
-    manifest = assert_local_complete(sample, {"a.npy", "b.json"})
+    manifest = assert_local_complete(sample, {"a.npy", "b.json", "notes/victim-like.txt"})
     assert manifest["sample"] == "S1"
+    assert receipt["removed"] == [layout.version_of(
+        (a["name"], sha256(Path(a["path"]).read_bytes())) for a in first
+    )]  # fmt: skip
 
 
 def test_local_publish_refuses_to_write_through_a_link_leaving_the_folder(tmp_path, outside):
     sample = tmp_path / "pub" / "wsi" / "S2"
     sample.mkdir(parents=True)
-    (sample / "preprocess").symlink_to(outside)
     artifacts = make_artifacts(tmp_path / "v1", {"preprocess/mask.png": 30, "x.json": 5})
+    version = layout.version_of(
+        (a["name"], sha256(Path(a["path"]).read_bytes())) for a in artifacts
+    )
     before = sorted(p.name for p in outside.iterdir())
 
+    (sample / version).symlink_to(outside)  # the version folder itself
+    with pytest.raises(InputError, match="not a folder of this publication") as error:
+        storage.publish(artifacts, str(sample), manifest={"sample": "S2"})
+    assert version in str(error.value) and str(sample) in str(error.value)
+
+    (sample / version).unlink()
+    (sample / version).mkdir()
+    (sample / version / "preprocess").symlink_to(outside)  # a folder inside it
     with pytest.raises(InputError, match="a link on its path leaves the sample folder") as error:
         storage.publish(artifacts, str(sample), manifest={"sample": "S2"})
-
     assert "preprocess/mask.png" in str(error.value) and str(sample) in str(error.value)
+
     assert sorted(p.name for p in outside.iterdir()) == before
-    assert not (sample / "manifest.json").exists() and not (sample / "x.json").exists()
+    assert not (sample / "manifest.json").exists() and not (sample / version / "x.json").exists()
 
 
-def test_an_unreadable_old_manifest_removes_nothing_and_says_so(tmp_path):
+def test_an_unreadable_old_manifest_is_reported_and_replaced(tmp_path):
     sample = tmp_path / "pub" / "ct" / "S3"
     first = make_artifacts(tmp_path / "v1", {"a.npy": 100, "old.bin": 10})
     storage.publish(first, str(sample), manifest={"sample": "S3"})
@@ -161,8 +197,8 @@ def test_an_unreadable_old_manifest_removes_nothing_and_says_so(tmp_path):
     receipt = storage.publish(first[:1], str(sample), manifest={"sample": "S3"})
 
     assert len(receipt["refused"]) == 1 and "unreadable" in receipt["refused"][0]
-    assert (sample / "old.bin").exists(), "not removed on the word of an unreadable manifest"
     assert [f["name"] for f in atomic.read_json(sample / "manifest.json")["files"]] == ["a.npy"]
+    assert_local_complete(sample, {"a.npy"})
 
 
 # ---------------------------------------------------------------- local: killed publish
@@ -208,8 +244,12 @@ def test_a_killed_local_publish_leaves_no_temporary_at_any_depth_after_the_rerun
 
     assert child.returncode == -9
     left = temporaries(sample)
-    assert [Path(p).parent.relative_to(sample).as_posix() for p in left] == ["tiles/pixels/01"]
-    assert not (sample / "manifest.json").exists(), "a half-published sample never looks complete"
+    new = layout.version_of((a["name"], sha256(Path(a["path"]).read_bytes())) for a in v2)
+    assert [Path(p).parent.relative_to(sample).as_posix() for p in left] == [
+        f"{new}/tiles/pixels/01"
+    ]
+    # the previous publication is still the one a reader sees, whole
+    assert assert_local_complete(sample, set(sizes), alone=False)["v"] == 1
 
     receipt = storage.publish(v2, str(sample), manifest={"v": 2})
 
@@ -238,7 +278,8 @@ def keys(s3, bucket, prefix="") -> set[str]:
 def assert_s3_complete(s3, bucket, prefix) -> dict:
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
     for entry in manifest["files"]:
-        data = s3.get_object(Bucket=bucket, Key=prefix + entry["name"])["Body"].read()
+        assert entry["path"] == f"{manifest['version']}/{entry['name']}"
+        data = s3.get_object(Bucket=bucket, Key=prefix + entry["path"])["Body"].read()
         assert sha256(data) == entry["sha256"], entry["name"]
     assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
     return manifest
@@ -250,7 +291,9 @@ def test_s3_republish_deletes_only_plain_keys_under_the_sample_prefix(
     prefix = "pub/ct/S1/"
     destination = f"s3://{bucket}/{prefix}"
     first = make_artifacts(tmp_path / "v1", {"a.npy": 100, "tiles/old.png": 50})
-    storage.publish(first, destination, manifest={"sample": "S1"}, threads=2, settings=settings)
+    before = storage.publish(
+        first, destination, manifest={"sample": "S1"}, threads=2, settings=settings
+    )
     victims = ["victim.txt", "pub/victim.txt", "pub/ct/victim.txt", "pub/ct/S10/keep.bin"]
     for key in victims:
         s3.put_object(Bucket=bucket, Key=key, Body=b"keep me")
@@ -267,13 +310,15 @@ def test_s3_republish_deletes_only_plain_keys_under_the_sample_prefix(
     )
 
     assert {k for k in keys(s3, bucket) if not k.startswith(prefix)} == set(victims)
+    new = prefix + receipt["version"]
     assert keys(s3, bucket, prefix) == {
-        prefix + "a.npy",
-        prefix + "b.json",
+        f"{new}/a.npy",
+        f"{new}/b.json",
         prefix + "manifest.json",
         *hostile,
     }
-    assert receipt["removed"] == ["tiles/old.png"]
+    assert receipt["removed"] == [before["version"]]
+    assert receipt["files"][0]["action"] == "copied", "a.npy: copied within the store"
     assert len(receipt["refused"]) == len(hostile)
     for line, key in zip(receipt["refused"], sorted(hostile), strict=True):
         assert line.startswith(f"sample S1: file s3://{bucket}/{prefix}: refusing to delete ")
@@ -318,7 +363,10 @@ def test_a_killed_s3_publish_leaves_no_unfinished_upload_at_any_depth_after_the_
 
     assert child.returncode == -9
     unfinished = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
-    assert [u["Key"] for u in unfinished] == [prefix + "tiles/pixels/deep/shard-000000.tar"]
+    version = layout.version_of((a["name"], sha256(Path(a["path"]).read_bytes())) for a in v2)
+    assert [u["Key"] for u in unfinished] == [
+        f"{prefix}{version}/tiles/pixels/deep/shard-000000.tar"
+    ]
     assert prefix + "manifest.json" not in keys(s3, bucket, prefix)
 
     # the rerun publishes something else at first (a changed setting): still cleaned up
@@ -399,24 +447,26 @@ def test_a_deleted_or_overwritten_published_file_is_republished_for_its_sample_o
         sample: {f["name"] for f in atomic.read_json(folder / "manifest.json")["files"]}
         for sample, folder in ((CT, ct_folder), (WSI, wsi_folder))
     }
-    (ct_folder / "preprocess" / "qc.png").unlink()
+    qc = published_file(ct_folder, "preprocess/qc.png")
+    qc.unlink()
 
     dry = run_snakemake(workdir, "--dry-run")
     assert dry.ran() == {("upload", CT[0])}
-    assert not (ct_folder / "preprocess" / "qc.png").exists(), "a dry-run changes nothing"
+    assert not qc.exists(), "a dry-run changes nothing"
 
     rerun = run_snakemake(workdir)
     assert rerun.ran() == {("upload", CT[0])}
+    relative = qc.relative_to(workdir).as_posix()
     assert (
-        f"medprep: sample {CT[0]}: file published/ct/{CT[0]}/preprocess/qc.png: missing"
-        in rerun.stderr
+        f"medprep: sample {CT[0]}: file {relative}: missing since it was published; "
+        "upload runs again" in rerun.stderr
     )
     assert_local_complete(ct_folder, names[CT])
     assert_receipt_matches(workdir, CT)
     assert run_snakemake(workdir).ran() == set(), "repaired: nothing more to do"
 
     # overwritten with other bytes of the same size
-    parquet = wsi_folder / "tiles" / "tiles.parquet"
+    parquet = published_file(wsi_folder, "tiles/tiles.parquet")
     parquet.write_bytes(bytes(len(parquet.read_bytes())))
     assert run_snakemake(workdir).ran() == {("upload", WSI[0])}
     assert_local_complete(wsi_folder, names[WSI])
@@ -428,7 +478,7 @@ def test_a_deleted_or_overwritten_published_file_is_republished_for_its_sample_o
 @pytest_slow
 def test_checksum_verification_finds_a_change_that_sizes_and_times_hide(workdir):
     folder = published(workdir, WSI)
-    summary = folder / "tiles" / "summary.json"
+    summary = published_file(folder, "tiles/summary.json")
     stat = summary.stat()
     original = summary.read_bytes()
     summary.write_bytes(original.replace(b"{", b" ", 1)[: len(original)])  # same size
@@ -458,7 +508,7 @@ def test_a_tampered_manifest_is_republished_and_removes_nothing_outside(workdir)
     warnings = [line for line in rerun.stderr.splitlines() if "medprep warning" in line]
     assert warnings == [
         f"medprep warning: sample {CT[0]}: file published/ct/{CT[0]}/manifest.json: "
-        "refusing to remove '../../../../victim.txt', listed in it: "
+        "ignoring '../../../../victim.txt', listed in it: "
         "has an empty, '.' or '..' path component"
     ]
     assert_local_complete(folder)
@@ -572,13 +622,20 @@ def test_s3_published_objects_missing_changed_or_tampered_are_republished(world)
     s3, bucket = world.s3, world.bucket
     ct_prefix, wsi_prefix = f"published/ct/{CT[0]}/", f"published/wsi/{WSI[0]}/"
 
-    s3.delete_object(Bucket=bucket, Key=wsi_prefix + "tiles/overlay.png")
+    def key_of(prefix: str, name: str) -> str:
+        """The key of published file ``name``: its path in the manifest's version."""
+        manifest = json.loads(
+            s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read()
+        )
+        return prefix + next(f["path"] for f in manifest["files"] if f["name"] == name)
+
+    s3.delete_object(Bucket=bucket, Key=key_of(wsi_prefix, "tiles/overlay.png"))
     assert world.run().ran() == {("upload", WSI[0])}
     assert_published_complete(world, samples)
 
     # one object overwritten (same size, another ETag), the manifest tampered with and a
     # hostile key planted: one republish of that sample
-    key = ct_prefix + "patches/summary.json"
+    key = key_of(ct_prefix, "patches/summary.json")
     size = len(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     s3.put_object(Bucket=bucket, Key=key, Body=b" " * size)
     s3.put_object(Bucket=bucket, Key="victim.txt", Body=b"keep me")

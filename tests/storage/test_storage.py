@@ -12,7 +12,7 @@ from medprep import storage
 from medprep.common import atomic
 from medprep.common.errors import InputError
 from medprep.common.settings import sample_name_pattern
-from medprep.storage import local
+from medprep.storage import layout, local
 from medprep.storage.s3_listing import RemoteObject, parent_prefix, select_for_key
 from medprep.storage.s3_transfer import describe_local, file_part_md5s, multipart_etag
 
@@ -158,6 +158,11 @@ def test_local_publish_writes_manifest_last_and_skips_identical(tmp_path):
     ]  # same file system: a hard link, no second copy
     assert [f["action"] for f in second["files"]] == ["skipped"]
     published = atomic.read_json(destination / "manifest.json")
+    checksum = hashlib.sha256(b"data").hexdigest()
+    version = layout.version_of([("a.bin", checksum)])
+    assert published["version"] == first["version"] == version
     assert published["files"] == [
-        {"name": "a.bin", "bytes": 4, "sha256": hashlib.sha256(b"data").hexdigest()}
+        {"name": "a.bin", "path": f"{version}/a.bin", "bytes": 4, "sha256": checksum}
     ]
+    assert (destination / version / "a.bin").read_bytes() == b"data"
+    assert sorted(p.name for p in destination.iterdir()) == ["manifest.json", version]

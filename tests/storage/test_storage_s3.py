@@ -26,7 +26,7 @@ from medprep import storage
 from medprep.common import atomic
 from medprep.common.errors import InputError
 from medprep.common.redact import RedactingFilter
-from medprep.storage import s3_listing
+from medprep.storage import layout, s3_listing
 from medprep.storage.s3 import DOWNLOAD_STATE, StorageUnavailable
 from medprep.storage.s3_connect import TransferCorrupt
 from medprep.storage.s3_listing import RemoteObject
@@ -233,7 +233,9 @@ def test_a_download_costs_one_get_per_small_object_and_one_head_per_large_one(
 ):
     put_series(s3, bucket, "ct/S1/", 6)
     big = make_artifacts(tmp_path / "art", {"slide.svs": 11 * MB})
-    storage.publish(big, f"s3://{bucket}/wsi/S2", manifest={}, threads=2, settings=settings)
+    receipt = storage.publish(
+        big, f"s3://{bucket}/wsi/S2", manifest={}, threads=2, settings=settings
+    )
     via_proxy = {**settings, "endpoint_url": counting_proxy.url}
 
     start = len(counting_proxy.stats()["history"])
@@ -244,7 +246,10 @@ def test_a_download_costs_one_get_per_small_object_and_one_head_per_large_one(
 
     start = len(counting_proxy.stats()["history"])
     slide = storage.fetch(
-        f"s3://{bucket}/wsi/S2/slide.svs", tmp_path / "wsi", threads=4, settings=via_proxy
+        f"s3://{bucket}/wsi/S2/{receipt['files'][0]['path']}",
+        tmp_path / "wsi",
+        threads=4,
+        settings=via_proxy,
     )
     methods = [m for m, _, _ in counting_proxy.stats()["history"][start:]]
     # the listing, three ranges of 5 MB, one HEAD for the checksum of a multipart object
@@ -463,12 +468,15 @@ def test_publish_writes_data_then_manifest_and_skips_what_is_already_there(
 
     published = read_published(s3, bucket, "published/wsi/S1/")
     manifest = json.loads(published.pop("manifest.json")[0])
-    assert manifest["sample"] == "S1"
+    assert manifest["sample"] == "S1" and manifest["version"] == receipt["version"]
     for item in artifacts:
         data = Path(item["path"]).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        assert published[item["name"]] == (data, sha)
-        assert {"name": item["name"], "bytes": len(data), "sha256": sha} in manifest["files"]
+        path = f"{receipt['version']}/{item['name']}"
+        assert published[path] == (data, sha)
+        entry = {"name": item["name"], "path": path, "bytes": len(data), "sha256": sha}
+        assert entry in manifest["files"]
+    assert len(published) == len(artifacts)
     assert sorted(f["action"] for f in receipt["files"]) == ["uploaded"] * 3
     order = writes(counting_proxy.stats()["history"][start:], bucket)
     assert order[-1] == ("PUT", f"/{bucket}/published/wsi/S1/manifest.json")
@@ -483,13 +491,13 @@ def test_publish_writes_data_then_manifest_and_skips_what_is_already_there(
     assert writes(counting_proxy.stats()["history"][start:], bucket) == []
 
 
-def test_republishing_changed_data_hides_the_manifest_first_and_removes_stale_files(
+def test_republishing_writes_a_new_version_switches_the_manifest_then_removes_the_old(
     s3, bucket, counting_proxy, settings, tmp_path
 ):
     via_proxy = {**settings, "endpoint_url": counting_proxy.url}
     destination = f"s3://{bucket}/published/ct/S2"
     first = make_artifacts(tmp_path / "v1", {"a.npy": 5000, "b.npy": 6000, "old.png": 100})
-    storage.publish(first, destination, manifest={"v": 1}, threads=2, settings=via_proxy)
+    one = storage.publish(first, destination, manifest={"v": 1}, threads=2, settings=via_proxy)
     second = [first[0], *make_artifacts(tmp_path / "v2", {"b.npy": 6000}, seed=9)]
     start = len(counting_proxy.stats()["history"])
 
@@ -497,20 +505,45 @@ def test_republishing_changed_data_hides_the_manifest_first_and_removes_stale_fi
 
     order = writes(counting_proxy.stats()["history"][start:], bucket)
     prefix = f"/{bucket}/published/ct/S2/"
-    assert order[0] == ("DELETE", prefix + "manifest.json")
-    assert order[-1] == ("PUT", prefix + "manifest.json")
-    assert ("PUT", prefix + "b.npy") in order and ("PUT", prefix + "a.npy") not in order
-    assert ("DELETE", prefix + "old.png") in order
+    new, old = prefix + receipt["version"] + "/", prefix + one["version"] + "/"
+    switch = order.index(("PUT", prefix + "manifest.json"))
+    before, after = order[:switch], order[switch + 1 :]
+    # the new version whole first (a.npy copied within the store, b.npy uploaded), nothing
+    # of the previous one touched; then the old version removed
+    assert sorted(path for _, path in before) == [new + "a.npy", new + "b.npy"]
+    assert {method for method, _ in before} == {"PUT"}
+    assert sorted(after) == [("DELETE", old + name) for name in ("a.npy", "b.npy", "old.png")]
     assert {f["name"]: f["action"] for f in receipt["files"]} == {
-        "a.npy": "skipped",
+        "a.npy": "copied",
         "b.npy": "uploaded",
     }
-    assert receipt["removed"] == ["old.png"]
+    assert receipt["removed"] == [one["version"]]
     assert set(read_published(s3, bucket, "published/ct/S2/")) == {
-        "a.npy",
-        "b.npy",
+        f"{receipt['version']}/a.npy",
+        f"{receipt['version']}/b.npy",
         "manifest.json",
     }
+
+
+def test_kept_versions_stay_until_removed_and_the_current_one_never_goes(
+    s3, bucket, settings, tmp_path
+):
+    destination = f"s3://{bucket}/published/wsi/S3"
+    first = make_artifacts(tmp_path / "v1", {"tiles/a.tar": 3000, "tiles/t.parquet": 200})
+    one = storage.publish(first, destination, manifest={}, settings=settings, superseded="keep")
+    second = make_artifacts(tmp_path / "v2", {"tiles/a.tar": 3000, "tiles/t.parquet": 200}, 4)
+    two = storage.publish(second, destination, manifest={}, settings=settings, superseded="keep")
+
+    assert two["superseded"] == {"versions": [one["version"]], "legacy": False}
+    tops = {k.split("/")[0] for k in read_published(s3, bucket, "published/wsi/S3/")}
+    assert tops == {"manifest.json", one["version"], two["version"]}
+    outcome = storage.remove_superseded(
+        destination, [one["version"], two["version"]], False, settings
+    )
+    assert outcome == {"removed": [one["version"]], "refused": []}
+    assert_complete_if_manifest(s3, bucket, "published/wsi/S3/")
+    tops = {k.split("/")[0] for k in read_published(s3, bucket, "published/wsi/S3/")}
+    assert tops == {"manifest.json", two["version"]}
 
 
 def test_upload_skips_objects_with_the_same_sha256_even_if_etags_differ(
@@ -518,22 +551,23 @@ def test_upload_skips_objects_with_the_same_sha256_even_if_etags_differ(
 ):
     artifacts = make_artifacts(tmp_path, {"big.bin": 11 * MB})
     data = Path(artifacts[0]["path"]).read_bytes()
+    key = f"p/{layout.version_of([('big.bin', hashlib.sha256(data).hexdigest())])}/big.bin"
     # another tool uploaded the same bytes with other part sizes (another ETag) and the checksum
     upload = s3.create_multipart_upload(
-        Bucket=bucket, Key="p/big.bin", Metadata={"sha256": hashlib.sha256(data).hexdigest()}
+        Bucket=bucket, Key=key, Metadata={"sha256": hashlib.sha256(data).hexdigest()}
     )["UploadId"]
     parts = []
     for number, start in enumerate(range(0, len(data), 6 * MB), start=1):
         response = s3.upload_part(
             Bucket=bucket,
-            Key="p/big.bin",
+            Key=key,
             UploadId=upload,
             PartNumber=number,
             Body=data[start : start + 6 * MB],
         )
         parts.append({"PartNumber": number, "ETag": response["ETag"]})
     s3.complete_multipart_upload(
-        Bucket=bucket, Key="p/big.bin", UploadId=upload, MultipartUpload={"Parts": parts}
+        Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
     )
 
     receipt = storage.publish(
@@ -584,9 +618,11 @@ def test_transfers_through_a_faulty_network_succeed_with_identical_data(
     }
     assert Path(slide_files[0].path).read_bytes() == slide
     published = read_published(s3, bucket, "pub/S1/")
+    manifest = json.loads(published["manifest.json"][0])
     for item in artifacts:
-        assert published[item["name"]][0] == Path(item["path"]).read_bytes()
-    assert json.loads(published["manifest.json"][0])["s"] == 1
+        path = f"{manifest['version']}/{item['name']}"
+        assert published[path][0] == Path(item["path"]).read_bytes()
+    assert manifest["s"] == 1
     injected = {
         mode: stats[mode]
         for mode in ("status500", "status503", "drop_before", "drop_after", "truncate")
@@ -615,12 +651,12 @@ def assert_complete_if_manifest(s3, bucket, prefix):
         return None
     manifest = json.loads(body)
     for entry in manifest["files"]:
-        data = s3.get_object(Bucket=bucket, Key=prefix + entry["name"])["Body"].read()
+        data = s3.get_object(Bucket=bucket, Key=prefix + entry["path"])["Body"].read()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["name"]
     return manifest
 
 
-def test_an_upload_killed_midway_never_looks_complete_and_the_rerun_finishes(
+def test_an_upload_killed_midway_leaves_the_previous_publication_and_the_rerun_finishes(
     s3, bucket, moto_server, s3_env, settings, tmp_path
 ):
     prefix = "pub/wsi/S1/"
@@ -663,7 +699,7 @@ def test_an_upload_killed_midway_never_looks_complete_and_the_rerun_finishes(
                     o["Key"]: o["ETag"]
                     for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
                 }
-                if any(now.get(key) not in (None, etag) for key, etag in v1_etags.items()):
+                if set(now) - set(v1_etags):
                     break  # some v2 data is in place
                 time.sleep(0.05)
             assert child.poll() is None, "the upload finished before it could be interrupted"
@@ -672,9 +708,12 @@ def test_an_upload_killed_midway_never_looks_complete_and_the_rerun_finishes(
             child.kill()
             child.wait()
 
-    assert assert_complete_if_manifest(s3, bucket, prefix) is None, (
-        "a half-published sample looks complete"
-    )
+    assert assert_complete_if_manifest(s3, bucket, prefix)["v"] == 1, "the last good copy"
+    assert {
+        o["Key"]: o["ETag"]
+        for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+        if o["Key"] in v1_etags
+    } == v1_etags, "nothing of the previous publication was touched"
     storage.publish(v2, destination, manifest={"v": 2}, threads=2, settings=settings)
     manifest = assert_complete_if_manifest(s3, bucket, prefix)
     assert manifest["v"] == 2
@@ -682,6 +721,9 @@ def test_an_upload_killed_midway_never_looks_complete_and_the_rerun_finishes(
         hashlib.sha256(Path(a["path"]).read_bytes()).hexdigest() for a in v2
     }
     assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
+    assert set(v1_etags) & {
+        o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    } == {prefix + "manifest.json"}, "the previous version removed after the switch"
 
 
 # ---------------------------------------------------------------- credentials

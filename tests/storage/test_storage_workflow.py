@@ -132,20 +132,20 @@ def test_a_run_through_a_faulty_network_succeeds_with_identical_data(world):
     assert_no_credentials_anywhere(world)
 
 
-def test_a_run_killed_during_upload_reruns_and_no_sample_looked_complete_early(world):
+def test_a_run_killed_during_upload_keeps_the_last_publication_whole_and_reruns(world):
     world.upload(CT[2])
     world.upload(WSI[2])
     world.configure([CT, WSI])
     world.run()  # everything published once
     change_one_slice(world, CT[2])
     world.swap_proxy(latency_ms=300, latency_methods="PUT,POST,DELETE")
+    previous = world.published()[f"ct/{CT[0]}"]
     killed = _run_and_kill_during_upload(world, f"published/ct/{CT[0]}/")
     assert killed, "the upload finished before it could be interrupted"
-    # no manifest: the previous one was withdrawn before any data object changed
-    listing = world.s3.list_objects_v2(Bucket=world.bucket, Prefix=f"published/ct/{CT[0]}/")
-    assert f"published/ct/{CT[0]}/manifest.json" not in {
-        o["Key"] for o in listing.get("Contents", [])
-    }
+    # the previous publication is still what a reader sees, whole: the new version's
+    # objects were being written beside it
+    _assert_visible_manifests_complete(world)
+    assert world.published()[f"ct/{CT[0]}"] == previous
 
     world.swap_proxy()
     world.run("--unlock")  # a killed snakemake leaves its lock, as after a power loss
@@ -159,7 +159,7 @@ def test_a_run_killed_during_upload_reruns_and_no_sample_looked_complete_early(w
 
 
 def _run_and_kill_during_upload(world: World, prefix: str) -> bool:
-    """Run snakemake; kill it (and its jobs) once ``prefix`` holds new data but no manifest.
+    """Run snakemake; kill it (and its jobs) once ``prefix`` holds new data.
 
     While it runs, every manifest.json that can be seen must describe complete data.
     """
@@ -229,7 +229,7 @@ def _assert_visible_manifests_complete(world: World) -> None:
             continue  # withdrawn between listing and reading
         folder = key.removesuffix("manifest.json")
         for entry in manifest["files"]:
-            data = world.s3.get_object(Bucket=world.bucket, Key=folder + entry["name"])[
+            data = world.s3.get_object(Bucket=world.bucket, Key=folder + entry["path"])[
                 "Body"
             ].read()
             assert hashlib.sha256(data).hexdigest() == entry["sha256"], (

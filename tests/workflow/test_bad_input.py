@@ -29,7 +29,7 @@ from ct_support import (
     mixed_series_folder,
     truncated_copy,
 )
-from workflow_support import run_snakemake, write_config
+from workflow_support import published_file, run_snakemake, write_config
 from wsi_support import (
     CMU,
     CPTAC_DICOM,
@@ -272,9 +272,29 @@ def test_good_samples_complete_and_publish(matrix, name):
 
 FAILING = [name for name, case in CASES.items() if case.outcome == "failed"]
 FALLBACKS = [name for name, case in CASES.items() if case.outcome != "failed"]
+# inputs that do not exist fail before any job (medprep.workflow.parse.skip_missing_inputs)
+MISSING = ["missing-file"]
+IN_A_JOB = [name for name in FAILING if name not in MISSING]
 
 
-@pytest.mark.parametrize("name", FAILING)
+@pytest.mark.parametrize("name", MISSING)
+def test_a_missing_input_fails_its_sample_before_any_job(matrix, name):
+    case = CASES[name]
+    path = matrix.uris[name]
+    assert not job_log(matrix.workdir, name, case).exists(), "no job for it"
+    assert f"sample={name}" not in matrix.stderr
+    summary = [line for line in matrix.stderr.splitlines() if "do not exist" in line]
+    assert len(summary) == 1 and f"{name} (uri {path})" in summary[0]
+    record = json.loads(
+        (matrix.workdir / "logs" / "failures" / f"{name}.{case.step}.json").read_text()
+    )
+    assert record["kind"] == "input" and record["cause"] == "uri: does not exist"
+    row = matrix.cohort[name]
+    assert row["status"] == "failed" and row["failed_step"] == case.step
+    assert row["cause"] == f"sample {name}: file {path}: uri: does not exist"
+
+
+@pytest.mark.parametrize("name", IN_A_JOB)
 def test_bad_input_fails_its_sample_with_one_clear_line(matrix, name):
     case = CASES[name]
     path = matrix.uris[name]
@@ -296,7 +316,7 @@ def test_bad_input_fails_its_sample_with_one_clear_line(matrix, name):
     assert case.cause in row["cause"] and f"sample {name}" in row["cause"]
 
 
-@pytest.mark.parametrize("name", FAILING)
+@pytest.mark.parametrize("name", IN_A_JOB)
 def test_bad_input_costs_one_attempt(matrix, name):
     # every rule has `retries:`; a retry after bad input fails at once with the same line
     case = CASES[name]
@@ -367,7 +387,7 @@ def test_cohort_html_lists_the_failures_with_their_causes(matrix):
 
 def test_mixed_folder_takes_the_largest_series_and_records_the_other(matrix):
     folder = matrix.workdir / "published" / "ct" / "mixed-series-and-localizer"
-    metadata = json.loads((folder / "preprocess" / "metadata.json").read_text())
+    metadata = json.loads(published_file(folder, "preprocess/metadata.json").read_text())
     assert metadata["series"]["reason"] == "largest axial CT series (3 slices of 2 axial series)"
     assert [series["slices"] for series in metadata["other_series"]] == [2]
 
@@ -391,6 +411,9 @@ def test_bad_sheet_fails_before_any_job(tmp_path, rows, message):
     write_config(tmp_path)
     run = run_snakemake(tmp_path, check=False)
     assert run.returncode != 0
-    assert message in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("medprep error:")]
+    assert len(errors) == 1 and message in errors[0]
+    # one clean line: no frames of the Snakefile or of medprep under it
+    assert 'File "' not in run.stderr and "SampleSheetError" not in run.stderr
     assert run.jobs == []
     assert not (tmp_path / "results").exists()

@@ -5,6 +5,7 @@ nothing outside a sample is ever read."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -568,3 +569,141 @@ def test_a_metaimage_from_s3_listing_local_files_publishes_nothing_of_them(world
             assert b"root:x:0:0" not in body, entry["Key"]
     failure = json.loads((world.workdir / "logs/failures/evil.preprocess.json").read_text())
     assert failure["kind"] == "input"
+
+
+##### a republish that does not fit keeps the last good publication (a 30 MB file system)
+
+
+@pytest.mark.slow
+def test_a_republish_on_a_full_destination_keeps_the_last_publication_and_its_index(
+    workdir, tmp_path
+):
+    import os
+    import subprocess
+
+    from workflow_support import run_snakemake, write_config, write_samples
+
+    from medprep.data import open_dataset
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(small)], capture_output=True
+    )
+    if os.geteuid() != 0 or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 30 MB tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        write_samples(workdir, [("synthetic-01", "wsi", "data/wsi/synthetic-01.tiff")])
+        write_config(workdir, destination=str(small / "published"))
+        run_snakemake(workdir)
+        folder = small / "published" / "wsi" / "synthetic-01"
+        before = json.loads((folder / "manifest.json").read_text())
+        index = json.loads((small / "published/dataset/samples/manifest.json").read_text())
+        pixels = [tile for tile, _ in open_dataset(small / "published").tiles]
+        # another file system fills it up: 8 KB left, less than the new tiles need
+        stats = os.statvfs(small)
+        filler = small / "filler"
+        filler.write_bytes(bytes(stats.f_bavail * stats.f_frsize - 8192))
+
+        tiles = {"size": 128, "shard_max_tiles": 50, "quality": 80}  # new tiles, same slide
+        write_config(workdir, destination=str(small / "published"), wsi={"tile": tiles})
+        run = run_snakemake(workdir, check=False)
+
+        assert run.returncode != 0
+        lines = [line for line in run.stderr.splitlines() if line.startswith("medprep error:")]
+        first = (
+            f"medprep error: sample synthetic-01: file {folder}: not enough space left on the "
+            "device: publishing needs "
+        )
+        assert lines and lines[0].startswith(first), lines
+        assert "are free; nothing was switched, the previous publication is kept" in lines[0]
+        assert all("(destination full, not retried)" in line for line in lines[1:]), lines
+        log = (workdir / "logs/upload/wsi/synthetic-01.log").read_text()
+        assert "Traceback" not in log and "unexpected" not in run.stderr
+        failure = json.loads((workdir / "logs/failures/synthetic-01.upload.json").read_text())
+        assert failure["kind"] == "destination"
+        # a reader still sees the last publication, whole, and the index still points at it
+        assert json.loads((folder / "manifest.json").read_text()) == before
+        for entry in before["files"]:
+            data = (folder / entry["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["name"]
+        assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", before["version"]]
+        again = json.loads((small / "published/dataset/samples/manifest.json").read_text())
+        assert again == index
+        reread = [tile for tile, _ in open_dataset(small / "published").tiles]
+        assert len(reread) == len(pixels)
+        for old, new in zip(pixels, reread, strict=True):
+            np.testing.assert_array_equal(old, new)
+
+        # room again: the next run publishes the new version and the old one goes
+        filler.unlink()
+        rerun = run_snakemake(workdir)
+        assert ("upload", "synthetic-01") in rerun.ran()
+        after = json.loads((folder / "manifest.json").read_text())
+        assert after["version"] != before["version"]
+        assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", after["version"]]
+        assert len(open_dataset(small / "published").tiles) == len(pixels)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+##### a lost S3 publication is rebuilt from the source
+
+
+@pytest.mark.slow
+def test_a_lost_s3_publication_is_rebuilt_from_the_source_without_forcerun(world, monkeypatch):
+    from s3_workflow_support import assert_published_complete, chain
+    from workflow_support import write_config
+
+    from medprep.data import open_dataset
+
+    samples = [
+        ("phantom-chest-01", "ct", "ct/phantom-chest-01"),
+        ("slide", "wsi", "wsi/synthetic-01.tiff"),
+    ]
+    for _, _, relative in samples:
+        world.upload(relative)
+    world.configure(samples)
+    settings = {"endpoint_url": world.endpoint, "region": "us-east-1"}
+    # the default: working files are removed after upload for s3:// inputs
+    write_config(world.workdir, destination=f"s3://{world.bucket}/published", storage=settings)
+    assert world.run().ran() == chain("phantom-chest-01", "ct") | chain("slide", "wsi")
+    before = world.published()
+
+    # the destination loses both samples (a lifecycle rule, a deleted prefix)
+    for name, modality, _ in samples:
+        prefix = f"published/{modality}/{name}/"
+        for key in world.objects(prefix):
+            world.s3.delete_object(Bucket=world.bucket, Key=key)
+    proxy = world.swap_proxy()
+
+    rerun = world.run()
+
+    assert rerun.ran() == {
+        ("rebuild", "phantom-chest-01"),
+        ("preprocess_ct", "phantom-chest-01"),
+        ("tile_ct", "phantom-chest-01"),
+        ("upload", "phantom-chest-01"),
+        ("rebuild", "slide"),
+        ("tile_wsi", "slide"),
+        ("upload", "slide"),
+    }, "the step that makes the lost working files, and what follows it; no download"
+    lines = [line for line in rerun.stderr.splitlines() if "since it was published" in line]
+    assert len(lines) == 2
+    assert "its working files are gone too: preprocess_ct runs again from the source" in (
+        next(line for line in lines if "phantom-chest-01" in line)
+    )
+    assert "tile_wsi runs again" in next(line for line in lines if "slide" in line)
+    fetched = [p for method, p, _ in proxy.stats()["history"] if method == "GET"]
+    assert [p for p in fetched if f"/{world.bucket}/ct/phantom-chest-01/" in p], "source refetched"
+    assert [p for p in fetched if p.endswith("/wsi/synthetic-01.tiff")]
+    assert_published_complete(world, samples)
+    assert world.published() == before, "rebuilt byte for byte"
+    assert world.run().ran() == set(), "nothing more to do"
+    for name, value in world.env.items():  # the index, read as a user would
+        monkeypatch.setenv(name, value)
+    storage.clear_caches()
+    index = open_dataset(f"s3://{world.bucket}/published", settings=settings)
+    assert len(index.samples) == 2 and len(index.tiles) and len(index.patches)
+    assert index.patches[0][0].size and index.tiles[0][0].size
+    storage.clear_caches()

@@ -10,7 +10,7 @@ import json
 import subprocess
 
 import pytest
-from workflow_support import REPO
+from workflow_support import REPO, published_file
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,10 @@ def test_make_run_builds_the_demo_runs_it_and_prints_the_summary(checkout):
     )
     import pandas as pd
 
-    tiles = pd.read_parquet(dataset / "tiles.parquet")
-    patches = pd.read_parquet(dataset / "patches.parquet")
+    tiles = pd.read_parquet(published_file(dataset, "tiles.parquet"))
+    patches = pd.read_parquet(published_file(dataset, "patches.parquet"))
     assert len(tiles) and len(patches)
-    samples = pd.read_parquet(dataset / "samples.parquet")
+    samples = pd.read_parquet(published_file(dataset, "samples.parquet"))
     assert (samples.groupby("patient")["split"].nunique() == 1).all()
     assert (checkout / "results" / "report.html").stat().st_size > 100_000
     assert f"report: {checkout / 'results' / 'report.html'}" in run.stdout

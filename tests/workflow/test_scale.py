@@ -78,3 +78,32 @@ def test_profile_bundling_settings_bundle_the_jobs_of_each_step(tmp_path):
     assert set(sizes) == set(jobs_per_group)
     assert bundles == {group: -(-n // sizes[group]) for group, n in jobs_per_group.items()}
     assert sum(bundles.values()) < samples * 4 / 10
+
+
+def test_a_sheet_of_5000_missing_inputs_runs_only_the_good_samples(workdir):
+    """How long before and after: benchmarks/bench_missing_inputs.py."""
+    from workflow_support import write_config, write_samples
+
+    missing = [
+        (
+            f"lost-{n:05d}",
+            "ct" if n % 2 else "wsi",
+            f"data/lost/{n:05d}" + ("" if n % 2 else ".svs"),
+        )
+        for n in range(5000)
+    ]
+    write_samples(workdir, [*missing, ("synthetic-01", "wsi", "data/wsi/synthetic-01.tiff")])
+    write_config(workdir)
+
+    run = run_snakemake(workdir, timeout=900)
+
+    assert run.samples() == {"synthetic-01"}, "no job for a sample whose input is missing"
+    summary = [line for line in run.stderr.splitlines() if "do not exist" in line]
+    assert len(summary) == 1 and summary[0].startswith(
+        "medprep: 5000 of 5001 samples name inputs that do not exist: lost-00000 "
+    )
+    assert "and 4997 more (all of them: logs/missing_inputs/samples.tsv)" in summary[0]
+    listed = (workdir / "logs/missing_inputs/samples.tsv").read_text().splitlines()
+    assert len(listed) == 5001  # the header and one line each
+    assert "5001 samples: 5000 failed, 1 ok" in run.stdout
+    assert len(run.stdout) + len(run.stderr) < 100_000, "no block of lines per sample"

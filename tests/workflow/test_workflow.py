@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_SAMPLES
-from workflow_support import copy_workdir, run_snakemake, tree_digest, write_config
+from workflow_support import (
+    copy_workdir,
+    published_file,
+    run_snakemake,
+    tree_digest,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +55,13 @@ def test_first_run_runs_every_chain_and_publishes_every_sample(finished):
         assert manifest["sample"] == sample and manifest["modality"] == modality
         assert set(manifest["steps"]) == {"preprocess", "tile"}
         published = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-        assert published == {f["name"] for f in manifest["files"]} | {"manifest.json"}
+        assert published == {f["path"] for f in manifest["files"]} | {"manifest.json"}
+        assert {f["path"] for f in manifest["files"]} == {
+            f"{manifest['version']}/{f['name']}" for f in manifest["files"]
+        }
         digests = tree_digest(folder)
         for entry in manifest["files"]:
-            assert digests[entry["name"]] == entry["sha256"], entry["name"]
+            assert digests[entry["path"]] == entry["sha256"], entry["name"]
         receipt = json.loads((workdir / "results" / modality / sample / "upload.json").read_text())
         assert {f["name"] for f in receipt["files"]} == {f["name"] for f in manifest["files"]}
 
@@ -60,15 +69,16 @@ def test_first_run_runs_every_chain_and_publishes_every_sample(finished):
 def test_published_samples_carry_their_data(finished):
     workdir, _ = finished
     ct = workdir / "published" / "ct" / "phantom-chest-01"
-    assert (ct / "preprocess" / "volume.nii.gz").stat().st_size > 0
-    assert (ct / "preprocess" / "lung_mask.nii.gz").stat().st_size > 0
+    assert published_file(ct, "preprocess/volume.nii.gz").stat().st_size > 0
+    assert published_file(ct, "preprocess/lung_mask.nii.gz").stat().st_size > 0
     ct_steps = json.loads((ct / "manifest.json").read_text())["steps"]
     assert ct_steps["tile"]["patches"] > 0
     wsi = workdir / "published" / "wsi" / "CMU-1-Small-Region"
     wsi_steps = json.loads((wsi / "manifest.json").read_text())["steps"]
     assert wsi_steps["tile"]["tiles"] > 0
     assert wsi_steps["preprocess"]["mpp_source"] == "metadata"
-    assert any(p.suffix == ".tar" for p in (wsi / "tiles" / "pixels").iterdir())
+    table = published_file(wsi, "tiles/tiles.parquet")
+    assert any(p.suffix == ".tar" for p in (table.parent / "pixels").iterdir())
 
 
 def test_second_run_does_nothing(rerun_dir):

@@ -134,7 +134,7 @@ def publish_here(tmp_path: Path, destination: Path) -> tuple[Path, dict]:
 
 def test_a_local_destination_on_the_same_file_system_holds_hard_links(tmp_path):
     work, receipt = publish_here(tmp_path, tmp_path / "published")
-    published = tmp_path / "published" / "preprocess" / "volume.nii.gz"
+    published = tmp_path / "published" / receipt["files"][0]["path"]
     assert os.stat(published).st_ino == os.stat(work).st_ino
     assert receipt["files"][0]["action"] == "linked"
     # removing the working file leaves the published one whole
@@ -150,7 +150,7 @@ def test_a_destination_on_another_device_gets_real_copies(tmp_path):
     destination = other / f"medprep-{os.getpid()}"
     try:
         work, receipt = publish_here(tmp_path, destination)
-        published = destination / "preprocess" / "volume.nii.gz"
+        published = destination / receipt["files"][0]["path"]
         assert os.stat(published).st_dev != os.stat(work).st_dev
         assert published.read_bytes() == work.read_bytes()
         assert receipt["files"][0]["action"] == "copied"

@@ -416,7 +416,7 @@ def test_readme_example_is_read():
 )
 def test_workflow_labels_tiles_from_the_sheet_column(tmp_path):
     """End to end: sheet column `annotations` -> tile_wsi -> published table -> dataset."""
-    from workflow_support import run_snakemake, write_config
+    from workflow_support import published_file, run_snakemake, write_config
 
     slide = tmp_path / "data" / "CMU.svs"
     slide.parent.mkdir()
@@ -431,8 +431,8 @@ def test_workflow_labels_tiles_from_the_sheet_column(tmp_path):
     write_config(tmp_path, wsi={"resolution": {"mpp": 1.0}, "tile": {"min_tissue": 0.0}})
     run_snakemake(tmp_path)
     published = tmp_path / "published"
-    a1 = writers.read_table(published / "wsi" / "A1" / "tiles" / "tiles.parquet")
+    a1 = writers.read_table(published_file(published / "wsi" / "A1", "tiles/tiles.parquet"))
     assert {"Necrosis", "Tumor", "Stroma"} <= set(a1.label)
-    index = pd.read_parquet(published / "dataset" / "samples" / "tiles.parquet")
+    index = pd.read_parquet(published_file(published / "dataset" / "samples", "tiles.parquet"))
     assert set(index[index["sample"] == "P1"].label) == {"slide-label"}
     assert sorted(index[index["sample"] == "A1"].label) == sorted(a1.label)
