@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)
 
 from medprep.workflow import parse as mw
 from medprep.workflow import resources as mr
+from medprep.workflow import transfers as mt
 
 min_version("9.0")
 
@@ -48,6 +49,11 @@ mw.storage.expect_sources(
 mw.expect_published(sample_table, config)
 # S3 inputs: local disk bounded by default (--resources disk_mb=N sets another budget).
 mr.default_disk_budget(workflow, list(sample_table.values()), config)
+
+# Transfer jobs are threads of this process handing their work to `transfers` worker
+# processes (rules/download.smk); a download waits while samples_in_progress samples
+# (default cores + 2) are fetched but not yet published, or their working sets fill disk_mb.
+TRANSFERS = mt.Transfers.for_workflow(workflow, config)
 
 
 wildcard_constraints:

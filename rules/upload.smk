@@ -5,29 +5,25 @@ rule upload:
         receipt="results/{modality}/{sample}/upload.json",
     log:
         "logs/upload/{modality}/{sample}.log",
-    benchmark:
-        "logs/benchmarks/upload/{modality}/{sample}.tsv"
     # Finishing a started sample (and freeing its working files) comes before new work.
     priority: 3
     retries: 1
-    conda:
-        "../envs/storage.yaml"
-    # I/O, not CPU, and it frees the sample's disk: it holds no core of --cores, so it
-    # never waits for one; on a cluster it asks for one CPU (SLURM has no zero-CPU job).
+    # I/O, not CPU, and it frees the sample's disk: no core, and no `transfers` slot
+    # (a download waiting for run-ahead room holds one; uploads are what make the room).
+    # At most samples_in_progress samples await upload; the transfer workers
+    # (`transfers` of them) run the uploads and downloads.
     threads: 0
     resources:
-        cpus_per_task=1,
         mem_mb=mem_upload,
         disk_mb=disk_upload,
         disk_need_mb=disk_upload,
-        transfers=1,
         runtime="1h",
     params:
         destination=publish_destination,
         published_generation=published_generation,
         # what stays in results/ when working files are removed (medprep/workflow/working_files.py);
-        # config["keep_working_files"] is read by the script: changing it reruns nothing
+        # config["keep_working_files"] is read by the step: changing it reruns nothing
         rule_outputs=sample_rule_outputs,
         download="results/{modality}/{sample}/download.json",
-    script:
-        "../scripts/upload.py"
+    run:
+        TRANSFERS.upload(input, output, params, wildcards, resources, log, rule)

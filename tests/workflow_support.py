@@ -189,3 +189,12 @@ def make_artifacts(folder: Path, sizes: dict[str, int], seed: int = 0) -> list[d
         path.write_bytes(rng.randbytes(size))
         artifacts.append({"name": name, "path": str(path)})
     return artifacts
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

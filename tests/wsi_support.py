@@ -74,7 +74,7 @@ def measured_period(profile: np.ndarray) -> float:
 
 
 def write_download(folder: Path, *slides: Path) -> Path:
-    """A download manifest listing local files, as `scripts/download.py` writes it."""
+    """A download manifest listing local files, as the download step writes it."""
     path = folder / "download.json"
     atomic.write_json(
         path,

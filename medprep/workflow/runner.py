@@ -41,6 +41,7 @@ def configure_logging(log_path: str | os.PathLike | None, level: int = logging.I
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()  # a transfer worker configures logging once per job
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
@@ -69,6 +70,17 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     re-run the rule script from its original path, without Snakemake's preamble that
     defines ``snakemake``; the guard keeps them from running the step.
     """
+    code, _ = execute_step(smk, main)
+    if code:
+        sys.exit(code)
+
+
+def execute_step(smk: Any, main: Callable[[Any], None]) -> tuple[int, str | None]:
+    """``run_step`` without exiting: (0, None), or the exit code and the one line printed.
+
+    For steps that run in a long-lived process (``medprep.workflow.transfers``), where
+    ``sys.exit`` would end the process instead of the job.
+    """
     log_path = smk.log[0] if len(smk.log) else None
     configure_logging(log_path)
     sample, modality, step = _step_identity(smk)
@@ -76,8 +88,9 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     attempt = attempt_identity(smk)
     if (repeated := repeated_input_error(record, attempt)) is not None:
         # Snakemake retries every failure (`retries:`); bad input fails the same way again
-        _print_line(f"{repeated} (input error, not retried)", log_path)
-        sys.exit(EXIT_INPUT_ERROR)
+        line = f"{repeated} (input error, not retried)"
+        _print_line(line, log_path)
+        return EXIT_INPUT_ERROR, line
     record.unlink(missing_ok=True)
     started = time.monotonic()
     subject = f"sample {sample}" if sample != "-" else "all samples"
@@ -94,7 +107,7 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
         error.with_context(sample=sample)
         # bad input fails a retry the same way: recorded so that a retry does not redo it
         kind = "transient" if error.retryable else "input"
-        _fail(
+        line = _fail(
             record,
             sample,
             modality,
@@ -106,12 +119,14 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
             kind=kind,
             attempt=attempt,
         )
-        sys.exit(EXIT_INPUT_ERROR)
-    except Exception as error:  # noqa: BLE001 - every failure must end as one clear line
+        return EXIT_INPUT_ERROR, line
+    # every failure must end as one clear line; SystemExit too, which in a long-lived
+    # process would end every later job
+    except (Exception, SystemExit) as error:  # noqa: BLE001
         log.error("traceback:\n%s", redact(traceback.format_exc()))
         cause = f"unexpected {type(error).__name__}: {error}"
         line = f"sample {sample}: {step} failed: {cause}"
-        _fail(
+        line = _fail(
             record,
             sample,
             modality,
@@ -123,8 +138,9 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
             kind="internal",
             attempt=attempt,
         )
-        sys.exit(EXIT_INTERNAL_ERROR)
+        return EXIT_INTERNAL_ERROR, line
     log.info("%s finished in %.1f s", step, time.monotonic() - started)
+    return 0, None
 
 
 def _print_line(line: str, log_path: str | None) -> None:
@@ -263,7 +279,7 @@ def _fail(
     *,
     kind: str,
     attempt: dict[str, str | None],
-) -> None:
+) -> str:
     line = redact(line)
     _print_line(line, log_path)
     atomic.write_json(
@@ -283,3 +299,4 @@ def _fail(
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
+    return line
