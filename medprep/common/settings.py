@@ -90,6 +90,19 @@ S = TypeVar("S", bound="Settings")
 # (schema file, section path) -> the class of that section, so a parent section takes the
 # class its module named (e.g. ``wsi.tile.filters`` -> FilterSettings) for its field
 _SECTIONS: dict[tuple[str, tuple[str, ...]], type[Settings]] = {}
+
+# True in a workflow job: its settings come from the config, which Snakemake validated
+# against the whole schema when it read the workflow (rules/common.smk)
+_config_validated = False
+
+
+def config_validated() -> None:
+    """Settings made from now on come from a config already validated against the
+    schema: their values are not checked again (a job then never imports jsonschema)."""
+    global _config_validated
+    _config_validated = True
+
+
 _TYPES = {"number": "float", "integer": "int", "string": "str", "boolean": "bool"}
 
 
@@ -166,7 +179,7 @@ class Settings(Mapping):
         # each key is checked on its own and the defaults are valid (tested), so only the
         # values that differ from them need jsonschema: most jobs never import it (0.1 s)
         changed = {k: v for k, v in scalars.items() if _as_json(v) != cls._default_json[k]}
-        if not changed:
+        if not changed or _config_validated:
             return
         errors = sorted(_validator(cls).iter_errors(changed), key=lambda e: list(e.path))
         if errors:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medprep.common import atomic
+from medprep.common import atomic, settings
 from medprep.common.errors import InputError
 from medprep.common.redact import RedactingFilter, redact
 
@@ -83,6 +83,8 @@ def execute_step(smk: Any, main: Callable[[Any], None]) -> tuple[int, str | None
     """
     log_path = smk.log[0] if len(smk.log) else None
     configure_logging(log_path)
+    # the job's settings come from the workflow's config, validated when it was read
+    settings.config_validated()
     sample, modality, step = _step_identity(smk)
     record = failure_record_path(sample, step)
     attempt = attempt_identity(smk)
