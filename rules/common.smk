@@ -127,9 +127,8 @@ def get_final_outputs():
 def cpu_threads(most):
     """`most` threads, or 1 in a local run of at least as many samples as cores.
 
-    With a job per core, samples run side by side and every job fits whatever core
-    is free: a multi-thread job cannot start on the one core a transfer leaves, and
-    that core would go to the next download instead (downloading ahead without limit).
+    With a job per core, samples run side by side and every job fits whatever core is
+    free: a multi-thread job would wait until enough cores are free at once.
     """
 
     def threads(wildcards):
