@@ -208,6 +208,11 @@ class TransferPool:
         self._idle.put(worker)
         return result
 
+    def close(self) -> None:
+        """End the idle workers (the others end when their job has and Python exits)."""
+        while not self._idle.empty():
+            self._idle.get().close()
+
     def _take(self) -> _Worker:
         """An idle worker, a new one while fewer than ``workers`` run, or the next to be
         idle; a worker that died while idle (killed for memory, say) is replaced."""
@@ -245,13 +250,21 @@ class _Worker:
         )
 
     def run(self, step: str, job: TransferJob) -> tuple[int, str | None]:
-        pickle.dump((step, job), self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        # pickled whole before any byte is sent: a job that cannot be pickled must not
+        # leave half a message in the worker's pipe
+        message = pickle.dumps((step, job), protocol=pickle.HIGHEST_PROTOCOL)
+        self.process.stdin.write(message)
         self.process.stdin.flush()
         return pickle.load(self.process.stdout)
 
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
+
+    def close(self) -> None:
+        self.process.stdin.close()  # the worker's loop ends at the end of its input
+        self.process.wait()
+        self.process.stdout.close()
 
 
 def serve() -> None:

@@ -121,11 +121,19 @@ def worker_of(workdir: Path, sample: str) -> int:
     return int(re.search(r"in transfer worker (\d+) of the Snakemake process (\d+)", text)[1])
 
 
-def test_a_worker_runs_jobs_one_after_another_and_outlives_a_failed_one(tmp_path, monkeypatch):
+@pytest.fixture
+def pool():
+    pool = TransferPool(workers=1)
+    yield pool
+    pool.close()
+
+
+def test_a_worker_runs_jobs_one_after_another_and_outlives_a_failed_one(
+    tmp_path, monkeypatch, pool
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "in" / "s1").mkdir(parents=True)
     (tmp_path / "in" / "s1" / "a.dcm").write_bytes(b"x" * 100)
-    pool = TransferPool(workers=1)
 
     assert pool.run("download", download_job(tmp_path, "s1", tmp_path / "in" / "s1")) == (0, None)
     manifest = json.loads((tmp_path / "results/ct/s1/download.json").read_text())
@@ -144,11 +152,10 @@ def test_a_worker_runs_jobs_one_after_another_and_outlives_a_failed_one(tmp_path
     assert worker_of(tmp_path, "s3") == worker, "the warm worker ran the next job"
 
 
-def test_a_worker_that_died_is_replaced(tmp_path, monkeypatch):
+def test_a_worker_that_died_is_replaced(tmp_path, monkeypatch, pool):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.dcm").write_bytes(b"x")
-    pool = TransferPool(workers=1)
     pool.run("download", download_job(tmp_path, "s1", tmp_path / "in"))
     first = worker_of(tmp_path, "s1")
     os.kill(first, signal.SIGKILL)  # killed while idle (for memory, say)
