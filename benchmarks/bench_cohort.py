@@ -457,7 +457,9 @@ def run_workflow(workdir: Path, env: dict, args) -> dict:
             worker_pids.add(int(match[1]))
     result = {
         "wall": wall,
-        "cpu": cpu,
+        # the transfer workers end just after the Snakemake process (when its pipes
+        # close): it never waits for them, so their CPU is not in its children's; polled
+        "cpu": cpu + sum(watch.workers.values()),
         "main": watch.main,
         "main_jobs": run["jobs"],
         "main_few": again["watch"].main,

@@ -47,6 +47,8 @@ SPARE_SAMPLES = 2
 # Transfer worker processes when the workflow registered no `transfers` resource.
 DEFAULT_WORKERS = 2
 WAIT_POLL_S = 0.5
+# Only downloads waiting for run-ahead room running for this long: nothing will make room.
+STALL_S = 10.0
 PARENT_POLL_S = 0.5
 EXIT_WORKER_LOST = 2
 
@@ -108,6 +110,10 @@ class TransferJob:
 ##### run-ahead: samples fetched but not yet published #####
 
 
+class RunStopping(Exception):
+    """The run ends (stopped, or stopping after a failed job): a waiting download gives up."""
+
+
 @dataclass
 class RunAhead:
     """Samples fetched but not yet published: fewer than ``most`` of them, and their
@@ -115,19 +121,32 @@ class RunAhead:
 
     A download calls ``admit`` before it fetches and waits there until its sample fits;
     one sample is always let through when none is in progress (a sample larger than the
-    budget then runs alone). ``published`` ends a sample. ``closed()`` names samples that
-    will not be published in this run (a job of theirs failed for good): they leave the
-    count. ``counted(sample)`` is false for samples the run does not publish (a run of
-    part of the workflow, ``--until tile_ct`` say): those are not counted, or the run
-    would wait for them forever.
+    budget then runs alone). ``published`` ends a sample. What the run tells, polled
+    while downloads wait:
+
+    - ``closed()``: samples that will not be published in this run (a job of theirs
+      failed for good); they leave the count;
+    - ``counted(sample)``: false for samples the run does not publish at all (a run of
+      part of the workflow, ``--until tile_ct`` say); those are not counted, or the run
+      would wait for them forever;
+    - ``stopping()``: why the run starts no more jobs (stopped by a signal, or by a failed
+      job without --keep-going), or None; waiting downloads then raise ``RunStopping``;
+    - ``running()``: the jobs running, waiting downloads included. When none but the
+      waiting downloads has run for ``stall_s``, nothing will make room (the jobs that
+      would wait for resources the waiting downloads hold, memory say): one is let
+      through beyond the bound, and says so.
     """
 
     most: int | None = None
     budget_mb: int | None = None
     counted: Callable[[str], bool] = lambda sample: True
     closed: Callable[[], Iterable[str]] = tuple
+    stopping: Callable[[], str | None] = lambda: None
+    running: Callable[[], int | None] = lambda: None
     poll_s: float = WAIT_POLL_S
+    stall_s: float = STALL_S
     _held: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _waiting: int = field(default=0, init=False, repr=False)
     _condition: threading.Condition = field(
         default_factory=threading.Condition, init=False, repr=False
     )
@@ -142,9 +161,26 @@ class RunAhead:
         with self._condition:
             self._held.pop(sample, None)  # a retried download counts its sample once
             self._drop_closed()
-            while not self._fits(mb):
-                self._condition.wait(self.poll_s)
-                self._drop_closed()
+            stalled_since = None
+            self._waiting += 1
+            try:
+                while not self._fits(mb):
+                    if (reason := self.stopping()) is not None:
+                        raise RunStopping(reason)
+                    stalled_since = self._stalled(stalled_since)
+                    if (
+                        stalled_since is not None
+                        and time.monotonic() - stalled_since >= self.stall_s
+                    ):
+                        self._held[sample] = mb
+                        return (
+                            f"{self._describe()}; let through beyond the bound: no other job "
+                            f"ran for {self.stall_s:.0f} s"
+                        )
+                    self._condition.wait(self.poll_s)
+                    self._drop_closed()
+            finally:
+                self._waiting -= 1
             self._held[sample] = mb
             return self._describe()
 
@@ -164,6 +200,13 @@ class RunAhead:
         if self.most is not None and len(self._held) >= self.most:
             return False
         return self.budget_mb is None or sum(self._held.values()) + mb <= self.budget_mb
+
+    def _stalled(self, since: float | None) -> float | None:
+        """Since when only waiting downloads run (None: other jobs run, or cannot tell)."""
+        running = self.running()
+        if running is None or running > self._waiting:
+            return None
+        return since if since is not None else time.monotonic()
 
     def _drop_closed(self) -> None:
         for sample in set(self.closed()) & set(self._held):
@@ -355,11 +398,14 @@ class Transfers:
         if most is None:
             slots = _resource(resources, "_nodes" if workflow.non_local_exec else "_cores")
             most = slots + SPARE_SAMPLES if slots and slots < sys.maxsize else None
+        scheduler = SchedulerView(workflow)
         run_ahead = RunAhead(
             most=most,
             budget_mb=_resource(resources, "disk_mb"),
-            counted=_published_in_run(workflow),
-            closed=lambda: _failed_samples(workflow),
+            counted=scheduler.publishes,
+            closed=scheduler.failed_samples,
+            stopping=scheduler.stopping,
+            running=scheduler.running,
         )
         return cls(config, workers, run_ahead)
 
@@ -404,7 +450,10 @@ class Transfers:
     def _admit(self, job: TransferJob) -> None:
         """Wait for run-ahead room (``RunAhead``) before the download fetches."""
         need = int(job.resources.get("disk_need_mb") or 0)
-        job.admitted = self.run_ahead.admit(job.sample, need)
+        try:
+            job.admitted = self.run_ahead.admit(job.sample, need)
+        except RunStopping as stop:
+            raise StepFailed(f"sample {job.sample}: download not started: {stop}") from None
         if self.run_ahead.budget_mb is not None:
             # what Snakemake's disk_mb would have granted: a working set larger than the
             # whole budget fails, or runs alone under the default budget
@@ -419,29 +468,50 @@ def _resource(resources: dict[str, Any], name: str) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
-def _published_in_run(workflow: Any) -> Callable[[str], bool]:
-    """Whether the run publishes a sample: its upload job is in the DAG (asked once)."""
-    samples: set[str] | None = None
-    lock = threading.Lock()
+class SchedulerView:
+    """What the run-ahead bound asks Snakemake's scheduler and DAG while the run executes.
 
-    def counted(sample: str) -> bool:
-        nonlocal samples
-        with lock:
-            if samples is None:
-                samples = {
+    These are attributes of Snakemake 9's ``JobScheduler`` (``running``, ``failed``,
+    ``_user_kill``, ``_errors``, ``keepgoing``) and ``DAG`` (``needrun_jobs``), read only;
+    tests/workflow/test_transfers_workflow.py runs what depends on each of them.
+    """
+
+    def __init__(self, workflow: Any):
+        self.workflow = workflow
+        self._published: set[str] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _scheduler(self) -> Any:
+        return getattr(self.workflow, "scheduler", None)
+
+    def publishes(self, sample: str) -> bool:
+        """Whether the run publishes ``sample``: its upload job is in the DAG (asked once)."""
+        with self._lock:
+            if self._published is None:
+                self._published = {
                     job.wildcards_dict.get("sample")
-                    for job in workflow.dag.needrun_jobs(exclude_finished=False)
+                    for job in self.workflow.dag.needrun_jobs(exclude_finished=False)
                     if job.rule.name == "upload"
                 }
-        return sample in samples
+        return sample in self._published
 
-    return counted
+    def failed_samples(self) -> set[str]:
+        """Samples with a job that failed for good (no retry left) in this run."""
+        failed = getattr(self._scheduler, "failed", ())
+        return {job.wildcards_dict.get("sample") for job in list(failed)}
 
+    def stopping(self) -> str | None:
+        scheduler = self._scheduler
+        if getattr(scheduler, "_user_kill", None):
+            return "the run is stopping"
+        if getattr(scheduler, "_errors", False) and not getattr(scheduler, "keepgoing", True):
+            return "the run is stopping after a failed job (no --keep-going)"
+        return None
 
-def _failed_samples(workflow: Any) -> set[str]:
-    """Samples with a job that failed for good (no retry left) in this run."""
-    scheduler = getattr(workflow, "scheduler", None)
-    return {job.wildcards_dict.get("sample") for job in getattr(scheduler, "failed", ())}
+    def running(self) -> int | None:
+        running = getattr(self._scheduler, "running", None)
+        return None if running is None else len(running)
 
 
 def require_threads(workflow: Any) -> None:

@@ -19,7 +19,13 @@ from workflow_support import process_alive
 
 from medprep import storage
 from medprep.common import settings as schema
-from medprep.workflow.transfers import Named, RunAhead, TransferJob, TransferPool
+from medprep.workflow.transfers import (
+    Named,
+    RunAhead,
+    RunStopping,
+    TransferJob,
+    TransferPool,
+)
 
 WAIT_S = 10
 
@@ -78,6 +84,39 @@ def test_failed_samples_leave_the_count_and_unpublished_ones_never_enter_it():
     failed.add("a")  # a job of sample a failed for good: it will not be published
     assert waiting.wait(WAIT_S)
     assert set(gate.in_progress()) == {"b"}
+
+
+def test_a_waiting_download_gives_up_when_the_run_stops():
+    reason: list[str] = []
+    gate = RunAhead(most=1, poll_s=0.01, stopping=lambda: reason[0] if reason else None)
+    gate.admit("a", 1)
+    failed = []
+
+    def admit() -> None:
+        try:
+            gate.admit("b", 1)
+        except RunStopping as stop:
+            failed.append(str(stop))
+
+    waiting = threading.Thread(target=admit)
+    waiting.start()
+    time.sleep(0.2)
+    reason.append("the run is stopping")
+    waiting.join(WAIT_S)
+    assert failed == ["the run is stopping"] and set(gate.in_progress()) == {"a"}
+
+
+def test_a_download_gets_through_when_nothing_else_runs():
+    """Only waiting downloads run (the jobs that would make room wait for resources they
+    hold, say): after stall_s one is let through beyond the bound, and says so."""
+    others = [1]
+    gate = RunAhead(most=1, poll_s=0.01, stall_s=0.3, running=lambda: others[0] + gate._waiting)
+    gate.admit("a", 1)
+    blocked = admit_in_thread(gate, "b")
+    assert not blocked.wait(0.6), "let through while another job ran"
+    others[0] = 0
+    assert blocked.wait(WAIT_S)
+    assert set(gate.in_progress()) == {"a", "b"}
 
 
 def test_a_retried_download_counts_its_sample_once():
@@ -203,3 +242,17 @@ def test_named_reads_like_snakemakes_lists_after_a_round_trip():
     assert named.get("one") == "a" and dict(named.items()) == {"one": "a", "two": ["b", "c"]}
     with pytest.raises(AttributeError):
         _ = named.three
+
+
+def test_snakemake_still_has_what_the_run_ahead_bound_reads():
+    """SchedulerView reads these (a missing one would quietly bound less, or stall)."""
+    import inspect
+
+    import snakemake.api  # noqa: F401 - imports the modules below in the order they need
+    from snakemake.dag import DAG
+    from snakemake.scheduling.job_scheduler import JobScheduler
+
+    source = inspect.getsource(JobScheduler)
+    for attribute in ("running", "failed", "_user_kill", "_errors", "keepgoing"):
+        assert re.search(rf"self\.{attribute} = ", source), attribute
+    assert "exclude_finished" in inspect.signature(DAG.needrun_jobs).parameters

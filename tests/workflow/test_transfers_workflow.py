@@ -156,6 +156,32 @@ def test_failed_samples_and_a_partial_run_do_not_hold_the_bound(world):
     assert "medprep error: sample broken: " in run.stderr
 
 
+def test_a_run_stopped_while_downloads_wait_for_room_ends(world):
+    """SIGTERM: Snakemake starts no more jobs and waits for the running ones; downloads
+    waiting for run-ahead room would wait for uploads that never come, so they give up."""
+    configure(world, put_copies(world, ["c0", "c1", "c2"]))
+    process = subprocess.Popen(
+        snakemake_command(world.workdir, "--resources", "samples_in_progress=1"),
+        cwd=world.workdir,
+        env={**os.environ, **world.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not list(world.workdir.glob("logs/preprocess_ct/*.log")):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # a CPU job runs, the other downloads wait
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "download not started: the run is stopping" in stderr
+
+
 def test_a_transfer_that_fails_fails_only_its_sample_with_one_line(world):
     samples = put_copies(world, ["c0", "c1"])
     # an object key that would leave the sample's folder: refused by the download
