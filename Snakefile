@@ -40,7 +40,7 @@ onsuccess:
 # (no --force-use-threads) and a destination that cannot be published to stop the run in
 # one line (a dry-run writes no probe).
 onstart:
-    mt.require_threads(workflow)
+    TRANSFERS.on_start(workflow)
     mw.check_destination_or_exit(config)
 
 

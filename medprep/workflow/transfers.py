@@ -387,6 +387,22 @@ class Transfers:
         self.config = config
         self.pool = TransferPool(workers)
         self.run_ahead = run_ahead
+        self.interrupted: str | None = None
+
+    def on_start(self, workflow: Any) -> None:
+        """Before the first job (``onstart``, in the main thread): stop in one line without
+        --force-use-threads (``require_threads``); note Ctrl-C, after which Snakemake waits
+        for its running jobs, downloads waiting for run-ahead room among them."""
+        require_threads(workflow)
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):  # ignored, or the default: Snakemake's own business
+            return
+
+        def interrupted(signum: int, frame: Any) -> None:
+            self.interrupted = "the run was interrupted"
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, interrupted)
 
     @classmethod
     def for_workflow(cls, workflow: Any, config: dict[str, Any]) -> Transfers:
@@ -399,15 +415,16 @@ class Transfers:
             slots = _resource(resources, "_nodes" if workflow.non_local_exec else "_cores")
             most = slots + SPARE_SAMPLES if slots and slots < sys.maxsize else None
         scheduler = SchedulerView(workflow)
-        run_ahead = RunAhead(
+        transfers = cls(config, workers)
+        transfers.run_ahead = RunAhead(
             most=most,
             budget_mb=_resource(resources, "disk_mb"),
             counted=scheduler.publishes,
             closed=scheduler.failed_samples,
-            stopping=scheduler.stopping,
+            stopping=lambda: transfers.interrupted or scheduler.stopping(),
             running=scheduler.running,
         )
-        return cls(config, workers, run_ahead)
+        return transfers
 
     def download(self, *job: Any) -> None:
         self._run("download", self._job(*job))

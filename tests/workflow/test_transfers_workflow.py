@@ -156,9 +156,14 @@ def test_failed_samples_and_a_partial_run_do_not_hold_the_bound(world):
     assert "medprep error: sample broken: " in run.stderr
 
 
-def test_a_run_stopped_while_downloads_wait_for_room_ends(world):
-    """SIGTERM: Snakemake starts no more jobs and waits for the running ones; downloads
-    waiting for run-ahead room would wait for uploads that never come, so they give up."""
+@pytest.mark.parametrize(
+    "stop,said",
+    [(signal.SIGTERM, "the run is stopping"), (signal.SIGINT, "the run was interrupted")],
+    ids=["SIGTERM", "Ctrl-C"],
+)
+def test_a_run_stopped_while_downloads_wait_for_room_ends(world, stop, said):
+    """Snakemake starts no more jobs and waits for the running ones; downloads waiting
+    for run-ahead room would wait for uploads that never come, so they give up."""
     configure(world, put_copies(world, ["c0", "c1", "c2"]))
     process = subprocess.Popen(
         snakemake_command(world.workdir, "--resources", "samples_in_progress=1"),
@@ -173,13 +178,13 @@ def test_a_run_stopped_while_downloads_wait_for_room_ends(world):
         while not list(world.workdir.glob("logs/preprocess_ct/*.log")):
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)  # a CPU job runs, the other downloads wait
+        process.send_signal(stop)  # a CPU job runs, the other downloads wait
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert "download not started: the run is stopping" in stderr
+    assert f"download not started: {said}" in stderr
 
 
 def test_a_transfer_that_fails_fails_only_its_sample_with_one_line(world):
