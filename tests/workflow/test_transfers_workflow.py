@@ -213,43 +213,64 @@ def test_a_transfer_that_fails_fails_only_its_sample_with_one_line(world):
     assert_no_credentials_anywhere(world)
 
 
-def test_a_run_killed_during_a_download_reruns_it_and_nothing_half_fetched_looks_done(world):
-    samples = put_copies(world, ["c0", "c1"])
-    configure(world, samples)
-    world.swap_proxy(latency_ms=400, latency_methods="GET")
+STEP_MANIFESTS = {
+    "download": "download.json",
+    "preprocess_ct": "preprocess.json",
+    "tile_ct": "tile.json",
+    "upload": "upload.json",
+}
+
+
+def test_a_run_killed_during_a_download_reruns_what_is_incomplete_only(world):
+    """Killed (SIGKILL, the Snakemake process alone, as a crash) while the second sample
+    is fetched, the first published: the rerun runs the other samples' chains, not the
+    first's, and nothing half-fetched looked finished."""
+    names = ["c0", "c1", "c2"]
+    configure(world, put_copies(world, names))
+    world.swap_proxy(latency_ms=300, latency_methods="GET")
     process = subprocess.Popen(
-        snakemake_command(world.workdir),
+        snakemake_command(world.workdir, "--resources", "samples_in_progress=1"),
         cwd=world.workdir,
         env={**os.environ, **world.env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    results = world.workdir / "results" / "ct"
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not fetched_not_published(world.workdir) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and process.poll() is None:
+            published = {n for n in names if (results / n / "upload.json").exists()}
+            fetching = fetched_not_published(world.workdir) - published
+            if published and fetching:
+                break
             time.sleep(0.02)
-        fetching = fetched_not_published(world.workdir)
-        assert fetching, "no download started"
-        os.kill(process.pid, signal.SIGKILL)  # the Snakemake process only, as a crash would
+        assert published and fetching, "no sample was fetched after one was published"
+        os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:
         if process.poll() is None:
             process.kill()
-    sample = sorted(fetching)[0]
+    done = {
+        (rule, name)
+        for name in names
+        for rule, manifest in STEP_MANIFESTS.items()
+        if (results / name / manifest).exists()
+    }
+    (sample,) = fetching
+    assert ("download", sample) not in done, "a half-fetched sample looked fetched"
     log = (world.workdir / "logs" / "download" / "ct" / f"{sample}.log").read_text()
     worker = int(WORKER_LINE.search(log)[1])
     deadline = time.monotonic() + 10
     while process_alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not process_alive(worker), "the transfer worker outlived its Snakemake process"
-    assert not (world.workdir / "results" / "ct" / sample / "download.json").exists()
 
     world.swap_proxy()
     world.run("--unlock")  # a killed snakemake leaves its lock, as after a power loss
     rerun = world.run()
-    assert ("download", sample) in rerun.ran()
-    manifest = json.loads((world.workdir / "results/ct" / sample / "download.json").read_text())
+    assert rerun.ran() == {(rule, n) for n in names for rule in STEP_MANIFESTS} - done
+    manifest = json.loads((results / sample / "download.json").read_text())
     keys = {
         o["Key"].rsplit("/", 1)[1]: o["ETag"].strip('"')
         for o in world.s3.list_objects_v2(Bucket=world.bucket, Prefix=f"ct/{sample}/")["Contents"]
