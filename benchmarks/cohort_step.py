@@ -93,14 +93,15 @@ def main(argv: list[str]) -> None:
 
     step, source, out, settings, *preload = argv
     settings = json.loads(Path(settings).read_text())
-    schema.config_validated()  # as in a workflow job (medprep.workflow.runner)
-    if preload:
-        print(json.dumps({"forked": forked(step, Path(source), Path(out), settings, preload[0])}))
-        return
-    times: list[float] = []
-    for round_ in range(3):
-        run(step, Path(source), Path(out) / f"r{round_}" / "s", settings)
-        times.append(cpu() - sum(times))
+    with schema.config_validated():  # as in a workflow job (medprep.workflow.runner)
+        if preload:
+            forked_cpu = forked(step, Path(source), Path(out), settings, preload[0])
+            print(json.dumps({"forked": forked_cpu}))
+            return
+        times: list[float] = []
+        for round_ in range(3):
+            run(step, Path(source), Path(out) / f"r{round_}" / "s", settings)
+            times.append(cpu() - sum(times))
     print(json.dumps({"cold": times[0], "warm": min(times[1:])}))
 
 

@@ -11,6 +11,7 @@ to the schema is a field of its section's class, with its default, without a Pyt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -91,16 +92,21 @@ S = TypeVar("S", bound="Settings")
 # class its module named (e.g. ``wsi.tile.filters`` -> FilterSettings) for its field
 _SECTIONS: dict[tuple[str, tuple[str, ...]], type[Settings]] = {}
 
-# True in a workflow job: its settings come from the config, which Snakemake validated
-# against the whole schema when it read the workflow (rules/common.smk)
+# True while a workflow job runs its step: its settings come from the config, which
+# Snakemake validated against the whole schema when it read the workflow
 _config_validated = False
 
 
-def config_validated() -> None:
-    """Settings made from now on come from a config already validated against the
+@contextlib.contextmanager
+def config_validated() -> Iterator[None]:
+    """Within the block, settings come from a config already validated against the
     schema: their values are not checked again (a job then never imports jsonschema)."""
     global _config_validated
-    _config_validated = True
+    previous, _config_validated = _config_validated, True
+    try:
+        yield
+    finally:
+        _config_validated = previous
 
 
 _TYPES = {"number": "float", "integer": "int", "string": "str", "boolean": "bool"}

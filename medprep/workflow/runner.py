@@ -83,8 +83,6 @@ def execute_step(smk: Any, main: Callable[[Any], None]) -> tuple[int, str | None
     """
     log_path = smk.log[0] if len(smk.log) else None
     configure_logging(log_path)
-    # the job's settings come from the workflow's config, validated when it was read
-    settings.config_validated()
     sample, modality, step = _step_identity(smk)
     record = failure_record_path(sample, step)
     attempt = attempt_identity(smk)
@@ -104,7 +102,9 @@ def execute_step(smk: Any, main: Callable[[Any], None]) -> tuple[int, str | None
             from medprep.workflow import working_files as scratch
 
             scratch.restore_inputs(smk)
-        main(smk)
+        # the job's settings come from the workflow's config, validated when it was read
+        with settings.config_validated():
+            main(smk)
     except InputError as error:
         error.with_context(sample=sample)
         # bad input fails a retry the same way: recorded so that a retry does not redo it
