@@ -23,6 +23,8 @@ download waits until there are fewer than ``samples_in_progress`` of them (defau
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import pickle
@@ -237,7 +239,7 @@ class TransferPool:
         """``execute_step`` of ``step`` in a worker: (0, None) or (exit code, its line)."""
         worker = self._take()
         try:
-            result = worker.run(step, job)
+            code, line, printed = worker.run(step, job)
         except (OSError, EOFError, pickle.UnpicklingError):
             worker.stop()
             with self._lock:
@@ -246,10 +248,12 @@ class TransferPool:
                 f"sample {job.sample}: {step} failed: its transfer worker process ended "
                 f"(exit status {worker.process.poll()}; killed, out of memory?)"
             )
-            print(f"medprep error: {line}", file=sys.stderr)
+            print_among_snakemake_output(f"medprep error: {line}")
             return EXIT_WORKER_LOST, line
         self._idle.put(worker)
-        return result
+        if printed:
+            print_among_snakemake_output(printed.rstrip("\n"))
+        return code, line
 
     def close(self) -> None:
         """End the idle workers (the others end when their job has and Python exits)."""
@@ -292,7 +296,8 @@ class _Worker:
             env={**os.environ, "PYTHONPATH": path},
         )
 
-    def run(self, step: str, job: TransferJob) -> tuple[int, str | None]:
+    def run(self, step: str, job: TransferJob) -> tuple[int, str | None, str]:
+        """(exit code, the failure's line, what the step printed on stderr)."""
         # pickled whole before any byte is sent: a job that cannot be pickled must not
         # leave half a message in the worker's pipe
         message = pickle.dumps((step, job), protocol=pickle.HIGHEST_PROTOCOL)
@@ -369,7 +374,24 @@ def _run_in_worker(step: str, job: TransferJob) -> tuple[int, str | None]:
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             )
 
-    return runner.execute_step(job, in_worker)
+    # what the step prints (its one line on failure, warnings) goes to the Snakemake
+    # process, which prints it among its own output (print_among_snakemake_output)
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        code, line = runner.execute_step(job, in_worker)
+    return code, line, printed.getvalue()
+
+
+def print_among_snakemake_output(text: str) -> None:
+    """Print ``text`` on the Snakemake process's stderr through Snakemake's logger.
+
+    Snakemake writes a message and its line end apart (under its logger's lock): a line
+    written by another process, or without that lock, can land in the middle of one of
+    its lines."""
+    from snakemake.logging import logger
+
+    for line in text.splitlines():
+        (logger.error if line.startswith("medprep error") else logger.warning)(line)
 
 
 ##### what the rules call #####
