@@ -36,9 +36,11 @@ onsuccess:
     medprep_cohort.print_summary(COHORT_OUTPUTS)
 
 
-# Before the first job: a destination that cannot be published to stops the run in one
-# line (a dry-run writes no probe).
+# Before the first job: transfer jobs that would each start a whole Snakemake process
+# (no --force-use-threads) and a destination that cannot be published to stop the run in
+# one line (a dry-run writes no probe).
 onstart:
+    TRANSFERS.on_start(workflow)
     mw.check_destination_or_exit(config)
 
 

@@ -8,6 +8,8 @@ sys.path.insert(0, workflow.basedir)
 
 from medprep.workflow import parse as mw
 from medprep.workflow import resources as mr
+from medprep.workflow import transfers as mt
+from medprep.workflow import working_files as scratch
 
 min_version("9.0")
 
@@ -58,6 +60,11 @@ RUN_SAMPLES = {
 mw.expect_published(RUN_SAMPLES, config)
 # S3 inputs: local disk bounded by default (--resources disk_mb=N sets another budget).
 mr.default_disk_budget(workflow, list(RUN_SAMPLES.values()), config)
+
+# Transfer jobs are threads of this process handing their work to `transfers` worker
+# processes (rules/download.smk); a download waits while samples_in_progress samples
+# (default cores + 2) are fetched but not yet published, or their working sets fill disk_mb.
+TRANSFERS = mt.Transfers.for_workflow(workflow, config)
 
 
 wildcard_constraints:
@@ -147,9 +154,8 @@ def get_final_outputs():
 def cpu_threads(most):
     """`most` threads, or 1 in a local run of at least as many samples as cores.
 
-    With a job per core, samples run side by side and every job fits whatever core
-    is free: a multi-thread job cannot start on the one core a transfer leaves, and
-    that core would go to the next download instead (downloading ahead without limit).
+    With a job per core, samples run side by side and every job fits whatever core is
+    free: a multi-thread job would wait until enough cores are free at once.
     """
 
     def threads(wildcards):

@@ -1,26 +1,35 @@
+# Transfer rules run as threads of the Snakemake process, which hand the work to its warm
+# transfer workers (medprep/workflow/transfers.py): no process per job, no core held.
+# On a cluster too, they run in the Snakemake process (on the node where it runs) and
+# not as cluster jobs: compute nodes need no network, and no job waits in the queue.
+# They have no `benchmark:`: Snakemake's record of a job run in its own process measures
+# that whole process and its children (every job running), sampling them every 0.5 s
+# from the Snakemake process; each job's log gives its time, CPU and peak memory instead.
+localrules:
+    download,
+    upload,
+    tile_annotations,
+    tile_annotations_cohort,
+
+
 rule download:
     output:
         manifest="results/{modality}/{sample}/download.json",
     log:
         "logs/download/{modality}/{sample}.log",
-    benchmark:
-        "logs/benchmarks/download/{modality}/{sample}.tsv"
     retries: 1
-    conda:
-        "../envs/storage.yaml"
-    # I/O, not CPU: one core and storage.connections requests in flight; `transfers`
-    # (profiles/default) caps how many transfer jobs run at once. Holding the core is what
-    # bounds the samples downloaded ahead of the CPU steps: Snakemake frees a job's
-    # disk_mb when the job ends, so nothing else would (an upload, which finishes a
-    # sample and frees its disk, holds none).
-    threads: 1
+    # I/O, not CPU: no core; storage.connections requests in flight in a transfer worker,
+    # at most `transfers` (profiles/default) downloads at once. The samples downloaded
+    # ahead of the CPU steps are bounded by the download itself: it waits until fewer
+    # than `samples_in_progress` samples are fetched but not yet published and their
+    # working sets (disk_need_mb) fit in disk_mb (medprep/workflow/transfers.py).
+    threads: 0
     resources:
         mem_mb=mem_download,
-        disk_mb=disk_download,
         disk_need_mb=disk_download,
         transfers=1,
         runtime="1h",
-    # Connection settings (config["storage"]) are read by the script, not passed as
+    # Connection settings (config["storage"]) are read by the step, not passed as
     # params: changing an endpoint or a profile must not rerun every sample.
     params:
         uri=sample_uri,
@@ -28,8 +37,8 @@ rule download:
         # Changes when the sample's input changes (names, sizes, mtimes or ETags):
         # the rerun trigger for the whole chain of this sample, and only this sample.
         fingerprint=source_fingerprint,
-    script:
-        "../scripts/download.py"
+    run:
+        TRANSFERS.download(input, output, params, wildcards, resources, log, rule)
 
 
 # The sample's annotation file (sheet column `annotations`), fetched and fingerprinted
@@ -41,12 +50,8 @@ rule tile_annotations:
         manifest="results/{modality}/{sample}/annotations.json",
     log:
         "logs/tile_annotations/{modality}/{sample}.log",
-    benchmark:
-        "logs/benchmarks/tile_annotations/{modality}/{sample}.tsv"
     retries: 1
-    conda:
-        "../envs/storage.yaml"
-    threads: 1
+    threads: 0
     resources:
         mem_mb=mem_download,
         disk_mb=mr.SMALL_OUTPUTS_MB,
@@ -57,8 +62,8 @@ rule tile_annotations:
         scope="sample",
         target_dir=subpath(output.manifest, strip_suffix=".json"),
         fingerprint=annotations_fingerprint,
-    script:
-        "../scripts/download_annotations.py"
+    run:
+        TRANSFERS.annotations(input, output, params, wildcards, resources, log, rule)
 
 
 # ct.annotations.csv: one CSV for the cohort; a change reruns tile_ct of every CT sample
@@ -68,12 +73,8 @@ rule tile_annotations_cohort:
         manifest=COHORT_ANNOTATIONS,
     log:
         "logs/tile_annotations/ct_cohort.log",
-    benchmark:
-        "logs/benchmarks/tile_annotations/ct_cohort.tsv"
     retries: 1
-    conda:
-        "../envs/storage.yaml"
-    threads: 1
+    threads: 0
     resources:
         mem_mb=mem_download,
         disk_mb=mr.SMALL_OUTPUTS_MB,
@@ -84,5 +85,5 @@ rule tile_annotations_cohort:
         scope="cohort",
         target_dir=subpath(output.manifest, strip_suffix=".json"),
         fingerprint=cohort_annotations_fingerprint,
-    script:
-        "../scripts/download_annotations.py"
+    run:
+        TRANSFERS.annotations(input, output, params, wildcards, resources, log, rule)

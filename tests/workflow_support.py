@@ -199,3 +199,12 @@ def published_file(folder: Path, name: str) -> Path:
     manifest = json.loads((folder / "manifest.json").read_text())
     entry = next(f for f in manifest["files"] if f["name"] == name)
     return folder / entry.get("path", entry["name"])
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -123,7 +123,7 @@ def write_single_level(path: Path, image: np.ndarray, mpp: float) -> Path:
 
 
 def write_download(folder: Path, *slides: Path) -> Path:
-    """A download manifest listing local files, as `scripts/download.py` writes it."""
+    """A download manifest listing local files, as the download step writes it."""
     path = folder / "download.json"
     atomic.write_json(
         path,

@@ -15,13 +15,14 @@ prints them for a section.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
 import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
@@ -121,6 +122,24 @@ FROM_SCHEMA: Any = _FromSchema()
 # (schema file, section path) -> the class of that section, so a parent section takes the
 # class its module named (e.g. ``wsi.tile.filters`` -> FilterSettings) for its field
 _SECTIONS: dict[tuple[str, tuple[str, ...]], type[Settings]] = {}
+
+# True while a workflow job runs its step: its settings come from the config, which
+# Snakemake validated against the whole schema when it read the workflow
+_config_validated = False
+
+
+@contextlib.contextmanager
+def config_validated() -> Iterator[None]:
+    """Within the block, settings come from a config already validated against the
+    schema: their values are not checked again (a job then never imports jsonschema)."""
+    global _config_validated
+    previous, _config_validated = _config_validated, True
+    try:
+        yield
+    finally:
+        _config_validated = previous
+
+
 _TYPES = {"number": "float", "integer": "int", "string": "str", "boolean": "bool"}
 
 
@@ -199,7 +218,7 @@ class Settings:
         # each key is checked on its own and the defaults are valid (tested), so only the
         # values that differ from them need jsonschema: most jobs never import it (0.1 s)
         changed = {k: v for k, v in scalars.items() if _as_json(v) != cls._default_json[k]}
-        if not changed:
+        if not changed or _config_validated:
             return
         errors = sorted(_validator(cls).iter_errors(changed), key=lambda e: list(e.path))
         if errors:

@@ -171,9 +171,8 @@ _ESTIMATORS = {
 def cpu_job_threads(most: int, *, samples: int, cores: int | None, on_cluster: bool) -> int:
     """Threads of a CPU job: ``most``, or 1 locally when there are ``cores`` samples or more.
 
-    One sample per core keeps the cores as busy as threads would, and one-core jobs let
-    the scheduler finish started samples first (rule priorities) instead of filling a
-    core left free by a transfer with the next download.
+    One sample per core keeps the cores as busy as threads would, and a one-core job
+    starts on any core that frees (a multi-thread job would wait for several at once).
     """
     if on_cluster or not cores or samples < cores:
         return most
@@ -216,10 +215,12 @@ def default_disk_budget(
 ) -> None:
     """Bound a local run's disk by default when samples come from S3.
 
-    Without a ``--resources disk_mb=N`` a one-core download fits beside any CPU job and
-    would fetch ahead without limit. The default is room for ``cores + 2`` of the largest
-    sample's working set (enough to keep every core busy while transfers run) and at most
-    the free space where the run writes. Local inputs are read in place: no default.
+    Downloads (which hold no core) wait until the working sets of the samples fetched but
+    not yet published fit in it (``medprep.workflow.transfers.RunAhead``), and every job
+    reserves its sample's working set from it. The default is room for ``cores + 2`` of
+    the largest sample's working set (enough to keep every core busy while transfers run)
+    and at most the free space where the run writes. Local inputs are read in place: no
+    default.
     """
     if not workflow.is_main_process or workflow.non_local_exec:
         return
@@ -304,8 +305,10 @@ def disk_mb(step: str, **inputs: Any) -> int:
 
     Snakemake holds a job's resources only while it runs, not between a sample's jobs, so
     every job reserves the sample's whole working set (raw download plus every artifact,
-    as known at that step): with ``--resources disk_mb=N`` the samples in progress then
-    fit in N. Inputs read in place (local paths) and remote destinations count as 0.
+    as known at that step). The download's estimate is held from the download until the
+    upload, by the run-ahead bound (``medprep.workflow.transfers``, rule resource
+    ``disk_need_mb``): with ``--resources disk_mb=N`` the samples in progress then fit in
+    N. Inputs read in place (local paths) and remote destinations count as 0.
     """
     return max(1, int(math.ceil(_DISK[step](**inputs) / MB)))
 

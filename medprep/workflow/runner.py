@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medprep.common import atomic
+from medprep.common import atomic, settings
 from medprep.common.errors import InputError
 from medprep.common.redact import RedactingFilter, redact
 
@@ -41,6 +41,7 @@ def configure_logging(log_path: str | os.PathLike | None, level: int = logging.I
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()  # a transfer worker configures logging once per job
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
@@ -69,6 +70,17 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     re-run the rule script from its original path, without Snakemake's preamble that
     defines ``snakemake``; the guard keeps them from running the step.
     """
+    code, _ = execute_step(smk, main)
+    if code:
+        sys.exit(code)
+
+
+def execute_step(smk: Any, main: Callable[[Any], None]) -> tuple[int, str | None]:
+    """``run_step`` without exiting: (0, None), or the exit code and the one line printed.
+
+    For steps that run in a long-lived process (``medprep.workflow.transfers``), where
+    ``sys.exit`` would end the process instead of the job.
+    """
     log_path = smk.log[0] if len(smk.log) else None
     configure_logging(log_path)
     sample, modality, step = _step_identity(smk)
@@ -77,8 +89,9 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
     if (repeated := repeated_input_error(record, attempt)) is not None:
         # Snakemake retries every failure (`retries:`); bad input fails the same way again
         line, kind = repeated
-        _print_line(f"{line} ({NOT_RETRIED[kind]}, not retried)", log_path)
-        sys.exit(EXIT_INPUT_ERROR)
+        line = f"{line} ({NOT_RETRIED[kind]}, not retried)"
+        _print_line(line, log_path)
+        return EXIT_INPUT_ERROR, line
     record.unlink(missing_ok=True)
     started = time.monotonic()
     subject = f"sample {sample}" if sample != "-" else "all samples"
@@ -90,13 +103,15 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
             from medprep.workflow import working_files as scratch
 
             scratch.restore_inputs(smk)
-        main(smk)
+        # the job's settings come from the workflow's config, validated when it was read
+        with settings.config_validated():
+            main(smk)
     except InputError as error:
         error.with_context(sample=sample)
         # bad input (or a full destination) fails a retry the same way: recorded so that
         # a retry does not redo it
         kind = "transient" if error.retryable else error.kind
-        _fail(
+        line = _fail(
             record,
             sample,
             modality,
@@ -108,12 +123,14 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
             kind=kind,
             attempt=attempt,
         )
-        sys.exit(EXIT_INPUT_ERROR)
-    except Exception as error:  # noqa: BLE001 - every failure must end as one clear line
+        return EXIT_INPUT_ERROR, line
+    # every failure must end as one clear line; SystemExit too, which in a long-lived
+    # process would end every later job
+    except (Exception, SystemExit) as error:  # noqa: BLE001
         log.error("traceback:\n%s", redact(traceback.format_exc()))
         cause = f"unexpected {type(error).__name__}: {error}"
         line = f"sample {sample}: {step} failed: {cause}"
-        _fail(
+        line = _fail(
             record,
             sample,
             modality,
@@ -125,8 +142,9 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
             kind="internal",
             attempt=attempt,
         )
-        sys.exit(EXIT_INTERNAL_ERROR)
+        return EXIT_INTERNAL_ERROR, line
     log.info("%s finished in %.1f s", step, time.monotonic() - started)
+    return 0, None
 
 
 def console_line(text: str) -> None:
@@ -278,7 +296,7 @@ def _fail(
     *,
     kind: str,
     attempt: dict[str, str | None],
-) -> None:
+) -> str:
     line = redact(line)
     _print_line(line, log_path)
     write_failure_record(
@@ -293,6 +311,7 @@ def _fail(
         attempt=attempt,
         record=record,
     )
+    return line
 
 
 def write_failure_record(

@@ -194,3 +194,29 @@ def _fetch_one(uri: str, final: str, record: dict[str, Any], settings: dict[str,
         if storage.sha256_file(fetched) != record["sha256"]:
             raise InputError("published copy does not match its manifest.json", path=redact(uri))
         os.replace(fetched, final_path)
+
+
+def write_rebuild_record(record: str | os.PathLike, wildcards: Any, log_path: str) -> None:
+    """Rule ``rebuild``: the record that makes a step run again when the destination lost
+    what it made and its working files are gone (``medprep.workflow.parse``'s
+    ``publication_state``); only the newest record of a step stays, as its input."""
+    record = Path(record)
+    why = (
+        "the destination lost files this step made, and their working copies were removed "
+        "after upload: the step makes them again from the source"
+    )
+    atomic.write_json(
+        record,
+        {
+            "sample": wildcards.sample,
+            "modality": wildcards.modality,
+            "rebuilds": wildcards.step,
+            "number": int(wildcards.number),
+            "why": why,
+        },
+    )
+    for older in record.parent.glob(f"{wildcards.step}-*.json"):
+        if older != record:
+            older.unlink(missing_ok=True)
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(log_path).write_text(f"{wildcards.step} of sample {wildcards.sample}: {why}\n")

@@ -148,3 +148,23 @@ def test_a_missing_or_mistyped_declaration_is_found(schema):
     problems = declaration_problems(Engine)
     assert "Engine.size is declared str, the schema says int" in problems
     assert any(p.startswith("Engine does not declare engine.names") for p in problems)
+
+
+def test_a_workflow_job_does_not_check_its_settings_again():
+    """Snakemake validated the whole config when it read the workflow: within a job
+    (config_validated) changed values are taken as they are, and jsonschema stays out."""
+    code = (
+        "import sys\n"
+        "from medprep.common.settings import config_validated\n"
+        "from medprep.ct.settings import CtSettings\n"
+        "with config_validated():\n"
+        "    CtSettings.from_config({'spacing': [3.0, 3.0, 3.0]})\n"
+        "assert 'jsonschema' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from medprep.common.settings import config_validated
+
+    with config_validated():
+        TileSettings(size=8)  # not checked within the block
+    with pytest.raises(ValueError, match=r"^wsi\.tile\.size: 8 is less than the minimum"):
+        TileSettings(size=8)  # checked again after it

@@ -109,7 +109,17 @@ def test_every_job_reserves_at_least_its_measured_peak(workdir):
 
 
 def benchmark_max_rss(workdir: Path, job: JobEvent) -> float | None:
-    """Peak RSS (MB) the job's benchmark file recorded (sampled: None if none was taken)."""
+    """Peak RSS (MB) the job's benchmark file recorded (sampled: None if none was taken);
+    for a transfer, the peak its worker process had reached by the job's end (its log)."""
+    if job.rule in ("download", "upload"):
+        log = (
+            workdir
+            / "logs"
+            / job.rule
+            / job.wildcards["modality"]
+            / f"{job.wildcards['sample']}.log"
+        )
+        return float(re.search(r"peak memory of the worker (\d+) MB", log.read_text())[1])
     folder = workdir / "logs" / "benchmarks" / job.rule
     if "modality" in job.wildcards:
         folder /= job.wildcards["modality"]

@@ -67,17 +67,13 @@ def test_profile_bundling_settings_bundle_the_jobs_of_each_step(tmp_path):
     )
 
     bundles = Counter(re.findall(r"Group job (\w+) \(jobs", run.stdout + run.stderr))
-    jobs_per_group = {"download_batch": samples, "upload_batch": samples}
-    jobs_per_group.update(
-        {
-            f"{step}_{m}_batch": samples // 2
-            for m in ("ct", "wsi")
-            for step in ("preprocess", "tile")
-        }
-    )
+    # the CPU steps' jobs; transfers run in the Snakemake process (localrules)
+    jobs_per_group = {
+        f"{step}_{m}_batch": samples // 2 for m in ("ct", "wsi") for step in ("preprocess", "tile")
+    }
     assert set(sizes) == set(jobs_per_group)
     assert bundles == {group: -(-n // sizes[group]) for group, n in jobs_per_group.items()}
-    assert sum(bundles.values()) < samples * 4 / 10
+    assert sum(bundles.values()) < samples * 2 / 10
 
 
 def test_a_sheet_of_5000_missing_inputs_runs_only_the_good_samples(workdir):

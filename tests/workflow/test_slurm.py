@@ -1,7 +1,8 @@
 """The workflow on a real one-node SLURM cluster, through profiles/slurm.
 
-One run of the tiny dataset: every job must run as a SLURM job asking for the rule's
-threads and memory, the outputs must equal a local run's, and a job that SLURM kills
+One run of the tiny dataset: every CPU job must run as a SLURM job asking for the rule's
+threads and memory, the transfers in the Snakemake process itself (localrules: compute
+nodes need no network), the outputs must equal a local run's, and a job that SLURM kills
 for exceeding its memory must be resubmitted with more and succeed. Skips (with the
 reason) where SLURM cannot be started: not root, slurm-wlm/munge missing, daemons fail.
 """
@@ -30,11 +31,13 @@ from medprep.workflow.resources import CLUSTER_JOB_OVERHEAD_MB
 pytestmark = pytest.mark.slow
 
 PROFILE = REPO / "profiles" / "slurm"
-CHAIN_JOBS = {
+CPU_JOBS = {
     (rule, sample)
     for sample, modality, _ in TINY_SAMPLES
-    for rule in ("download", f"preprocess_{modality}", f"tile_{modality}", "upload")
+    for rule in (f"preprocess_{modality}", f"tile_{modality}")
 }
+TRANSFER_RULES = ("download", "upload")
+WORKER_LINE = re.compile(r"in transfer worker (\d+) of the Snakemake process (\d+)")
 # tile_ct's first attempt gets 100 MB, less than the Snakemake process running the job
 # step holds (about 180 MB) for the whole step, so SLURM's memory enforcement kills it;
 # the second attempt gets 800 MB, enough.
@@ -92,35 +95,36 @@ def submissions(slurm_run, cluster) -> list[tuple[JobEvent, dict[str, str]]]:
     return submitted
 
 
-def test_every_job_ran_as_a_slurm_job_on_the_node(submissions, slurm_run, cluster):
-    assert {(job.rule, job.wildcards["sample"]) for job, _ in submissions} == CHAIN_JOBS
+def test_every_cpu_job_ran_as_a_slurm_job_on_the_node(submissions, slurm_run, cluster):
+    assert {(job.rule, job.wildcards["sample"]) for job, _ in submissions} == CPU_JOBS
     for job, record in submissions:
         assert record["NodeList"] == cluster.node
         assert record["Comment"].startswith(f"rule_{job.rule}_wildcards_")
         assert record["WorkDir"] == str(slurm_run[0])
-    # Only the run-wide rules (all, cohort) ran in the Snakemake process itself.
+    # The run-wide rules (all, cohort) and the transfers ran in the Snakemake process.
     ran_here = {
         match["rule"]
         for line in own_lines(slurm_run[1].stderr)
         if (match := re.match(r"^localrule (?P<rule>\w+):", line))
     }
-    assert "all" in ran_here
-    assert not ran_here & {rule for rule, _ in CHAIN_JOBS}
+    assert {"all", *TRANSFER_RULES} <= ran_here
+    assert not ran_here & {rule for rule, _ in CPU_JOBS}
+
+
+def test_transfers_ran_in_workers_of_the_snakemake_process(slurm_run):
+    """Not as SLURM jobs: in warm worker processes of the Snakemake process on the node
+    where it runs (the login node), at most `transfers` (2) of them for every transfer."""
+    logs = [log for rule in TRANSFER_RULES for log in (slurm_run[0] / "logs" / rule).rglob("*.log")]
+    assert len(logs) == 2 * len(TINY_SAMPLES)
+    ran_in = {tuple(map(int, WORKER_LINE.search(log.read_text()).groups())) for log in logs}
+    workers, snakemake = {w for w, _ in ran_in}, {p for _, p in ran_in}
+    assert len(snakemake) == 1 and 1 <= len(workers) <= 2 and not workers & snakemake
 
 
 def test_slurm_jobs_ask_for_the_rules_threads_and_memory(submissions):
     for job, record in submissions:
-        # transfer jobs hold no local core (threads 0) and ask SLURM for one CPU
         assert int(record["CPUs/Task"]) == max(1, job.threads), (job.rule, record)
         assert f"mem={job.mem_mb}M" in record["TRES"].split(","), (job.rule, job.mem_mb, record)
-
-
-def test_transfer_jobs_ask_slurm_for_one_cpu_and_little_memory(submissions):
-    transfers = [(job, record) for job, record in submissions if job.rule in ("download", "upload")]
-    assert len(transfers) == 2 * len(TINY_SAMPLES)
-    for job, record in transfers:
-        assert int(record["CPUs/Task"]) == 1, (job.rule, record)
-        assert job.mem_mb < 1000, (job.rule, job.mem_mb)
 
 
 def test_jobs_of_rules_without_overrides_reserve_the_cluster_overhead(submissions):
@@ -132,7 +136,7 @@ def test_jobs_of_rules_without_overrides_reserve_the_cluster_overhead(submission
 def test_a_job_killed_for_memory_is_resubmitted_with_more_and_succeeds(submissions):
     killed = [(job, record) for job, record in submissions if job.rule == KILLED_RULE]
     assert {job.wildcards["sample"] for job, _ in killed} == {
-        s for r, s in CHAIN_JOBS if r == KILLED_RULE
+        s for r, s in CPU_JOBS if r == KILLED_RULE
     }
     for sample in {job.wildcards["sample"] for job, _ in killed}:
         attempts = [(job, record) for job, record in killed if job.wildcards["sample"] == sample]
