@@ -8,8 +8,8 @@
 localrules:
     download,
     upload,
-    tile_annotations,
-    tile_annotations_cohort,
+    download_annotations,
+    download_annotations_cohort,
 
 
 rule download:
@@ -43,13 +43,14 @@ rule download:
 
 # The sample's annotation file (sheet column `annotations`), fetched and fingerprinted
 # like the input but on its own: a changed file reruns this job and the sample's tile
-# step after it, not download or preprocess. Named tile_* so that its failure record is
-# the tile step's (logs/failures/{sample}.tile.json), which the cohort table reads.
-rule tile_annotations:
+# step after it, not download or preprocess. Its failure record is the tile step's
+# (logs/failures/{sample}.tile.json: medprep.workflow.runner.RULE_STEPS), the step it
+# keeps from running.
+rule download_annotations:
     output:
         manifest="results/{modality}/{sample}/annotations.json",
     log:
-        "logs/tile_annotations/{modality}/{sample}.log",
+        "logs/download_annotations/{modality}/{sample}.log",
     retries: 1
     threads: 0
     resources:
@@ -68,11 +69,11 @@ rule tile_annotations:
 
 # ct.annotations.csv: one CSV for the cohort; a change reruns tile_ct of every CT sample
 # that takes it (those without their own `annotations`), and their uploads.
-rule tile_annotations_cohort:
+rule download_annotations_cohort:
     output:
         manifest=COHORT_ANNOTATIONS,
     log:
-        "logs/tile_annotations/ct_cohort.log",
+        "logs/download_annotations/ct_cohort.log",
     retries: 1
     threads: 0
     resources:

@@ -318,7 +318,7 @@ def skip_missing_inputs(
         runner.write_failure_record(
             item["sample"],
             item["modality"],
-            # an annotation file is an input of the tile step (rule tile_annotations)
+            # an annotation file is an input of the tile step (rule download_annotations)
             "download" if item["column"] == "uri" else "tile",
             path=item["path"],
             cause=f"{item['column']}: {item['cause']}",

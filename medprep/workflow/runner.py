@@ -54,12 +54,18 @@ def configure_logging(log_path: str | os.PathLike | None, level: int = logging.I
     logging.captureWarnings(True)
 
 
+# The step whose failure record a rule writes, where it is not the rule's first word: an
+# annotation file is fetched for the tile step, which cannot run without it (and the
+# sample's own download job, which removes its record when it starts, must not clear it).
+RULE_STEPS = {"download_annotations": "tile", "download_annotations_cohort": "tile"}
+
+
 def _step_identity(smk: Any) -> tuple[str, str, str]:
     wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
     sample = wildcards.get("sample", "-")
     rule = smk.rule
     modality = wildcards.get("modality") or (rule.rsplit("_", 1)[1] if "_" in rule else "-")
-    step = rule.split("_", 1)[0]
+    step = RULE_STEPS.get(rule, rule.split("_", 1)[0])
     return sample, modality, step
 
 

@@ -53,7 +53,7 @@ def download(job: Any) -> None:
 
 
 def annotations(job: Any) -> None:
-    """Rules ``tile_annotations(_cohort)``: fetch an annotation file and describe it."""
+    """Rules ``download_annotations(_cohort)``: fetch an annotation file and describe it."""
     # an error met while the DAG was built (e.g. an unreadable path)
     deferred = undefer(job.params.fingerprint)
     if deferred is not None:

@@ -31,7 +31,7 @@ SAMPLES_SCHEMA = REPO / "schemas/samples.schema.yaml"
 
 
 def annotation_manifest(folder: Path, source: Path, scope: str = "sample") -> Path:
-    """What rule tile_annotations writes for a local file."""
+    """What rule download_annotations writes for a local file."""
     files = storage.fetch(str(source), folder / "annotations")
     path = folder / f"annotations-{source.stem}.json"
     manifest.write_annotations_manifest(

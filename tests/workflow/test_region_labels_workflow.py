@@ -81,10 +81,10 @@ def labelled(tmp_path_factory, tiny_data):
 def test_the_readme_commands_label_the_patches(labelled):
     workdir, _, run = labelled
     ran = run.ran()
-    assert ("tile_annotations", "LIDC-IDRI-0001") in ran
-    assert ("tile_annotations", "chest-02") in ran
-    assert ("tile_annotations", "chest-03") not in ran  # it takes the cohort's CSV
-    assert ("tile_annotations_cohort", "") in ran
+    assert ("download_annotations", "LIDC-IDRI-0001") in ran
+    assert ("download_annotations", "chest-02") in ran
+    assert ("download_annotations", "chest-03") not in ran  # it takes the cohort's CSV
+    assert ("download_annotations_cohort", "") in ran
     index = pd.read_parquet(
         published_file(workdir / "published/dataset/labelled", "patches.parquet")
     )
@@ -106,7 +106,7 @@ def test_changed_annotation_file_reruns_only_that_samples_tile_step(labelled, tm
         f.write("0,0,1000,4\n")  # a row without seriesuid: kept (outside the scan)
     run = run_readme_commands(workdir, commands, "--dry-run")
     assert run.ran() == {
-        ("tile_annotations", "chest-02"),
+        ("download_annotations", "chest-02"),
         ("tile_ct", "chest-02"),
         ("upload", "chest-02"),
     }
@@ -115,9 +115,12 @@ def test_changed_annotation_file_reruns_only_that_samples_tile_step(labelled, tm
     xml = workdir / "labels/LIDC-IDRI-0001/069.xml"
     xml.write_text(xml.read_text().replace("<imageZposition>-125.0", "<imageZposition>-125.00"))
     run = run_readme_commands(workdir, commands, "--dry-run")
-    assert {s for r, s in run.ran() if r == "tile_annotations"} == {"chest-02", "LIDC-IDRI-0001"}
+    assert {s for r, s in run.ran() if r == "download_annotations"} == {
+        "chest-02",
+        "LIDC-IDRI-0001",
+    }
     assert {r for r, s in run.ran() if s == "LIDC-IDRI-0001"} == {
-        "tile_annotations",
+        "download_annotations",
         "tile_ct",
         "upload",
     }
@@ -126,12 +129,12 @@ def test_changed_annotation_file_reruns_only_that_samples_tile_step(labelled, tm
         f.write("1.2.3.5,0,0,0,0\n")
     run = run_readme_commands(workdir, commands, "--dry-run")
     assert run.ran() - {
-        (r, "LIDC-IDRI-0001") for r in ("tile_annotations", "tile_ct", "upload")
+        (r, "LIDC-IDRI-0001") for r in ("download_annotations", "tile_ct", "upload")
     } == {
-        ("tile_annotations", "chest-02"),
+        ("download_annotations", "chest-02"),
         ("tile_ct", "chest-02"),
         ("upload", "chest-02"),
-        ("tile_annotations_cohort", ""),
+        ("download_annotations_cohort", ""),
         ("tile_ct", "chest-03"),
         ("upload", "chest-03"),
     }
@@ -171,7 +174,7 @@ def test_an_s3_annotation_file_is_fetched_and_a_new_etag_refetches_it(
     target = "results/ct/chest/annotations.json"
 
     run = run_snakemake(workdir, target, env=env)
-    assert run.ran() == {("tile_annotations", "chest")}
+    assert run.ran() == {("download_annotations", "chest")}
     manifest = json.loads((workdir / target).read_text())
     (entry,) = manifest["files"]
     local = Path(entry["path"])
@@ -185,7 +188,7 @@ def test_an_s3_annotation_file_is_fetched_and_a_new_etag_refetches_it(
     assert run_snakemake(workdir, target, "--dry-run", env=env).ran() == set()
     s3.put_object(Bucket=bucket, Key="labels/chest.csv", Body=body + b"4,5,6\n")
     run = run_snakemake(workdir, target, "--dry-run", env=env)
-    assert run.ran() == {("tile_annotations", "chest")}
+    assert run.ran() == {("download_annotations", "chest")}
 
 
 def test_another_cohort_csv_reruns_only_the_tile_steps_that_take_it(labelled, tmp_path):
@@ -196,7 +199,7 @@ def test_another_cohort_csv_reruns_only_the_tile_steps_that_take_it(labelled, tm
     run = run_readme_commands(workdir, commands, "--dry-run")
     # not preprocess_ct: the key is no setting of that step
     assert run.ran() == {
-        ("tile_annotations_cohort", ""),
+        ("download_annotations_cohort", ""),
         ("tile_ct", "chest-03"),
         ("upload", "chest-03"),
     }
