@@ -214,7 +214,7 @@ class _Placement:
     source: Path
     bytes: int
     sha256: str
-    final: Path | None = None  # in the new version folder
+    final: Path = Path()  # in the new version folder, set once the version is known
     action: str = "copied"  # skipped (already there), linked, or copied
     link_from: Path | None = None  # a file of the previous publication with these bytes
 
@@ -634,10 +634,10 @@ def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[
             continue
         if modality == "ct" and entry.is_dir():
             raw = entry.name
-        elif modality == "ct" and entry.is_file() and volume_stem(entry.name):
-            raw = volume_stem(entry.name)  # a CT volume: .mhd (+ data file), .nii, .nii.gz
-        elif modality == "wsi" and entry.is_file() and slide_stem(entry.name):
-            raw = slide_stem(entry.name)
+        elif modality == "ct" and entry.is_file() and (stem := volume_stem(entry.name)):
+            raw = stem  # a CT volume: .mhd (+ data file), .nii, .nii.gz
+        elif modality == "wsi" and entry.is_file() and (stem := slide_stem(entry.name)):
+            raw = stem
         else:
             continue
         name = safe_sample_name(raw, where=entry.path)

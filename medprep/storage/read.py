@@ -68,7 +68,9 @@ def _read_s3(uri: str, offset: int | None, size: int | None, settings: dict[str,
         return b""
     location = parse_uri(uri)
     s3 = client(settings)
-    extra = {} if offset is None else {"Range": f"bytes={offset}-{offset + size - 1}"}
+    extra = (
+        {} if offset is None or size is None else {"Range": f"bytes={offset}-{offset + size - 1}"}
+    )
 
     def get() -> bytes:
         response = s3.get_object(Bucket=location.bucket, Key=location.key, **extra)

@@ -252,7 +252,8 @@ def fetch(
     state = _read_state(target)
     started = time.monotonic()
     s3 = client(settings, pool_size=threads + 4)
-    keep, todo = [], []
+    keep: list[Any] = []
+    todo: list[Any] = []
     for rel, obj in entries:
         final = target / rel
         (keep if _still_valid(state.get(rel), obj, final) else todo).append((rel, obj))
@@ -800,9 +801,9 @@ def discover(prefix: str, modality: str, settings: dict[str, Any]) -> list[dict[
         rel = obj.key[len(folder) :]
         if modality == "ct":
             head, slash, _ = rel.partition("/")
-            if not slash and volume_stem(rel) and not is_hidden(rel):
+            if not slash and (stem := volume_stem(rel)) and not is_hidden(rel):
                 # a CT volume file directly under the prefix; a .mhd brings its data file
-                raw, uri = volume_stem(rel), f"s3://{location.bucket}/{obj.key}"
+                raw, uri = stem, f"s3://{location.bucket}/{obj.key}"
                 companions = (
                     [
                         o

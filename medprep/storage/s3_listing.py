@@ -67,7 +67,9 @@ def _remote_object(entry: dict[str, Any]) -> RemoteObject:
         key=entry["Key"],
         size=int(entry["Size"]),
         etag=str(entry.get("ETag", "")).strip('"'),
-        last_modified=modified.isoformat() if hasattr(modified, "isoformat") else str(modified),
+        last_modified=modified.isoformat()
+        if modified is not None and hasattr(modified, "isoformat")
+        else str(modified),
     )
 
 

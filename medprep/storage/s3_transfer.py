@@ -321,7 +321,7 @@ def describe_local(name: str, path: str, part: int) -> LocalFile:
 
     part = ChunksizeAdjuster().adjust_chunksize(part, os.path.getsize(path))
     sha = hashlib.sha256()
-    part_md5s = []
+    part_md5s: list[bytes] = []
     size = 0
     with open(path, "rb") as f:
         while True:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def _expected_tiles(summary: dict[str, Any], settings: Any) -> int | None:
     return math.ceil(area_mm2 / step_mm**2)
 
 
-_ESTIMATORS = {
+_ESTIMATORS: dict[str, Callable[..., float]] = {
     "download": _download_mb,
     "upload": _upload_mb,
     "preprocess_ct": _preprocess_ct_mb,
@@ -406,7 +407,7 @@ def _disk_upload(*, download_manifest: str, step_manifests: list[str], destinati
     return _raw_bytes(download_manifest) + artifacts + copy
 
 
-_DISK = {
+_DISK: dict[str, Callable[..., float]] = {
     "download": _disk_download,
     "preprocess_ct": _disk_preprocess_ct,
     "preprocess_wsi": _disk_preprocess_wsi,

@@ -43,7 +43,7 @@ def read_sample_sheet(path: str | os.PathLike, schema_path: str | os.PathLike) -
     path = Path(path)
     if not path.is_file():
         raise SampleSheetError(f"sample sheet {path} does not exist")
-    schema = load_schema(schema_path)
+    schema = load_schema(os.fspath(schema_path))
     header_line, header, rows = _read_rows(path, required=schema.get("required", []))
     for column in schema.get("required", []):
         if column not in header:
