@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)
 
 from medprep.workflow import parse as mw
 from medprep.workflow import resources as mr
+from medprep.workflow import step_server as ms
 from medprep.workflow import transfers as mt
 from medprep.workflow import working_files as scratch
 
@@ -65,6 +66,11 @@ mr.default_disk_budget(workflow, list(RUN_SAMPLES.values()), config)
 # processes (rules/download.smk); a download waits while samples_in_progress samples
 # (default cores + 2) are fetched but not yet published, or their working sets fill disk_mb.
 TRANSFERS = mt.Transfers.for_workflow(workflow, config)
+# CPU jobs (preprocess, tile) are threads of this process too, holding their cores and
+# memory: each hands its step to the step server, which forks a child per job from a
+# process that keeps the steps' imports (medprep/workflow/step_server.py). In a cluster
+# job, the step runs in the job's own process.
+CPU_STEPS = ms.CpuSteps.for_workflow(workflow, config)
 
 
 wildcard_constraints:
@@ -139,6 +145,13 @@ def rebuild_input(step):
         )
 
     return inputs
+
+
+def step_code(engine, rule):
+    """The code fingerprint of a CPU step, a param that reruns it when its engine's code
+    or its script changes (the script of a `run:` job is no input of it for Snakemake).
+    """
+    return mw.rule_code_fingerprint(engine, f"{workflow.basedir}/scripts/{rule}.py")
 
 
 def get_final_outputs():

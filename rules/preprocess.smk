@@ -1,3 +1,10 @@
+# CPU rules (here and in tile.smk) are `run:` jobs: threads of the Snakemake process that
+# hold the rule's threads and memory while the step runs in a child forked by the step
+# server (medprep/workflow/step_server.py), from scripts/{rule}.py's main(). They run in
+# the project's environment (`make setup`), not in per-rule conda environments (a `run:`
+# job has none). No `benchmark:`: Snakemake's record of a job run in its own process
+# would measure that whole process; the step server writes logs/benchmarks/{rule}/
+# {sample}.tsv in Snakemake's format from the child's resource usage.
 rule preprocess_wsi:
     input:
         manifest="results/wsi/{sample}/download.json",
@@ -8,12 +15,8 @@ rule preprocess_wsi:
         manifest="results/wsi/{sample}/preprocess.json",
     log:
         "logs/preprocess_wsi/{sample}.log",
-    benchmark:
-        "logs/benchmarks/preprocess_wsi/{sample}.tsv"
     priority: 1
     retries: 2
-    conda:
-        "../envs/wsi.yaml"
     threads: 1
     resources:
         mem_mb=mem_preprocess_wsi,
@@ -26,9 +29,9 @@ rule preprocess_wsi:
         limits=config["wsi"]["limits"],
         max_read_errors=config["wsi"]["tile"]["max_read_errors"],
         mpp_override=sample_mpp,
-        engine=mw.code_fingerprint("wsi"),
-    script:
-        "../scripts/preprocess_wsi.py"
+        engine=step_code("wsi", "preprocess_wsi"),
+    run:
+        CPU_STEPS.run(rule, input, output, params, wildcards, threads, resources, log)
 
 
 rule preprocess_ct:
@@ -43,12 +46,8 @@ rule preprocess_ct:
         manifest="results/ct/{sample}/preprocess.json",
     log:
         "logs/preprocess_ct/{sample}.log",
-    benchmark:
-        "logs/benchmarks/preprocess_ct/{sample}.tsv"
     priority: 1
     retries: 2
-    conda:
-        "../envs/ct.yaml"
     threads: cpu_threads(2)
     resources:
         mem_mb=mem_preprocess_ct,
@@ -63,6 +62,6 @@ rule preprocess_ct:
         ),
         series_uid=sample_series_uid,
         include_identifiers=config["include_identifiers"],
-        engine=mw.code_fingerprint("ct"),
-    script:
-        "../scripts/preprocess_ct.py"
+        engine=step_code("ct", "preprocess_ct"),
+    run:
+        CPU_STEPS.run(rule, input, output, params, wildcards, threads, resources, log)

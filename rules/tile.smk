@@ -12,12 +12,8 @@ rule tile_wsi:
         manifest="results/wsi/{sample}/tile.json",
     log:
         "logs/tile_wsi/{sample}.log",
-    benchmark:
-        "logs/benchmarks/tile_wsi/{sample}.tsv"
     priority: 2
     retries: 2
-    conda:
-        "../envs/wsi.yaml"
     threads: cpu_threads(4)
     resources:
         mem_mb=mem_tile_wsi,
@@ -26,9 +22,9 @@ rule tile_wsi:
         runtime="2h",
     params:
         tile=config["wsi"]["tile"],
-        engine=mw.code_fingerprint("wsi"),
-    script:
-        "../scripts/tile_wsi.py"
+        engine=step_code("wsi", "tile_wsi"),
+    run:
+        CPU_STEPS.run(rule, input, output, params, wildcards, threads, resources, log)
 
 
 rule tile_ct:
@@ -44,12 +40,8 @@ rule tile_ct:
         manifest="results/ct/{sample}/tile.json",
     log:
         "logs/tile_ct/{sample}.log",
-    benchmark:
-        "logs/benchmarks/tile_ct/{sample}.tsv"
     priority: 2
     retries: 2
-    conda:
-        "../envs/ct.yaml"
     threads: 1
     resources:
         mem_mb=mem_tile_ct,
@@ -59,6 +51,6 @@ rule tile_ct:
     params:
         patches="results/ct/{sample}/patches/patches.npy",
         settings=mw.settings_only(config["ct"], "patches", "slices_png", "normalise"),
-        engine=mw.code_fingerprint("ct"),
-    script:
-        "../scripts/tile_ct.py"
+        engine=step_code("ct", "tile_ct"),
+    run:
+        CPU_STEPS.run(rule, input, output, params, wildcards, threads, resources, log)

@@ -18,8 +18,10 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+# what Snakemake sets to a job's threads (snakemake.shell)
 NATIVE_THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
+    "GOTO_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
     "MKL_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",

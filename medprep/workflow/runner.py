@@ -84,8 +84,9 @@ def run_step(smk: Any, main: Callable[[Any], None]) -> None:
 def execute_step(smk: Any, main: Callable[[Any], None]) -> tuple[int, str | None]:
     """``run_step`` without exiting: (0, None), or the exit code and the one line printed.
 
-    For steps that run in a long-lived process (``medprep.workflow.transfers``), where
-    ``sys.exit`` would end the process instead of the job.
+    For steps that run in a long-lived process (``medprep.workflow.transfers``) or in a
+    process forked for the job (``medprep.workflow.step_server``), where ``sys.exit``
+    would end the process instead of the job, or skip the job's own ending.
     """
     log_path = smk.log[0] if len(smk.log) else None
     configure_logging(log_path)
@@ -161,10 +162,41 @@ def console_line(text: str) -> None:
     sys.stderr.flush()
 
 
+def error_text(line: str, log_path: str | None) -> str:
+    """What the console shows for a failure's line."""
+    where = f" (log: {log_path})" if log_path else ""
+    return f"medprep error: {line}{where}"
+
+
 def _print_line(line: str, log_path: str | None) -> None:
     log.error("%s", line)
-    where = f" (log: {log_path})" if log_path else ""
-    console_line(f"medprep error: {line}{where}")
+    console_line(error_text(line, log_path))
+
+
+def record_failure(smk: Any, cause: str, *, kind: str) -> tuple[str, str]:
+    """A job's failure met outside its step (its process killed by a signal, say): its
+    one line, added to the job's log, and its failure record (``kind`` as in
+    ``write_failure_record``). Returns the line and its console text, for the caller to
+    print."""
+    log_path = smk.log[0] if len(smk.log) else None
+    sample, modality, step = _step_identity(smk)
+    line = redact(f"sample {sample}: {step} failed: {cause}")
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR medprep: {line}\n")
+    write_failure_record(
+        sample,
+        modality,
+        step,
+        path=None,
+        cause=cause,
+        kind=kind,
+        message=line,
+        log_path=log_path,
+        attempt=attempt_identity(smk),
+    )
+    return line, error_text(line, log_path)
 
 
 ##### bad input costs one attempt #####
@@ -207,8 +239,10 @@ def attempt_identity(smk: Any) -> dict[str, str | None]:
     return {"run": current_run(), "inputs": digest.hexdigest()[:32]}
 
 
-# Failure kinds a retry in the same run does not redo, and how the retry names them.
-NOT_RETRIED = {"input": "input error", "destination": "destination full"}
+# Failure kinds a retry in the same run does not redo, and how the retry names them. A
+# crash (the step's process killed by a signal other than a kill: OpenSlide on a damaged
+# slide, say) happens again on the same input.
+NOT_RETRIED = {"input": "input error", "destination": "destination full", "crash": "crashed"}
 
 
 def repeated_input_error(record: Path, attempt: dict[str, str | None]) -> tuple[str, str] | None:
@@ -340,8 +374,9 @@ def write_failure_record(
     atomic.write_json(
         record or failure_record_path(sample, step),
         {
-            # input: bad input, and destination: no room to publish, not retried within
-            # this run (see repeated_input_error); transient or internal: a retry may succeed
+            # input: bad input, destination: no room to publish, and crash: the step's
+            # process killed by a signal such as SIGSEGV, not retried within this run (see
+            # repeated_input_error); transient or internal: a retry may succeed
             "kind": kind,
             **(attempt or {"run": current_run(), "inputs": None}),
             "sample": sample,

@@ -40,6 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medprep.workflow.jobs import (
+    Job,
+    Named,
+    StepFailed,
+    exit_with_parent,
+    print_among_snakemake_output,
+    process_cpu,
+    require_threads,
+)
+
 log = logging.getLogger(__name__)
 
 # The global resource that caps the samples fetched but not yet published (--resources
@@ -51,62 +61,7 @@ DEFAULT_WORKERS = 2
 WAIT_POLL_S = 0.5
 # Only downloads waiting for run-ahead room running for this long: nothing will make room.
 STALL_S = 10.0
-PARENT_POLL_S = 0.5
 EXIT_WORKER_LOST = 2
-
-
-class StepFailed(Exception):
-    """A transfer job failed; ``str()`` is the one line already printed for it."""
-
-
-##### the job, as plain data a worker can read #####
-
-
-class Named(list):
-    """Snakemake's ``input``, ``output``, ``params``, ``wildcards``, ``resources`` or
-    ``log`` as plain data: a list whose items are also reached by name."""
-
-    def __init__(self, items: Iterable[Any] = (), names: dict[str, Any] | None = None):
-        super().__init__(items)
-        self._names = dict(names or {})
-
-    @classmethod
-    def of(cls, snakemake_list: Any) -> Named:
-        return cls(snakemake_list, dict(snakemake_list.items()))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["_names"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._names.get(name, default)
-
-    def items(self):
-        return self._names.items()
-
-
-@dataclass
-class TransferJob:
-    """A transfer job as its step sees it: what a rule script's ``snakemake`` object has."""
-
-    rule: str
-    input: Named
-    output: Named
-    params: Named
-    wildcards: Named
-    threads: int
-    resources: Named
-    log: Named
-    config: dict[str, Any]
-    # what the run-ahead bound said when the download was let through (for its log)
-    admitted: str | None = None
-    snakemake_pid: int = field(default_factory=os.getpid)
-
-    @property
-    def sample(self) -> str:
-        return self.wildcards.get("sample", "-")
 
 
 ##### run-ahead: samples fetched but not yet published #####
@@ -235,7 +190,7 @@ class TransferPool:
         self._started = 0
         self._lock = threading.Lock()
 
-    def run(self, step: str, job: TransferJob) -> tuple[int, str | None]:
+    def run(self, step: str, job: Job) -> tuple[int, str | None]:
         """``execute_step`` of ``step`` in a worker: (0, None) or (exit code, its line)."""
         worker = self._take()
         try:
@@ -296,7 +251,7 @@ class _Worker:
             env={**os.environ, "PYTHONPATH": path},
         )
 
-    def run(self, step: str, job: TransferJob) -> tuple[int, str | None, str]:
+    def run(self, step: str, job: Job) -> tuple[int, str | None, str]:
         """(exit code, the failure's line, what the step printed on stderr)."""
         # pickled whole before any byte is sent: a job that cannot be pickled must not
         # leave half a message in the worker's pipe
@@ -324,7 +279,7 @@ def serve() -> None:
     # the run after its running jobs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
     while True:
         try:
             step, job = pickle.load(sys.stdin.buffer)
@@ -334,26 +289,13 @@ def serve() -> None:
         channel.flush()
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker must not outlive the Snakemake process (killed with SIGKILL, say): an
-    orphan finishing a download would race the next run's attempt at it."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(1)
-
-
-def _process_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _run_in_worker(step: str, job: TransferJob) -> tuple[int, str | None]:
+def _run_in_worker(step: str, job: Job) -> tuple[int, str | None]:
     from medprep.workflow import runner, transfer_steps
 
     main = transfer_steps.STEPS[step]
 
-    def in_worker(job: TransferJob) -> None:
-        started = _process_cpu()
+    def in_worker(job: Job) -> None:
+        started = process_cpu()
         log.info(
             "in transfer worker %d of the Snakemake process %d (%.2f s CPU before this job)",
             os.getpid(),
@@ -370,7 +312,7 @@ def _run_in_worker(step: str, job: TransferJob) -> tuple[int, str | None]:
             log.info(
                 "%s: %.2f s CPU; peak memory of the worker %.0f MB",
                 step,
-                _process_cpu() - started,
+                process_cpu() - started,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             )
 
@@ -380,18 +322,6 @@ def _run_in_worker(step: str, job: TransferJob) -> tuple[int, str | None]:
     with contextlib.redirect_stderr(printed):
         code, line = runner.execute_step(job, in_worker)
     return code, line, printed.getvalue()
-
-
-def print_among_snakemake_output(text: str) -> None:
-    """Print ``text`` on the Snakemake process's stderr through Snakemake's logger.
-
-    Snakemake writes a message and its line end apart (under its logger's lock): a line
-    written by another process, or without that lock, can land in the middle of one of
-    its lines."""
-    from snakemake.logging import logger
-
-    for line in text.splitlines():
-        (logger.error if line.startswith("medprep error") else logger.warning)(line)
 
 
 ##### what the rules call #####
@@ -469,24 +399,17 @@ class Transfers:
         resources: Any,
         log: Any,
         rule: str,
-    ) -> TransferJob:
-        return TransferJob(
-            rule,
-            *(Named.of(names) for names in (input, output, params, wildcards)),
-            0,
-            Named.of(resources),
-            Named.of(log),
-            self.config,
-        )
+    ) -> Job:
+        return Job.of(rule, input, output, params, wildcards, 0, resources, log, self.config)
 
-    def _run(self, step: str, job: TransferJob) -> None:
+    def _run(self, step: str, job: Job) -> None:
         if step == "download" and self.run_ahead is not None:
             self._admit(job)
         code, line = self.pool.run(step, job)
         if code:
             raise StepFailed(line)
 
-    def _admit(self, job: TransferJob) -> None:
+    def _admit(self, job: Job) -> None:
         """Wait for run-ahead room (``RunAhead``) before the download fetches."""
         need = int(job.resources.get("disk_need_mb") or 0)
         try:
@@ -551,26 +474,6 @@ class SchedulerView:
     def running(self) -> int | None:
         running = getattr(self._scheduler, "running", None)
         return None if running is None else len(running)
-
-
-def require_threads(workflow: Any) -> None:
-    """Stop in one line when transfer jobs would each start a whole Snakemake process.
-
-    Without ``--force-use-threads`` a local ``run:`` job is not a thread but a new
-    Snakemake process that parses the workflow again: about 1.2 s of CPU per job. Called
-    by ``onstart`` (the execution settings are not known while the workflow is parsed).
-    """
-    if not workflow.is_main_process or getattr(workflow, "execution_settings", None) is None:
-        return
-    if workflow.use_threads:
-        return
-    print(
-        "medprep error: transfer jobs run as threads of the Snakemake process: add "
-        "--force-use-threads (profiles/default sets it; a --workflow-profile other than "
-        "profiles/default must set it too)",
-        file=sys.stderr,
-    )
-    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,8 @@ from workflow_support import process_alive
 
 from medprep import storage
 from medprep.common import settings as schema
-from medprep.workflow.transfers import (
-    Named,
-    RunAhead,
-    RunStopping,
-    TransferJob,
-    TransferPool,
-)
+from medprep.workflow.jobs import Job, Named
+from medprep.workflow.transfers import RunAhead, RunStopping, TransferPool
 
 WAIT_S = 10
 
@@ -130,10 +125,10 @@ def test_a_retried_download_counts_its_sample_once():
 ##### the worker processes #####
 
 
-def download_job(tmp_path: Path, sample: str, source: Path) -> TransferJob:
+def download_job(tmp_path: Path, sample: str, source: Path) -> Job:
     """The download job of a local folder, as the rule passes it."""
     uri = str(source)
-    return TransferJob(
+    return Job(
         rule="download",
         input=Named(),
         output=Named(

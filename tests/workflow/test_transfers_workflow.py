@@ -62,7 +62,7 @@ def test_a_run_without_force_use_threads_stops_in_one_line(workdir):
     assert run.returncode != 0
     lines = [line for line in run.stderr.splitlines() if line.startswith("medprep error")]
     assert lines == [
-        "medprep error: transfer jobs run as threads of the Snakemake process: add "
+        "medprep error: jobs run as threads of the Snakemake process: add "
         "--force-use-threads (profiles/default sets it; a --workflow-profile other than "
         "profiles/default must set it too)"
     ]
