@@ -104,7 +104,10 @@ class Job:
         """The job of a ``run:`` block, from the names Snakemake gives it."""
         return cls(
             rule,
-            *(Named.of(names) for names in (input, output, params, wildcards)),
+            Named.of(input),
+            Named.of(output),
+            Named.of(params),
+            Named.of(wildcards),
             int(threads),
             Named.of(resources),
             Named.of(log),

@@ -39,9 +39,9 @@ def failure_record_path(sample: str, step: str) -> Path:
 def configure_logging(log_path: str | os.PathLike | None, level: int = logging.INFO) -> None:
     """Send all log records to ``log_path`` (the rule's log file), credentials redacted."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()  # a transfer worker configures logging once per job
+    for previous in list(root.handlers):
+        root.removeHandler(previous)
+        previous.close()  # a transfer worker configures logging once per job
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")

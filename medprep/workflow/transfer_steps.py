@@ -52,7 +52,7 @@ def download(job: Any) -> None:
     )
 
 
-def annotations(job: Any) -> None:
+def download_annotations(job: Any) -> None:
     """Rules ``download_annotations(_cohort)``: fetch an annotation file and describe it."""
     # an error met while the DAG was built (e.g. an unreadable path)
     deferred = undefer(job.params.fingerprint)
@@ -129,4 +129,4 @@ def remove_working_files(job: Any, steps: list[dict[str, Any]]) -> None:
     log.info("removed %d working files (%.1f MB) now published", len(paths), freed / 1e6)
 
 
-STEPS = {"download": download, "annotations": annotations, "upload": upload}
+STEPS = {"download": download, "annotations": download_annotations, "upload": upload}

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from medprep.workflow.jobs import (
     Job,
@@ -250,24 +250,27 @@ class _Worker:
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": path},
         )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.requests: IO[bytes] = self.process.stdin
+        self.replies: IO[bytes] = self.process.stdout
 
     def run(self, step: str, job: Job) -> tuple[int, str | None, str]:
         """(exit code, the failure's line, what the step printed on stderr)."""
         # pickled whole before any byte is sent: a job that cannot be pickled must not
         # leave half a message in the worker's pipe
         message = pickle.dumps((step, job), protocol=pickle.HIGHEST_PROTOCOL)
-        self.process.stdin.write(message)
-        self.process.stdin.flush()
-        return pickle.load(self.process.stdout)
+        self.requests.write(message)
+        self.requests.flush()
+        return pickle.load(self.replies)
 
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
 
     def close(self) -> None:
-        self.process.stdin.close()  # the worker's loop ends at the end of its input
+        self.requests.close()  # the worker's loop ends at the end of its input
         self.process.wait()
-        self.process.stdout.close()
+        self.replies.close()
 
 
 def serve() -> None:
@@ -289,7 +292,7 @@ def serve() -> None:
         channel.flush()
 
 
-def _run_in_worker(step: str, job: Job) -> tuple[int, str | None]:
+def _run_in_worker(step: str, job: Job) -> tuple[int, str | None, str]:
     from medprep.workflow import runner, transfer_steps
 
     main = transfer_steps.STEPS[step]
@@ -384,8 +387,8 @@ class Transfers:
     def annotations(self, *job: Any) -> None:
         self._run("annotations", self._job(*job))
 
-    def upload(self, *job: Any) -> None:
-        job = self._job(*job)
+    def upload(self, *names: Any) -> None:
+        job = self._job(*names)
         self._run("upload", job)
         if self.run_ahead is not None:
             self.run_ahead.published(job.sample)
@@ -404,23 +407,23 @@ class Transfers:
 
     def _run(self, step: str, job: Job) -> None:
         if step == "download" and self.run_ahead is not None:
-            self._admit(job)
+            self._admit(job, self.run_ahead)
         code, line = self.pool.run(step, job)
         if code:
             raise StepFailed(line)
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job, run_ahead: RunAhead) -> None:
         """Wait for run-ahead room (``RunAhead``) before the download fetches."""
         need = int(job.resources.get("disk_need_mb") or 0)
         try:
-            job.admitted = self.run_ahead.admit(job.sample, need)
+            job.admitted = run_ahead.admit(job.sample, need)
         except RunStopping as stop:
             raise StepFailed(f"sample {job.sample}: download not started: {stop}") from None
-        if self.run_ahead.budget_mb is not None:
+        if run_ahead.budget_mb is not None:
             # what Snakemake's disk_mb would have granted: a working set larger than the
             # whole budget fails, or runs alone under the default budget
             # (runner.check_disk_budget)
-            granted = min(need, self.run_ahead.budget_mb)
+            granted = min(need, run_ahead.budget_mb)
             job.resources = Named(job.resources, {**job.resources._names, "disk_mb": granted})
 
 

@@ -35,3 +35,9 @@ def test_ruff_check_and_format():
     assert check.returncode == 0, check.stdout + check.stderr
     formatted = run_tool(str(BIN / "ruff"), "format", "--check", ".")
     assert formatted.returncode == 0, formatted.stdout + formatted.stderr
+
+
+def test_mypy_is_clean():
+    result = run_tool(str(BIN / "mypy"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Success: no issues found" in result.stdout, result.stdout
