@@ -31,19 +31,24 @@ rule all:
         rules.dataset.output,
 
 
-# The cohort summary (counts by status, one line per sample or per problem) ends every run.
+# The cohort summary (counts by status, one line per sample or per problem) ends every run;
+# the scheduler's leftover timers are cancelled so that the process ends at once.
 onsuccess:
     medprep_cohort.print_summary(COHORT_OUTPUTS)
+    mj.end_of_run()
 
 
 # Before the first job: transfer jobs that would each start a whole Snakemake process
 # (no --force-use-threads) and a destination that cannot be published to stop the run in
-# one line (a dry-run writes no probe).
+# one line (a dry-run writes no probe); the step server starts and imports what the CPU
+# steps use while the first downloads run.
 onstart:
     TRANSFERS.on_start(workflow)
     mw.check_destination_or_exit(config)
+    CPU_STEPS.on_start(workflow, {row["modality"] for row in RUN_SAMPLES.values()})
 
 
 # With failed samples the `cohort` rule cannot run: write the table with their causes here.
 onerror:
     medprep_cohort.write_after_failure(COHORT_SAMPLES, COHORT_OUTPUTS, COHORT_SHEET)
+    mj.end_of_run()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -412,16 +413,32 @@ def watched_run(workdir: Path, env: dict, args, *extra: str, sample=None) -> dic
     stderr = []
     reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()))
     reader.start()
+    # when the first job started (its log folder made) and the last sample was published
+    first_job = published = None
+    receipts = workdir / "results" / args.modality
+    polls = itertools.count()
     while process.poll() is None:
-        most = max(most, sample() if sample else 0)
-        time.sleep(SAMPLE_EVERY_S)
+        if next(polls) % round(SAMPLE_EVERY_S / POLL_EVERY_S) == 0:
+            most = max(most, sample() if sample else 0)
+        if first_job is None and (workdir / "logs" / "download").exists():
+            first_job = time.monotonic() - started
+        if (
+            published is None
+            and first_job is not None
+            and len(list(receipts.glob("*/upload.json"))) == args.samples
+        ):
+            published = time.monotonic() - started
+        time.sleep(POLL_EVERY_S)
     reader.join()
     watch.stop()
     stderr = "".join(stderr)
     if process.returncode != 0:
         raise SystemExit(f"the workflow failed:\n{stderr[-4000:]}")
+    wall = time.monotonic() - started
     return {
-        "wall": time.monotonic() - started,
+        "wall": wall,
+        "before_first_job": first_job or 0.0,
+        "after_last_upload": wall - published if published else 0.0,
         "stderr": stderr,
         "watch": watch,
         "most": most,
@@ -465,6 +482,8 @@ def run_workflow(workdir: Path, env: dict, args) -> dict:
     server, server_jobs = sum(watch.servers.values()), sum(watch.server_jobs.values())
     result = {
         "wall": wall,
+        "before_first_job": run["before_first_job"],
+        "after_last_upload": run["after_last_upload"],
         # the transfer workers end just after the Snakemake process (when its pipes
         # close): it never waits for them, so their CPU is not in its children's; polled
         # so is the step server: its CPU and its children's (the CPU jobs), polled
@@ -828,6 +847,15 @@ def report(args, results, load_before, load_after) -> None:
     print(
         f"  sum of these costs: {expected:.1f} s CPU; measured difference of the two "
         f"sides' CPU: {flow['cpu'] - pool['cpu']:.1f} s"
+    )
+    start, end = flow["before_first_job"], flow["after_last_upload"]
+    chains = flow["wall"] - start - end
+    print(
+        f"  once per run: {start:.1f} s before the first job (Snakemake reads the workflow and "
+        f"the sheet, fingerprints the inputs, checks the destination) and {end:.1f} s after "
+        f"the last upload (the cohort table and the dataset index, which the pool does not "
+        f"make); the samples' chains: {chains:.1f} s, {chains / pool['wall']:.2f}x the "
+        f"pool's wall"
     )
     print()
     work_per_sample = steps_flow / samples

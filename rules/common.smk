@@ -6,6 +6,8 @@ from snakemake.utils import min_version, validate
 # sys.path on to rule scripts, so they import it too, also inside per-rule conda envs.
 sys.path.insert(0, workflow.basedir)
 
+from medprep.workflow import code as mc
+from medprep.workflow import jobs as mj
 from medprep.workflow import parse as mw
 from medprep.workflow import resources as mr
 from medprep.workflow import step_server as ms
@@ -151,7 +153,7 @@ def step_code(engine, rule):
     """The code fingerprint of a CPU step, a param that reruns it when its engine's code
     or its script changes (the script of a `run:` job is no input of it for Snakemake).
     """
-    return mw.rule_code_fingerprint(engine, f"{workflow.basedir}/scripts/{rule}.py")
+    return mc.rule_code_fingerprint(engine, f"{workflow.basedir}/scripts/{rule}.py")
 
 
 def get_final_outputs():

@@ -155,6 +155,28 @@ def require_threads(workflow: Any) -> None:
     sys.exit(1)
 
 
+def end_of_run() -> None:
+    """Cancel the re-evaluation timers Snakemake's scheduler left (``onsuccess`` and
+    ``onerror``: the run has ended).
+
+    After each scheduling round that started jobs, the scheduler starts a
+    ``threading.Timer`` of its rate limit's timespan (``--max-jobs-per-timespan``,
+    default 1 s) to schedule again; the timers are not daemons, so the Snakemake process
+    waited up to a second for them after its last job, on every run.
+    """
+    import threading
+
+    for thread in threading.enumerate():
+        function = getattr(thread, "function", None)
+        code = getattr(function, "__code__", None)
+        if (
+            isinstance(thread, threading.Timer)
+            and code is not None
+            and Path(code.co_filename).match("snakemake/scheduling/*.py")
+        ):
+            thread.cancel()
+
+
 ##### what runs in the processes the jobs hand their steps to #####
 
 

@@ -100,6 +100,15 @@ class Request:
 
 
 @dataclass
+class WarmUp:
+    """Import, before the first job, what the steps of these rule scripts may import:
+    sent when the run starts, so that the first jobs do not each import it again while
+    the first downloads still run."""
+
+    scripts: list[str]
+
+
+@dataclass
 class Outcome:
     """How a job's process ended.
 
@@ -177,7 +186,10 @@ class _Server:
                         job_id, request = self.requests.recv()
                     except EOFError:
                         return
-                    self.start(job_id, request)
+                    if isinstance(request, WarmUp):
+                        self.warm_up(request.scripts)
+                    else:
+                        self.start(job_id, request)
                 if os.getppid() != self.parent:
                     return
         finally:
@@ -239,6 +251,21 @@ class _Server:
             server_pid=os.getpid(),
             fork_cpu_s=running.fork_cpu_s,
         )
+
+    def warm_up(self, scripts: list[str]) -> None:
+        """Import the rule scripts and the medprep modules they may import, lazily or not
+        (``medprep.workflow.code.step_modules``), with the libraries those import at their
+        top. One failing import (an optional library) stops nothing: the child that needs
+        it imports it again, and reports."""
+        from medprep.workflow.code import step_modules
+
+        for script in scripts:
+            with contextlib.suppress(Exception):
+                load_script(script)
+            with contextlib.suppress(Exception):
+                for name in step_modules(script):
+                    with contextlib.suppress(Exception):
+                        importlib.import_module(name)
 
     def import_learned(self) -> None:
         """Import what earlier children imported (once, in their order): the next child
@@ -364,6 +391,13 @@ class StepServer:
             # the server died between the check and the request: a new one takes it
         return Outcome(code=None, lost="it ended before it could take the job")
 
+    def warm_up(self, scripts: list[str]) -> None:
+        """Start the server now and have it import what these scripts' steps use."""
+        with self._lock:
+            if self._process is None or not self._process.alive():
+                self._process = _ServerProcess()
+            self._process.send(WarmUp(scripts))
+
     def pid(self) -> int | None:
         process = self._process
         return None if process is None else process.process.pid
@@ -428,6 +462,13 @@ class _ServerProcess:
                 raise
         return waiting
 
+    def send(self, message: WarmUp) -> None:
+        """A message that has no reply (a server that has ended ignores it)."""
+        with self._lock:
+            if self._ended is None:
+                with contextlib.suppress(OSError):
+                    self.requests.send((None, message))
+
     def _read(self) -> None:
         try:
             while True:
@@ -467,6 +508,16 @@ class CpuSteps:
     @classmethod
     def for_workflow(cls, workflow: Any, config: dict[str, Any]) -> CpuSteps:
         return cls(config, Path(workflow.basedir) / "scripts", here=not workflow.is_main_process)
+
+    def on_start(self, workflow: Any, modalities: set[str]) -> None:
+        """When the run starts (``onstart``): start the step server, which imports what
+        the CPU steps of these modalities use while the first downloads run. Not where
+        the CPU jobs run elsewhere (cluster jobs)."""
+        if self.here or workflow.non_local_exec:
+            return
+        rules = sorted(f"{step}_{m}" for m in modalities for step in ("preprocess", "tile"))
+        scripts = [str(self.scripts / f"{rule}.py") for rule in rules]
+        self.server.warm_up([s for s in scripts if Path(s).is_file()])
 
     def run(
         self,

@@ -290,7 +290,7 @@ def test_run_step_success_clears_old_failure_record(tmp_path):
 
 
 def test_code_fingerprint_follows_what_the_engine_imports(tmp_path):
-    from medprep.workflow.parse import code_fingerprint
+    from medprep.workflow.code import code_fingerprint
 
     def fingerprint():
         code_fingerprint.cache_clear()
@@ -327,7 +327,7 @@ def test_code_fingerprint_follows_what_the_engine_imports(tmp_path):
 
 
 def test_the_real_engines_include_their_shared_helpers_and_not_the_demo():
-    from medprep.workflow.parse import PACKAGE_DIR, engine_modules
+    from medprep.workflow.code import PACKAGE_DIR, engine_modules
 
     for engine in ("ct", "wsi"):
         names = {p.relative_to(PACKAGE_DIR).as_posix() for p in engine_modules(engine)}

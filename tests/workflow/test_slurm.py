@@ -121,6 +121,19 @@ def test_transfers_ran_in_workers_of_the_snakemake_process(slurm_run):
     assert len(snakemake) == 1 and 1 <= len(workers) <= 2 and not workers & snakemake
 
 
+def test_cpu_steps_ran_in_the_slurm_jobs_own_process_with_their_records(slurm_run):
+    """A SLURM job is a process of its own: its step runs there, without a step server."""
+    workdir = slurm_run[0]
+    for rule, sample in CPU_JOBS:
+        log = (workdir / "logs" / rule / f"{sample}.log").read_text()
+        assert "in the job's own process" in log and "forked by the step server" not in log
+        header, values = (
+            (workdir / "logs" / "benchmarks" / rule / f"{sample}.tsv").read_text().splitlines()
+        )
+        record = dict(zip(header.split("\t"), values.split("\t"), strict=True))
+        assert float(record["s"]) > 0 and float(record["cpu_time"]) > 0, record
+
+
 def test_slurm_jobs_ask_for_the_rules_threads_and_memory(submissions):
     for job, record in submissions:
         assert int(record["CPUs/Task"]) == max(1, job.threads), (job.rule, record)

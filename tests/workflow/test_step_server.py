@@ -245,3 +245,32 @@ def test_the_server_and_its_children_end_with_the_snakemake_process(tmp_path):
     while time.monotonic() < deadline and any(map(process_alive, processes)):
         time.sleep(0.1)
     assert not any(map(process_alive, processes)), "the server or its child outlived Snakemake"
+
+
+WARMED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+
+    def main(smk):
+        facts = {"before": [m in sys.modules for m in ("medprep.ct.lung", "scipy.ndimage")]}
+        from medprep.ct import lung  # the step's lazy import
+        with open(smk.output.facts, "w") as f:
+            json.dump(facts, f)
+    """
+)
+
+
+def test_the_server_warmed_up_at_the_start_holds_what_the_steps_import(steps, tmp_path):
+    """Warmed up when the run starts, the server imports what a script's steps may
+    import, lazily too (medprep modules through the import graph, and the libraries they
+    import): the first job's child starts with them, and the server still runs one thread."""
+    (tmp_path / "scripts" / "tile_ct.py").write_text(WARMED_SCRIPT)
+    steps.server.warm_up([str(tmp_path / "scripts" / "tile_ct.py")])
+    facts = run_job(steps, "first")
+    assert facts["before"] == [True, True]
+    assert len(os.listdir(f"/proc/{steps.server.pid()}/task")) == 1
+
+
+def test_without_warm_up_the_first_child_imports_its_step_itself(steps, tmp_path):
+    (tmp_path / "scripts" / "tile_ct.py").write_text(WARMED_SCRIPT)
+    assert run_job(steps, "first")["before"] == [False, False]

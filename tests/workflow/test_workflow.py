@@ -169,3 +169,30 @@ def test_threads_and_memory_are_set_per_rule_from_the_command_line(workdir):
     assert "threads: 2" in job_block(run.stdout, "preprocess_wsi")
     assert "mem_mb=4000" in job_block(run.stdout, "tile_wsi")
     assert "mem_mb=4000" not in job_block(run.stdout, "tile_ct")
+
+
+def test_cpu_jobs_ran_forked_from_one_step_server_with_their_records(finished):
+    """The CPU steps ran in children of one warm step server of the Snakemake process
+    (not in processes of their own), and each left its benchmark record: the child's
+    wall time, CPU time and peak memory."""
+    import re
+
+    workdir, _ = finished
+    forked = re.compile(
+        r"in process (\d+), forked by the step server (\d+) of the Snakemake process (\d+)"
+    )
+    seen = []
+    for sample, modality, _ in TINY_SAMPLES:
+        for rule in (f"preprocess_{modality}", f"tile_{modality}"):
+            match = forked.search((workdir / "logs" / rule / f"{sample}.log").read_text())
+            assert match, (rule, sample)
+            seen.append(tuple(map(int, match.groups())))
+            header, values = (
+                (workdir / "logs" / "benchmarks" / rule / f"{sample}.tsv").read_text().splitlines()
+            )
+            record = dict(zip(header.split("\t"), values.split("\t"), strict=True))
+            assert float(record["s"]) > 0 and float(record["cpu_time"]) > 0, record
+            assert float(record["max_rss"]) > 10, record  # MB: a Python process holding numpy
+    children, servers, snakemake = (set(column) for column in zip(*seen, strict=True))
+    assert len(children) == len(seen) and len(servers) == 1 and len(snakemake) == 1
+    assert not (children | servers) & snakemake
