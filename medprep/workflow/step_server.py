@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import gc
 import hashlib
 import importlib
 import importlib.util
@@ -169,6 +170,7 @@ class _Server:
         # modules a child imported that this process has not: imported before the next fork
         self.to_import: set[str] = set()
         self.tried: set[str] = set()
+        self.frozen_modules = 0
 
     def loop(self) -> None:
         try:
@@ -201,6 +203,7 @@ class _Server:
         with contextlib.suppress(Exception):  # the child imports it again, and reports
             load_script(request.script)
         self.import_learned()
+        self.freeze_heap()
         # closed when the child is reaped (_Server.outcome)
         result = tempfile.TemporaryFile()  # noqa: SIM115
         output = tempfile.TemporaryFile()  # noqa: SIM115
@@ -266,6 +269,15 @@ class _Server:
                 for name in step_modules(script):
                     with contextlib.suppress(Exception):
                         importlib.import_module(name)
+
+    def freeze_heap(self) -> None:
+        """Move what the server holds out of the garbage collector's reach (after new
+        imports): a child's collections then do not walk, and so copy, the pages of the
+        objects it inherited."""
+        if len(sys.modules) != self.frozen_modules:
+            gc.collect()
+            gc.freeze()
+            self.frozen_modules = len(sys.modules)
 
     def import_learned(self) -> None:
         """Import what earlier children imported (once, in their order): the next child
