@@ -44,6 +44,13 @@ def is_version(name: str) -> bool:
     return bool(VERSION.match(name))
 
 
+def manifest_version(manifest: Any) -> str | None:
+    """The version a published ``manifest.json`` (parsed) points at; None for the earlier
+    layout or anything that is not one of ours."""
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    return version if isinstance(version, str) and is_version(version) else None
+
+
 def path_in(version: str, name: str) -> str:
     """Where file ``name`` of ``version`` lives, relative to the publication's folder."""
     return f"{version}/{name}"

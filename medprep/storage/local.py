@@ -510,10 +510,9 @@ def _current_version(target: Path) -> str | None:
     if path.is_symlink() or not path.is_file():
         return None
     try:
-        version = atomic.read_json(path).get("version")
-    except (OSError, ValueError, AttributeError):
+        return layout.manifest_version(atomic.read_json(path))
+    except (OSError, ValueError):
         return None
-    return version if isinstance(version, str) and layout.is_version(version) else None
 
 
 def remove_superseded(

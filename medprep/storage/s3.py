@@ -610,12 +610,13 @@ def _current_version(s3: Any, bucket: str, prefix: str, attempts: int) -> str | 
         return s3.get_object(Bucket=bucket, Key=prefix + PUBLISHED_MANIFEST)["Body"].read()
 
     try:
-        version = json.loads(with_retries(get, "read manifest.json", attempts)).get("version")
+        return layout.manifest_version(
+            json.loads(with_retries(get, "read manifest.json", attempts))
+        )
     except Exception as error:  # noqa: BLE001 - no manifest, or not one of ours
-        if not _not_found(error) and not isinstance(error, (ValueError, AttributeError)):
+        if not _not_found(error) and not isinstance(error, ValueError):
             raise
         return None
-    return version if isinstance(version, str) and layout.is_version(version) else None
 
 
 def remove_superseded(

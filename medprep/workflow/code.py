@@ -23,6 +23,13 @@ NOT_ENGINE_CODE = ("demo",)
 
 def _imported_modules(path: Path) -> frozenset[str]:
     """The ``medprep`` modules a source file imports (anywhere in it, lazily or not)."""
+    stat = path.stat()
+    # the engines share most of their modules: each file is parsed once while unchanged
+    return _imported_modules_of(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _imported_modules_of(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
     import ast
 
     source = path.read_bytes()

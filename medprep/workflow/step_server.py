@@ -395,9 +395,7 @@ class StepServer:
     def run(self, request: Request) -> Outcome:
         for _ in range(2):
             with self._lock:
-                if self._process is None or not self._process.alive():
-                    self._process = _ServerProcess()
-                waiting = self._process.submit(request)
+                waiting = self._live_process().submit(request)
             if waiting is not None:
                 return waiting.result()
             # the server died between the check and the request: a new one takes it
@@ -406,9 +404,13 @@ class StepServer:
     def warm_up(self, scripts: list[str]) -> None:
         """Start the server now and have it import what these scripts' steps use."""
         with self._lock:
-            if self._process is None or not self._process.alive():
-                self._process = _ServerProcess()
-            self._process.send(WarmUp(scripts))
+            self._live_process().send(WarmUp(scripts))
+
+    def _live_process(self) -> _ServerProcess:
+        """The running server; a new one if there is none or it died (under the lock)."""
+        if self._process is None or not self._process.alive():
+            self._process = _ServerProcess()
+        return self._process
 
     def pid(self) -> int | None:
         process = self._process
